@@ -1,0 +1,107 @@
+"""The ``kvsweep`` command.
+
+    kvsweep eval --model tiny --data tiny                 # baseline perplexity, overall and by position
+    kvsweep eval --model EleutherAI/pythia-70m --revision step143000 --data wikitext-2 --out runs/base
+    kvsweep eval --model pythia-70m --random-init --tokenizer tokenizer.json --data wiki.valid.raw
+    kvsweep tiny                                          # build (or show) the offline tiny preset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import DTYPES, DataCfg, EvalCfg, KvsweepError, ModelCfg, parse_bounds
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", help="preset (tiny, tiny:PATH, pythia-70m ... pythia-12b), hub id or local folder (default: tiny)")
+    g.add_argument("--revision", default=None, help="hub revision: branch, tag, commit or training step such as step143000")
+    g.add_argument("--random-init", action="store_true", help="build a Pythia architecture with random weights, no download")
+    g.add_argument("--tokenizer", default=None, help="a tokenizer.json or a folder, for a model that has none")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    g.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the frozen base (default: float32)")
+
+
+def add_data_args(p: argparse.ArgumentParser, *, train: bool) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="tiny", help="tiny, tiny:PATH, wikitext-2, wikitext-103, a hub dataset id, or a local .txt/.jsonl/.parquet file (default: tiny)")
+    g.add_argument("--data-config", default=None, help="hub dataset config name (e.g. wikitext-2-raw-v1)")
+    g.add_argument("--data-revision", default=None, help="hub dataset revision")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="validation")
+    g.add_argument("--text-field", default="text", help="text column of JSON Lines, Parquet and hub rows (default: text)")
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default: 128)")
+    if train:
+        g.add_argument("--train-samples", default="10000", help="number of train samples or 'all' (default: 10000)")
+    g.add_argument("--val-samples", default="all", help="number of validation samples or 'all' (default: all)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="for a single file: the last fraction of its windows is validation (default: 0.1)")
+    g.add_argument("--seed", type=int, default=0, help="picks the samples when fewer than all are asked for (default: 0)")
+
+
+def model_cfg(a: argparse.Namespace) -> ModelCfg:
+    return ModelCfg(name=a.model, revision=a.revision, random_init=a.random_init, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype)
+
+
+def data_cfg(a: argparse.Namespace) -> DataCfg:
+    return DataCfg(
+        source=a.data, config_name=a.data_config, revision=a.data_revision, train_split=a.train_split,
+        val_split=a.val_split, text_field=a.text_field, seq_len=a.seq_len,
+        train_samples=getattr(a, "train_samples", 0), val_samples=a.val_samples, val_fraction=a.val_fraction, seed=a.seed,
+    )
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .baseline import run_eval
+
+    cfg = EvalCfg(model=model_cfg(a), data=data_cfg(a), batch_size=a.batch_size,
+                  buckets=parse_bounds(a.buckets) if a.buckets else None)
+    run_eval(cfg, a.out)
+    return 0
+
+
+def cmd_tiny(a: argparse.Namespace) -> int:
+    from .tiny import ensure_tiny
+
+    folder = ensure_tiny(a.corpus)
+    meta = json.loads((folder / "tiny.json").read_text())
+    print(f"tiny preset: {folder}")
+    print(f"  held-out PPL {meta['heldout_ppl']:.2f}, unigram {meta['unigram_ppl']:.2f} ({meta['gain_over_unigram']:.1f}x), "
+          f"{meta['parameters']:,} parameters, {meta['train_tokens']:,} train tokens, built in {meta['build_seconds']:.0f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvsweep", description="KV-cache compression sweeps on frozen Pythia models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("eval", help="perplexity of a frozen base, overall and by position bucket")
+    add_model_args(e)
+    add_data_args(e, train=False)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--buckets", default=None, help="position bucket bounds, e.g. 0,16,32,64,96,128 (default: the seed's, scaled to --seq-len)")
+    e.add_argument("--out", default=None, help="folder for eval.json")
+    e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("tiny", help="build (on first use) and describe the offline tiny preset")
+    t.add_argument("--corpus", default=None, help="a text file to pretrain on instead of the standard library's documentation")
+    t.set_defaults(func=cmd_tiny)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight loading and saving bars; hub downloads keep theirs
+    try:
+        return args.func(args)
+    except KvsweepError as e:
+        print(f"kvsweep: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

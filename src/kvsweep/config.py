@@ -1,0 +1,206 @@
+"""Typed, validated configuration.
+
+Every user-facing setting lives in a frozen dataclass here. A bad value raises ``ConfigError`` (a
+``ValueError``) naming the field and its valid range when the dataclass is built, before any model or
+data is loaded. This module imports neither torch nor ray.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+Count = Union[int, Literal["all"]]
+
+DTYPES = ("float32", "bfloat16", "float16")
+SEED_BUCKETS = (0, 16, 32, 64, 96, 128)
+"""Bucket bounds of the seed's position-wise table: [0,16) [16,32) [32,64) [64,96) [96,128)."""
+
+
+class KvsweepError(Exception):
+    """An error caused by the user's input; the CLI prints its message without a traceback."""
+
+
+class ConfigError(KvsweepError, ValueError):
+    """A configuration value outside its valid range."""
+
+
+class MissingFileError(KvsweepError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+def error_reason(e: BaseException) -> str:
+    """The first line of an exception's message, for an error that wraps it."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+
+
+def cache_dir() -> Path:
+    """The folder of kvsweep's caches: ``$KVSWEEP_CACHE``, default ``~/.cache/kvsweep``."""
+    return Path(os.environ.get("KVSWEEP_CACHE") or Path.home() / ".cache" / "kvsweep").expanduser()
+
+
+def parse_count(name: str, value: object, *, allow_zero: bool = False) -> Count:
+    """``"all"`` or a positive integer (zero too where ``allow_zero``); strings from the CLI accepted."""
+    if isinstance(value, str):
+        if value.strip().lower() == "all":
+            return "all"
+        try:
+            value = int(value.replace("_", "").replace(",", ""))
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer or 'all', got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer or 'all', got {value!r}")
+    low = 0 if allow_zero else 1
+    if value < low:
+        raise ConfigError(f"{name} must be >= {low} or 'all', got {value}")
+    return value
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_seed(seed: object) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+
+
+def default_bucket_bounds(seq_len: int) -> tuple[int, ...]:
+    """The seed's bounds for 128-token samples, cut to shorter samples and doubled beyond 128.
+
+    ``seq_len=128`` -> (0, 16, 32, 64, 96, 128); ``64`` -> (0, 16, 32, 64); ``512`` -> (..., 128, 256, 512).
+    """
+    last = seq_len - 1  # predictions sit at positions 0 .. seq_len - 2; a bucket must start below `last`
+    bounds = [b for b in SEED_BUCKETS[:-1] if b < last]
+    b = SEED_BUCKETS[-1]
+    while b < seq_len:
+        if b < last:
+            bounds.append(b)
+        b *= 2
+    bounds.append(seq_len)
+    return tuple(bounds)
+
+
+def position_buckets(seq_len: int, bounds: tuple[int, ...] | None = None) -> list[tuple[int, int]]:
+    """Validated ``[lo, hi)`` buckets of prediction positions for samples of ``seq_len`` tokens.
+
+    Position i is the prediction of token i+1 from tokens 0..i, so positions run 0 .. seq_len-2. A bucket
+    may reach past the last position (the seed's ``[96, 128)`` holds 96..126 for 128-token samples) but
+    must hold at least one position.
+    """
+    bounds = default_bucket_bounds(seq_len) if bounds is None else tuple(bounds)
+    if len(bounds) < 2:
+        raise ConfigError(f"buckets needs at least two bounds (one bucket), got {list(bounds)}")
+    if any(isinstance(b, bool) or not isinstance(b, int) for b in bounds):
+        raise ConfigError(f"buckets must be integers, got {list(bounds)}")
+    if bounds[0] < 0:
+        raise ConfigError(f"buckets must start at a position >= 0, got {bounds[0]}")
+    for lo, hi in zip(bounds, bounds[1:]):
+        if hi <= lo:
+            raise ConfigError(f"buckets must be strictly increasing, got {list(bounds)} ({lo} then {hi})")
+    last = seq_len - 2
+    if bounds[-2] > last:
+        raise ConfigError(
+            f"buckets: bucket [{bounds[-2]}, {bounds[-1]}) holds no prediction; with seq_len {seq_len} "
+            f"positions run 0..{last}, so every bucket must start at <= {last}"
+        )
+    return list(zip(bounds, bounds[1:]))
+
+
+def parse_bounds(text: str) -> tuple[int, ...]:
+    """``"0,16,32,64,96,128"`` -> (0, 16, 32, 64, 96, 128)."""
+    try:
+        return tuple(int(p) for p in re.split(r"[,\s]+", text.strip()) if p)
+    except ValueError:
+        raise ConfigError(f"buckets must be comma-separated integers like 0,16,32,64,96,128; got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    """Which frozen base to load and where to put it.
+
+    ``name``: a preset (``tiny``, ``tiny:PATH`` for a tiny model pretrained on your own text,
+    ``pythia-70m`` ... ``pythia-12b``, ``-deduped`` too), a hub id (``EleutherAI/pythia-70m``) or a
+    local folder holding a saved GPT-NeoX model.
+    """
+
+    name: str = "tiny"
+    revision: str | None = None
+    random_init: bool = False
+    tokenizer: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError("model must name a preset, a hub id or a local folder; got an empty name")
+        _check_choice("dtype", self.dtype, DTYPES)
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
+        if self.revision is not None and (not isinstance(self.revision, str) or not self.revision.strip()):
+            raise ConfigError(f"revision must be a branch, tag or commit (e.g. main, step143000); got {self.revision!r}")
+        _check_seed(self.seed)
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    """Where samples come from and how many.
+
+    ``source``: ``tiny`` (or ``tiny:PATH``), ``wikitext-2`` / ``wikitext-103`` (hub presets), a hub
+    dataset id (``Salesforce/wikitext``, with ``config_name``), or a local ``.txt``/``.raw``/``.md``,
+    ``.jsonl``/``.json`` or ``.parquet`` file. Sources with splits give train and validation samples
+    from their splits; a single file gives them from disjoint ranges of windows: the last
+    ``val_fraction`` of the windows is validation, the rest train. ``seed`` picks which windows of each
+    range become samples when fewer than all are asked for.
+    """
+
+    source: str = "tiny"
+    config_name: str | None = None
+    revision: str | None = None
+    train_split: str = "train"
+    val_split: str = "validation"
+    text_field: str = "text"
+    seq_len: int = 128
+    train_samples: Count = 0
+    val_samples: Count = "all"
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ConfigError("data must name a preset, a hub dataset or a local file; got an empty name")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ConfigError(f"seq_len must be an integer >= 2 (one prediction needs two tokens), got {self.seq_len!r}")
+        object.__setattr__(self, "train_samples", parse_count("train_samples", self.train_samples, allow_zero=True))
+        object.__setattr__(self, "val_samples", parse_count("val_samples", self.val_samples))
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) or not 0.0 < self.val_fraction <= 1.0:
+            raise ConfigError(f"val_fraction must be a number in (0, 1], got {self.val_fraction!r}")
+        if self.val_fraction == 1.0 and self.train_samples != 0:
+            raise ConfigError("val_fraction 1 leaves no windows for training: set train_samples to 0 or lower val_fraction")
+        _check_seed(self.seed)
+        if self.train_split == self.val_split:
+            raise ConfigError(f"train_split and val_split must differ, both are {self.train_split!r}")
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    """One evaluation of a frozen base on validation samples."""
+
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    batch_size: int = 8
+    buckets: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        position_buckets(self.data.seq_len, self.buckets)  # validates
+
+    @property
+    def bucket_ranges(self) -> list[tuple[int, int]]:
+        return position_buckets(self.data.seq_len, self.buckets)

@@ -1,0 +1,323 @@
+"""Samples: loading documents, tokenizing, cutting into windows, and the tokenized cache.
+
+Documents (a text file is one document; a dataset's rows are documents) are tokenized whole, joined by
+the tokenizer's EOS token and concatenated; the stream is cut into consecutive non-overlapping
+``seq_len`` windows and the remainder dropped. Sources with splits (hub datasets, ``tiny``) give train
+and validation samples from different splits; a single local file gives them from disjoint ranges of
+windows (validation is the last ``val_fraction`` of them). When fewer samples than windows are asked
+for, ``seed`` picks which.
+
+The windows of each (tokenizer, source, split, seq_len) are tokenized once and cached as an Arrow IPC
+file under ``$KVSWEEP_CACHE/data``; later loads memory-map it, so a sweep tokenizes once and every
+trial shares the pages. Selecting samples by seed is an index operation on the mapped windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from .atomic import atomic_path
+from .config import ConfigError, DataCfg, KvsweepError, error_reason, MissingFileError, cache_dir
+
+CACHE_FORMAT = 1
+TEXT_SUFFIXES = (".txt", ".raw", ".md", ".rst", ".text")
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+# Hub presets: name -> (dataset id, config). WikiText's rows are the lines of its articles (each ending
+# in "\n"), not documents; joined back they give the raw release's text, one document per split.
+HUB_PRESETS = {
+    "wikitext-2": ("Salesforce/wikitext", "wikitext-2-raw-v1"),
+    "wikitext-103": ("Salesforce/wikitext", "wikitext-103-raw-v1"),
+}
+
+
+class DataError(KvsweepError, ValueError):
+    """The data cannot give what was asked of it."""
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A resolved data source. ``kind``: ``tiny``, ``hub``, ``text``, ``jsonl`` or ``parquet``."""
+
+    kind: str
+    ref: str  # tiny corpus path ("" = built-in), hub dataset id, or absolute file path
+    config_name: str | None = None
+    revision: str | None = None
+
+    @property
+    def has_splits(self) -> bool:
+        return self.kind in ("tiny", "hub")
+
+    def describe(self) -> str:
+        if self.kind == "tiny":
+            return f"tiny:{self.ref}" if self.ref else "tiny"
+        if self.kind == "hub":
+            return f"{self.ref}" + (f" ({self.config_name})" if self.config_name else "")
+        return self.ref
+
+
+def resolve_source(cfg: DataCfg) -> DataSource:
+    """Map ``cfg.source`` to a source; raise for a missing file or an unknown preset."""
+    name = cfg.source.strip()
+    if name == "tiny" or name.startswith("tiny:"):
+        corpus = name[len("tiny:"):]
+        if corpus and not Path(corpus).expanduser().is_file():
+            raise MissingFileError(f"data: tiny corpus file not found: {corpus}")
+        return DataSource("tiny", str(Path(corpus).expanduser().resolve()) if corpus else "")
+    if name in HUB_PRESETS:
+        ds, conf = HUB_PRESETS[name]
+        return DataSource("hub", ds, cfg.config_name or conf, cfg.revision)
+    path = Path(name).expanduser()
+    if path.is_file():
+        suffix = path.suffix.lower()
+        for kind, suffixes in (("text", TEXT_SUFFIXES), ("jsonl", JSON_SUFFIXES), ("parquet", PARQUET_SUFFIXES)):
+            if suffix in suffixes:
+                return DataSource(kind, str(path.resolve()))
+        raise ConfigError(
+            f"data: cannot tell the format of {name}; valid suffixes: text {', '.join(TEXT_SUFFIXES)}; "
+            f"JSON Lines {', '.join(JSON_SUFFIXES)}; Parquet {', '.join(PARQUET_SUFFIXES)}"
+        )
+    if path.is_dir():
+        raise ConfigError(f"data: {name} is a folder; name a file (text, JSON Lines or Parquet)")
+    if path.suffix.lower() in TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES or name.startswith((".", "/", "~")):
+        raise MissingFileError(f"data: file not found: {name}")
+    if "/" in name and name.count("/") == 1:
+        return DataSource("hub", name, cfg.config_name, cfg.revision)
+    if name == "wikitext":
+        return DataSource("hub", "Salesforce/wikitext", cfg.config_name or "wikitext-2-raw-v1", cfg.revision)
+    raise ConfigError(
+        f"data: unknown preset {name!r}; valid presets: tiny, tiny:PATH, {', '.join(HUB_PRESETS)}; "
+        "or a hub dataset id (owner/name) or a local file"
+    )
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def load_documents(source: DataSource, split: str | None, text_field: str = "text") -> list[str]:
+    """The documents of one split (``None`` for a single-file source)."""
+    if source.kind == "tiny":
+        from .tiny import tiny_corpus
+
+        return list(tiny_corpus(source.ref or None)[split])
+    if source.kind == "text":
+        return [Path(source.ref).read_text(encoding="utf-8")]
+    if source.kind == "jsonl":
+        docs = []
+        with open(source.ref, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    docs.append(_text_of(json.loads(line), text_field, f"{source.ref} line {n}"))
+        return docs
+    if source.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(source.ref)
+        if text_field not in table.column_names:
+            raise DataError(f"data: {source.ref} has no column {text_field!r} (text_field); columns: {table.column_names}")
+        return [t for t in table.column(text_field).to_pylist() if t is not None]
+    return _hub_documents(source, split, text_field)
+
+
+def _text_of(row: dict, text_field: str, where: str) -> str:
+    if not isinstance(row, dict) or text_field not in row:
+        raise DataError(f"data: {where} has no field {text_field!r} (text_field)")
+    return str(row[text_field])
+
+
+def _hub_documents(source: DataSource, split: str, text_field: str) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source.ref, source.config_name, split=split, revision=source.revision)
+    except Exception as e:
+        reason = error_reason(e)
+        raise DataError(
+            f"data: cannot load split {split!r} of {source.describe()} from the Hugging Face hub: {reason}. "
+            "Without the hub, use a local file (--data PATH: text, JSON Lines or Parquet) or --data tiny."
+        ) from e
+    if text_field not in ds.column_names:
+        raise DataError(f"data: {source.describe()} has no column {text_field!r} (text_field); columns: {ds.column_names}")
+    rows = ds[text_field]
+    if source.ref.endswith("wikitext"):
+        return ["".join(rows)]  # rows are lines; the split's text is one document
+    return rows
+
+
+def source_fingerprint(source: DataSource, split: str | None, text_field: str) -> str:
+    """A digest that changes whenever the documents of this split would change."""
+    h = hashlib.sha256(json.dumps([source.kind, source.ref, source.config_name, source.revision, split, text_field]).encode())
+    if source.kind in ("text", "jsonl", "parquet"):
+        with open(source.ref, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    elif source.kind == "tiny":
+        from .tiny import tiny_corpus
+
+        for doc in tiny_corpus(source.ref or None)[split]:
+            h.update(doc.encode())
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of the tokenizer's full definition (vocabulary, merges, normalisation) and its EOS."""
+    backend = tokenizer.backend_tokenizer.to_str()
+    return hashlib.sha256(f"{backend}\0{tokenizer.eos_token_id}".encode()).hexdigest()
+
+
+def tokenize_stream(documents, tokenizer) -> np.ndarray:
+    """Token ids of the documents, each tokenized whole, joined by EOS: (n_tokens,) int32."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("tokenizer has no EOS token; kvsweep joins documents with it")
+    eos = np.array([tokenizer.eos_token_id], dtype=np.int32)
+    parts: list[np.ndarray] = []
+    for i, enc in enumerate(tokenizer.backend_tokenizer.encode_batch(list(documents), add_special_tokens=False)):
+        if i:
+            parts.append(eos)
+        parts.append(np.asarray(enc.ids, dtype=np.int32))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+
+def to_windows(stream: np.ndarray, seq_len: int) -> np.ndarray:
+    """Consecutive non-overlapping windows, the remainder dropped: (n_tokens,) -> (n_windows, seq_len)."""
+    n = len(stream) // seq_len
+    return stream[: n * seq_len].reshape(n, seq_len)
+
+
+# --------------------------------------------------------------------------- cache
+
+
+@dataclass
+class Windows:
+    """All windows of one split, memory-mapped from the cache: ``ids`` is (n_windows, seq_len) int32."""
+
+    ids: np.ndarray
+    tokens: int  # tokens in the stream before the remainder was dropped
+    path: Path
+    cache_hit: bool
+
+
+def load_windows(source: DataSource, split: str | None, text_field: str, tokenizer, seq_len: int,
+                 *, log: Callable[[str], None] = print) -> Windows:
+    """The split's windows from the cache, tokenizing (once) on a miss."""
+    key = hashlib.sha256(
+        json.dumps([CACHE_FORMAT, tokenizer_fingerprint(tokenizer), source_fingerprint(source, split, text_field), seq_len]).encode()
+    ).hexdigest()[:24]
+    path = cache_dir() / "data" / f"{key}.arrow"
+    hit = path.is_file()
+    if not hit:
+        from filelock import FileLock
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            if not path.is_file():  # another process may have written it while we waited
+                docs = load_documents(source, split, text_field)
+                stream = tokenize_stream(docs, tokenizer)
+                _write_windows(path, to_windows(stream, seq_len), len(stream), source, split)
+                log(f"tokenized {source.describe()}{f' [{split}]' if split else ''}: {len(docs):,} documents, "
+                    f"{len(stream):,} tokens, {len(stream) // seq_len:,} windows of {seq_len} -> {path}")
+            else:
+                hit = True
+    ids, tokens = _read_windows(path, seq_len)
+    return Windows(ids=ids, tokens=tokens, path=path, cache_hit=hit)
+
+
+def _write_windows(path: Path, windows: np.ndarray, tokens: int, source: DataSource, split: str | None) -> None:
+    n, seq_len = windows.shape
+    flat = pa.array(np.ascontiguousarray(windows).reshape(-1), type=pa.int32())
+    column = pa.FixedSizeListArray.from_arrays(flat, seq_len)
+    meta = {"kvsweep_format": str(CACHE_FORMAT), "tokens": str(tokens), "source": source.describe(), "split": str(split)}
+    table = pa.table({"input_ids": column}).replace_schema_metadata(meta)
+    with atomic_path(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+
+
+def _read_windows(path: Path, seq_len: int) -> tuple[np.ndarray, int]:
+    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    tokens = int(table.schema.metadata[b"tokens"])
+    column = table.column("input_ids").combine_chunks()
+    if len(column) == 0:
+        return np.zeros((0, seq_len), dtype=np.int32), tokens
+    ids = column.flatten().to_numpy(zero_copy_only=True).reshape(-1, seq_len)  # (n_windows, seq_len), mapped
+    return ids, tokens
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@dataclass
+class Samples:
+    """Train and validation samples: ``train`` (N_train, T) and ``val`` (N_val, T), int32."""
+
+    train: np.ndarray
+    val: np.ndarray
+    info: dict = field(default_factory=dict)
+
+
+def select(n_windows: int, count, seed: int, stream: int) -> np.ndarray:
+    """Indices of ``count`` windows out of ``n_windows``, picked by ``seed``; all of them for ``"all"``."""
+    if count == "all":
+        return np.arange(n_windows)
+    rng = np.random.default_rng([seed, stream])
+    return np.sort(rng.permutation(n_windows)[:count])
+
+
+def _check_enough(what: str, count, n: int, tokens: int, seq_len: int, where: str, hint: str = "") -> None:
+    """Raise when ``where`` (with ``n`` windows from ``tokens`` tokens) cannot give ``count`` samples."""
+    asked = max(n, 1) if count == "all" else count
+    if asked > n:
+        raise DataError(
+            f"data: {where} has {tokens:,} tokens ({n:,} windows of {seq_len}), but {asked:,} {what} samples "
+            f"of {seq_len} tokens ({asked * seq_len:,} tokens) were asked for; ask for at most {n:,}{hint}"
+        )
+
+
+def load_samples(cfg: DataCfg, tokenizer, *, log: Callable[[str], None] = print) -> Samples:
+    """Train and validation samples as DESIGN.md defines them, through the tokenized cache."""
+    source = resolve_source(cfg)
+    T = cfg.seq_len
+    info: dict = {"source": source.describe(), "seq_len": T, "seed": cfg.seed}
+    if source.has_splits:
+        val_w = load_windows(source, cfg.val_split, cfg.text_field, tokenizer, T, log=log)
+        _check_enough("validation", cfg.val_samples, len(val_w.ids), val_w.tokens, T, f"{source.describe()} [{cfg.val_split}]")
+        val = val_w.ids[select(len(val_w.ids), cfg.val_samples, cfg.seed, 1)]
+        if cfg.train_samples == 0:
+            train = np.zeros((0, T), dtype=np.int32)
+            hits = [val_w.cache_hit]
+        else:
+            train_w = load_windows(source, cfg.train_split, cfg.text_field, tokenizer, T, log=log)
+            _check_enough("train", cfg.train_samples, len(train_w.ids), train_w.tokens, T, f"{source.describe()} [{cfg.train_split}]")
+            train = train_w.ids[select(len(train_w.ids), cfg.train_samples, cfg.seed, 0)]
+            hits = [val_w.cache_hit, train_w.cache_hit]
+        info.update(val_split=cfg.val_split, train_split=cfg.train_split, val_windows=len(val_w.ids))
+    else:
+        w = load_windows(source, None, cfg.text_field, tokenizer, T, log=log)
+        n = len(w.ids)
+        n_val = min(n, max(1, round(n * cfg.val_fraction))) if n else 0
+        lo = n - n_val  # windows [0, lo) train, [lo, n) validation
+        hint = " (or raise val_fraction)" if cfg.val_fraction < 1 else ""
+        _check_enough("validation", cfg.val_samples, n_val, n_val * T, T,
+                      f"the validation range (last {cfg.val_fraction:g} of the windows) of {source.describe()}", hint)
+        val = w.ids[lo + select(n_val, cfg.val_samples, cfg.seed, 1)]
+        if cfg.train_samples == 0:
+            train = np.zeros((0, T), dtype=np.int32)
+        else:
+            _check_enough("train", cfg.train_samples, lo, lo * T, T, f"the train range (first {1 - cfg.val_fraction:g} of the windows) of {source.describe()}")
+            train = w.ids[select(lo, cfg.train_samples, cfg.seed, 0)]
+        hits = [w.cache_hit]
+        info.update(val_range=[lo, n], train_range=[0, lo], total_tokens=w.tokens)
+    info.update(train_samples=len(train), val_samples=len(val), cache_hit=all(hits))
+    return Samples(train=train, val=val, info=info)

@@ -1,0 +1,292 @@
+"""The frozen base model: loading, freezing, and every GPT-NeoX-specific path.
+
+A base is any GPT-NeoX causal LM: a Pythia checkpoint from the hub (with ``revision``), a local folder
+saved with ``save_pretrained``, the offline ``tiny`` preset, or a Pythia architecture built with
+random weights (``random_init``) for structural checks and timing without a download. Nothing outside
+this module reaches into the model's internals.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+from .config import ConfigError, KvsweepError, MissingFileError, ModelCfg, error_reason
+
+# (layers, hidden, heads, intermediate, vocab) of the released Pythia models; all share rotary on 25% of
+# each head (base 10,000), parallel residual, untied embeddings, 2,048 positions and GELU.
+PYTHIA_ARCHS: dict[str, tuple[int, int, int, int, int]] = {
+    "70m": (6, 512, 8, 2048, 50304),
+    "160m": (12, 768, 12, 3072, 50304),
+    "410m": (24, 1024, 16, 4096, 50304),
+    "1b": (16, 2048, 8, 8192, 50304),
+    "1.4b": (24, 2048, 16, 8192, 50304),
+    "2.8b": (32, 2560, 32, 10240, 50304),
+    "6.9b": (32, 4096, 32, 16384, 50432),
+    "12b": (36, 5120, 40, 20480, 50688),
+}
+_PYTHIA_NAME = re.compile(r"(?:EleutherAI/)?pythia-(?P<size>[0-9.]+[mb])(?P<deduped>-deduped)?", re.IGNORECASE)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HubUnavailableError(KvsweepError):
+    """The Hugging Face hub could not give a model, tokenizer or dataset."""
+
+
+def pythia_config(size: str) -> GPTNeoXConfig:
+    """The ``GPTNeoXConfig`` of a released Pythia size (``"70m"`` ... ``"12b"``), built without a download."""
+    if size not in PYTHIA_ARCHS:
+        raise ConfigError(f"model: unknown Pythia size {size!r}; valid sizes: {', '.join(PYTHIA_ARCHS)}")
+    layers, hidden, heads, inter, vocab = PYTHIA_ARCHS[size]
+    return neox_config(layers=layers, hidden=hidden, heads=heads, intermediate=inter, vocab=vocab, positions=2048)
+
+
+def neox_config(*, layers: int, hidden: int, heads: int, intermediate: int, vocab: int, positions: int) -> GPTNeoXConfig:
+    """A GPT-NeoX config of Pythia's family: partial rotary 0.25, parallel residual, untied embeddings."""
+    return GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        hidden_act="gelu",
+        max_position_embeddings=positions,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        layer_norm_eps=1e-5,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a base comes from, resolved from its name without loading any weights."""
+
+    kind: str  # "tiny" | "pythia-random" | "hub" | "local"
+    ref: str  # hub id, folder, tiny corpus path ("" for the built-in corpus) or Pythia size
+    revision: str | None = None
+
+    @property
+    def is_pythia(self) -> bool:
+        return self.kind == "pythia-random" or bool(_PYTHIA_NAME.fullmatch(self.ref))
+
+
+def resolve_model(cfg: ModelCfg) -> ModelSource:
+    """Map a model name to its source; raise a clear error for an unknown preset or a missing folder."""
+    name = cfg.name.strip()
+    if name == "tiny" or name.startswith("tiny:"):
+        if cfg.random_init:
+            raise ConfigError("random_init applies to Pythia architectures (pythia-70m ...), not to tiny")
+        corpus = name[len("tiny:"):]
+        if corpus and not Path(corpus).expanduser().is_file():
+            raise MissingFileError(f"model: tiny corpus file not found: {corpus}")
+        return ModelSource("tiny", str(Path(corpus).expanduser().resolve()) if corpus else "")
+    pythia = _PYTHIA_NAME.fullmatch(name)
+    if cfg.random_init:
+        if not pythia:
+            raise ConfigError(
+                f"random_init builds a Pythia architecture from kvsweep's table; model {name!r} is not one. "
+                f"Valid: pythia-{', pythia-'.join(PYTHIA_ARCHS)} (or EleutherAI/pythia-...)"
+            )
+        size = pythia["size"].lower()
+        pythia_config(size)  # validates the size
+        return ModelSource("pythia-random", size)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MissingFileError(f"model: folder {name} holds no config.json (save a model with save_pretrained)")
+        return ModelSource("local", str(path.resolve()))
+    if path.exists():
+        raise ConfigError(f"model: {name} is a file; give the folder a model was saved to with save_pretrained")
+    if pythia:
+        size = pythia["size"].lower()
+        pythia_config(size)
+        return ModelSource("hub", f"EleutherAI/pythia-{size}{pythia['deduped'] or ''}", cfg.revision or "main")
+    if _HUB_ID.fullmatch(name):
+        return ModelSource("hub", name, cfg.revision or "main")
+    if "/" in name or os.sep in name or name.startswith((".", "~")):
+        raise MissingFileError(f"model: folder not found: {name}")
+    raise ConfigError(
+        f"model: unknown preset {name!r}; valid presets: tiny, tiny:PATH, pythia-{', pythia-'.join(PYTHIA_ARCHS)}; "
+        "or a hub id (owner/name) or a local folder"
+    )
+
+
+def model_config(source: ModelSource) -> GPTNeoXConfig:
+    """The base's config, read without loading weights (a small hub request for hub models)."""
+    if source.kind == "tiny":
+        from .tiny import tiny_config
+
+        return tiny_config()
+    if source.kind == "pythia-random":
+        return pythia_config(source.ref)
+    if source.kind == "local":
+        config = AutoConfig.from_pretrained(source.ref, trust_remote_code=False)
+    else:
+        config = _from_hub(lambda: AutoConfig.from_pretrained(source.ref, revision=source.revision, trust_remote_code=False), source, "config")
+    if config.model_type != "gpt_neox":
+        raise ConfigError(f"model: {source.ref} is a {config.model_type!r} model; kvsweep works on GPT-NeoX models (Pythia)")
+    return config
+
+
+def _from_hub(load: Callable, source: ModelSource, what: str):
+    """Run a hub load; turn any failure into one clear error that names the alternatives."""
+    try:
+        return load()
+    except Exception as e:  # transformers raises OSError, ValueError or hub errors, by version
+        reason = error_reason(e)
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        raise HubUnavailableError(
+            f"cannot load the {what} of {source.ref!r} (revision {source.revision}) from the Hugging Face hub"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {reason}. Without the hub, use a local folder "
+            "saved with save_pretrained (--model PATH), the offline preset (--model tiny), or a Pythia "
+            "architecture with random weights (--model pythia-70m --random-init --tokenizer tokenizer.json)."
+        ) from e
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    """A fast tokenizer from a ``tokenizer.json`` file or a folder saved with ``save_pretrained``."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise MissingFileError(f"tokenizer: not found: {path}")
+    if p.is_dir():
+        tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
+    else:
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(p))
+        vocab = tok.get_vocab()
+        for role, token in (("eos_token", "<|endoftext|>"), ("pad_token", "<|padding|>")):
+            if token in vocab and getattr(tok, role) is None:
+                setattr(tok, role, token)
+        if tok.bos_token is None and tok.eos_token is not None:
+            tok.bos_token = tok.eos_token
+    if not isinstance(tok, PreTrainedTokenizerFast):
+        raise ConfigError(f"tokenizer: {path} is not a fast (tokenizers-backed) tokenizer")
+    if tok.eos_token_id is None:
+        raise ConfigError(f"tokenizer: {path} has no EOS token; kvsweep joins documents with it")
+    return tok
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device} asked for but no CUDA GPU is available; use cpu or auto")
+    return dev
+
+
+@dataclass
+class Base:
+    """A loaded, frozen base model with its tokenizer (``None`` for random weights without ``tokenizer``)."""
+
+    model: GPTNeoXForCausalLM
+    tokenizer: PreTrainedTokenizerFast | None
+    name: str
+    source: ModelSource
+    model_path: str | None  # the folder from_pretrained reloads the model from (None for random weights)
+
+    @property
+    def config(self) -> GPTNeoXConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+
+def check_seq_len(config: GPTNeoXConfig, seq_len: int, name: str) -> None:
+    if seq_len > config.max_position_embeddings:
+        raise ConfigError(
+            f"seq_len {seq_len} is beyond model {name}'s {config.max_position_embeddings} positions; "
+            f"valid range: 2..{config.max_position_embeddings}"
+        )
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn off gradients for every parameter and put the model in eval mode (no dropout)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def load_base(cfg: ModelCfg, *, log: Callable[[str], None] = print) -> Base:
+    """Load, freeze and place the base described by ``cfg``."""
+    source = resolve_model(cfg)
+    device = resolve_device(cfg.device)
+    dtype = _DTYPES[cfg.dtype]
+    model_path: str | None
+    tokenizer: PreTrainedTokenizerFast | None = None
+    if source.kind == "tiny":
+        from .tiny import ensure_tiny
+
+        folder = ensure_tiny(source.ref or None, log=log)
+        model = GPTNeoXForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model_path = str(folder)
+    elif source.kind == "pythia-random":
+        torch.manual_seed(cfg.seed)
+        model = GPTNeoXForCausalLM(pythia_config(source.ref)).to(dtype)
+        model_path = None
+    elif source.kind == "local":
+        model_config(source)  # rejects non-GPT-NeoX folders with a clear error
+        model = GPTNeoXForCausalLM.from_pretrained(source.ref, dtype=dtype, trust_remote_code=False)
+        model_path = source.ref
+        if cfg.tokenizer is None and _has_tokenizer(Path(source.ref)):
+            tokenizer = AutoTokenizer.from_pretrained(source.ref, trust_remote_code=False)
+    else:
+        model_config(source)
+        model = _from_hub(
+            lambda: GPTNeoXForCausalLM.from_pretrained(source.ref, revision=source.revision, dtype=dtype, trust_remote_code=False),
+            source,
+            "weights",
+        )
+        model_path = _hub_snapshot_folder(source) or source.ref
+        if cfg.tokenizer is None:
+            tokenizer = _from_hub(
+                lambda: AutoTokenizer.from_pretrained(source.ref, revision=source.revision, trust_remote_code=False),
+                source,
+                "tokenizer",
+            )
+    if cfg.tokenizer is not None:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {len(tokenizer)} entries but model {cfg.name} has {model.config.vocab_size}; "
+            "they do not belong together"
+        )
+    freeze(model).to(device)
+    return Base(model=model, tokenizer=tokenizer, name=cfg.name, source=source, model_path=model_path)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+
+
+def _hub_snapshot_folder(source: ModelSource) -> str | None:
+    """The local snapshot folder of a hub model, which ``from_pretrained`` reloads offline."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(source.ref, "config.json", revision=source.revision)
+        return str(Path(hit).parent) if isinstance(hit, str) else None
+    except Exception:
+        return None

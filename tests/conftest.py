@@ -1,0 +1,72 @@
+"""Test setup: no hub access, a private kvsweep cache, tiny GPT-NeoX models built in code."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before transformers or datasets are imported anywhere: an accidental download fails at once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Every test session gets its own cache (set KVSWEEP_TEST_CACHE to reuse one between runs).
+os.environ["KVSWEEP_CACHE"] = os.environ.get("KVSWEEP_TEST_CACHE") or tempfile.mkdtemp(prefix="kvsweep-test-cache-")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("KVSWEEP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+PYTHIA_TOKENIZER = SHARED_DATA / "pythia-tokenizer" / "tokenizer.json"
+WIKITEXT_VALID = SHARED_DATA / "wikitext-2-raw" / "wiki.valid.raw"
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"
+    "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow.\n"
+) * 40
+
+
+def neox_model(*, layers: int = 2, hidden: int = 64, heads: int = 4, vocab: int = 320, positions: int = 256, seed: int = 0):
+    """A small random GPT-NeoX of Pythia's family, frozen, float32."""
+    from kvsweep.models import freeze, neox_config
+    from transformers import GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    return freeze(GPTNeoXForCausalLM(neox_config(layers=layers, hidden=hidden, heads=heads, intermediate=4 * hidden, vocab=vocab, positions=positions)))
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer():
+    """A byte-level BPE of 320 entries trained on SAMPLE_TEXT (EOS id 0, padding id 1)."""
+    from kvsweep.tiny import train_tokenizer
+
+    return train_tokenizer([SAMPLE_TEXT], 320)
+
+
+@pytest.fixture
+def small_model():
+    return neox_model()
+
+
+@pytest.fixture(scope="session")
+def pythia_tokenizer_path() -> Path:
+    if not PYTHIA_TOKENIZER.is_file():
+        pytest.skip(f"offline Pythia tokenizer not found at {PYTHIA_TOKENIZER}")
+    return PYTHIA_TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def wikitext_valid() -> Path:
+    if not WIKITEXT_VALID.is_file():
+        pytest.skip(f"offline WikiText-2 validation text not found at {WIKITEXT_VALID}")
+    return WIKITEXT_VALID
+
+
+@pytest.fixture(scope="session")
+def tiny_folder():
+    """The tiny preset, built once per test session (about a minute and a half on 2 cores)."""
+    from kvsweep.tiny import ensure_tiny
+
+    return ensure_tiny()

@@ -1,0 +1,81 @@
+"""The ``kvsweep`` command as a user runs it: tables printed, eval.json written, clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvsweep.cli import main
+
+
+@pytest.mark.slow
+def test_eval_tiny_prints_the_seed_tables_and_writes_eval_json(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvsweep.cli", "eval", "--model", "tiny", "--data", "tiny", "--out", str(out)],
+        capture_output=True, text=True, env=os.environ.copy(), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Overall perplexity:" in proc.stdout and "Position-wise perplexity" in proc.stdout
+    for label in ("0-16", "16-32", "32-64", "64-96", "96-128"):
+        assert f" {label} " in proc.stdout
+    rec = json.loads((out / "eval.json").read_text())
+    assert {"val_ppl", "tokens", "nll_sum", "positions", "model", "model_path"} <= rec.keys()
+    assert rec["model"] == "tiny" and rec["model_path"] == str(tiny_folder)
+    assert rec["val_ppl"] == pytest.approx(math.exp(rec["nll_sum"] / rec["tokens"]))
+    assert [(p["lo"], p["hi"]) for p in rec["positions"]] == [(0, 16), (16, 32), (32, 64), (64, 96), (96, 128)]
+    assert sum(p["tokens"] for p in rec["positions"]) == rec["tokens"] == rec["val_samples"] * 127
+    assert sum(p["nll_sum"] for p in rec["positions"]) == pytest.approx(rec["nll_sum"])
+    assert f"{rec['val_ppl']:.4f}" in proc.stdout
+
+
+def test_eval_random_pythia_on_wikitext(tmp_path, pythia_tokenizer_path, wikitext_valid, capsys):
+    code = main(["eval", "--model", "pythia-70m", "--random-init", "--tokenizer", str(pythia_tokenizer_path),
+                 "--data", str(wikitext_valid), "--val-samples", "4", "--seq-len", "64", "--out", str(tmp_path)])
+    assert code == 0
+    rec = json.loads((tmp_path / "eval.json").read_text())
+    assert rec["model_path"] is None and rec["tokens"] == 4 * 63
+    assert [(p["lo"], p["hi"]) for p in rec["positions"]] == [(0, 16), (16, 32), (32, 64)]
+    assert rec["val_ppl"] > 1000  # random weights over a 50k vocabulary
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "gpt9"], "unknown preset"),
+        (["--model", "./no/such/folder"], "not found"),
+        (["--model", "EleutherAI/pythia-70m"], "--model tiny"),
+        (["--data", "no-such-file.txt"], "file not found"),
+        (["--data", "tiny", "--seq-len", "4096"], "valid range: 2..2048"),
+        (["--buckets", "0,32,16"], "strictly increasing"),
+        (["--seq-len", "64", "--buckets", "0,16,64,96"], "holds no prediction"),
+        (["--model", "pythia-70m", "--random-init"], "--tokenizer"),
+        (["--val-samples", "0"], "val_samples"),
+        (["--dtype", "float32", "--device", "tpu"], "device"),
+    ],
+)
+def test_bad_input_is_a_clear_error_before_work_starts(args, message, capsys, monkeypatch):
+    from kvsweep import tiny
+
+    monkeypatch.setattr(tiny, "build_tiny", lambda *a, **k: pytest.fail("started building before checking input"))
+    assert main(["eval", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsweep: error:") and message in err
+
+
+def test_too_many_samples_names_both_counts(tmp_path, capsys, small_tokenizer):
+    folder = tmp_path / "m"
+    from .conftest import SAMPLE_TEXT, neox_model
+
+    neox_model().save_pretrained(folder)
+    small_tokenizer.save_pretrained(folder)
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT)
+    assert main(["eval", "--model", str(folder), "--data", str(text), "--seq-len", "32", "--val-samples", "999"]) == 2
+    err = capsys.readouterr().err
+    assert "999 validation samples" in err and "ask for at most" in err

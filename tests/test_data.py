@@ -1,0 +1,203 @@
+"""Samples: documents joined by EOS, windows, deterministic disjoint selection, the tokenized cache."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kvsweep import data as kdata
+from kvsweep.config import ConfigError, DataCfg, MissingFileError
+from kvsweep.data import DataError, load_samples, resolve_source, to_windows, tokenize_stream
+
+from .conftest import SAMPLE_TEXT
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(SAMPLE_TEXT * 3)
+    return path
+
+
+def _rows(ids: np.ndarray) -> set[bytes]:
+    return {row.tobytes() for row in ids}
+
+
+def test_documents_are_joined_by_eos_and_cut_into_windows(small_tokenizer):
+    docs = ["alpha beta gamma", "delta epsilon", "zeta"]
+    stream = tokenize_stream(docs, small_tokenizer)
+    eos = small_tokenizer.eos_token_id
+    expected: list[int] = []
+    for i, d in enumerate(docs):
+        if i:
+            expected.append(eos)
+        expected += small_tokenizer(d, add_special_tokens=False)["input_ids"]
+    assert stream.tolist() == expected
+    windows = to_windows(stream, 4)  # (n_windows, 4): consecutive, non-overlapping, remainder dropped
+    assert windows.shape == (len(expected) // 4, 4)
+    assert windows.reshape(-1).tolist() == expected[: windows.size]
+
+
+def test_single_file_gives_disjoint_train_and_val_ranges(text_file, small_tokenizer):
+    cfg = DataCfg(source=str(text_file), seq_len=16, train_samples="all", val_samples="all", val_fraction=0.25)
+    s = load_samples(cfg, small_tokenizer, log=lambda m: None)
+    lo, n = s.info["val_range"]
+    assert s.info["train_range"] == [0, lo]
+    assert len(s.val) == n - lo == round(n * 0.25)
+    assert len(s.train) == lo
+    # the samples are exactly the file's windows, in their ranges
+    stream = tokenize_stream([text_file.read_text()], small_tokenizer)
+    windows = to_windows(stream, 16)
+    np.testing.assert_array_equal(s.train, windows[:lo])
+    np.testing.assert_array_equal(s.val, windows[lo:])
+
+
+def test_selection_is_deterministic_and_seeded(text_file, small_tokenizer):
+    def pick(seed):
+        cfg = DataCfg(source=str(text_file), seq_len=16, train_samples=20, val_samples=10, seed=seed, val_fraction=0.3)
+        return load_samples(cfg, small_tokenizer, log=lambda m: None)
+
+    a, b, c = pick(0), pick(0), pick(1)
+    np.testing.assert_array_equal(a.train, b.train)
+    np.testing.assert_array_equal(a.val, b.val)
+    assert a.train.shape == (20, 16) and a.val.shape == (10, 16)
+    assert not np.array_equal(a.train, c.train)
+    lo = a.info["val_range"][0]
+    windows = to_windows(tokenize_stream([text_file.read_text()], small_tokenizer), 16)
+    assert _rows(a.train) <= _rows(windows[:lo])  # train only from the train range
+    assert _rows(a.val) <= _rows(windows[lo:])  # validation only from the validation range
+
+
+def test_train_and_val_come_from_different_splits(small_tokenizer):
+    cfg = DataCfg(source="tiny", seq_len=32, train_samples=50, val_samples=20)
+    s = load_samples(cfg, small_tokenizer, log=lambda m: None)
+    from kvsweep.tiny import tiny_corpus
+
+    corpus = tiny_corpus()
+    val_windows = to_windows(tokenize_stream(corpus["validation"], small_tokenizer), 32)
+    train_windows = to_windows(tokenize_stream(corpus["train"], small_tokenizer), 32)
+    assert _rows(s.val) <= _rows(val_windows)
+    assert _rows(s.train) <= _rows(train_windows)
+    assert s.info["val_split"] == "validation" and s.info["train_split"] == "train"
+
+
+def test_tiny_corpus_splits_hold_disjoint_documents():
+    from kvsweep.tiny import tiny_corpus
+
+    c = tiny_corpus()
+    assert c["train"] and c["validation"]
+    assert not set(c["train"]) & set(c["validation"])
+    held = sum(map(len, c["validation"])) / (sum(map(len, c["train"])) + sum(map(len, c["validation"])))
+    assert 0.1 <= held < 0.2
+
+
+def test_cache_is_reused_without_a_second_tokenization(text_file, small_tokenizer, monkeypatch):
+    cfg = DataCfg(source=str(text_file), seq_len=24, train_samples=10, val_samples=5, seed=3)
+    first = load_samples(cfg, small_tokenizer, log=lambda m: None)
+
+    def fail(*a, **k):
+        raise AssertionError("tokenized a second time")
+
+    monkeypatch.setattr(kdata, "tokenize_stream", fail)
+    monkeypatch.setattr(kdata, "load_documents", fail)
+    second = load_samples(cfg, small_tokenizer, log=lambda m: None)
+    assert not first.info["cache_hit"] and second.info["cache_hit"]
+    np.testing.assert_array_equal(first.train, second.train)
+    np.testing.assert_array_equal(first.val, second.val)
+    # another seed selects from the same cached windows; the mapped windows are not copied into memory
+    third = load_samples(DataCfg(source=str(text_file), seq_len=24, train_samples=10, val_samples=5, seed=4), small_tokenizer)
+    assert third.info["cache_hit"]
+    w = kdata.load_windows(resolve_source(cfg), None, "text", small_tokenizer, 24)
+    assert w.cache_hit and not w.ids.flags.owndata and w.path.suffix == ".arrow"
+
+
+def test_cache_key_changes_with_content_seq_len_and_tokenizer(text_file, small_tokenizer):
+    src = resolve_source(DataCfg(source=str(text_file)))
+    a = kdata.load_windows(src, None, "text", small_tokenizer, 16, log=lambda m: None)
+    assert kdata.load_windows(src, None, "text", small_tokenizer, 32, log=lambda m: None).path != a.path
+    from kvsweep.tiny import train_tokenizer
+
+    other = train_tokenizer([SAMPLE_TEXT], 300)
+    assert kdata.load_windows(src, None, "text", other, 16, log=lambda m: None).path != a.path
+    time.sleep(0.01)
+    text_file.write_text(SAMPLE_TEXT * 4)
+    assert kdata.load_windows(src, None, "text", small_tokenizer, 16, log=lambda m: None).path != a.path
+
+
+def test_jsonl_and_parquet_rows_are_documents(tmp_path, small_tokenizer):
+    docs = ["first document " * 30, "second one " * 40, "third " * 50]
+    jl = tmp_path / "docs.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)) + "\n")
+    pqf = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"body": docs}), pqf)
+    expected = to_windows(tokenize_stream(docs, small_tokenizer), 8)
+    a = load_samples(DataCfg(source=str(jl), seq_len=8, val_fraction=1.0), small_tokenizer, log=lambda m: None)
+    b = load_samples(DataCfg(source=str(pqf), seq_len=8, val_fraction=1.0, text_field="body"), small_tokenizer, log=lambda m: None)
+    np.testing.assert_array_equal(a.val, expected)
+    np.testing.assert_array_equal(b.val, expected)
+    with pytest.raises(DataError, match="text_field"):
+        load_samples(DataCfg(source=str(pqf), seq_len=8, val_fraction=1.0), small_tokenizer)
+
+
+def test_too_few_tokens_names_both_counts(text_file, small_tokenizer):
+    windows = to_windows(tokenize_stream([text_file.read_text()], small_tokenizer), 64)
+    n_val = round(len(windows) * 0.1)
+    cfg = DataCfg(source=str(text_file), seq_len=64, val_samples=n_val + 5)
+    with pytest.raises(DataError) as e:
+        load_samples(cfg, small_tokenizer, log=lambda m: None)
+    msg = str(e.value)
+    assert f"{n_val:,} windows" in msg and f"{n_val + 5:,} validation samples" in msg and "val_fraction" in msg
+    with pytest.raises(DataError, match="train samples"):
+        load_samples(DataCfg(source=str(text_file), seq_len=64, train_samples=10**6), small_tokenizer, log=lambda m: None)
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(MissingFileError):
+        resolve_source(DataCfg(source=str(tmp_path / "missing.txt")))
+    with pytest.raises(MissingFileError):
+        resolve_source(DataCfg(source="./nowhere/file.jsonl"))
+    with pytest.raises(ConfigError, match="unknown preset"):
+        resolve_source(DataCfg(source="wikitext-7"))
+    (tmp_path / "x.bin").write_bytes(b"\0")
+    with pytest.raises(ConfigError, match="suffix"):
+        resolve_source(DataCfg(source=str(tmp_path / "x.bin")))
+    with pytest.raises(ConfigError, match="folder"):
+        resolve_source(DataCfg(source=str(tmp_path)))
+    assert resolve_source(DataCfg(source="wikitext-2")).config_name == "wikitext-2-raw-v1"
+    assert resolve_source(DataCfg(source="someone/dataset")).kind == "hub"
+
+
+def test_hub_dataset_while_offline_is_a_clear_error(small_tokenizer):
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match="local file") as e:
+        load_samples(DataCfg(source="wikitext-2", val_samples=10), small_tokenizer, log=lambda m: None)
+    assert "Salesforce/wikitext" in str(e.value)
+    assert time.monotonic() - t0 < 60
+
+
+def test_pythia_tokenizer_encodes_hello_world(pythia_tokenizer_path):
+    from kvsweep.models import load_tokenizer
+
+    tok = load_tokenizer(str(pythia_tokenizer_path))
+    assert tok("Hello world", add_special_tokens=False)["input_ids"] == [12092, 1533]
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 0
+
+
+def test_wikitext_flows_through_the_pipeline(wikitext_valid, pythia_tokenizer_path):
+    from kvsweep.models import load_tokenizer
+
+    tok = load_tokenizer(str(pythia_tokenizer_path))
+    cfg = DataCfg(source=str(wikitext_valid), seq_len=128, train_samples=1000, val_samples="all")
+    s = load_samples(cfg, tok, log=lambda m: None)
+    assert s.info["total_tokens"] == 251_183  # one document, so no EOS is added
+    n = 251_183 // 128
+    assert s.info["val_range"] == [n - round(n * 0.1), n]
+    assert s.train.shape == (1000, 128) and s.val.shape == (round(n * 0.1), 128)
+    assert s.val.max() < 50_304
+    text = tok.decode(s.val[0].tolist())
+    assert isinstance(text, str) and len(text) > 100

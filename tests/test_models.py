@@ -1,0 +1,321 @@
+"""kvsweep.models: Pythia architectures, tokenizers, local folders, name resolution, offline hub errors."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPTNeoXForCausalLM
+
+from .conftest import neox_model
+from kvsweep.config import ConfigError, MissingFileError, ModelCfg
+from kvsweep.models import (
+    PYTHIA_ARCHS,
+    Base,
+    HubUnavailableError,
+    ModelSource,
+    check_seq_len,
+    load_base,
+    load_tokenizer,
+    pythia_config,
+    resolve_device,
+    resolve_model,
+)
+
+PUBLISHED_PYTHIA_PARAMS = {
+    "70m": 70_426_624,
+    "160m": 162_322_944,
+    "410m": 405_334_016,
+    "1b": 1_011_781_632,
+    "1.4b": 1_414_647_808,
+    "2.8b": 2_775_208_960,
+    "6.9b": 6_857_302_016,
+    "12b": 11_846_072_320,
+}
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _assert_frozen(model: torch.nn.Module) -> None:
+    assert all(not p.requires_grad for p in model.parameters())
+    assert not model.training
+    assert not any(m.training for m in model.modules())
+
+
+# --- Pythia architectures --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pythia_70m_random() -> Base:
+    return load_base(ModelCfg(name="pythia-70m", random_init=True), log=_quiet)
+
+
+def test_random_pythia_70m_has_pythias_architecture(pythia_70m_random: Base) -> None:
+    base = pythia_70m_random
+    config = base.config
+    assert isinstance(base.model, GPTNeoXForCausalLM)
+    assert base.num_params == 70_426_624
+    assert config.num_hidden_layers == 6
+    assert config.hidden_size == 512
+    assert config.num_attention_heads == 8
+    assert config.intermediate_size == 2048
+    assert config.rope_parameters["partial_rotary_factor"] == 0.25
+    assert config.use_parallel_residual is True
+    assert config.tie_word_embeddings is False
+    assert config.vocab_size == 50304
+    assert config.max_position_embeddings == 2048 == base.max_positions
+    assert base.model.get_input_embeddings().weight.data_ptr() != base.model.get_output_embeddings().weight.data_ptr()
+
+
+def test_random_pythia_70m_is_frozen_without_path_or_tokenizer(pythia_70m_random: Base) -> None:
+    base = pythia_70m_random
+    _assert_frozen(base.model)
+    assert base.model_path is None
+    assert base.tokenizer is None
+    assert base.source == ModelSource("pythia-random", "70m")
+    assert base.device == torch.device("cpu")
+    assert next(base.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["pythia-70m", "EleutherAI/pythia-70m", "pythia-70m-deduped", "EleutherAI/pythia-70m-deduped", "Pythia-70M"])
+def test_random_init_names_resolve_to_the_70m_architecture(name: str) -> None:
+    assert resolve_model(ModelCfg(name=name, random_init=True)) == ModelSource("pythia-random", "70m")
+
+
+@pytest.mark.parametrize("size", list(PUBLISHED_PYTHIA_PARAMS))
+def test_pythia_table_matches_published_parameter_counts(size: str) -> None:
+    with torch.device("meta"):
+        model = GPTNeoXForCausalLM(pythia_config(size))
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PYTHIA_PARAMS[size]
+
+
+def test_pythia_table_lists_every_published_size() -> None:
+    assert list(PYTHIA_ARCHS) == list(PUBLISHED_PYTHIA_PARAMS)
+
+
+def test_pythia_config_rejects_unknown_size() -> None:
+    with pytest.raises(ConfigError, match="valid sizes: 70m, 160m"):
+        pythia_config("5m")
+
+
+# --- tokenizers ------------------------------------------------------------------------------------
+
+
+def test_random_pythia_with_pythia_tokenizer(pythia_tokenizer_path: Path) -> None:
+    base = load_base(ModelCfg(name="pythia-70m", random_init=True, tokenizer=str(pythia_tokenizer_path)), log=_quiet)
+    tok = base.tokenizer
+    assert tok is not None
+    assert tok("Hello world")["input_ids"] == [12092, 1533]
+    assert tok.eos_token == "<|endoftext|>"
+    assert tok.eos_token_id is not None
+    assert len(tok) <= base.config.vocab_size
+    assert base.model_path is None
+    _assert_frozen(base.model)
+
+
+def test_load_tokenizer_from_file(pythia_tokenizer_path: Path) -> None:
+    tok = load_tokenizer(str(pythia_tokenizer_path))
+    assert tok.encode("Hello world") == [12092, 1533]
+    assert tok.eos_token == "<|endoftext|>"
+    assert tok.pad_token == "<|padding|>"
+
+
+def test_load_tokenizer_from_saved_folder(small_tokenizer, tmp_path: Path) -> None:
+    small_tokenizer.save_pretrained(tmp_path / "tok")
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    text = "The quick brown fox"
+    assert tok.encode(text) == small_tokenizer.encode(text)
+    assert tok.eos_token_id == small_tokenizer.eos_token_id
+
+
+def test_load_tokenizer_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(MissingFileError, match="tokenizer"):
+        load_tokenizer(str(tmp_path / "nope.json"))
+
+
+def test_tokenizer_larger_than_model_vocab_is_rejected(pythia_tokenizer_path: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "vocab64"
+    neox_model(vocab=64).save_pretrained(folder)
+    with pytest.raises(ConfigError, match="tokenizer") as err:
+        load_base(ModelCfg(name=str(folder), tokenizer=str(pythia_tokenizer_path)), log=_quiet)
+    assert "64" in str(err.value)
+
+
+def test_missing_tokenizer_option_raises(tmp_path: Path) -> None:
+    with pytest.raises(MissingFileError, match="tokenizer"):
+        load_base(ModelCfg(name="pythia-70m", random_init=True, tokenizer=str(tmp_path / "missing.json")), log=_quiet)
+
+
+# --- local folders ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_folder(small_model: GPTNeoXForCausalLM, small_tokenizer, tmp_path: Path) -> Path:
+    folder = tmp_path / "saved"
+    small_model.save_pretrained(folder)
+    small_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_local_folder_loads_frozen_with_tokenizer_and_same_logits(
+    saved_folder: Path, small_model: GPTNeoXForCausalLM, small_tokenizer
+) -> None:
+    base = load_base(ModelCfg(name=str(saved_folder)), log=_quiet)
+    _assert_frozen(base.model)
+    assert base.model_path == str(saved_folder.resolve())
+    assert base.source.kind == "local"
+    assert base.tokenizer is not None
+    text = "Pack my box with five dozen liquor jugs."
+    assert base.tokenizer.encode(text) == small_tokenizer.encode(text)
+    ids = torch.tensor([small_tokenizer.encode(text)])
+    with torch.no_grad():
+        expected = small_model(ids).logits
+        got = base.model(ids).logits
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_local_folder_bfloat16(saved_folder: Path) -> None:
+    base = load_base(ModelCfg(name=str(saved_folder), dtype="bfloat16"), log=_quiet)
+    assert all(p.dtype == torch.bfloat16 for p in base.model.parameters())
+    _assert_frozen(base.model)
+
+
+def test_local_folder_without_tokenizer_has_none(small_model: GPTNeoXForCausalLM, tmp_path: Path) -> None:
+    small_model.save_pretrained(tmp_path / "m")
+    base = load_base(ModelCfg(name=str(tmp_path / "m")), log=_quiet)
+    assert base.tokenizer is None
+    assert base.model_path == str((tmp_path / "m").resolve())
+
+
+def test_folder_without_config_json(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingFileError, match="config.json"):
+        load_base(ModelCfg(name=str(tmp_path / "empty")), log=_quiet)
+
+
+def test_path_to_a_file_is_rejected(tmp_path: Path) -> None:
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"not a model")
+    with pytest.raises(ConfigError, match="is a file"):
+        load_base(ModelCfg(name=str(f)), log=_quiet)
+
+
+def test_non_gpt_neox_folder_is_rejected(tmp_path: Path) -> None:
+    GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=32).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match="GPT-NeoX"):
+        load_base(ModelCfg(name=str(tmp_path / "gpt2")), log=_quiet)
+
+
+# --- bad names -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "random_init"), [("pythia-5m", True), ("pythia-5m", False), ("gpt9", False)])
+def test_unknown_preset_lists_valid_ones(name: str, random_init: bool) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_base(ModelCfg(name=name, random_init=random_init), log=_quiet)
+    message = str(err.value)
+    assert "70m" in message and "12b" in message, message
+
+
+def test_unknown_preset_names_tiny_among_valid_presets() -> None:
+    with pytest.raises(ConfigError, match="valid presets: tiny"):
+        resolve_model(ModelCfg(name="gpt9"))
+
+
+@pytest.mark.parametrize("name", ["./nope", "/nonexistent/dir", "~/kvsweep-surely-not-a-folder", "../nope"])
+def test_missing_folder(name: str) -> None:
+    with pytest.raises(MissingFileError, match="not found"):
+        load_base(ModelCfg(name=name), log=_quiet)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny:corpus.txt", "openai-community/gpt2", "gpt2", "EleutherAI/gpt-neox-20b"])
+def test_random_init_needs_a_pythia_name(name: str) -> None:
+    with pytest.raises(ConfigError, match="random_init"):
+        resolve_model(ModelCfg(name=name, random_init=True))
+
+
+def test_random_init_error_lists_pythia_sizes() -> None:
+    with pytest.raises(ConfigError, match="pythia-70m, pythia-160m"):
+        resolve_model(ModelCfg(name="openai-community/gpt2", random_init=True))
+
+
+def test_hub_names_resolve_without_network() -> None:
+    assert resolve_model(ModelCfg(name="pythia-70m")) == ModelSource("hub", "EleutherAI/pythia-70m", "main")
+    assert resolve_model(ModelCfg(name="pythia-1.4b-deduped", revision="step1000")) == ModelSource(
+        "hub", "EleutherAI/pythia-1.4b-deduped", "step1000"
+    )
+    assert resolve_model(ModelCfg(name="someone/some-model")) == ModelSource("hub", "someone/some-model", "main")
+
+
+# --- hub unreachable -------------------------------------------------------------------------------
+
+
+def _skip_if_cached(repo: str, revision: str) -> None:
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str):
+        pytest.skip(f"{repo}@{revision} is in the local hub cache")
+
+
+@pytest.mark.parametrize(
+    ("cfg", "revision"),
+    [
+        (ModelCfg(name="EleutherAI/pythia-70m"), "main"),
+        (ModelCfg(name="pythia-70m"), "main"),
+        (ModelCfg(name="pythia-70m", revision="step143000"), "step143000"),
+    ],
+)
+def test_hub_unreachable_raises_quickly_with_alternatives(cfg: ModelCfg, revision: str) -> None:
+    _skip_if_cached("EleutherAI/pythia-70m", revision)
+    start = time.monotonic()
+    with pytest.raises(HubUnavailableError) as err:
+        load_base(cfg, log=_quiet)
+    assert time.monotonic() - start < 30
+    message = str(err.value)
+    assert "EleutherAI/pythia-70m" in message
+    assert revision in message
+    assert "tiny" in message
+    assert "local folder" in message
+
+
+# --- sequence length and device --------------------------------------------------------------------
+
+
+def test_check_seq_len_beyond_positions() -> None:
+    with pytest.raises(ConfigError, match=r"2\.\.2048") as err:
+        check_seq_len(pythia_config("70m"), 4096, "x")
+    assert "4096" in str(err.value) and "model x's" in str(err.value)
+
+
+@pytest.mark.parametrize("seq_len", [2, 128, 2048])
+def test_check_seq_len_within_positions(seq_len: int) -> None:
+    check_seq_len(pythia_config("70m"), seq_len, "pythia-70m")
+
+
+def test_check_seq_len_just_beyond() -> None:
+    with pytest.raises(ConfigError):
+        check_seq_len(pythia_config("70m"), 2049, "pythia-70m")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_resolve_device_cuda_without_cuda(device: str) -> None:
+    with pytest.raises(ConfigError, match="CUDA"):
+        resolve_device(device)
+
+
+def test_resolve_device_cpu_and_auto() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
+def test_load_base_on_cuda_without_cuda() -> None:
+    with pytest.raises(ConfigError, match="device"):
+        load_base(ModelCfg(name="pythia-70m", random_init=True, device="cuda"), log=_quiet)
