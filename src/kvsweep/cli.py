@@ -38,7 +38,7 @@ def add_data_args(p: argparse.ArgumentParser, *, train: bool) -> None:
         g.add_argument("--train-samples", default="10000", help="number of train samples or 'all' (default: 10000)")
     g.add_argument("--val-samples", default="all", help="number of validation samples or 'all' (default: all)")
     g.add_argument("--val-fraction", type=float, default=0.1, help="for a single file: the last fraction of its windows is validation (default: 0.1)")
-    g.add_argument("--seed", type=int, default=0, help="picks the samples when fewer than all are asked for (default: 0)")
+    g.add_argument("--data-seed", type=int, default=0, help="picks the samples when fewer than all are asked for (default: 0)")
 
 
 def model_cfg(a: argparse.Namespace) -> ModelCfg:
@@ -49,7 +49,7 @@ def data_cfg(a: argparse.Namespace) -> DataCfg:
     return DataCfg(
         source=a.data, config_name=a.data_config, revision=a.data_revision, train_split=a.train_split,
         val_split=a.val_split, text_field=a.text_field, seq_len=a.seq_len,
-        train_samples=getattr(a, "train_samples", 0), val_samples=a.val_samples, val_fraction=a.val_fraction, seed=a.seed,
+        train_samples=getattr(a, "train_samples", 0), val_samples=a.val_samples, val_fraction=a.val_fraction, seed=a.data_seed,
     )
 
 
@@ -59,6 +59,65 @@ def cmd_eval(a: argparse.Namespace) -> int:
     cfg = EvalCfg(model=model_cfg(a), data=data_cfg(a), batch_size=a.batch_size,
                   buckets=parse_bounds(a.buckets) if a.buckets else None)
     run_eval(cfg, a.out)
+    return 0
+
+
+def add_trial_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("adapters")
+    g.add_argument("--adapter", action="append", default=[], help=f"vdproj, ka_residual, ka_replace or ka_gated; repeat to combine vdproj with one KA variant")
+    g.add_argument("--rank", type=int, default=None, help="vdproj: compressed width r (1..hidden size)")
+    g.add_argument("--layers", default=None, help="vdproj: 'all' (default) or comma-separated layer indices")
+    g.add_argument("--target", default="v", help="vdproj: v, k or kv (keys are compressed before the rotary embedding)")
+    g.add_argument("--init", default="random", help="vdproj: random, pca or identity")
+    g.add_argument("--no-bias", action="store_true", help="vdproj: down and up without bias")
+    g.add_argument("--calib-samples", type=int, default=64, help="vdproj init pca: train samples to measure V on")
+    g.add_argument("--ka-layers", default=None, help="KA variants: 'last' (default) or comma-separated layer indices")
+    g = p.add_argument_group("loss")
+    g.add_argument("--schedule", default="lm", help="lm, rec_to_lm (the seed's), rec_to_lm_cosine, rec_to_lm_step, rec")
+    g.add_argument("--kl-weight", type=float, default=0.0, help="constant weight of KL(base || adapted)")
+    for term in ("lm", "rec", "kl"):
+        g.add_argument(f"--w-{term}", default=None, help=f"custom schedule of the {term} weight: NUMBER or KIND:START:END[:AT]")
+    g = p.add_argument_group("training")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--epochs", type=int, default=30, help="0 only evaluates the base and the adapters at init")
+    g.add_argument("--patience", type=int, default=3, help="early stop after this many epochs without a better val PPL")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--seed", type=int, default=0, help="adapter init and batch order")
+    g.add_argument("--cache-dtype", default="float16", help="dtype the KV cache is accounted at: float16, bfloat16, float32")
+    g.add_argument("--amp", default="auto", help="auto (bf16 autocast on CUDA), bf16 or off")
+    g.add_argument("--buckets", default=None, help="position bucket bounds (default: the seed's)")
+
+
+def trial_cfg(a: argparse.Namespace):
+    from .adapters import AdapterSpec
+    from .config import TrainCfg
+    from .losses import LossCfg, Schedule
+    from .train import TrialCfg
+
+    specs = []
+    for name in a.adapter:
+        if name == "vdproj":
+            if a.rank is None:
+                raise KvsweepError("vdproj needs --rank (the compressed width, 1..hidden size)")
+            specs.append(AdapterSpec.parse("vdproj", rank=a.rank, layers=a.layers, target=a.target, init=a.init,
+                                           bias=not a.no_bias, calib_samples=a.calib_samples))
+        else:
+            specs.append(AdapterSpec.parse(name, layers=a.ka_layers))
+    loss = LossCfg.named(a.schedule, kl=a.kl_weight)
+    custom = {t: Schedule.parse(getattr(a, f"w_{t}")) for t in ("lm", "rec", "kl") if getattr(a, f"w_{t}") is not None}
+    if custom:
+        loss = LossCfg(**{t: custom.get(t, getattr(loss, t)) for t in ("lm", "rec", "kl")}, name="custom")
+    train = TrainCfg(lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, patience=a.patience, weight_decay=a.weight_decay,
+                     seed=a.seed, cache_dtype=a.cache_dtype, amp=a.amp)
+    return TrialCfg(model=model_cfg(a), data=data_cfg(a), adapters=tuple(specs), loss=loss, train=train,
+                    buckets=parse_bounds(a.buckets) if a.buckets else None)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train import run_trial_to_folder
+
+    run_trial_to_folder(trial_cfg(a), a.out, resume=a.resume)
     return 0
 
 
@@ -84,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--buckets", default=None, help="position bucket bounds, e.g. 0,16,32,64,96,128 (default: the seed's, scaled to --seq-len)")
     e.add_argument("--out", default=None, help="folder for eval.json")
     e.set_defaults(func=cmd_eval)
+
+    tr = sub.add_parser("train", help="train one trial's adapters on the frozen base, without Ray")
+    add_model_args(tr)
+    add_data_args(tr, train=True)
+    add_trial_args(tr)
+    tr.add_argument("--out", required=True, help="folder for trial.json, epochs.parquet, positions.parquet and the checkpoint")
+    tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    tr.set_defaults(func=cmd_train)
 
     t = sub.add_parser("tiny", help="build (on first use) and describe the offline tiny preset")
     t.add_argument("--corpus", default=None, help="a text file to pretrain on instead of the standard library's documentation")

@@ -204,3 +204,41 @@ class EvalCfg:
     @property
     def bucket_ranges(self) -> list[tuple[int, int]]:
         return position_buckets(self.data.seq_len, self.buckets)
+
+
+def _check_number(name: str, value: object, *, low: float, low_inclusive: bool, high: float | None = None, integer: bool = False) -> None:
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or value != value:
+        raise ConfigError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    too_low = value < low if low_inclusive else value <= low
+    if too_low or (high is not None and value > high):
+        lo = f">= {low}" if low_inclusive else f"> {low}"
+        raise ConfigError(f"{name} must be {lo}{f' and <= {high}' if high is not None else ''}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    """One trial's optimisation: AdamW over adapter parameters only. Defaults are the seed's."""
+
+    lr: float = 1e-4
+    batch_size: int = 8
+    epochs: int = 30
+    patience: int = 3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_batch_size: int = 16
+    cache_dtype: str = "float16"
+    amp: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_number("lr", self.lr, low=0, low_inclusive=False)
+        _check_number("batch_size", self.batch_size, low=1, low_inclusive=True, integer=True)
+        _check_number("epochs", self.epochs, low=0, low_inclusive=True, integer=True)
+        _check_number("patience", self.patience, low=1, low_inclusive=True, integer=True)
+        _check_number("weight_decay", self.weight_decay, low=0, low_inclusive=True)
+        _check_number("grad_clip", self.grad_clip, low=0, low_inclusive=True)
+        _check_number("eval_batch_size", self.eval_batch_size, low=1, low_inclusive=True, integer=True)
+        _check_seed(self.seed)
+        _check_choice("cache_dtype", self.cache_dtype, ("float16", "bfloat16", "float32"))
+        _check_choice("amp", self.amp, ("auto", "bf16", "off"))

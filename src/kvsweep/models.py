@@ -290,3 +290,101 @@ def _hub_snapshot_folder(source: ModelSource) -> str | None:
         return str(Path(hit).parent) if isinstance(hit, str) else None
     except Exception:
         return None
+
+
+# --------------------------------------------------------------------------- GPT-NeoX internals for adapters
+#
+# Adapters never touch the model's modules themselves: they ask for a tap at one of two points of a
+# layer's attention and get back a function that removes it, restoring the original module object.
+#   qkv tap:    after the fused query_key_value projection, before rotary and attention: fn(k, v) -> (k, v)
+#   output tap: on the attention output A (heads merged), before the dense projection: fn(a) -> a
+
+
+@dataclass(frozen=True)
+class Dims:
+    layers: int
+    hidden: int
+    heads: int
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden // self.heads
+
+
+def dims(config: GPTNeoXConfig) -> Dims:
+    return Dims(config.num_hidden_layers, config.hidden_size, config.num_attention_heads)
+
+
+def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPT-NeoX fuses Q, K, V per head: (B, T, 3d) -> q, k, v, each (B, T, d) with heads merged."""
+    B, T, three_d = qkv.shape
+    hs = three_d // (3 * heads)
+    per_head = qkv.view(B, T, heads, 3 * hs)  # (B, T, H, 3*hs): [q | k | v] of each head
+    q, k, v = per_head.split(hs, dim=-1)  # (B, T, H, hs) each
+    return q.reshape(B, T, heads * hs), k.reshape(B, T, heads * hs), v.reshape(B, T, heads * hs)
+
+
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of ``split_qkv``: three (B, T, d) -> (B, T, 3d) in GPT-NeoX's per-head layout."""
+    B, T, d = q.shape
+    hs = d // heads
+    per_head = torch.cat([x.view(B, T, heads, hs) for x in (q, k, v)], dim=-1)  # (B, T, H, 3*hs)
+    return per_head.view(B, T, 3 * d)
+
+
+class _QKVTap(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Linear, heads: int, fn: torch.nn.Module):
+        super().__init__()
+        self.inner, self.heads, self.fn = inner, heads, fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.inner(x)  # (B, T, 3d)
+        q, k, v = split_qkv(qkv, self.heads)
+        k2, v2 = self.fn(k, v)
+        if k2 is k and v2 is v:
+            return qkv
+        return merge_qkv(q, k2, v2, self.heads)
+
+
+class _OutputTap(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Linear, fn: torch.nn.Module):
+        super().__init__()
+        self.inner, self.fn = inner, fn
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.fn(a))  # a: (B, T, d) attention output A before `dense`
+
+
+def _attention(model: GPTNeoXForCausalLM, layer: int) -> torch.nn.Module:
+    return model.gpt_neox.layers[layer].attention
+
+
+def _swap(parent: torch.nn.Module, name: str, new: torch.nn.Module, expect: type) -> Callable[[], None]:
+    old = getattr(parent, name)
+    if type(old) is not expect:
+        raise ConfigError(f"two adapters tap the same point ({name} of {type(parent).__name__}); combine at most one of each kind")
+    setattr(parent, name, new)
+
+    def restore() -> None:
+        setattr(parent, name, old)
+
+    return restore
+
+
+def tap_qkv(model: GPTNeoXForCausalLM, layer: int, fn: torch.nn.Module) -> Callable[[], None]:
+    """Route layer ``layer``'s K and V (pre-rotary, (B, T, d) each) through ``fn``; returns the undo."""
+    attn = _attention(model, layer)
+    return _swap(attn, "query_key_value", _QKVTap(attn.query_key_value, model.config.num_attention_heads, fn), torch.nn.Linear)
+
+
+def tap_attention_output(model: GPTNeoXForCausalLM, layer: int, fn: torch.nn.Module) -> Callable[[], None]:
+    """Route layer ``layer``'s attention output A ((B, T, d), before ``dense``) through ``fn``; returns the undo."""
+    attn = _attention(model, layer)
+    return _swap(attn, "dense", _OutputTap(attn.dense, fn), torch.nn.Linear)
+
+
+def dense_weight(model: GPTNeoXForCausalLM, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output projection of layer ``layer``'s attention (weight (d, d), bias (d,))."""
+    dense = _attention(model, layer).dense
+    dense = dense.inner if isinstance(dense, _OutputTap) else dense
+    return dense.weight, dense.bias

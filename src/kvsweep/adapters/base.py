@@ -1,0 +1,211 @@
+"""The adapter base class, the registry every adapter joins, and attach/detach as context managers."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, ClassVar, Iterator
+
+import numpy as np
+import torch
+
+from ..config import ConfigError
+from ..kvcache import Layout
+from ..models import Dims
+
+ADAPTERS: dict[str, type["Adapter"]] = {}
+
+
+def register_adapter(name: str) -> Callable[[type["Adapter"]], type["Adapter"]]:
+    """Class decorator: make an adapter available by ``name`` (to configs, sweeps, tests and reports)."""
+
+    def add(cls: type[Adapter]) -> type[Adapter]:
+        if name in ADAPTERS:
+            raise ValueError(f"adapter {name!r} is already registered (by {ADAPTERS[name].__qualname__})")
+        cls.name = name
+        ADAPTERS[name] = cls
+        return cls
+
+    return add
+
+
+def adapter_class(name: str) -> type["Adapter"]:
+    if name not in ADAPTERS:
+        raise ConfigError(f"adapter must be one of {', '.join(sorted(ADAPTERS))}; got {name!r}")
+    return ADAPTERS[name]
+
+
+def parse_layers(value, field: str = "layers") -> tuple[int, ...] | None:
+    """``None``/``"all"``/``"last"`` stay symbolic; ``"0,2"``, ``3`` or ``[0, 2]`` become a tuple."""
+    if value is None or value in ("all", "last"):
+        return value
+    if isinstance(value, str):
+        try:
+            value = [int(p) for p in value.replace(" ", "").split(",") if p]
+        except ValueError:
+            raise ConfigError(f"{field} must be 'all', 'last' or comma-separated layer indices; got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    try:
+        layers = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field} must be 'all', 'last' or layer indices; got {value!r}") from None
+    if not layers or len(set(layers)) != len(layers):
+        raise ConfigError(f"{field} must list distinct layer indices; got {list(layers)}")
+    return tuple(sorted(layers))
+
+
+def resolve_layers(layers, dims: Dims, default: str, field: str = "layers") -> tuple[int, ...]:
+    """Concrete layer indices, checked against the model's depth."""
+    layers = default if layers is None else layers
+    if layers == "all":
+        return tuple(range(dims.layers))
+    if layers == "last":
+        return (dims.layers - 1,)
+    bad = [i for i in layers if not 0 <= i < dims.layers]
+    if bad:
+        raise ConfigError(f"{field}: layer index {bad[0]} is out of range; valid range 0..{dims.layers - 1}")
+    return tuple(layers)
+
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    """Options every adapter has. Subclasses add their own and validate them in ``__post_init__``."""
+
+    layers: tuple[int, ...] | str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", parse_layers(self.layers))
+
+
+class Adapter(torch.nn.Module):
+    """A trainable addition to a frozen base. One subclass per file, registered with ``register_adapter``.
+
+    Subclasses set ``Options`` (their options dataclass), ``family`` (a trial combines at most one adapter
+    per family), ``default_layers`` and implement ``build``, ``attach_layer``, ``kv_layout`` and
+    ``param_formula``.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[AdapterOptions]]
+    family: ClassVar[str]
+    default_layers: ClassVar[str] = "all"
+
+    def __init__(self, options: AdapterOptions, dims: Dims):
+        super().__init__()
+        self.options, self.dims = options, dims
+        self.layers = resolve_layers(options.layers, dims, self.default_layers)
+        self._undo: list[Callable[[], None]] = []
+        self.build()
+
+    # -- to implement
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def attach_layer(self, model, layer: int) -> Callable[[], None]:
+        raise NotImplementedError
+
+    def kv_layout(self, layout: Layout) -> Layout:
+        raise NotImplementedError
+
+    def param_formula(self) -> int:
+        """Trainable parameters by formula, checked against the modules in the tests."""
+        raise NotImplementedError
+
+    # -- optional
+    def calibrate(self, model, samples: np.ndarray) -> None:
+        """Initialise from the base's activations on calibration samples (N, T); default: nothing to do."""
+
+    def reconstruction_loss(self) -> torch.Tensor | None:
+        """The reconstruction term of the last forward pass, or ``None`` for adapters without one."""
+        return None
+
+    # -- shared
+    @property
+    def attached(self) -> bool:
+        return bool(self._undo)
+
+    def attach(self, model) -> None:
+        if self._undo:
+            raise RuntimeError(f"adapter {self.name} is already attached")
+        self.to(next(model.parameters()).device)
+        try:
+            for layer in self.layers:
+                self._undo.append(self.attach_layer(model, layer))
+        except Exception:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def set_active(self, active: bool) -> None:
+        for m in self.modules():
+            if hasattr(m, "active"):
+                m.active = active
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A registered adapter's name and its validated options."""
+
+    name: str
+    options: AdapterOptions
+
+    @classmethod
+    def parse(cls, name: str, **options) -> "AdapterSpec":
+        """Validated spec from flat options, e.g. ``AdapterSpec.parse("vdproj", rank=320, init="pca")``."""
+        Options = adapter_class(name).Options
+        valid = [f.name for f in fields(Options)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(f"adapter {name} has no option {unknown[0]!r}; valid options: {', '.join(valid)}")
+        return cls(name, Options(**options))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **asdict(self.options)}
+
+
+def make_adapter(spec: AdapterSpec, dims: Dims) -> Adapter:
+    return adapter_class(spec.name)(spec.options, dims)
+
+
+def check_combination(specs: tuple[AdapterSpec, ...]) -> None:
+    """At most one adapter of each family: V-DProj with at most one KA variant."""
+    seen: dict[str, str] = {}
+    for spec in specs:
+        family = adapter_class(spec.name).family
+        if family in seen:
+            raise ConfigError(f"adapters {seen[family]} and {spec.name} cannot be combined: at most one "
+                              f"{family} adapter per trial (V-DProj with at most one KA variant)")
+        seen[family] = spec.name
+
+
+@contextmanager
+def attached(model, adapters: list[Adapter]) -> Iterator[list[Adapter]]:
+    """Attach ``adapters`` for the block; the base's own modules are back in place afterwards."""
+    done: list[Adapter] = []
+    try:
+        for a in adapters:
+            a.attach(model)
+            done.append(a)
+        yield adapters
+    finally:
+        for a in reversed(done):
+            a.detach()
+
+
+@contextmanager
+def disabled(adapters: list[Adapter]) -> Iterator[None]:
+    """Inside the block the attached adapters pass their inputs through: the model is the base."""
+    for a in adapters:
+        a.set_active(False)
+    try:
+        yield
+    finally:
+        for a in adapters:
+            a.set_active(True)

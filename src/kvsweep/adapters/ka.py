@@ -1,0 +1,79 @@
+"""The KA attention shared by the KA variants: a causal attention over a layer's attention outputs A.
+
+    x = LayerNorm(A);  Q', K', V' = Linear(d, d)(x) each, with bias;  ka = softmax(Q'K'^T / sqrt(hs)) V'
+
+with the base's head count and no output projection. The variants differ only in how ``ka`` meets
+``A`` before the layer's ``dense`` projection (``combine``). A KA layer caches K' and V' (d each) on
+top of the base's K and V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..kvcache import Layout, with_ka
+from ..models import tap_attention_output
+from .base import Adapter, AdapterOptions
+
+
+@dataclass(frozen=True)
+class KAOptions(AdapterOptions):
+    """``layers`` defaults to the last layer."""
+
+
+class KALayer(torch.nn.Module):
+    """The output tap of one layer: ``A -> combine(A, ka(A))`` unless inactive."""
+
+    def __init__(self, d: int, heads: int, combine, gated: bool):
+        super().__init__()
+        self.heads = heads
+        self.norm = torch.nn.LayerNorm(d)
+        self.q = torch.nn.Linear(d, d)
+        self.k = torch.nn.Linear(d, d)
+        self.v = torch.nn.Linear(d, d)
+        self.gate = torch.nn.Parameter(torch.zeros(1)) if gated else None
+        self.combine = combine
+        self.active = True
+
+    def ka(self, a: torch.Tensor) -> torch.Tensor:
+        B, T, d = a.shape
+        hs = d // self.heads
+        x = self.norm(a)
+        q, k, v = (proj(x).view(B, T, self.heads, hs).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, H, T, hs)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hs)
+        return out.transpose(1, 2).reshape(B, T, d)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return a
+        return self.combine(self, a, self.ka(a))
+
+
+class KAAdapter(Adapter):
+    """Base of the KA variants; a subclass sets ``gated`` and implements ``combine``."""
+
+    Options = KAOptions
+    family = "ka"
+    default_layers = "last"
+    gated = False
+
+    def build(self) -> None:
+        d, heads = self.dims.hidden, self.dims.heads
+        self.per_layer = torch.nn.ModuleDict({str(i): KALayer(d, heads, type(self).combine, self.gated) for i in self.layers})
+
+    @staticmethod
+    def combine(layer: KALayer, a: torch.Tensor, ka: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attach_layer(self, model, layer: int):
+        return tap_attention_output(model, layer, self.per_layer[str(layer)])
+
+    def kv_layout(self, layout: Layout) -> Layout:
+        return with_ka(layout, self.layers, self.dims.hidden)
+
+    def param_formula(self) -> int:
+        d = self.dims.hidden
+        return (3 * (d * d + d) + 2 * d + (1 if self.gated else 0)) * len(self.layers)

@@ -1,0 +1,173 @@
+"""V-DProj: per-layer learned compression of V (and optionally of the pre-rotary K).
+
+    V (d) -> down -> V_c (r) -> up -> V_restored (d)        only V_c needs caching
+
+``down: Linear(d, r)`` and ``up: Linear(r, d)`` act on V of all heads jointly. ``init``: ``random``
+(PyTorch's default), ``pca`` (the top-r principal directions and the mean of V on calibration samples:
+the best linear rank-r reconstruction before any training) or ``identity`` (the first r coordinates;
+at r = d an exact no-op).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import ConfigError
+from ..kvcache import Layout, with_vdproj
+from ..losses import relative_reconstruction
+from ..models import tap_qkv
+from .base import Adapter, AdapterOptions, register_adapter
+
+TARGETS = ("v", "k", "kv")
+INITS = ("random", "pca", "identity")
+
+
+@dataclass(frozen=True)
+class VDProjOptions(AdapterOptions):
+    rank: int = 0
+    target: str = "v"
+    init: str = "random"
+    bias: bool = True
+    calib_samples: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"rank must be an integer >= 1 (and <= the model's hidden size), got {self.rank!r}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"target must be one of {', '.join(TARGETS)}; got {self.target!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
+        if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
+            raise ConfigError(f"calib_samples must be an integer >= 1, got {self.calib_samples!r}")
+
+
+class Compressor(torch.nn.Module):
+    """``x (B, T, d) -> up(down(x))``, keeping the relative reconstruction error of the last call."""
+
+    def __init__(self, d: int, r: int, bias: bool):
+        super().__init__()
+        self.down = torch.nn.Linear(d, r, bias=bias)
+        self.up = torch.nn.Linear(r, d, bias=bias)
+        self.last_rec: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_hat = self.up(self.down(x))
+        self.last_rec = relative_reconstruction(x, x_hat)
+        return x_hat
+
+    @torch.no_grad()
+    def init_identity(self) -> None:
+        r, d = self.down.weight.shape
+        eye = torch.eye(d, dtype=self.down.weight.dtype, device=self.down.weight.device)
+        self.down.weight.copy_(eye[:r])  # (r, d): keep the first r coordinates
+        self.up.weight.copy_(eye[:, :r])  # (d, r)
+        for lin in (self.down, self.up):
+            if lin.bias is not None:
+                lin.bias.zero_()
+
+    @torch.no_grad()
+    def init_pca(self, sum_x: torch.Tensor, sum_xx: torch.Tensor, n: int) -> None:
+        """From first and second moments (float64) of the activations, ``n`` rows."""
+        r = self.down.weight.shape[0]
+        centered = self.down.bias is not None
+        mean = sum_x / n if centered else torch.zeros_like(sum_x)
+        cov = sum_xx / n - torch.outer(mean, mean)  # (d, d)
+        _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+        U = vecs[:, -r:].flip(-1)  # (d, r): top-r principal directions, largest first
+        dt = self.down.weight.dtype
+        self.down.weight.copy_(U.T.to(dt))  # V_c = U^T (V - mean)
+        self.up.weight.copy_(U.to(dt))  # V_restored = U V_c + mean
+        if centered:
+            self.down.bias.copy_((-(U.T @ mean)).to(dt))
+            self.up.bias.copy_(mean.to(dt))
+
+
+class LayerVDProj(torch.nn.Module):
+    """The qkv tap of one layer: compresses V (and K) unless inactive; can record moments for PCA."""
+
+    def __init__(self, d: int, r: int, target: str, bias: bool):
+        super().__init__()
+        self.v = Compressor(d, r, bias) if "v" in target else None
+        self.k = Compressor(d, r, bias) if "k" in target else None
+        self.active = True
+        self.moments: dict[str, list] | None = None  # set while calibrating
+
+    def forward(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.moments is not None:
+            for name, x in (("k", k), ("v", v)):
+                if getattr(self, name) is not None:
+                    flat = x.detach().reshape(-1, x.shape[-1]).double()  # (B*T, d)
+                    m = self.moments[name]
+                    m[0] += flat.sum(0)
+                    m[1] += flat.T @ flat
+                    m[2] += flat.shape[0]
+            return k, v
+        if not self.active:
+            return k, v
+        return (self.k(k) if self.k is not None else k), (self.v(v) if self.v is not None else v)
+
+
+@register_adapter("vdproj")
+class VDProj(Adapter):
+    Options = VDProjOptions
+    family = "vdproj"
+    default_layers = "all"
+
+    def build(self) -> None:
+        o, d = self.options, self.dims.hidden
+        if o.rank > d:
+            raise ConfigError(f"rank must be in 1..{d} (the model's hidden size); got {o.rank}")
+        self.per_layer = torch.nn.ModuleDict({str(i): LayerVDProj(d, o.rank, o.target, o.bias) for i in self.layers})
+        if o.init == "identity":
+            for comp in self._compressors():
+                comp.init_identity()
+
+    def _compressors(self) -> list[Compressor]:
+        return [c for m in self.per_layer.values() for c in (m.k, m.v) if c is not None]
+
+    def attach_layer(self, model, layer: int):
+        return tap_qkv(model, layer, self.per_layer[str(layer)])
+
+    def kv_layout(self, layout: Layout) -> Layout:
+        return with_vdproj(layout, self.layers, self.options.rank, self.options.target)
+
+    def param_formula(self) -> int:
+        d, r = self.dims.hidden, self.options.rank
+        per = 2 * d * r + ((r + d) if self.options.bias else 0)
+        return per * len(self.layers) * len(self.options.target)
+
+    def reconstruction_loss(self) -> torch.Tensor | None:
+        terms = [c.last_rec for c in self._compressors() if c.last_rec is not None]
+        return torch.stack(terms).sum() if terms else None
+
+    @torch.no_grad()
+    def calibrate(self, model, samples: np.ndarray) -> None:
+        """PCA init: moments of the base's K/V on ``calib_samples`` samples (the adapter must be attached)."""
+        if self.options.init != "pca":
+            return
+        if not self.attached:
+            raise RuntimeError("attach the adapter before calibrating it")
+        if len(samples) == 0:
+            raise ConfigError("init pca needs calibration samples: train_samples must be >= 1")
+        d = self.dims.hidden
+        device = next(model.parameters()).device
+        for m in self.per_layer.values():
+            m.moments = {n: [torch.zeros(d, dtype=torch.float64, device=device),
+                             torch.zeros(d, d, dtype=torch.float64, device=device), 0] for n in ("k", "v")}
+        try:
+            batch = samples[: self.options.calib_samples]
+            for start in range(0, len(batch), 8):
+                ids = torch.from_numpy(np.ascontiguousarray(batch[start : start + 8])).to(device, torch.long)
+                model(input_ids=ids, use_cache=False)
+            for m in self.per_layer.values():
+                for name in ("k", "v"):
+                    comp = getattr(m, name)
+                    if comp is not None:
+                        comp.init_pca(*m.moments[name])
+        finally:
+            for m in self.per_layer.values():
+                m.moments = None
