@@ -242,3 +242,52 @@ class TrainCfg:
         _check_seed(self.seed)
         _check_choice("cache_dtype", self.cache_dtype, ("float16", "bfloat16", "float32"))
         _check_choice("amp", self.amp, ("auto", "bf16", "off"))
+
+
+@dataclass(frozen=True)
+class SweepCfg:
+    """A sweep: the shared base, data and training settings, where it runs and how ASHA prunes it.
+
+    The searched values (rank, schedule, init, KA variant, seed, ...) are the search space, given
+    separately; every trial shares everything here.
+    """
+
+    name: str = "vdproj"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=lambda: DataCfg(train_samples=10_000))
+    train: TrainCfg = field(default_factory=TrainCfg)
+    storage: str = "~/kvsweep_results"
+    address: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    num_samples: int | None = None  # random search with this many samples; None: the full grid
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    asha: bool = True
+    max_failures: int = 2
+    report_dir: str | None = "reports"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.name):
+            raise ConfigError(f"name must be letters, digits, '.', '_' or '-' (it names the results folder); got {self.name!r}")
+        _check_number("cpus_per_trial", self.cpus_per_trial, low=0, low_inclusive=False)
+        _check_number("gpus_per_trial", self.gpus_per_trial, low=0, low_inclusive=True)
+        if self.max_concurrent is not None:
+            _check_number("max_concurrent", self.max_concurrent, low=1, low_inclusive=True, integer=True)
+        if self.num_samples is not None:
+            _check_number("num_samples", self.num_samples, low=1, low_inclusive=True, integer=True)
+        _check_number("grace_period", self.grace_period, low=1, low_inclusive=True, integer=True)
+        _check_number("reduction_factor", self.reduction_factor, low=1, low_inclusive=False)
+        _check_number("max_failures", self.max_failures, low=0, low_inclusive=True, integer=True)
+        if self.train.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1 for a sweep, got {self.train.epochs}")
+        if self.asha and self.grace_period > self.train.epochs:
+            raise ConfigError(f"grace_period must be in 1..epochs ({self.train.epochs}); got {self.grace_period}")
+
+    @property
+    def storage_uri(self) -> str:
+        """``storage`` as Ray takes it: a URI stays, a local path becomes absolute."""
+        if "://" in self.storage:
+            return self.storage
+        return str(Path(self.storage).expanduser().resolve())

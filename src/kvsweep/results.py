@@ -1,5 +1,6 @@
 """Result tables in DESIGN.md's schema, written with pyarrow, atomically.
 
+    trials.parquet     one row per trial: config, status, best/base PPL, KV bytes/token, parameters, time
     epochs.parquet     one row per trial and epoch: train/val PPL, loss components and weights
     positions.parquet  one row per trial and position bucket: PPL of the trial (best epoch) and of the base
 """
@@ -12,6 +13,41 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path
+
+SCHEMA_VERSION = "1"
+"""Stored in each file's metadata as ``kvsweep_schema``; readers reject files of another version."""
+
+TRIAL_SCHEMA = pa.schema([
+    ("trial_id", pa.string()),
+    ("sweep", pa.string()),
+    ("variant", pa.string()),  # adapters and schedule, e.g. "vdproj+ka_gated / rec_to_lm"; rank and seed are separate
+    ("adapters", pa.string()),  # "vdproj", "vdproj+ka_gated", "ka_residual", or "base"
+    ("rank", pa.int32()),  # V-DProj rank; null without vdproj
+    ("target", pa.string()),
+    ("init", pa.string()),
+    ("ka", pa.string()),  # the KA variant; null without one
+    ("schedule", pa.string()),
+    ("seed", pa.int64()),
+    ("config", pa.string()),  # the full trial config as JSON
+    ("status", pa.string()),  # completed | early_stopped | asha_stopped | error
+    ("error", pa.string()),
+    ("epochs_run", pa.int32()),
+    ("max_epochs", pa.int32()),
+    ("best_epoch", pa.int32()),
+    ("best_val_ppl", pa.float64()),
+    ("base_val_ppl", pa.float64()),
+    ("init_val_ppl", pa.float64()),
+    ("degradation_pct", pa.float64()),
+    ("kv_bytes_per_token", pa.int64()),
+    ("kv_bytes_per_token_base", pa.int64()),
+    ("kv_ratio", pa.float64()),
+    ("trainable_params", pa.int64()),
+    ("total_params", pa.int64()),
+    ("wall_seconds", pa.float64()),
+    ("git_revision", pa.string()),
+    ("finished_at", pa.string()),  # ISO 8601, UTC
+])
+TRIAL_STATUSES = ("completed", "early_stopped", "asha_stopped", "error")
 
 EPOCH_SCHEMA = pa.schema([
     ("trial_id", pa.string()),
@@ -53,5 +89,7 @@ def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
 
 
 def write_parquet(tbl: pa.Table, path: str | Path) -> None:
+    """Write ``tbl`` with the schema version in its metadata, atomically."""
+    meta = {**(tbl.schema.metadata or {}), b"kvsweep_schema": SCHEMA_VERSION.encode()}
     with atomic_path(path) as tmp:
-        pq.write_table(tbl, tmp)
+        pq.write_table(tbl.replace_schema_metadata(meta), tmp)

@@ -1,0 +1,220 @@
+"""One trial without Ray: reports, checkpoints and resume, early stopping, errors, ``kvsweep train``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from kvsweep import train as ktrain
+from kvsweep.adapters import AdapterSpec
+from kvsweep.cli import main
+from kvsweep.config import ConfigError, DataCfg, ModelCfg, TrainCfg
+from kvsweep.data import Samples
+from kvsweep.evaluate import PositionStats
+from kvsweep.losses import LossCfg, Schedule
+from kvsweep.models import Base, ModelSource
+from kvsweep.results import EPOCH_SCHEMA, POSITION_SCHEMA
+from kvsweep.train import TrialCfg, TrialError, run_trial
+
+from .conftest import SAMPLE_TEXT, neox_model
+
+T = 32
+
+
+def _base() -> Base:
+    return Base(model=neox_model(), tokenizer=None, name="small", source=ModelSource("local", "small"), model_path=None)
+
+
+def _samples(n_train: int = 24, n_val: int = 6) -> Samples:
+    rng = np.random.default_rng(0)
+    # a learnable pattern: token i+1 = token i + 1 (mod 320), from random starts
+    starts = rng.integers(0, 320, size=(n_train + n_val, 1))
+    ids = ((starts + np.arange(T)) % 320).astype(np.int32)
+    return Samples(train=ids[:n_train], val=ids[n_train:])
+
+
+def _cfg(adapters=(AdapterSpec.parse("vdproj", rank=32),), epochs: int = 3, loss: LossCfg | None = None, **train) -> TrialCfg:
+    return TrialCfg(
+        model=ModelCfg(name="small"),
+        data=DataCfg(seq_len=T, train_samples=24, val_samples=6),
+        adapters=tuple(adapters),
+        loss=loss or LossCfg.named("rec_to_lm", kl=0.5),
+        train=TrainCfg(**{"lr": 3e-3, "batch_size": 8, "epochs": epochs, "patience": 3, **train}),
+    )
+
+
+def _run(cfg: TrialCfg, **kw) -> tuple[dict, list[dict]]:
+    reports: list[dict] = []
+    result = run_trial(cfg, lambda m, ckpt: reports.append(dict(m)), base=_base(), samples=_samples(), log=lambda m: None, **kw)
+    return result, reports
+
+
+def _strip(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k != "seconds"}
+
+
+def test_reports_every_epoch_with_the_metrics_a_sweep_needs():
+    result, reports = _run(_cfg())
+    assert [m["epoch"] for m in reports] == [1, 2, 3]
+    keys = {"epoch", "train_ppl", "val_ppl", "loss", "loss_lm", "loss_rec", "loss_kl", "w_lm", "w_rec", "w_kl",
+            "kv_bytes_per_token", "kv_ratio", "trainable_params", "base_val_ppl", "best_val_ppl",
+            "ppl_pos_0_16", "ppl_pos_16_32"}
+    assert keys <= reports[0].keys()
+    assert reports[0]["kv_bytes_per_token"] == 2 * (64 + 32) * 2 and reports[0]["kv_ratio"] == pytest.approx(96 / 128)
+    assert reports[0]["trainable_params"] == 2 * (2 * 64 * 32 + 32 + 64)
+    assert reports[-1]["w_rec"] == pytest.approx(0.0) and reports[-1]["w_lm"] == pytest.approx(1.0)
+    assert reports[0]["loss_kl"] > 0 and reports[0]["loss_rec"] > 0
+    assert result["status"] == "completed" and result["epochs_run"] == 3
+    assert result["best_val_ppl"] == min(m["val_ppl"] for m in reports)
+    assert reports[-1]["loss_rec"] < 0.8 * reports[0]["loss_rec"]  # the compressor learned to reconstruct V
+    assert result["total_params"] == sum(p.numel() for p in neox_model().parameters()) + result["trainable_params"]
+    assert [p["lo"] for p in result["positions"]] == [0, 16] and all("base_ppl" in p for p in result["positions"])
+
+
+def test_same_seed_same_metrics_on_cpu():
+    a, ra = _run(_cfg(epochs=2))
+    b, rb = _run(_cfg(epochs=2))
+    assert [_strip(m) for m in ra] == [_strip(m) for m in rb]
+
+
+def test_resumed_trial_reports_what_an_uninterrupted_one_does(tmp_path):
+    cfg = _cfg(epochs=4, adapters=(AdapterSpec.parse("vdproj", rank=32), AdapterSpec.parse("ka_gated")))
+    full, full_reports = _run(cfg)
+
+    class Crash(Exception):
+        pass
+
+    reports: list[dict] = []
+
+    def crash_after_two(metrics, ckpt):
+        reports.append(dict(metrics))
+        if metrics["epoch"] == 2:
+            raise Crash
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Crash):
+        run_trial(cfg, crash_after_two, checkpoint_dir=ckpt, base=_base(), samples=_samples(), log=lambda m: None)
+    resumed = run_trial(cfg, lambda m, c: reports.append(dict(m)), checkpoint_dir=ckpt, resume_from=ckpt,
+                        base=_base(), samples=_samples(), log=lambda m: None)
+    assert [m["epoch"] for m in reports] == [1, 2, 3, 4]
+    assert [_strip(m) for m in reports] == [_strip(m) for m in full_reports]
+    assert resumed["best_val_ppl"] == full["best_val_ppl"] and resumed["epochs_run"] == 4
+    assert [_strip(m) for m in resumed["history"]] == [_strip(m) for m in full["history"]]
+    assert (ckpt / "state.pt").is_file() and (ckpt / "best_adapters.pt").is_file()
+
+
+def test_frozen_base_is_untouched_by_a_trial():
+    base = _base()
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    run_trial(_cfg(epochs=1), base=base, samples=_samples(), log=lambda m: None)
+    after = base.model.state_dict()
+    assert before.keys() == after.keys()  # adapters detached: no extra modules left behind
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(monkeypatch):
+    real = ktrain.evaluate
+    calls = {"n": 0}
+
+    def worse_each_time(model, samples, batch_size):  # base, init, then epochs 1.. get worse
+        stats = real(model, samples, batch_size=batch_size)
+        calls["n"] += 1
+        return PositionStats(stats.nll_sum * (1 + 0.1 * calls["n"]), stats.tokens)
+
+    monkeypatch.setattr(ktrain, "evaluate", worse_each_time)
+    result, reports = _run(_cfg(epochs=10, patience=2))
+    assert result["status"] == "early_stopped"
+    assert [m["epoch"] for m in reports] == [1, 2, 3] and reports[-1]["early_stopped"]
+    assert result["best_epoch"] == 1
+
+
+def test_nan_loss_is_an_error_naming_epoch_and_step(monkeypatch):
+    real = ktrain.token_nll
+    calls = {"n": 0}
+
+    def nan_on_fifth(logits, ids):
+        calls["n"] += 1
+        out = real(logits, ids)
+        return out * float("nan") if calls["n"] == 5 else out
+
+    monkeypatch.setattr(ktrain, "token_nll", nan_on_fifth)
+    with pytest.raises(TrialError, match=r"nan at epoch 2, step 2 of 3"):
+        _run(_cfg(epochs=3, loss=LossCfg.named("lm")))
+
+
+def test_epochs_zero_only_evaluates():
+    result, reports = _run(_cfg(epochs=0, adapters=(AdapterSpec.parse("vdproj", rank=64, init="identity"),)))
+    assert len(reports) == 1 and reports[0]["epoch"] == 0
+    assert result["init_val_ppl"] == pytest.approx(result["base_val_ppl"], rel=1e-6)  # identity at r = d is a no-op
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: _cfg(adapters=(AdapterSpec.parse("ka_gated"), AdapterSpec.parse("ka_residual"))), "cannot be combined"),
+        (lambda: _cfg(lr=0), "lr must be > 0"),
+        (lambda: _cfg(batch_size=100), "batch_size 100 is larger than train_samples 24"),
+        (lambda: _cfg(loss=LossCfg(lm=Schedule("constant", 0.0))), "all zero"),
+        (lambda: LossCfg.named("warmup"), "schedule must be one of"),
+        (lambda: AdapterSpec.parse("vdproj", rank=0), "rank must be"),
+        (lambda: AdapterSpec.parse("vdproj", rank=8, target="q"), "target must be one of"),
+        (lambda: AdapterSpec.parse("vdproj", rank=8, init="svd"), "init must be one of"),
+        (lambda: AdapterSpec.parse("lora"), "adapter must be one of"),
+        (lambda: _cfg(adapters=(AdapterSpec.parse("ka_residual"),), loss=LossCfg.named("rec")), "no adapter reconstructs"),
+    ],
+)
+def test_bad_trial_config_is_a_clear_error(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (AdapterSpec.parse("vdproj", rank=65), r"rank must be in 1\.\.64"),
+        (AdapterSpec.parse("vdproj", rank=8, layers="0,5"), r"layer index 5 is out of range; valid range 0\.\.1"),
+    ],
+)
+def test_bad_options_against_the_model(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        _run(_cfg(adapters=(spec,)))
+
+
+def test_kvsweep_train_writes_trial_json_and_parquet(tmp_path, small_tokenizer, capsys):
+    folder, text, out = tmp_path / "model", tmp_path / "corpus.txt", tmp_path / "trial"
+    neox_model().save_pretrained(folder)
+    small_tokenizer.save_pretrained(folder)
+    text.write_text(SAMPLE_TEXT * 4)
+    args = ["train", "--model", str(folder), "--data", str(text), "--seq-len", "32", "--train-samples", "all",
+            "--val-samples", "all", "--adapter", "vdproj", "--rank", "16", "--init", "pca", "--adapter", "ka_gated",
+            "--schedule", "rec_to_lm", "--epochs", "2", "--lr", "1e-3", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "96-128" not in printed and "0-16" in printed and "KV cache:" in printed
+    rec = json.loads((out / "trial.json").read_text())
+    assert rec["status"] == "completed" and rec["epochs_run"] == 2
+    assert rec["config"]["adapters"][0]["name"] == "vdproj" and rec["config"]["adapters"][1]["name"] == "ka_gated"
+    assert rec["kv_bytes_per_token"] == (2 * (64 + 16) + 2 * 64) * 2  # vdproj on both layers, KA K'/V' on the last
+    assert rec["trainable_params"] < rec["total_params"]
+    epochs = pq.read_table(out / "epochs.parquet")
+    positions = pq.read_table(out / "positions.parquet")
+    assert epochs.schema.equals(EPOCH_SCHEMA) and positions.schema.equals(POSITION_SCHEMA)
+    assert epochs.column("epoch").to_pylist() == [1, 2]
+    assert positions.column("lo").to_pylist() == [0, 16]
+    assert math.isclose(min(epochs.column("val_ppl").to_pylist()), rec["best_val_ppl"])
+    # --resume after completion continues from the checkpoint: nothing left to train, same result
+    assert main([*args, "--resume", "--epochs", "3"]) == 0
+    assert json.loads((out / "trial.json").read_text())["epochs_run"] == 3
+    assert pq.read_table(out / "epochs.parquet").column("epoch").to_pylist() == [1, 2, 3]
+
+
+def test_kvsweep_train_bad_input(capsys):
+    assert main(["train", "--adapter", "vdproj", "--out", "x"]) == 2
+    assert "--rank" in capsys.readouterr().err
+    assert main(["train", "--adapter", "ka_gated", "--adapter", "ka_replace", "--out", "x"]) == 2
+    assert "cannot be combined" in capsys.readouterr().err
