@@ -267,6 +267,7 @@ class SweepCfg:
     asha: bool = True
     max_failures: int = 2
     report_dir: str | None = "reports"
+    fail_once_at_epoch: int | None = None  # fault injection (tests): every trial crashes once after reporting this epoch
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.name):

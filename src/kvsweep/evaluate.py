@@ -71,7 +71,7 @@ def evaluate(model: torch.nn.Module, samples: np.ndarray, *, batch_size: int = 8
     was_training = model.training
     model.eval()
     for start in range(0, len(samples), batch_size):
-        ids = torch.from_numpy(np.ascontiguousarray(samples[start : start + batch_size])).to(device, torch.long)  # (B, T)
+        ids = torch.from_numpy(np.array(samples[start : start + batch_size], dtype=np.int64)).to(device)  # (B, T)
         logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
         stats.add(token_nll(logits, ids))
     model.train(was_training)

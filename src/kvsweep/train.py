@@ -56,6 +56,8 @@ class TrialCfg:
         if self.loss.rec.peak > 0 and not has_rec and self.loss.lm.peak == 0 and self.loss.kl.peak == 0:
             raise ConfigError("loss schedule: only the reconstruction weight is > 0, but no adapter reconstructs anything (add vdproj)")
         if self.train.epochs > 0:
+            if not self.adapters:
+                raise ConfigError("adapters: a trial needs at least one adapter to train (epochs 0 evaluates the base alone)")
             if self.data.train_samples == 0:
                 raise ConfigError("train_samples must be >= 1 (or 'all') to train; use epochs 0 to only evaluate")
             if isinstance(self.data.train_samples, int) and self.train.batch_size > self.data.train_samples:
@@ -202,6 +204,7 @@ def run_trial(cfg: TrialCfg, report: Report | None = None, *, checkpoint_dir: st
             "kv_bytes_per_token": kv_bytes,
             "kv_ratio": kv_bytes / kv_base,
             "trainable_params": n_trainable,
+            "total_params": base.num_params + n_trainable,
         }
 
         if tc.epochs == 0 and resume_from is None:
@@ -239,7 +242,7 @@ def _train(cfg: TrialCfg, model, adapters: list[Adapter], opt, samples: Samples,
            ranges, report: Report, checkpoint_dir, progress: bool, log) -> str:
     tc = cfg.train
     device = next(model.parameters()).device
-    train_ids = torch.from_numpy(np.ascontiguousarray(samples.train)).long()  # (N, T)
+    train_ids = torch.from_numpy(np.array(samples.train, dtype=np.int64))  # (N, T), a writable copy
     steps_per_epoch = math.ceil(len(train_ids) / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
     ckpt_path = Path(checkpoint_dir) if checkpoint_dir is not None else None

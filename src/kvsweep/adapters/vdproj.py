@@ -161,7 +161,7 @@ class VDProj(Adapter):
         try:
             batch = samples[: self.options.calib_samples]
             for start in range(0, len(batch), 8):
-                ids = torch.from_numpy(np.ascontiguousarray(batch[start : start + 8])).to(device, torch.long)
+                ids = torch.from_numpy(np.array(batch[start : start + 8], dtype=np.int64)).to(device)
                 model(input_ids=ids, use_cache=False)
             for m in self.per_layer.values():
                 for name in ("k", "v"):

@@ -1,0 +1,67 @@
+"""Command-line arguments shared by the sweep scripts in ``sweeps/`` (no Ray here)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import DataCfg, ModelCfg, SweepCfg, TrainCfg
+
+SMOKE = {"train_samples": 64, "val_samples": 16, "epochs": 2}
+
+
+def sweep_parser(description: str, default_name: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--smoke-test", action="store_true", help="the tiny preset, a handful of trials, 2 epochs: minutes on 2 CPU cores")
+    p.add_argument("--name", default=None, help=f"experiment name; running the same name again continues it (default: {default_name}, {default_name}-smoke)")
+    p.add_argument("--storage", default="~/kvsweep_results", help="results folder, or s3://bucket/path, gs://bucket/path (default: ~/kvsweep_results)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else Ray starts in-process)")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None, help="preset, hub id or local folder (default: tiny; pythia-70m for a full sweep on the hub)")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--random-init", action="store_true")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--dtype", default="float32")
+    g.add_argument("--data", default=None, help="tiny, wikitext-2, a hub dataset or a local file (default: tiny)")
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--train-samples", default=None, help="train samples or 'all' (default: 10000; 'all' on tiny)")
+    g.add_argument("--val-samples", default=None, help="validation samples or 'all' (default: all)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=None, help="epochs per trial, ASHA's max_t (default: 30)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--patience", type=int, default=3)
+    g.add_argument("--seeds", default="0", help="comma-separated training seeds (default: 0)")
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--cpus-per-trial", type=float, default=1.0)
+    g.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions share a GPU (default: 0)")
+    g.add_argument("--max-concurrent", type=int, default=None)
+    g.add_argument("--num-samples", type=int, default=None, help="random search with this many trials instead of the full grid")
+    g.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped (default: 1)")
+    g.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/this of the trials at each rung (default: 2)")
+    g.add_argument("--no-asha", action="store_true", help="run every trial to its end (early stopping still applies)")
+    g.add_argument("--max-failures", type=int, default=2, help="restarts of a crashed trial from its last checkpoint (default: 2)")
+    g.add_argument("--report-dir", default="reports", help="where reports/<name>/ is written (default: reports)")
+    g.add_argument("--inject-fault-at-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests: each trial crashes once
+    return p
+
+
+def sweep_cfg(a: argparse.Namespace, default_name: str) -> SweepCfg:
+    smoke = a.smoke_test
+    model = ModelCfg(name=a.model or "tiny", revision=a.revision, random_init=a.random_init, tokenizer=a.tokenizer, dtype=a.dtype)
+    data = DataCfg(
+        source=a.data or "tiny", seq_len=a.seq_len,
+        train_samples=a.train_samples or (SMOKE["train_samples"] if smoke else ("all" if (a.data or "tiny") == "tiny" else 10_000)),
+        val_samples=a.val_samples or (SMOKE["val_samples"] if smoke else "all"),
+    )
+    train = TrainCfg(lr=a.lr, batch_size=a.batch_size, epochs=a.epochs or (SMOKE["epochs"] if smoke else 30), patience=a.patience)
+    return SweepCfg(
+        name=a.name or (f"{default_name}-smoke" if smoke else default_name), model=model, data=data, train=train,
+        storage=a.storage, address=a.address, cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial,
+        max_concurrent=a.max_concurrent, num_samples=a.num_samples, grace_period=a.grace_period,
+        reduction_factor=a.reduction_factor, asha=not a.no_asha, max_failures=a.max_failures, report_dir=a.report_dir,
+        fail_once_at_epoch=a.inject_fault_at_epoch,
+    )
+
+
+def seeds(a: argparse.Namespace) -> list[int]:
+    return [int(s) for s in str(a.seeds).split(",") if s.strip()]

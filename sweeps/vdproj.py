@@ -1,0 +1,42 @@
+"""The V-DProj study: compressed width x loss schedule x init x KA variant x seed, pruned by ASHA.
+
+    python sweeps/vdproj.py --smoke-test                      # tiny preset, 4 trials, 2 epochs, local Ray
+    python sweeps/vdproj.py --model pythia-70m --data wikitext-2 --gpus-per-trial 0.25 --storage s3://bucket/kvsweep
+    ray job submit --working-dir . -- python sweeps/vdproj.py --gpus-per-trial 0.25
+"""
+
+import sys
+
+from kvsweep.config import KvsweepError
+from kvsweep.sweepargs import seeds, sweep_cfg, sweep_parser
+
+
+def search_space(hidden: int, smoke: bool, seed_list: list[int]) -> dict:
+    if smoke:
+        return {"rank": [hidden // 4, hidden // 2], "init": ["random", "pca"], "schedule": ["rec_to_lm"], "seed": seed_list}
+    step = max(1, hidden // 8)  # Pythia-70M: 64, 128, ..., 512
+    return {
+        "rank": list(range(step, hidden + 1, step)),
+        "schedule": ["lm", "rec_to_lm", "rec_to_lm_cosine", "rec_to_lm_step"],
+        "kl_weight": [0.0, 1.0],
+        "init": ["random", "pca"],
+        "ka": ["none", "ka_residual", "ka_gated", "ka_replace"],
+        "seed": seed_list,
+    }
+
+
+def main(argv=None) -> int:
+    args = sweep_parser(__doc__.splitlines()[0], "vdproj").parse_args(argv)
+    from kvsweep.tune import model_dims, run_sweep
+
+    try:
+        sweep = sweep_cfg(args, "vdproj")
+        run_sweep(sweep, search_space(model_dims(sweep).hidden, args.smoke_test, seeds(args)))
+    except KvsweepError as e:
+        print(f"kvsweep: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

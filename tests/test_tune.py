@@ -1,0 +1,195 @@
+"""Sweeps with Ray Tune, run as a user runs them: the sweep scripts, in their own processes.
+
+Each sweep starts its own in-process Ray in a subprocess; a test stops only the processes it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from kvsweep.config import ConfigError, DataCfg, SweepCfg, TrainCfg
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict:
+    env = os.environ.copy()
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _sweep(*args: str, storage: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "sweeps" / "vdproj.py"), "--smoke-test", "--storage", str(storage), "--report-dir", str(storage / "reports"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _tables(folder: Path) -> dict:
+    return {n: pq.read_table(folder / f"{n}.parquet").to_pylist() for n in ("trials", "epochs", "positions")}
+
+
+def _check_once(t: dict, n_trials: int) -> None:
+    ids = [r["trial_id"] for r in t["trials"]]
+    assert len(ids) == len(set(ids)) == n_trials
+    pairs = [(r["trial_id"], r["epoch"]) for r in t["epochs"]]
+    assert len(pairs) == len(set(pairs))
+    for r in t["trials"]:
+        assert r["status"] in ("completed", "early_stopped", "asha_stopped", "error")
+        epochs = sorted(e["epoch"] for e in t["epochs"] if e["trial_id"] == r["trial_id"])
+        assert epochs == list(range(1, r["epochs_run"] + 1))
+
+
+def test_smoke_sweep_runs_and_a_second_run_continues_it(tiny_folder, tmp_path):
+    proc = _sweep(storage=tmp_path)
+    out = proc.stdout
+    assert "4 trials:" in out and "epochs run" in out and "results: " in out
+    folder = tmp_path / "vdproj-smoke"
+    t = _tables(folder)
+    _check_once(t, 4)
+    assert {r["rank"] for r in t["trials"]} == {32, 64} and {r["init"] for r in t["trials"]} == {"random", "pca"}
+    for r in t["trials"]:
+        assert r["kv_bytes_per_token"] == 4 * (128 + r["rank"]) * 2 and r["kv_bytes_per_token_base"] == 4 * 256 * 2
+        assert r["best_val_ppl"] > 0 and r["base_val_ppl"] > 0 and r["trainable_params"] > 0
+    assert len({r["base_val_ppl"] for r in t["trials"]}) == 1  # evaluated once, on the driver
+    assert len(t["positions"]) == 4 * 5
+    # the same command again continues the finished sweep: nothing is trained again
+    again = _sweep(storage=tmp_path)
+    assert "continuing the sweep" in again.stdout
+    assert _tables(folder) == {**t, "trials": _tables(folder)["trials"]}
+    assert [(r["trial_id"], r["epochs_run"], r["best_val_ppl"]) for r in _tables(folder)["trials"]] == \
+           [(r["trial_id"], r["epochs_run"], r["best_val_ppl"]) for r in t["trials"]]
+
+
+def test_a_crashed_trial_restarts_from_its_checkpoint(tiny_folder, tmp_path):
+    _sweep("--no-asha", "--epochs", "3", "--inject-fault-at-epoch", "1", "--name", "faulty", storage=tmp_path)
+    t = _tables(tmp_path / "faulty")
+    _check_once(t, 4)
+    assert all(r["status"] in ("completed", "early_stopped") for r in t["trials"])
+    assert all(r["epochs_run"] == 3 or r["status"] == "early_stopped" for r in t["trials"])
+    errors = list((tmp_path / "faulty").glob("*/error.txt")) + list((tmp_path / "faulty").glob("*/error.pkl"))
+    assert errors, "the injected fault should have been recorded by Tune"
+
+
+def test_a_nan_configuration_ends_as_error_and_the_others_complete(tiny_folder, tmp_path):
+    script = f"""
+import sys
+from kvsweep.config import DataCfg, SweepCfg, TrainCfg
+from kvsweep.tune import run_sweep
+sweep = SweepCfg(name="nan", storage={str(tmp_path)!r}, report_dir={str(tmp_path / "reports")!r}, asha=False, max_failures=0,
+                 data=DataCfg(train_samples=32, val_samples=8), train=TrainCfg(epochs=2))
+run_sweep(sweep, {{"rank": [32], "ka": ["ka_replace"], "lr": [1e-3, 1e30]}})
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    t = _tables(tmp_path / "nan")
+    _check_once(t, 2)
+    by_lr = {json.loads(r["config"])["train"]["lr"]: r for r in t["trials"]}
+    assert by_lr[1e-3]["status"] == "completed"
+    bad = by_lr[1e30]
+    assert bad["status"] == "error" and ("nan" in bad["error"] or "inf" in bad["error"]) and "epoch" in bad["error"]
+
+
+def test_invalid_search_space_is_rejected_before_ray_starts(tmp_path):
+    import ray
+
+    from kvsweep.tune import run_sweep
+
+    sweep = SweepCfg(name="bad", storage=str(tmp_path), data=DataCfg(train_samples=32, val_samples=8), train=TrainCfg(epochs=2))
+    for space, field in [({"rank": [32, 0]}, "rank"), ({"rank": [1000]}, "rank"), ({"schedule": ["warmup"]}, "schedule"),
+                         ({"init": ["svd"], "rank": [8]}, "init"), ({"ka": ["ka_gated", "lora"]}, "ka"), ({"depth": [1]}, "depth"),
+                         ({"rank": []}, "rank"), ({"rank": [None]}, "adapters")]:
+        with pytest.raises(ConfigError, match=field):
+            run_sweep(sweep, space, log=lambda m: None)
+    assert not ray.is_initialized()
+
+
+def test_a_killed_driver_then_the_same_command_completes_the_sweep(tiny_folder, tmp_path):
+    cmd = [sys.executable, str(ROOT / "sweeps" / "vdproj.py"), "--smoke-test", "--no-asha", "--epochs", "4", "--name", "killed",
+           "--max-concurrent", "1", "--storage", str(tmp_path), "--report-dir", str(tmp_path / "reports")]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT, start_new_session=True)
+    folder = tmp_path / "killed"
+    finished: list[str] = []
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and driver.poll() is None:
+            if (folder / "trials.parquet").is_file():
+                rows = pq.read_table(folder / "trials.parquet").to_pylist()
+                finished = [r["trial_id"] for r in rows if r["status"] == "completed"]
+                if finished:
+                    break
+            time.sleep(1)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started: its own process group
+        driver.wait(timeout=60)
+    assert finished, "no trial finished before the deadline"
+    counts = {p.parent.name: len(p.read_text().splitlines()) for p in folder.glob("*/result.json")}
+    _sweep("--no-asha", "--epochs", "4", "--name", "killed", "--max-concurrent", "1", storage=tmp_path)
+    t = _tables(folder)
+    _check_once(t, 4)
+    assert all(r["status"] == "completed" for r in t["trials"])
+    for name, n in counts.items():
+        if any(name.startswith(f"_trainable_{tid}") for tid in finished):
+            assert len((folder / name / "result.json").read_text().splitlines()) == n  # not run again
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_local_head(tiny_folder, tmp_path):
+    """`ray job submit --working-dir . -- python sweeps/vdproj.py --smoke-test` against `ray start --head`."""
+    import tempfile
+
+    bin_dir = Path(sys.executable).parent
+    env = _env()
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "token"  # token authentication on, for the head and the job CLI alike
+    if not (Path.home() / ".ray" / "auth_token").is_file():
+        subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    gcs, dash = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayh")  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+         f"--ray-client-server-port={_free_port()}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+         f"--temp-dir={temp_dir}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            ok = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address], env=env, capture_output=True, timeout=60)
+            if ok.returncode == 0:
+                break
+            assert head.poll() is None, "the Ray head exited"
+            assert time.monotonic() < deadline, ok.stderr.decode()[-2000:]
+            time.sleep(2)
+        storage = tmp_path / "results"
+        job = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+             "python", "sweeps/vdproj.py", "--smoke-test", "--storage", str(storage), "--report-dir", str(tmp_path / "reports")],
+            env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+        assert "succeeded" in job.stdout.lower()
+        _check_once(_tables(storage / "vdproj-smoke"), 4)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # the head and everything it started: its own process group
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
