@@ -7,11 +7,11 @@
 
 import sys
 
-from kvsweep.config import KvsweepError
-from kvsweep.sweepargs import seeds, sweep_cfg, sweep_parser
+from kvsweep.sweepargs import sweep_main
 
 
-def search_space(hidden: int, smoke: bool, seed_list: list[int]) -> dict:
+def search_space(dims, smoke: bool, seed_list: list[int]) -> dict:
+    hidden = dims.hidden
     if smoke:
         return {"rank": [hidden // 4, hidden // 2], "init": ["random", "pca"], "schedule": ["rec_to_lm"], "seed": seed_list}
     step = max(1, hidden // 8)  # Pythia-70M: 64, 128, ..., 512
@@ -25,18 +25,5 @@ def search_space(hidden: int, smoke: bool, seed_list: list[int]) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    args = sweep_parser(__doc__.splitlines()[0], "vdproj").parse_args(argv)
-    from kvsweep.tune import model_dims, run_sweep
-
-    try:
-        sweep = sweep_cfg(args, "vdproj")
-        run_sweep(sweep, search_space(model_dims(sweep).hidden, args.smoke_test, seeds(args)))
-    except KvsweepError as e:
-        print(f"kvsweep: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(sweep_main(__doc__, "vdproj", search_space))

@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     tr.set_defaults(func=cmd_train)
 
+    from .report.cli import add_parser as add_report_parser
+
+    add_report_parser(sub)
+
     t = sub.add_parser("tiny", help="build (on first use) and describe the offline tiny preset")
     t.add_argument("--corpus", default=None, help="a text file to pretrain on instead of the standard library's documentation")
     t.set_defaults(func=cmd_tiny)
@@ -160,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
+    if args.command in ("eval", "train", "tiny"):
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # weight loading and saving bars; hub downloads keep theirs
+        hf_logging.disable_progress_bar()  # weight loading and saving bars; hub downloads keep theirs
     try:
         return args.func(args)
     except KvsweepError as e:

@@ -29,7 +29,7 @@ TRIAL_SCHEMA = pa.schema([
     ("schedule", pa.string()),
     ("seed", pa.int64()),
     ("config", pa.string()),  # the full trial config as JSON
-    ("status", pa.string()),  # completed | early_stopped | asha_stopped | error
+    ("status", pa.string()),  # completed | early_stopped | asha_stopped | error; running in files of a running sweep
     ("error", pa.string()),
     ("epochs_run", pa.int32()),
     ("max_epochs", pa.int32()),

@@ -65,3 +65,24 @@ def sweep_cfg(a: argparse.Namespace, default_name: str) -> SweepCfg:
 
 def seeds(a: argparse.Namespace) -> list[int]:
     return [int(s) for s in str(a.seeds).split(",") if s.strip()]
+
+
+def sweep_main(doc: str, default_name: str, search_space, argv=None) -> int:
+    """The body of a sweep script: parse arguments, build the space from the model's dims, run the sweep.
+
+    ``search_space(dims, smoke, seeds) -> dict`` is the script's own part.
+    """
+    import sys
+
+    from .config import KvsweepError
+
+    args = sweep_parser(doc.strip().splitlines()[0], default_name).parse_args(argv)
+    from .tune import model_dims, run_sweep
+
+    try:
+        sweep = sweep_cfg(args, default_name)
+        run_sweep(sweep, search_space(model_dims(sweep), args.smoke_test, seeds(args)))
+    except KvsweepError as e:
+        print(f"kvsweep: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -173,6 +173,7 @@ class TrialRecord:
     config: dict
     results: list[dict] = field(default_factory=list)
     error: str | None = None
+    finished: bool = True  # False while Tune still runs (or may resume) the trial
 
 
 def _status(rec: TrialRecord, max_epochs: int) -> tuple[str, str | None]:
@@ -181,11 +182,21 @@ def _status(rec: TrialRecord, max_epochs: int) -> tuple[str, str | None]:
         return "error", str(last["trial_error"])
     if rec.error:
         return "error", rec.error
+    if not rec.finished:
+        return "running", None
     if last.get("early_stopped"):
         return "early_stopped", None
     if last.get("epoch", 0) >= max_epochs:
         return "completed", None
     return "asha_stopped", None
+
+
+def _finished_at(rec: TrialRecord) -> str | None:
+    """When the trial last reported (ISO 8601, UTC), from Tune's ``timestamp``; ``None`` if it never did."""
+    stamps = [r["timestamp"] for r in rec.results if isinstance(r.get("timestamp"), (int, float)) and r["timestamp"] == r["timestamp"]]
+    if not stamps:
+        return None
+    return dt.datetime.fromtimestamp(max(stamps), dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: PositionStats) -> dict[str, pa.Table]:
@@ -230,7 +241,7 @@ def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: Positi
             "total_params": last.get("total_params"),
             "wall_seconds": float(sum(m.get("seconds", 0.0) for m in history)),
             "git_revision": revision,
-            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "finished_at": _finished_at(rec),
         })
         epochs += epoch_rows(rec.trial_id, history)
         if best:
@@ -267,7 +278,7 @@ class ResultsWriter(tune.Callback):
     def _record(self, trial) -> TrialRecord:
         rec = self.records.get(trial.trial_id)
         if rec is None:
-            rec = self.records[trial.trial_id] = TrialRecord(trial.trial_id, dict(trial.config))
+            rec = self.records[trial.trial_id] = TrialRecord(trial.trial_id, dict(trial.config), finished=False)
         return rec
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -275,11 +286,12 @@ class ResultsWriter(tune.Callback):
         self._flush()
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._record(trial).error = "trial failed; see its error file"
+        rec = self._record(trial)
+        rec.error, rec.finished = "trial failed; see its error file", True
         self._flush(force=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._record(trial)
+        self._record(trial).finished = True
         self._flush(force=True)
 
     def _flush(self, force: bool = False) -> None:

@@ -1,0 +1,70 @@
+"""``kvsweep report``: Pareto reports of perplexity against KV-cache size, from one or more sweeps' results.
+
+    from kvsweep.report import build_report
+    build_report(["runs/vdproj/results", "s3://bucket/sweeps/ka/results"], "reports/vdproj")
+
+writes ``report.md``, a self-contained ``report.html``, PNG figures and ``frontier.csv`` into the output
+folder, atomically (built beside it, then renamed into place). Bad input raises a ``ReportError`` (a
+``KvsweepError``) with a message, before anything is written. Imports neither torch nor ray.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from ..atomic import atomic_path
+from .analysis import Analysis, analyze
+from .errors import NoResultsError, NotResultsError, ReportError, SchemaError
+from .load import Results, load_all, load_results
+from .pareto import pareto_front
+
+__all__ = [
+    "build_report", "pareto_front", "load_results", "analyze", "Analysis", "Results",
+    "ReportError", "NoResultsError", "NotResultsError", "SchemaError", "REPORT_FILES",
+]
+
+REPORT_FILES = ("report.md", "report.html", "frontier.csv")
+"""Besides these, a report folder holds only ``*.png`` figures."""
+
+
+def _is_report_file(name: str) -> bool:
+    return name in REPORT_FILES or name.endswith(".png")
+
+
+def check_output(out: Path) -> None:
+    """``out`` may be new, empty, or an earlier report (which it replaces); anything else is refused."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ReportError(f"cannot write the report to {out}: it is a file, not a folder")
+    others = sorted(p.name for p in out.iterdir() if not (p.is_file() and _is_report_file(p.name)))
+    if others:
+        listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ReportError(f"refusing to replace {out}: it holds {listed}, which a report does not write; "
+                          "give a new or empty folder, or one holding an earlier report")
+
+
+def default_title(results: list[Results]) -> str:
+    return "kvsweep report: " + ", ".join(r.label for r in results)
+
+
+def build_report(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Read every source, make the report and write it to ``out`` in one rename; returns ``out``."""
+    from .compose import build
+    from .render import html_document, markdown
+
+    results = load_all([os.fspath(s) for s in sources])
+    out = Path(out)
+    check_output(out)
+    built = build(analyze(results), title=title or default_title(results))
+    md, page = markdown(built.doc), html_document(built.doc, built.images)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for name, data in built.images.items():
+            (tmp / name).write_bytes(data)
+        (tmp / "frontier.csv").write_text(built.frontier_csv, encoding="utf-8")
+        (tmp / "report.md").write_text(md, encoding="utf-8")
+        (tmp / "report.html").write_text(page, encoding="utf-8")
+    return out

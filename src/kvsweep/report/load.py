@@ -1,0 +1,140 @@
+"""Read one results folder (a local path or a storage URI) and check it is kvsweep results of this schema.
+
+A results folder holds ``trials.parquet`` (required), ``epochs.parquet`` and ``positions.parquet``
+(either may be missing while a sweep runs), each written by ``kvsweep.results.write_parquet`` with
+``kvsweep_schema`` in its metadata. URIs (``s3://``, ``gs://``, ``file://``, ...) are read through
+``pyarrow.fs.FileSystem.from_uri``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from ..config import error_reason
+from ..results import EPOCH_SCHEMA, POSITION_SCHEMA, SCHEMA_VERSION, TRIAL_SCHEMA
+from .errors import NoResultsError, NotResultsError, ReportError, SchemaError
+
+TRIALS, EPOCHS, POSITIONS = "trials.parquet", "epochs.parquet", "positions.parquet"
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+@dataclass(frozen=True)
+class Results:
+    """One results folder: its tables cast to the schema, and what is missing or odd about it."""
+
+    source: str  # as the user gave it
+    label: str  # a short name, unique among the sources of one report (the sweep's name if it has one)
+    trials: pa.Table  # TRIAL_SCHEMA; one row per trial_id (the last one where a folder repeats an id)
+    epochs: pa.Table | None  # EPOCH_SCHEMA, or None when the file is missing
+    positions: pa.Table | None  # POSITION_SCHEMA, or None when the file is missing
+    notes: tuple[str, ...] = ()
+
+
+def open_source(source: str) -> tuple[pafs.FileSystem, str]:
+    """The file system and the path inside it of a local folder or a storage URI."""
+    if _URI.match(source):
+        try:
+            filesystem, path = pafs.FileSystem.from_uri(source)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise ReportError(f"cannot open {source}: {error_reason(e)}") from None
+        return filesystem, path.rstrip("/") or "/"
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(source))
+
+
+def read_table(filesystem: pafs.FileSystem, path: str, schema: pa.Schema, shown: str) -> pa.Table:
+    """A Parquet file of kvsweep's ``schema``, checked for version and columns, cast to the schema."""
+    try:
+        with filesystem.open_input_file(path) as f:
+            tbl = pq.read_table(f)
+    except pa.ArrowInvalid as e:
+        raise NotResultsError(f"{shown} is not kvsweep results: not a Parquet file ({error_reason(e)})") from None
+    except (OSError, pa.ArrowException) as e:
+        raise ReportError(f"cannot read {shown}: {error_reason(e)}") from None
+    version = (tbl.schema.metadata or {}).get(b"kvsweep_schema")
+    if version is None:
+        raise NotResultsError(f"{shown} is not kvsweep results: its metadata has no kvsweep_schema version")
+    version = version.decode(errors="replace")
+    if version != SCHEMA_VERSION:
+        raise SchemaError(f"{shown} has results schema version {version!r}, but this kvsweep reads version "
+                          f"{SCHEMA_VERSION!r}: make the report with the kvsweep version that wrote the results")
+    missing = [n for n in schema.names if n not in tbl.column_names]
+    if missing:
+        raise SchemaError(f"{shown} lacks column(s) {', '.join(missing)} of results schema version {SCHEMA_VERSION}")
+    try:
+        return tbl.select(schema.names).cast(schema)
+    except (pa.ArrowException, ValueError) as e:
+        raise SchemaError(f"{shown}: column types differ from results schema version {SCHEMA_VERSION} ({error_reason(e)})") from None
+
+
+def _last_row_per_id(tbl: pa.Table) -> tuple[pa.Table, list[str]]:
+    ids = tbl.column("trial_id").to_pylist()
+    notes = []
+    nulls = sum(i is None for i in ids)
+    if nulls:
+        notes.append(f"{nulls} row(s) of trials.parquet have no trial_id and are left out")
+    last = {i: k for k, i in enumerate(ids) if i is not None}
+    repeated = sum(c > 1 for c in Counter(i for i in ids if i is not None).values())
+    if repeated:
+        notes.append(f"{repeated} trial id(s) appear more than once in trials.parquet; the last row of each is used")
+    if nulls or repeated:
+        tbl = tbl.take(sorted(last.values()))
+    return tbl, notes
+
+
+def load_results(source: str) -> Results:
+    """Read and check one results folder; raises a ``ReportError`` with a message for bad input."""
+    filesystem, path = open_source(source)
+    try:
+        info = filesystem.get_file_info(path)
+        listing = filesystem.get_file_info(pafs.FileSelector(path)) if info.type == pafs.FileType.Directory else []
+    except OSError as e:
+        raise ReportError(f"cannot list {source}: {error_reason(e)}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise NoResultsError(f"no results at {source}: no such folder")
+    if info.type != pafs.FileType.Directory:
+        raise NotResultsError(f"{source} is a file, not a results folder (give the folder that holds {TRIALS})")
+    entries = {e.base_name: e for e in listing}
+    if not entries:
+        raise NoResultsError(f"{source} is empty: no results yet")
+    if TRIALS not in entries:
+        if EPOCHS in entries:
+            raise NoResultsError(f"{source} holds {EPOCHS} but no {TRIALS} yet: no trial has finished, so there is no front to report")
+        listed = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        raise NotResultsError(f"{source} is not a kvsweep results folder: it has no {TRIALS} (it holds {listed})")
+    shown = source.rstrip("/")
+    tables: dict[str, pa.Table | None] = {}
+    notes: list[str] = []
+    for name, schema in ((TRIALS, TRIAL_SCHEMA), (EPOCHS, EPOCH_SCHEMA), (POSITIONS, POSITION_SCHEMA)):
+        if name in entries:
+            tables[name] = read_table(filesystem, f"{path}/{name}", schema, f"{shown}/{name}")
+        else:
+            tables[name] = None
+            notes.append(f"{name} is missing")
+    trials, dup_notes = _last_row_per_id(tables[TRIALS])
+    notes += dup_notes
+    if trials.num_rows == 0:
+        raise NoResultsError(f"{shown}/{TRIALS} holds no trials yet")
+    sweeps = {s for s in trials.column("sweep").to_pylist() if s}
+    label = sweeps.pop() if len(sweeps) == 1 else (os.path.basename(path.rstrip("/")) or shown)
+    return Results(source=source, label=label, trials=trials, epochs=tables[EPOCHS], positions=tables[POSITIONS], notes=tuple(notes))
+
+
+def load_all(sources: list[str]) -> list[Results]:
+    """Every source read and checked (the first bad one raises), with labels made unique."""
+    if not sources:
+        raise NoResultsError("no results given: name at least one results folder or URI")
+    results = [load_results(s) for s in sources]
+    seen: Counter[str] = Counter()
+    out = []
+    for r in results:
+        seen[r.label] += 1
+        label = r.label if seen[r.label] == 1 else f"{r.label}#{seen[r.label]}"
+        out.append(Results(r.source, label, r.trials, r.epochs, r.positions, r.notes))
+    return out

@@ -1,0 +1,223 @@
+"""The report's tables, computed from an ``Analysis``: cells are formatted strings, ready to render.
+
+Degradation % is ``100 * (trial PPL - base PPL) / base PPL``; difference is ``trial PPL - base PPL``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..results import TRIAL_SCHEMA, TRIAL_STATUSES
+from .analysis import Analysis
+
+DASH = "—"
+CURVE_EPOCHS = (1, 10, 20)
+
+
+@dataclass(frozen=True)
+class Table:
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    numeric: tuple[bool, ...]  # right-aligned columns
+
+    @staticmethod
+    def of(columns: list[tuple[str, bool]], rows: list[list[str]]) -> "Table":
+        return Table(tuple(c for c, _ in columns), tuple(tuple(r) for r in rows), tuple(n for _, n in columns))
+
+
+def _finite(v: object) -> bool:
+    return v is not None and isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(float(v))
+
+
+def ppl(v: object) -> str:
+    return f"{float(v):,.3f}" if _finite(v) else DASH
+
+
+def signed(v: object, digits: int = 3) -> str:
+    return f"{float(v):+,.{digits}f}" if _finite(v) else DASH
+
+
+def pct(v: object) -> str:
+    return f"{float(v):+.2f}%" if _finite(v) else DASH
+
+
+def count(v: object) -> str:
+    return f"{int(v):,}" if _finite(v) else DASH
+
+
+def text(v: object) -> str:
+    return DASH if v is None or v == "" else str(v)
+
+
+def degradation(trial: float, base: float) -> float:
+    return 100.0 * (trial - base) / base if _finite(trial) and _finite(base) and base != 0 else math.nan
+
+
+def share_of_base(kv: float, kv_base: float) -> float:
+    return 100.0 * kv / kv_base if _finite(kv) and _finite(kv_base) and kv_base > 0 else math.nan
+
+
+def _many_sources(an: Analysis) -> bool:
+    return len(an.results) > 1
+
+
+def status_table(an: Analysis) -> Table:
+    """Trials by status per source (and in all), with trials still running and trials on the front."""
+    statuses = list(TRIAL_STATUSES) + sorted(set(an.status.tolist()) - set(TRIAL_STATUSES))
+    cols = [("sweep", False), ("trials", True)] + [(s.replace("_", " "), True) for s in statuses] + [("running", True), ("on the front", True)]
+    on_front = np.zeros(an.n, dtype=bool)
+    on_front[an.front] = True
+    rows = []
+    groups = [(r.label, an.source_index == s, len(an.running[s])) for s, r in enumerate(an.results)]
+    if _many_sources(an):
+        groups.append(("all", np.ones(an.n, dtype=bool), sum(len(x) for x in an.running)))
+    for label, m, running in groups:
+        rows.append([label, count(m.sum())] + [count((m & (an.status == s)).sum()) for s in statuses] + [count(running), count((m & on_front).sum())])
+    return Table.of(cols, rows)
+
+
+def asha_table(an: Analysis) -> Table:
+    """Epochs run against the epochs a full grid would have run (every trial to its max_epochs)."""
+    run = an.trials.column("epochs_run").to_numpy(zero_copy_only=False).astype(float)
+    full = an.trials.column("max_epochs").to_numpy(zero_copy_only=False).astype(float)
+    cols = [("sweep", False), ("trials", True), ("epochs run", True), ("full-grid epochs", True), ("epochs saved", True), ("saved", True)]
+    groups = [(r.label, an.source_index == s) for s, r in enumerate(an.results)]
+    if _many_sources(an):
+        groups.append(("all", np.ones(an.n, dtype=bool)))
+    rows = []
+    for label, m in groups:
+        r, f = np.nansum(run[m]), np.nansum(full[m])
+        saved = f"{100 * (f - r) / f:.1f}%" if f > 0 else DASH
+        rows.append([label, count(m.sum()), count(r), count(f), count(f - r), saved])
+    return Table.of(cols, rows)
+
+
+def _trial_cols(an: Analysis) -> list[tuple[str, bool]]:
+    return [("trial", False)] + ([("sweep", False)] if _many_sources(an) else []) + [("variant", False)]
+
+
+def _trial_cells(an: Analysis, i: int) -> list[str]:
+    return [str(an.key[i])] + ([an.results[an.source_index[i]].label] if _many_sources(an) else []) + [str(an.variant[i])]
+
+
+def frontier_table(an: Analysis, idx: np.ndarray) -> Table:
+    """The front's trials by KV bytes/token: cache size, PPL against the base, status, epochs."""
+    rank, init = an.column("rank"), an.column("init")
+    epochs_run, best_epoch = an.column("epochs_run"), an.column("best_epoch")
+    cols = [("#", True)] + _trial_cols(an) + [("rank", True), ("init", False), ("KV bytes/token", True), ("% of base", True),
+                                             ("val PPL", True), ("degradation", True), ("status", False), ("epochs (best)", True)]
+    rows = []
+    for n, i in enumerate(idx, 1):
+        share = share_of_base(an.kv_bytes[i], an.kv_base[i])
+        rows.append([str(n)] + _trial_cells(an, i) + [
+            count(rank[i]), text(init[i]), count(an.kv_bytes[i]), f"{share:.1f}%" if _finite(share) else DASH,
+            ppl(an.val_ppl[i]), pct(degradation(an.val_ppl[i], an.base_ppl[i])), str(an.status[i]),
+            f"{count(epochs_run[i])} ({count(best_epoch[i])})",
+        ])
+    return Table.of(cols, rows)
+
+
+def variant_fronts_table(an: Analysis) -> Table:
+    """Each variant's own front: the trials no trial of the same variant beats."""
+    cols = [("variant", False), ("trial", False), ("KV bytes/token", True), ("% of base", True), ("val PPL", True), ("degradation", True), ("on overall front", False)]
+    overall = set(an.front.tolist())
+    rows = []
+    for variant, idx in an.variant_fronts.items():
+        for i in idx:
+            share = share_of_base(an.kv_bytes[i], an.kv_base[i])
+            rows.append([variant, str(an.key[i]), count(an.kv_bytes[i]), f"{share:.1f}%" if _finite(share) else DASH,
+                         ppl(an.val_ppl[i]), pct(degradation(an.val_ppl[i], an.base_ppl[i])), "yes" if i in overall else ""])
+    return Table.of(cols, rows)
+
+
+def overall_ppl_table(an: Analysis, idx: np.ndarray) -> Table:
+    """The seed's overall table: base against each front trial."""
+    cols = _trial_cols(an) + [("KV bytes/token", True), ("base PPL", True), ("trial PPL", True), ("difference", True), ("degradation", True)]
+    rows = []
+    for i in idx:
+        base, val = an.base_ppl[i], an.val_ppl[i]
+        rows.append(_trial_cells(an, i) + [count(an.kv_bytes[i]), ppl(base), ppl(val), signed(val - base), pct(degradation(val, base))])
+    return Table.of(cols, rows)
+
+
+def position_table(an: Analysis, idx: np.ndarray) -> tuple[Table, list[str]]:
+    """The seed's position-wise table per front trial; also the keys of front trials without rows."""
+    cols = [("trial", False), ("positions", True), ("tokens", True), ("base PPL", True), ("trial PPL", True), ("difference", True), ("degradation", True)]
+    rows, missing = [], []
+    for i in idx:
+        tbl = an.positions_of(int(i))
+        if tbl is None:
+            missing.append(str(an.key[i]))
+            continue
+        for p in tbl.to_pylist():
+            base, val = p["base_ppl"], p["ppl"]
+            diff = val - base if _finite(val) and _finite(base) else math.nan
+            rows.append([str(an.key[i]), f"{p['lo']}-{p['hi']}", count(p["tokens"]), ppl(base), ppl(val), signed(diff), pct(degradation(val, base))])
+    return Table.of(cols, rows), missing
+
+
+def learning_table(an: Analysis, idx: np.ndarray) -> tuple[Table, list[str]]:
+    """The learning-curve excerpt: train/val PPL at epochs 1, 10, 20 and at the best epoch."""
+    cols = [("trial", False)]
+    for e in CURVE_EPOCHS:
+        cols += [(f"train PPL @{e}", True), (f"val PPL @{e}", True)]
+    cols += [("best epoch", True), ("train PPL @best", True), ("val PPL @best", True)]
+    best_epoch = an.column("best_epoch")
+    rows, missing = [], []
+    for i in idx:
+        tbl = an.epochs_of(int(i))
+        if tbl is None:
+            missing.append(str(an.key[i]))
+            continue
+        by_epoch = {r["epoch"]: r for r in tbl.to_pylist()}
+        row = [str(an.key[i])]
+        for e in CURVE_EPOCHS:
+            r = by_epoch.get(e, {})
+            row += [ppl(r.get("train_ppl")), ppl(r.get("val_ppl"))]
+        b = best_epoch[i]
+        rb = by_epoch.get(b, {})
+        row += [count(b), ppl(rb.get("train_ppl")), ppl(rb.get("val_ppl", an.val_ppl[i]))]
+        rows.append(row)
+    return Table.of(cols, rows), missing
+
+
+def history_table(an: Analysis) -> Table:
+    """One row per results folder, by date: its best trial (lowest val PPL on the front) against the base."""
+    finished = an.column("finished_at")
+    cols = [("date", False), ("sweep", False), ("results", False), ("trials", True), ("best trial", False), ("variant", False),
+            ("KV bytes/token", True), ("val PPL", True), ("base PPL", True), ("degradation", True)]
+    rows = []
+    for s, r in enumerate(an.results):
+        m = an.source_index == s
+        dates = sorted(d for d, k in zip(finished, m) if k and d)
+        date = dates[-1][:10] if dates else DASH
+        sweeps = sorted({v for v, k in zip(an.column("sweep"), m) if k and v})
+        cand = np.flatnonzero(m & an.eligibility.mask)
+        if cand.size:
+            i = cand[np.lexsort((an.kv_bytes[cand], an.val_ppl[cand]))[0]]
+            base, val = an.base_ppl[i], an.val_ppl[i]
+            best = [str(an.key[i]), str(an.variant[i]), count(an.kv_bytes[i]), ppl(val), ppl(base), pct(degradation(val, base))]
+        else:
+            best = [DASH] * 6
+        rows.append([date, ", ".join(sweeps) or DASH, r.source, count(m.sum())] + best)
+    rows.sort(key=lambda row: row[0])
+    return Table.of(cols, rows)
+
+
+def frontier_csv(an: Analysis, idx: np.ndarray) -> str:
+    """The front's trials with their full configs, raw values: one CSV row per trial, by KV bytes/token."""
+    names = ["front_rank", "source"] + TRIAL_SCHEMA.names + ["kv_pct_of_base"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(names)
+    cols = {n: an.column(n) for n in TRIAL_SCHEMA.names}
+    for n, i in enumerate(idx, 1):
+        share = share_of_base(an.kv_bytes[i], an.kv_base[i])
+        row = [n, an.results[an.source_index[i]].label] + [cols[c][i] for c in TRIAL_SCHEMA.names] + [share if _finite(share) else None]
+        w.writerow(["" if v is None else repr(float(v)) if isinstance(v, float) else v for v in row])
+    return buf.getvalue()

@@ -1,0 +1,403 @@
+"""kvsweep.report: reports from hand-made and synthetic results, partial sweeps, several sweeps, bad input, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kvsweep.config import KvsweepError
+from kvsweep.report import (NoResultsError, NotResultsError, ReportError, SchemaError, analyze, build_report,
+                            load_results)
+from kvsweep.report.cli import add_parser
+from kvsweep.report.load import load_all
+from kvsweep.report.synthetic import write_synthetic
+from kvsweep.report.tables import asha_table, history_table, learning_table, overall_ppl_table, position_table
+from kvsweep.results import TRIAL_SCHEMA, table, write_parquet
+
+from .test_report_helpers import (HAND_FRONT, HAND_TRIALS, buckets, curve, hand_results, trial,  # noqa: F401
+                                  write_results)
+
+
+def read_csv(path: Path) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    from matplotlib.image import imread
+
+    return imread(io.BytesIO(data), format="png")
+
+
+def assert_nothing_written(parent: Path, out: Path, keep: set[str]) -> None:
+    assert not out.exists()
+    assert {p.name for p in parent.iterdir()} <= keep, "no temporary folder may be left behind"
+
+
+# --- the report of a hand-made sweep ----------------------------------------------------------------
+
+def test_report_of_a_partly_failed_running_sweep(hand_results, tmp_path):
+    out = build_report([hand_results], tmp_path / "reports" / "hand")
+    assert out == tmp_path / "reports" / "hand"
+    names = {p.name for p in out.iterdir()}
+    assert {"report.md", "report.html", "frontier.csv", "front.png", "front_variants.png", "learning_curves.png", "positions.png"} == names
+    for png in out.glob("*.png"):
+        img = decode_png(png.read_bytes())
+        assert img.shape[0] > 300 and img.shape[1] > 600
+
+    rows = read_csv(out / "frontier.csv")
+    assert [r["trial_id"] for r in rows] == HAND_FRONT
+    assert [r["front_rank"] for r in rows] == ["1", "2", "3", "4"]
+    assert json.loads(rows[0]["config"]) == {"trial": "t1", "rank": 8, "lr": 1e-4}
+    assert float(rows[0]["kv_pct_of_base"]) == pytest.approx(50.0)
+    assert set(TRIAL_SCHEMA.names) <= set(rows[0])
+
+    md = (out / "report.md").read_text()
+    top = md.split("## Summary")[0]
+    assert "Partial results" in top
+    assert "still running" in top and "t10" in top  # epochs but no trial row
+    assert "2 trials ended in error" in top and "boom: CUDA out of memory" in top
+    assert "1 trial without a finite val PPL" in top
+    for heading in ("Pareto front", "Fronts per variant", "Overall perplexity", "Position-wise perplexity", "Learning curves",
+                    "What ASHA saved", "Experiment history"):
+        assert f"## {heading}" in md
+    assert "![Val PPL against KV bytes/token" in md and "(front.png)" in md
+    assert "| t9 " not in md.split("## Pareto front")[1].split("## Fronts per variant")[0]  # the failed trial is not on the front
+
+
+def test_tables_hold_the_seeds_numbers(hand_results):
+    an = analyze(load_all([str(hand_results)]))
+    assert an.key[an.front].tolist() == HAND_FRONT
+    assert (an.eligibility.n_error, an.eligibility.n_missing) == (2, 1)
+    assert an.running == [["t10"]]
+    assert {k: an.key[v].tolist() for k, v in an.variant_fronts.items()} == {"ka_gated / lm": ["t4"], "vdproj / lm": ["t1", "t8", "t2"]}
+
+    overall = overall_ppl_table(an, an.front)
+    row = dict(zip(overall.columns, overall.rows[0]))
+    assert row == {"trial": "t1", "variant": "vdproj / lm", "KV bytes/token": "500", "base PPL": "50.000", "trial PPL": "60.000",
+                   "difference": "+10.000", "degradation": "+20.00%"}
+    assert dict(zip(overall.columns, overall.rows[3]))["degradation"] == "-2.00%"
+
+    pos, missing = position_table(an, an.front)
+    assert missing == []
+    first = dict(zip(pos.columns, pos.rows[0]))
+    assert first == {"trial": "t1", "positions": "0-16", "tokens": "100", "base PPL": "75.000", "trial PPL": "90.000",
+                     "difference": "+15.000", "degradation": "+20.00%"}
+    assert len(pos.rows) == 3 * len(HAND_FRONT)
+
+    curves, missing = learning_table(an, an.front)
+    assert missing == []
+    t2 = dict(zip(curves.columns, curves.rows[2]))
+    assert t2["trial"] == "t2" and t2["val PPL @20"] == "—" and t2["best epoch"] == "9" and t2["val PPL @best"] == "55.000"
+    assert t2["val PPL @1"] == f"{55.0 * (1 + 0.5 * 8 / 9):,.3f}"
+    t1 = dict(zip(curves.columns, curves.rows[0]))
+    assert t1["val PPL @20"] == f"{60.0 * 1.02:,.3f}" and t1["best epoch"] == "18"
+
+    asha = dict(zip(asha_table(an).columns, asha_table(an).rows[0]))
+    run = sum(t["epochs_run"] for t in HAND_TRIALS)
+    assert asha["epochs run"] == f"{run:,}" and asha["full-grid epochs"] == f"{20 * len(HAND_TRIALS):,}"
+    assert asha["saved"] == f"{100 * (180 - run) / 180:.1f}%"
+
+    hist = dict(zip(history_table(an).columns, history_table(an).rows[0]))
+    assert hist["date"] == "2025-11-21" and hist["best trial"] == "t4" and hist["degradation"] == "-2.00%"
+
+
+def test_a_complete_sweep_says_so(tmp_path):
+    src = write_results(tmp_path / "r", [trial("a", 500, 60.0), trial("b", 800, 52.0)],
+                        curve("a", 20, 60.0) + curve("b", 20, 52.0), buckets("a", 60.0) + buckets("b", 52.0))
+    out = build_report([src], tmp_path / "out", title=r"A <complete> $\undefined{ $sweep")  # not mathtext, not HTML
+    md = (out / "report.md").read_text()
+    assert md.startswith("# A <complete> $\\undefined{ $sweep\n")
+    assert "**Complete.**" in md and "Partial" not in md
+    assert "<title>A &lt;complete&gt; $\\undefined{ $sweep</title>" in (out / "report.html").read_text()
+    assert "front_variants.png" not in {p.name for p in out.iterdir()}  # a single variant
+
+
+def test_a_single_trial_and_a_missing_positions_file(tmp_path):
+    src = write_results(tmp_path / "r", [trial("only", 700, 55.0)], curve("only", 5, 55.0), positions=None)
+    out = build_report([src], tmp_path / "out")
+    names = {p.name for p in out.iterdir()}
+    assert "positions.png" not in names and "learning_curves.png" in names
+    md = (out / "report.md").read_text()
+    assert "positions.parquet is missing" in md.split("## Summary")[0]
+    assert "No position rows for 1 front trial: only" in md
+    assert [r["trial_id"] for r in read_csv(out / "frontier.csv")] == ["only"]
+
+
+def test_a_sweep_where_every_trial_failed_still_reports(tmp_path):
+    src = write_results(tmp_path / "r", [trial("x", None, None, status="error", error="no GPU"), trial("y", 500, None, status="error")])
+    out = build_report([src], tmp_path / "out")
+    md = (out / "report.md").read_text()
+    assert "the front is empty" in md and "2 trials ended in error" in md
+    assert read_csv(out / "frontier.csv") == []
+    assert {"front.png", "report.html"} <= {p.name for p in out.iterdir()}
+
+
+def test_several_sweeps_on_one_front(tmp_path):
+    a = write_results(tmp_path / "a", [trial("t1", 500, 60.0, sweep="alpha"), trial("t2", 900, 51.0, sweep="alpha")],
+                      curve("t1", 3, 60.0) + curve("t2", 3, 51.0), buckets("t1", 60.0))
+    b = write_results(tmp_path / "b", [trial("t1", 400, 70.0, sweep="beta", finished_at="2025-10-01T00:00:00+00:00"),
+                                       trial("t2", 600, 59.0, sweep="beta", variant="ka_gated / lm",
+                                             finished_at="2025-10-02T00:00:00+00:00")])
+    out = build_report([a, str(b)], tmp_path / "out")
+    rows = read_csv(out / "frontier.csv")
+    assert [(r["source"], r["trial_id"]) for r in rows] == [("beta", "t1"), ("alpha", "t1"), ("beta", "t2"), ("alpha", "t2")]
+    an = analyze(load_all([str(a), str(b)]))
+    assert an.key[an.front].tolist() == ["beta/t1", "alpha/t1", "beta/t2", "alpha/t2"]  # ids collide, so keys name the sweep
+    assert {k: v.size for k, v in an.source_fronts.items()} == {"alpha": 2, "beta": 2}
+    hist = history_table(an)
+    assert [(r[0], r[1]) for r in hist.rows] == [("2025-10-02", "beta"), ("2025-11-20", "alpha")]  # by date
+    md = (out / "report.md").read_text()
+    assert "`beta`: epochs.parquet is missing" in md and "`beta`: positions.parquet is missing" in md
+    assert "No position rows for 3 front trials" in md
+
+
+def test_a_trial_with_a_status_that_is_not_final_is_flagged(tmp_path):
+    src = write_results(tmp_path / "r", [trial("a", 500, 60.0), trial("b", 400, 70.0, status="running", epochs_run=2)])
+    out = build_report([src], tmp_path / "out")
+    top = (out / "report.md").read_text().split("## Summary")[0]
+    assert "Partial results" in top and "1 trial with status `running`" in top
+    assert [r["trial_id"] for r in read_csv(out / "frontier.csv")] == ["b", "a"]
+
+
+def test_the_same_folder_twice_gets_distinct_labels(hand_results, tmp_path):
+    results = load_all([str(hand_results), str(hand_results)])
+    assert [r.label for r in results] == ["hand", "hand#2"]
+
+
+def test_a_file_uri_is_read_through_pyarrow_filesystems(hand_results, tmp_path):
+    out = build_report([hand_results.resolve().as_uri()], tmp_path / "out")
+    assert [r["trial_id"] for r in read_csv(out / "frontier.csv")] == HAND_FRONT
+    assert hand_results.resolve().as_uri() in (out / "report.md").read_text()
+
+
+def test_an_unreachable_uri_is_a_clear_error(tmp_path):
+    with pytest.raises(ReportError, match="cannot open nosuchscheme://x"):
+        build_report(["nosuchscheme://x/results"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_html_is_self_contained(hand_results, tmp_path):
+    out = build_report([hand_results], tmp_path / "out")
+    page = (out / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page and "<script" not in page and "<link" not in page
+    assert "Content-Security-Policy" in page
+    assert page.count('src="data:image/png;base64,') == len(list(out.glob("*.png")))
+
+
+# --- writing: atomic, never over something that is not a report ------------------------------------
+
+def test_an_earlier_report_is_replaced_and_a_failed_build_leaves_it_alone(hand_results, tmp_path, monkeypatch):
+    out = tmp_path / "reports" / "hand"
+    build_report([hand_results], out)
+    (out / "old.png").write_bytes(b"stale")
+    build_report([hand_results], out)
+    assert not (out / "old.png").exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    from kvsweep.report import compose
+
+    real = compose.build
+
+    def broken(an, *, title):
+        built = real(an, title=title)
+        return compose.Built(built.doc, {**built.images, "no/such/folder.png": b"x"}, built.frontier_csv)
+
+    monkeypatch.setattr(compose, "build", broken)
+    with pytest.raises(OSError):
+        build_report([hand_results], out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.name for p in out.parent.iterdir()} == {"hand"}
+
+
+def test_an_output_folder_with_other_files_is_refused(hand_results, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ReportError, match="refusing to replace .*notes.txt"):
+        build_report([hand_results], out)
+    assert (out / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ReportError, match="refusing"):
+        build_report([hand_results], hand_results)  # the results folder itself
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ReportError, match="is a file"):
+        build_report([hand_results], tmp_path / "afile")
+
+
+# --- bad input: a clear error, nothing written ------------------------------------------------------
+
+def _bad(tmp_path: Path, make) -> Path:
+    src = tmp_path / "results"
+    make(src)
+    return src
+
+
+def _no_metadata(src: Path) -> None:
+    src.mkdir()
+    pq.write_table(table([trial("a", 1, 1.0)], TRIAL_SCHEMA), src / "trials.parquet")
+
+
+def _other_version(src: Path) -> None:
+    src.mkdir()
+    tbl = table([trial("a", 1, 1.0)], TRIAL_SCHEMA)
+    pq.write_table(tbl.replace_schema_metadata({b"kvsweep_schema": b"0"}), src / "trials.parquet")
+
+
+def _missing_column(src: Path) -> None:
+    src.mkdir()
+    write_parquet(table([trial("a", 1, 1.0)], TRIAL_SCHEMA).drop_columns(["kv_bytes_per_token"]), src / "trials.parquet")
+
+
+def _wrong_type(src: Path) -> None:
+    src.mkdir()
+    tbl = table([trial("a", 1, 1.0)], TRIAL_SCHEMA)
+    tbl = tbl.set_column(tbl.schema.get_field_index("best_val_ppl"), "best_val_ppl", pa.array(["sixty"]))
+    write_parquet(tbl, src / "trials.parquet")
+
+
+def _epochs_other_version(src: Path) -> None:
+    write_results(src, [trial("a", 1, 1.0)])
+    pq.write_table(pa.table({"trial_id": ["a"]}).replace_schema_metadata({b"kvsweep_schema": b"2"}), src / "epochs.parquet")
+
+
+def _not_parquet(src: Path) -> None:
+    src.mkdir()
+    (src / "trials.parquet").write_text("trial_id,status\na,completed\n")
+
+
+def _other_files(src: Path) -> None:
+    src.mkdir()
+    (src / "README.md").write_text("hello")
+    (src / "data.csv").write_text("a,b\n")
+
+
+def _epochs_only(src: Path) -> None:
+    src.mkdir()
+    from kvsweep.results import EPOCH_SCHEMA
+
+    write_parquet(table(curve("t", 2, 50.0), EPOCH_SCHEMA), src / "epochs.parquet")
+
+
+def _no_trials(src: Path) -> None:
+    write_results(src, [])
+
+
+def _a_file(src: Path) -> None:
+    src.write_text("not a folder")
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda src: None, NoResultsError, "no results at .*: no such folder"),
+    (lambda src: src.mkdir(), NoResultsError, "is empty: no results yet"),
+    (_a_file, NotResultsError, "is a file, not a results folder"),
+    (_other_files, NotResultsError, r"not a kvsweep results folder: it has no trials.parquet \(it holds README.md, data.csv\)"),
+    (_not_parquet, NotResultsError, "trials.parquet is not kvsweep results: not a Parquet file"),
+    (_no_metadata, NotResultsError, "metadata has no kvsweep_schema"),
+    (_other_version, SchemaError, "schema version '0', but this kvsweep reads version '1'"),
+    (_epochs_other_version, SchemaError, "epochs.parquet has results schema version '2'"),
+    (_missing_column, SchemaError, "lacks column.* kv_bytes_per_token"),
+    (_wrong_type, SchemaError, "column types differ"),
+    (_epochs_only, NoResultsError, "no trial has finished"),
+    (_no_trials, NoResultsError, "holds no trials yet"),
+], ids=["missing", "empty", "file", "other-files", "not-parquet", "no-metadata", "other-version", "epochs-other-version",
+        "missing-column", "wrong-type", "epochs-only", "no-trials"])
+def test_bad_input_is_a_clear_error_and_nothing_is_written(tmp_path, make, error, message):
+    src = _bad(tmp_path, make)
+    out = tmp_path / "reports" / "x"
+    with pytest.raises(error, match=message) as e:
+        build_report([src], out)
+    assert isinstance(e.value, KvsweepError)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "reports").exists()
+    assert_nothing_written(tmp_path, out, {"results"})
+
+
+def test_no_sources_is_an_error(tmp_path):
+    with pytest.raises(NoResultsError, match="no results given"):
+        build_report([], tmp_path / "out")
+
+
+def test_one_bad_source_among_good_ones_writes_nothing(hand_results, tmp_path):
+    with pytest.raises(NoResultsError):
+        build_report([hand_results, tmp_path / "missing"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_repeated_trial_rows_keep_the_last_and_say_so(tmp_path):
+    src = write_results(tmp_path / "r", [trial("a", 500, 90.0), trial("b", 600, 50.0), trial("a", 500, 60.0)])
+    r = load_results(str(src))
+    assert r.trials.column("trial_id").to_pylist() == ["b", "a"]
+    assert r.trials.column("best_val_ppl").to_pylist() == [50.0, 60.0]
+    assert any("more than once" in n for n in r.notes)
+
+
+# --- the CLI and the import boundary -----------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvsweep")
+    add_parser(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def test_cli_handler_writes_the_report(hand_results, tmp_path, capsys):
+    out = tmp_path / "reports" / "hand"
+    args = _parser().parse_args(["report", str(hand_results), "-o", str(out), "--title", "Hand"])
+    assert args.results == [str(hand_results)] and args.title == "Hand"
+    assert args.func(args) == 0
+    assert "report.html" in capsys.readouterr().out
+    assert (out / "report.md").read_text().startswith("# Hand\n")
+
+
+def test_cli_needs_results_and_out(capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["report", "-o", "x"])
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["report", "results"])
+
+
+def test_cli_bad_input_raises_a_kvsweep_error(tmp_path):
+    args = _parser().parse_args(["report", str(tmp_path / "nope"), "-o", str(tmp_path / "out")])
+    with pytest.raises(KvsweepError, match="no such folder"):
+        args.func(args)
+
+
+def test_report_imports_neither_torch_nor_ray(tmp_path):
+    """A whole report is made in a fresh interpreter without importing torch or ray."""
+    code = textwrap.dedent(f"""
+        import sys
+        import kvsweep.report, kvsweep.report.cli
+        from kvsweep.report.synthetic import write_synthetic
+        src = write_synthetic({str(tmp_path / 'r')!r}, 50, running=2)
+        kvsweep.report.build_report([src], {str(tmp_path / 'out')!r})
+        bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray'))
+        assert not bad, bad
+        print('ok')
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+def test_synthetic_sweep_of_many_trials(tmp_path):
+    src = write_synthetic(tmp_path / "r", 2000, running=5, seed=3)
+    out = build_report([src], tmp_path / "out")
+    rows = read_csv(out / "frontier.csv")
+    an = analyze(load_all([str(src)]))
+    assert len(rows) == an.front.size > 3
+    kv = np.array([float(r["kv_bytes_per_token"]) for r in rows])
+    ppl = np.array([float(r["best_val_ppl"]) for r in rows])
+    assert np.all(np.diff(kv) >= 0) and np.all(np.diff(ppl) <= 0)
+    assert all(r["status"] != "error" for r in rows)
+    assert "5 trials have epochs but no result" in (out / "report.md").read_text()
