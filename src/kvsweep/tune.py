@@ -355,7 +355,8 @@ def run_sweep(sweep: SweepCfg, space: dict[str, list], *, log: Callable[[str], N
     log(f"sweep {sweep.name}: {n_trials} trials x up to {sweep.train.epochs} epochs on {sweep.model.name}")
     samples, base_stats = prepare_shared(sweep, log=log)
 
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         address = sweep.address or os.environ.get("RAY_ADDRESS")
         ray.init(address=address, log_to_driver=True, include_dashboard=False if address is None else None)
     storage = sweep.storage_uri
@@ -385,6 +386,8 @@ def run_sweep(sweep: SweepCfg, space: dict[str, list], *, log: Callable[[str], N
             run_config=run_config,
         )
     grid = tuner.fit()
+    if started_ray:
+        ray.shutdown()  # also lets the trials' last log lines arrive before the summary
     tables = build_tables(records_from(grid), sweep, base_stats)
     write_tables(tables, results_uri)
     report = _write_report(sweep, results_uri, log)
@@ -416,7 +419,7 @@ def _write_report(sweep: SweepCfg, results_uri: str, log) -> Path | None:
         return None
     out = Path(sweep.report_dir) / sweep.name
     try:
-        return Path(build_report([results_uri], out))
+        return Path(build_report([results_uri], out)).resolve()
     except Exception as e:  # the results are safe; a report can be rebuilt with `kvsweep report`
         log(f"kvsweep: the report could not be built ({e}); the results are complete, rebuild it with: kvsweep report {results_uri} -o {out}")
         return None
