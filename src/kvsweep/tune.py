@@ -360,6 +360,9 @@ def run_sweep(sweep: SweepCfg, space: dict[str, list], *, log: Callable[[str], N
         address = sweep.address or os.environ.get("RAY_ADDRESS")
         ray.init(address=address, log_to_driver=True, include_dashboard=False if address is None else None)
     storage = sweep.storage_uri
+    if "://" not in storage and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        log(f"kvsweep: warning: --storage {storage} is a local path on a cluster of several nodes; unless every "
+            "node mounts it, checkpoints and results end up scattered: use s3://..., gs://... or a shared mount")
     experiment_path = f"{storage.rstrip('/')}/{sweep.name}"
     results_uri = experiment_path
     resources = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
