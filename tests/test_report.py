@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kvsweep.config import KvsweepError
+from kvsweep.results import SCHEMA_VERSION
 from kvsweep.report import (NoResultsError, NotResultsError, ReportError, SchemaError, analyze, build_report,
                             load_results)
 from kvsweep.report.cli import add_parser
@@ -268,7 +269,7 @@ def _wrong_type(src: Path) -> None:
 
 def _epochs_other_version(src: Path) -> None:
     write_results(src, [trial("a", 1, 1.0)])
-    pq.write_table(pa.table({"trial_id": ["a"]}).replace_schema_metadata({b"kvsweep_schema": b"2"}), src / "epochs.parquet")
+    pq.write_table(pa.table({"trial_id": ["a"]}).replace_schema_metadata({b"kvsweep_schema": b"99"}), src / "epochs.parquet")
 
 
 def _not_parquet(src: Path) -> None:
@@ -304,8 +305,8 @@ def _a_file(src: Path) -> None:
     (_other_files, NotResultsError, r"not a kvsweep results folder: it has no trials.parquet \(it holds README.md, data.csv\)"),
     (_not_parquet, NotResultsError, "trials.parquet is not kvsweep results: not a Parquet file"),
     (_no_metadata, NotResultsError, "metadata has no kvsweep_schema"),
-    (_other_version, SchemaError, "schema version '0', but this kvsweep reads version '1'"),
-    (_epochs_other_version, SchemaError, "epochs.parquet has results schema version '2'"),
+    (_other_version, SchemaError, f"schema version '0', but this kvsweep reads version '{SCHEMA_VERSION}'"),
+    (_epochs_other_version, SchemaError, "epochs.parquet has results schema version '99'"),
     (_missing_column, SchemaError, "lacks column.* kv_bytes_per_token"),
     (_wrong_type, SchemaError, "column types differ"),
     (_epochs_only, NoResultsError, "no trial has finished"),

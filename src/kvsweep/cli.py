@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .report.cli import add_parser as add_report_parser
 
     add_report_parser(sub)
+    from .latent.cli import add_parser as add_cache_parser
+
+    add_cache_parser(sub)
 
     t = sub.add_parser("tiny", help="build (on first use) and describe the offline tiny preset")
     t.add_argument("--corpus", default=None, help="a text file to pretrain on instead of the standard library's documentation")
@@ -164,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("eval", "train", "tiny"):
+    if args.command in ("eval", "train", "tiny", "cache"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight loading and saving bars; hub downloads keep theirs

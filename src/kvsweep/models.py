@@ -388,3 +388,61 @@ def dense_weight(model: GPTNeoXForCausalLM, layer: int) -> tuple[torch.Tensor, t
     dense = _attention(model, layer).dense
     dense = dense.inner if isinstance(dense, _OutputTap) else dense
     return dense.weight, dense.bias
+
+
+# --------------------------------------------------------------------------- GPT-NeoX internals for the latent cache
+#
+# kvsweep.latent runs its own decoding loop over the base's modules (the adapters' taps bypassed: it
+# applies the adapters itself). These give it the modules and the rotary embedding, nothing more.
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """One transformer layer's frozen modules, taps unwrapped."""
+
+    input_norm: torch.nn.LayerNorm
+    post_attention_norm: torch.nn.LayerNorm
+    qkv: torch.nn.Linear  # fused per head: (d) -> (3d), see split_qkv
+    dense: torch.nn.Linear  # attention output projection (d) -> (d)
+    mlp: torch.nn.Module
+    parallel_residual: bool
+
+
+@dataclass(frozen=True)
+class NeoxParts:
+    embed: torch.nn.Embedding
+    layers: tuple[LayerParts, ...]
+    final_norm: torch.nn.LayerNorm
+    lm_head: torch.nn.Linear
+    rotary_emb: torch.nn.Module  # called as rotary_emb(x, position_ids) -> (cos, sin), each (B, T, rotary_ndims)
+    dims: Dims
+    scaling: float  # head_size ** -0.5
+
+
+def neox_parts(model: GPTNeoXForCausalLM) -> NeoxParts:
+    """The modules a decoding loop needs, with any adapter taps unwrapped to the base's own Linear."""
+    config = model.config
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope != "default":
+        raise ConfigError(f"the latent cache supports GPT-NeoX's default rotary embedding, not rope_type {rope!r}")
+    layers = []
+    for layer in model.gpt_neox.layers:
+        attn = layer.attention
+        qkv = attn.query_key_value.inner if isinstance(attn.query_key_value, _QKVTap) else attn.query_key_value
+        dense = attn.dense.inner if isinstance(attn.dense, _OutputTap) else attn.dense
+        layers.append(LayerParts(layer.input_layernorm, layer.post_attention_layernorm, qkv, dense, layer.mlp,
+                                 bool(layer.use_parallel_residual)))
+    d = dims(config)
+    return NeoxParts(model.gpt_neox.embed_in, tuple(layers), model.gpt_neox.final_layer_norm, model.lm_head,
+                     model.gpt_neox.rotary_emb, d, d.head_size ** -0.5)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX's partial rotary embedding of q or k (B, H, T, hs) with cos, sin (B, T, rotary_ndims):
+    the same operations as ``apply_rotary_pos_emb``, on one tensor."""
+    from transformers.models.gpt_neox.modeling_gpt_neox import rotate_half
+
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rot)
+    n = cos.shape[-1]
+    x_rot, x_pass = x[..., :n], x[..., n:]
+    return torch.cat([(x_rot * cos) + (rotate_half(x_rot) * sin), x_pass], dim=-1)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_path
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 """Stored in each file's metadata as ``kvsweep_schema``; readers reject files of another version."""
 
 TRIAL_SCHEMA = pa.schema([
@@ -38,7 +38,8 @@ TRIAL_SCHEMA = pa.schema([
     ("base_val_ppl", pa.float64()),
     ("init_val_ppl", pa.float64()),
     ("degradation_pct", pa.float64()),
-    ("kv_bytes_per_token", pa.int64()),
+    ("kv_bytes_per_token", pa.int64()),  # measured: what a latent-cache decode's cache tensors hold
+    ("kv_bytes_per_token_accounted", pa.int64()),  # kvsweep.kvcache's accounting (equal, or the trial fails)
     ("kv_bytes_per_token_base", pa.int64()),
     ("kv_ratio", pa.float64()),
     ("trainable_params", pa.int64()),

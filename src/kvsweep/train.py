@@ -26,6 +26,7 @@ from .config import ConfigError, DataCfg, KvsweepError, ModelCfg, TrainCfg, posi
 from .data import Samples, load_samples, resolve_source
 from .evaluate import PositionStats, evaluate, token_nll
 from .kvcache import base_layout, bytes_per_token, layer_bytes
+from .latent import measure_bytes
 from .losses import LossCfg, kl_divergence
 from .models import Base, check_seq_len, dims, load_base, model_config, resolve_model
 
@@ -182,6 +183,8 @@ def run_trial(cfg: TrialCfg, report: Report | None = None, *, checkpoint_dir: st
     kv_base = bytes_per_token(base_layout(d.layers, d.hidden), tc.cache_dtype)
 
     with attached(model, adapters):
+        # The cache a short latent-cache decode really holds; raises if it differs from the accounting.
+        measured = measure_bytes(model, adapters, tc.cache_dtype)
         if base_stats is None:
             with disabled(adapters), _autocast(device, tc.amp):
                 base_stats = evaluate(model, samples.val, batch_size=tc.eval_batch_size)
@@ -202,6 +205,7 @@ def run_trial(cfg: TrialCfg, report: Report | None = None, *, checkpoint_dir: st
             "base_val_ppl": base_stats.ppl,
             "init_val_ppl": init_val_ppl,
             "kv_bytes_per_token": kv_bytes,
+            "kv_bytes_per_token_measured": measured["measured_bytes_per_token"],
             "kv_ratio": kv_bytes / kv_base,
             "trainable_params": n_trainable,
             "total_params": base.num_params + n_trainable,
@@ -227,6 +231,8 @@ def run_trial(cfg: TrialCfg, report: Report | None = None, *, checkpoint_dir: st
         "init_val_ppl": constant["init_val_ppl"],
         "degradation_pct": 100.0 * (state.best_val_ppl - base_stats.ppl) / base_stats.ppl,
         "kv_bytes_per_token": kv_bytes,
+        "kv_bytes_per_token_measured": measured["measured_bytes_per_token"],
+        "kv_bytes_per_layer_measured": measured["measured_bytes_per_layer"],
         "kv_bytes_per_token_base": kv_base,
         "kv_ratio": kv_bytes / kv_base,
         "kv_bytes_per_layer": layer_bytes(layout, tc.cache_dtype),
