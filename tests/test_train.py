@@ -99,13 +99,14 @@ def test_resumed_trial_reports_what_an_uninterrupted_one_does(tmp_path):
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Crash):
         run_trial(cfg, crash_after_two, checkpoint_dir=ckpt, base=_base(), samples=_samples(), log=lambda m: None)
-    resumed = run_trial(cfg, lambda m, c: reports.append(dict(m)), checkpoint_dir=ckpt, resume_from=ckpt,
+    ckpt2 = tmp_path / "ckpt2"  # a restarted Ray trial resumes from a copy and checkpoints into a new folder
+    resumed = run_trial(cfg, lambda m, c: reports.append(dict(m)), checkpoint_dir=ckpt2, resume_from=ckpt,
                         base=_base(), samples=_samples(), log=lambda m: None)
     assert [m["epoch"] for m in reports] == [1, 2, 3, 4]
     assert [_strip(m) for m in reports] == [_strip(m) for m in full_reports]
     assert resumed["best_val_ppl"] == full["best_val_ppl"] and resumed["epochs_run"] == 4
     assert [_strip(m) for m in resumed["history"]] == [_strip(m) for m in full["history"]]
-    assert (ckpt / "state.pt").is_file() and (ckpt / "best_adapters.pt").is_file()
+    assert (ckpt2 / "state.pt").is_file() and (ckpt2 / "best_adapters.pt").is_file()
 
 
 def test_frozen_base_is_untouched_by_a_trial():
@@ -218,3 +219,14 @@ def test_kvsweep_train_bad_input(capsys):
     assert "--rank" in capsys.readouterr().err
     assert main(["train", "--adapter", "ka_gated", "--adapter", "ka_replace", "--out", "x"]) == 2
     assert "cannot be combined" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_base_trains_float32_adapters_under_autocast(dtype):
+    base = _base()
+    base.model.to(dtype)
+    cfg = _cfg(epochs=1, adapters=(AdapterSpec.parse("vdproj", rank=32, init="pca"), AdapterSpec.parse("ka_residual")))
+    result = run_trial(cfg, base=base, samples=_samples(), log=lambda m: None)
+    assert result["status"] == "completed" and math.isfinite(result["best_val_ppl"])
+    with pytest.raises(ConfigError, match="amp 'off' needs a float32 base"):
+        run_trial(_cfg(epochs=1, amp="off"), base=base, samples=_samples(), log=lambda m: None)

@@ -125,8 +125,9 @@ def test_a_killed_driver_then_the_same_command_completes_the_sweep(tiny_folder, 
         while time.monotonic() < deadline and driver.poll() is None:
             if (folder / "trials.parquet").is_file():
                 rows = pq.read_table(folder / "trials.parquet").to_pylist()
-                finished = [r["trial_id"] for r in rows if r["status"] == "completed"]
-                if finished:
+                done = sorted((r for r in rows if r["status"] == "completed"), key=lambda r: r["finished_at"])
+                if len(done) >= 2:  # Tune records a trial as finished in its next experiment snapshot:
+                    finished = [done[0]["trial_id"]]  # by the second completion the first one is on disk
                     break
             time.sleep(1)
     finally:
@@ -193,3 +194,21 @@ def test_ray_job_submit_against_a_local_head(tiny_folder, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_local_paths_become_absolute_before_ray(tmp_path, monkeypatch):
+    from kvsweep.config import ModelCfg
+    from kvsweep.tune import absolute_paths
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "tok.json").write_text("{}")
+    (tmp_path / "corpus.txt").write_text("text")
+    monkeypatch.chdir(tmp_path)
+    sweep = SweepCfg(model=ModelCfg(name="model", tokenizer="tok.json"), data=DataCfg(source="corpus.txt", train_samples=8))
+    out = absolute_paths(sweep)
+    assert out.model.name == str(tmp_path / "model") and out.model.tokenizer == str(tmp_path / "tok.json")
+    assert out.data.source == str(tmp_path / "corpus.txt")
+    tiny = absolute_paths(SweepCfg(model=ModelCfg(name="tiny:corpus.txt"), data=DataCfg(source="tiny", train_samples=8)))
+    assert tiny.model.name == f"tiny:{tmp_path / 'corpus.txt'}" and tiny.data.source == "tiny"
+    assert absolute_paths(SweepCfg(model=ModelCfg(name="EleutherAI/pythia-70m"))).model.name == "EleutherAI/pythia-70m"

@@ -25,8 +25,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield target
         if path.is_dir() and target.is_dir():
-            shutil.rmtree(path)
-        os.replace(target, path)
+            backup = tmp / ".previous"
+            os.replace(path, backup)  # a folder cannot replace a folder in one rename: keep the old one until
+            os.replace(target, path)  # the new one is in place (a crash in between leaves it in the temp folder)
+        else:
+            os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -53,7 +53,7 @@ def sweep_cfg(a: argparse.Namespace, default_name: str) -> SweepCfg:
         train_samples=a.train_samples or (SMOKE["train_samples"] if smoke else ("all" if (a.data or "tiny") == "tiny" else 10_000)),
         val_samples=a.val_samples or (SMOKE["val_samples"] if smoke else "all"),
     )
-    train = TrainCfg(lr=a.lr, batch_size=a.batch_size, epochs=a.epochs or (SMOKE["epochs"] if smoke else 30), patience=a.patience)
+    train = TrainCfg(lr=a.lr, batch_size=a.batch_size, epochs=a.epochs if a.epochs is not None else (SMOKE["epochs"] if smoke else 30), patience=a.patience)
     return SweepCfg(
         name=a.name or (f"{default_name}-smoke" if smoke else default_name), model=model, data=data, train=train,
         storage=a.storage, address=a.address, cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial,

@@ -93,11 +93,15 @@ class _State:
     best_positions: list = field(default_factory=list)
 
 
-def _autocast(device: torch.device, amp: str):
+def autocast(device: torch.device, amp: str, base_dtype: torch.dtype = torch.float32):
+    """The precision trials compute in: bf16 autocast on CUDA (``auto``), or the base's own dtype when the
+    frozen base is held in bf16/fp16 (the float32 adapters then run under autocast too)."""
+    if amp == "off":
+        return nullcontext()
     if device.type == "cuda" and amp in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if amp == "bf16" and device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16 if base_dtype == torch.float32 else base_dtype)
+    if amp == "bf16" or base_dtype != torch.float32:
+        return torch.autocast(device.type, dtype=torch.bfloat16 if base_dtype == torch.float32 else base_dtype)
     return nullcontext()
 
 
@@ -108,7 +112,9 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tenso
     return list(order.split(batch_size))
 
 
-def _save_checkpoint(path: Path, adapters: list[Adapter], opt: torch.optim.Optimizer, state: _State, best: dict | None) -> None:
+def _save_checkpoint(path: Path, adapters: list[Adapter], opt: torch.optim.Optimizer, state: _State, best: dict | None,
+                     previous: Path | None = None) -> None:
+    """Write the checkpoint folder atomically; the best weights come from ``best`` or the previous checkpoint."""
     with atomic_path(path) as tmp:
         tmp.mkdir()
         torch.save({
@@ -119,8 +125,11 @@ def _save_checkpoint(path: Path, adapters: list[Adapter], opt: torch.optim.Optim
         }, tmp / STATE_FILE)
         if best is not None:
             torch.save(best, tmp / "best_adapters.pt")
-        elif (path / "best_adapters.pt").is_file():
-            (tmp / "best_adapters.pt").write_bytes((path / "best_adapters.pt").read_bytes())
+        else:
+            for folder in (path, previous):  # a restarted trial writes into a new folder: carry them over
+                if folder is not None and (Path(folder) / "best_adapters.pt").is_file():
+                    (tmp / "best_adapters.pt").write_bytes((Path(folder) / "best_adapters.pt").read_bytes())
+                    break
 
 
 def _load_checkpoint(path: Path, adapters: list[Adapter], opt: torch.optim.Optimizer) -> _State:
@@ -169,6 +178,9 @@ def run_trial(cfg: TrialCfg, report: Report | None = None, *, checkpoint_dir: st
     report = report or (lambda metrics, ckpt: None)
     base, samples = prepare(cfg, base=base, samples=samples, log=log)
     model, device, tc = base.model, base.device, cfg.train
+    base_dtype = next(model.parameters()).dtype
+    if base_dtype != torch.float32 and tc.amp == "off":
+        raise ConfigError(f"amp 'off' needs a float32 base; the base is {base_dtype} (use amp auto, or dtype float32)")
     ranges = position_buckets(cfg.data.seq_len, cfg.buckets)
     d = dims(base.config)
 
@@ -186,7 +198,7 @@ def run_trial(cfg: TrialCfg, report: Report | None = None, *, checkpoint_dir: st
         # The cache a short latent-cache decode really holds; raises if it differs from the accounting.
         measured = measure_bytes(model, adapters, tc.cache_dtype)
         if base_stats is None:
-            with disabled(adapters), _autocast(device, tc.amp):
+            with disabled(adapters), autocast(device, tc.amp, base_dtype):
                 base_stats = evaluate(model, samples.val, batch_size=tc.eval_batch_size)
         base_buckets = base_stats.buckets(ranges)
         opt = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay) if trainable else None
@@ -196,9 +208,10 @@ def run_trial(cfg: TrialCfg, report: Report | None = None, *, checkpoint_dir: st
             init_val_ppl = state.history[0]["init_val_ppl"] if state.history else math.nan
         else:
             state = _State()
-            for a in adapters:
-                a.calibrate(model, samples.train)
-            with _autocast(device, tc.amp):
+            for a in adapters:  # each measures the base: the other adapters pass through meanwhile
+                with disabled([o for o in adapters if o is not a]), autocast(device, tc.amp, base_dtype):
+                    a.calibrate(model, samples.train)
+            with autocast(device, tc.amp, base_dtype):
                 init_stats = evaluate(model, samples.val, batch_size=tc.eval_batch_size)
             init_val_ppl = init_stats.ppl
         constant = {
@@ -219,7 +232,8 @@ def run_trial(cfg: TrialCfg, report: Report | None = None, *, checkpoint_dir: st
             report(metrics, None)
             status = "completed"
         else:
-            status = _train(cfg, model, adapters, opt, samples, state, constant, ranges, report, checkpoint_dir, progress, log)
+            status = _train(cfg, model, adapters, opt, samples, state, constant, ranges, report, checkpoint_dir, progress, log,
+                            Path(resume_from) if resume_from is not None else None)
 
     best = state.best_positions
     return {
@@ -245,9 +259,10 @@ def run_trial(cfg: TrialCfg, report: Report | None = None, *, checkpoint_dir: st
 
 
 def _train(cfg: TrialCfg, model, adapters: list[Adapter], opt, samples: Samples, state: _State, constant: dict,
-           ranges, report: Report, checkpoint_dir, progress: bool, log) -> str:
+           ranges, report: Report, checkpoint_dir, progress: bool, log, resume_from: Path | None = None) -> str:
     tc = cfg.train
     device = next(model.parameters()).device
+    base_dtype = next(model.parameters()).dtype  # the base's embedding comes first
     train_ids = torch.from_numpy(np.array(samples.train, dtype=np.int64))  # (N, T), a writable copy
     steps_per_epoch = math.ceil(len(train_ids) / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
@@ -267,7 +282,7 @@ def _train(cfg: TrialCfg, model, adapters: list[Adapter], opt, samples: Samples,
         for i, idx in enumerate(bar, 1):
             ids = train_ids[idx].to(device)  # (B, T)
             w = cfg.loss.weights(state.step / total_steps)
-            with _autocast(device, tc.amp):
+            with autocast(device, tc.amp, base_dtype):
                 logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
                 nll = token_nll(logits, ids)  # (B, T-1) float32
                 ce = nll.mean()
@@ -296,7 +311,7 @@ def _train(cfg: TrialCfg, model, adapters: list[Adapter], opt, samples: Samples,
                 sums[k] += float(v.detach())
         for a in adapters:
             a.eval()
-        with _autocast(device, tc.amp):
+        with autocast(device, tc.amp, base_dtype):
             val = evaluate(model, samples.val, batch_size=tc.eval_batch_size)
         state.epoch = epoch
         w_end = cfg.loss.weights(state.step / total_steps)
@@ -325,7 +340,7 @@ def _train(cfg: TrialCfg, model, adapters: list[Adapter], opt, samples: Samples,
             f"(base {constant['base_val_ppl']:.3f}, best {state.best_val_ppl:.3f})  {metrics['seconds']:.1f} s")
         if ckpt_path is not None:
             best = [a.state_dict() for a in adapters] if improved else None
-            _save_checkpoint(ckpt_path, adapters, opt, state, best)
+            _save_checkpoint(ckpt_path, adapters, opt, state, best, previous=resume_from)
         report(metrics, ckpt_path)
         if stop:
             log(f"early stop: no better val PPL for {tc.patience} epochs (best {state.best_val_ppl:.3f} at epoch {state.best_epoch})")

@@ -147,6 +147,7 @@ def _trainable(config: dict, *, sweep: SweepCfg, samples: Samples, base_stats: P
         if checkpoint is not None:
             resume_from = Path(work) / "resume"
             checkpoint.to_directory(str(resume_from))
+            last_epoch["n"] = int(torch.load(resume_from / "state.pt", map_location="cpu", weights_only=False)["state"]["epoch"])
 
         def report(metrics: dict, ckpt_dir: Path | None) -> None:
             last_epoch["n"] = metrics["epoch"]
@@ -276,6 +277,12 @@ class ResultsWriter(tune.Callback):
         self.records: dict[str, TrialRecord] = {}
         self._last = 0.0
 
+    def get_state(self) -> dict:  # saved with the experiment, so a continued sweep keeps earlier trials
+        return {"records": self.records}
+
+    def set_state(self, state: dict) -> None:
+        self.records = dict(state.get("records", {}))
+
     def _record(self, trial) -> TrialRecord:
         rec = self.records.get(trial.trial_id)
         if rec is None:
@@ -315,7 +322,8 @@ def records_from(grid) -> list[TrialRecord]:
         error = None
         if r.error is not None:
             error = (str(r.error).strip().splitlines() or [type(r.error).__name__])[-1]
-        out.append(TrialRecord(str(trial_id), dict(r.config), rows, error))
+        finished = bool((r.metrics or {}).get("done")) or r.error is not None  # an interrupted fit() returns early
+        out.append(TrialRecord(str(trial_id), dict(r.config), rows, error, finished))
     return out
 
 
@@ -331,18 +339,27 @@ class SweepOutcome:
     summary: str
 
 
-def prepare_shared(sweep: SweepCfg, log: Callable[[str], None] = print) -> tuple[Samples, PositionStats]:
-    """Tokenize the data and evaluate the base once, on the driver, for all trials."""
-    base = load_base(sweep.model, log=log)
+def prepare_samples(sweep: SweepCfg, log: Callable[[str], None] = print) -> Samples:
+    """Tokenize the data once, on the driver, for all trials."""
+    base = load_base(replace(sweep.model, device="cpu"), log=log)
     if base.tokenizer is None:
         raise ConfigError(f"model {sweep.model.name} has no tokenizer; give one with --tokenizer")
     samples = load_samples(sweep.data, base.tokenizer, log=log)
     if sweep.train.batch_size > len(samples.train):
         raise ConfigError(f"batch_size {sweep.train.batch_size} is larger than the {len(samples.train)} train samples")
-    stats = evaluate(base.model, samples.val, batch_size=sweep.train.eval_batch_size)
-    log(f"base {sweep.model.name}: val PPL {stats.ppl:.4f} on {len(samples.val):,} samples "
-        f"({samples.info['source']}); {len(samples.train):,} train samples")
-    return samples, stats
+    return samples
+
+
+def evaluate_base(sweep: SweepCfg, samples: Samples) -> PositionStats:
+    """The base's validation statistics, on a trial's device and in its precision (runs as a Ray task)."""
+    from transformers.utils import logging as hf_logging
+
+    from .train import autocast
+
+    hf_logging.disable_progress_bar()
+    base = load_base(replace(sweep.model, device="auto"), log=print)
+    with autocast(base.device, sweep.train.amp, next(base.model.parameters()).dtype):
+        return evaluate(base.model, samples.val, batch_size=sweep.train.eval_batch_size)
 
 
 def run_sweep(sweep: SweepCfg, space: dict[str, list], *, log: Callable[[str], None] = print,
@@ -351,15 +368,21 @@ def run_sweep(sweep: SweepCfg, space: dict[str, list], *, log: Callable[[str], N
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    sweep = absolute_paths(sweep)
     cfgs = validate_space(space, sweep)  # before Ray starts
     n_trials = sweep.num_samples or len(cfgs)
     log(f"sweep {sweep.name}: {n_trials} trials x up to {sweep.train.epochs} epochs on {sweep.model.name}")
-    samples, base_stats = prepare_shared(sweep, log=log)
+    samples = prepare_samples(sweep, log=log)
 
     started_ray = not ray.is_initialized()
     if started_ray:
         address = sweep.address or os.environ.get("RAY_ADDRESS")
         ray.init(address=address, log_to_driver=True, include_dashboard=False if address is None else None)
+    # once per sweep, with a trial's resources, so that base and trials are measured alike
+    base_stats = ray.get(ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(evaluate_base)
+                         .remote(sweep, samples))
+    log(f"base {sweep.model.name}: val PPL {base_stats.ppl:.4f} on {len(samples.val):,} samples "
+        f"({samples.info['source']}); {len(samples.train):,} train samples")
     storage = sweep.storage_uri
     if "://" not in storage and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
         log(f"kvsweep: warning: --storage {storage} is a local path on a cluster of several nodes; unless every "
@@ -427,6 +450,20 @@ def _write_report(sweep: SweepCfg, results_uri: str, log) -> Path | None:
     except Exception as e:  # the results are safe; a report can be rebuilt with `kvsweep report`
         log(f"kvsweep: the report could not be built ({e}); the results are complete, rebuild it with: kvsweep report {results_uri} -o {out}")
         return None
+
+
+def absolute_paths(sweep: SweepCfg) -> SweepCfg:
+    """Local model, tokenizer, corpus and data paths made absolute: Ray runs each trial in its own folder."""
+
+    def absolute(value: str | None) -> str | None:
+        if value is None:
+            return None
+        prefix = "tiny:" if value.startswith("tiny:") else ""
+        path = Path(value[len(prefix):]).expanduser()
+        return prefix + str(path.resolve()) if value[len(prefix):] and path.exists() else value
+
+    model = replace(sweep.model, name=absolute(sweep.model.name), tokenizer=absolute(sweep.model.tokenizer))
+    return replace(sweep, model=model, data=replace(sweep.data, source=absolute(sweep.data.source)))
 
 
 def model_dims(sweep: SweepCfg):
