@@ -314,15 +314,18 @@ class ResultsWriter(tune.Callback):
 
 
 def records_from(grid) -> list[TrialRecord]:
+    # Tune's own trial states tell finished trials from those an interrupted fit() left running or pending.
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
+    states = [t.status for t in trials] if trials is not None and len(trials) == len(grid) else [None] * len(grid)
     out = []
-    for r in grid:
+    for r, state in zip(grid, states):
         df = r.metrics_dataframe
         rows = df.to_dict("records") if df is not None and len(df) else ([dict(r.metrics)] if r.metrics else [])
         trial_id = (r.metrics or {}).get("trial_id") or Path(str(r.path)).name
         error = None
         if r.error is not None:
             error = (str(r.error).strip().splitlines() or [type(r.error).__name__])[-1]
-        finished = bool((r.metrics or {}).get("done")) or r.error is not None  # an interrupted fit() returns early
+        finished = state in (None, "TERMINATED", "ERROR") or r.error is not None
         out.append(TrialRecord(str(trial_id), dict(r.config), rows, error, finished))
     return out
 
