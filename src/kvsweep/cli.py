@@ -89,11 +89,9 @@ def add_trial_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--buckets", default=None, help="position bucket bounds (default: the seed's)")
 
 
-def trial_cfg(a: argparse.Namespace):
-    from .adapters import AdapterSpec
-    from .config import TrainCfg
-    from .losses import LossCfg, Schedule
-    from .train import TrialCfg
+def adapter_specs(a: argparse.Namespace) -> tuple:
+    """The adapters named by ``--adapter`` (with their options), checked as a combination."""
+    from .adapters import AdapterSpec, check_combination
 
     specs = []
     for name in a.adapter:
@@ -101,16 +99,26 @@ def trial_cfg(a: argparse.Namespace):
             if a.rank is None:
                 raise KvsweepError("vdproj needs --rank (the compressed width, 1..hidden size)")
             specs.append(AdapterSpec.parse("vdproj", rank=a.rank, layers=a.layers, target=a.target, init=a.init,
-                                           bias=not a.no_bias, calib_samples=a.calib_samples))
+                                           bias=not a.no_bias, calib_samples=getattr(a, "calib_samples", 64)))
         else:
             specs.append(AdapterSpec.parse(name, layers=a.ka_layers))
+    check_combination(tuple(specs))
+    return tuple(specs)
+
+
+def trial_cfg(a: argparse.Namespace):
+    from .config import TrainCfg
+    from .losses import LossCfg, Schedule
+    from .train import TrialCfg
+
+    specs = adapter_specs(a)
     loss = LossCfg.named(a.schedule, kl=a.kl_weight)
     custom = {t: Schedule.parse(getattr(a, f"w_{t}")) for t in ("lm", "rec", "kl") if getattr(a, f"w_{t}") is not None}
     if custom:
         loss = LossCfg(**{t: custom.get(t, getattr(loss, t)) for t in ("lm", "rec", "kl")}, name="custom")
     train = TrainCfg(lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, patience=a.patience, weight_decay=a.weight_decay,
                      seed=a.seed, cache_dtype=a.cache_dtype, amp=a.amp)
-    return TrialCfg(model=model_cfg(a), data=data_cfg(a), adapters=tuple(specs), loss=loss, train=train,
+    return TrialCfg(model=model_cfg(a), data=data_cfg(a), adapters=specs, loss=loss, train=train,
                     buckets=parse_bounds(a.buckets) if a.buckets else None)
 
 

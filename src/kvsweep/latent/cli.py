@@ -53,21 +53,12 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
 
 
 def _adapters_from_args(a: argparse.Namespace):
-    from ..adapters import AdapterSpec, check_combination
+    from ..cli import adapter_specs
 
-    specs = []
-    for name in a.adapter:
-        if name == "vdproj":
-            if a.rank is None:
-                raise KvsweepError("vdproj needs --rank (the compressed width, 1..hidden size)")
-            if a.init == "pca":
-                raise KvsweepError("init pca needs calibration samples: train the adapters (kvsweep train --init pca "
-                                   "--epochs 0 at least) and pass the trial folder with --trial")
-            specs.append(AdapterSpec.parse("vdproj", rank=a.rank, layers=a.layers, target=a.target, init=a.init, bias=not a.no_bias))
-        else:
-            specs.append(AdapterSpec.parse(name, layers=a.ka_layers))
-    check_combination(tuple(specs))
-    return tuple(specs)
+    if "vdproj" in a.adapter and a.init == "pca":
+        raise KvsweepError("init pca needs calibration samples: train the adapters (kvsweep train --init pca "
+                           "--epochs 0 at least) and pass the trial folder with --trial")
+    return adapter_specs(a)
 
 
 def _prompt(a: argparse.Namespace, base):
