@@ -77,10 +77,6 @@ class ModelSource:
     ref: str  # hub id, folder, tiny corpus path ("" for the built-in corpus) or Pythia size
     revision: str | None = None
 
-    @property
-    def is_pythia(self) -> bool:
-        return self.kind == "pythia-random" or bool(_PYTHIA_NAME.fullmatch(self.ref))
-
 
 def resolve_model(cfg: ModelCfg) -> ModelSource:
     """Map a model name to its source; raise a clear error for an unknown preset or a missing folder."""

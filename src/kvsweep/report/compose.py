@@ -77,6 +77,20 @@ def _front_summary(an: Analysis) -> str:
             f"and not failed; {an.front.size:,} on the Pareto front, {span}.")
 
 
+def _figure_section(title: str, intro: str, images: dict, name: str, png, alt: str, caption: str,
+                    missing: list[str], rows: str, table) -> Section:
+    """A section of an introduction, a figure (when there is one), a note on front trials without rows, a table."""
+    blocks: list = [intro]
+    if png is not None:
+        images[name] = png
+        blocks.append(Image(name, alt, caption))
+    if missing:
+        more = ", ..." if len(missing) > 10 else ""
+        blocks.append(f"No {rows} for {_plural(len(missing), 'front trial')}: {', '.join(missing[:10])}{more}.")
+    blocks.append(table)
+    return Section(title, tuple(blocks))
+
+
 def build(an: Analysis, *, title: str) -> Built:
     """The report's document, figures and frontier.csv."""
     images: dict[str, bytes] = {}
@@ -113,27 +127,21 @@ def build(an: Analysis, *, title: str) -> Built:
     )))
 
     pos_table, pos_missing = tables.position_table(an, front)
-    pos_blocks: list = ["PPL per position bucket `[lo, hi)` (the prediction at position i is of token i+1 from tokens 0..i), "
-                        "of each front trial and of the base."]
-    png = figures.positions_figure(an, chosen)
-    if png is not None:
-        images["positions.png"] = png
-        pos_blocks.append(Image("positions.png", "PPL per position bucket of front trials against the base", f"Front trials{subset} against the base."))
-    if pos_missing:
-        pos_blocks.append(f"No position rows for {_plural(len(pos_missing), 'front trial')}: {', '.join(pos_missing[:10])}{', ...' if len(pos_missing) > 10 else ''}.")
-    pos_blocks.append(pos_table)
-    sections.append(Section("Position-wise perplexity", tuple(pos_blocks)))
+    sections.append(_figure_section(
+        "Position-wise perplexity",
+        "PPL per position bucket `[lo, hi)` (the prediction at position i is of token i+1 from tokens 0..i), "
+        "of each front trial and of the base.",
+        images, "positions.png", figures.positions_figure(an, chosen),
+        "PPL per position bucket of front trials against the base", f"Front trials{subset} against the base.",
+        pos_missing, "position rows", pos_table))
 
     curve_table, curve_missing = tables.learning_table(an, front)
-    curve_blocks: list = ["Train and validation PPL per epoch of the front trials; the table gives epochs 1, 10, 20 and the best epoch (— where a trial stopped earlier)."]
-    png = figures.learning_figure(an, chosen)
-    if png is not None:
-        images["learning_curves.png"] = png
-        curve_blocks.append(Image("learning_curves.png", "Train and validation PPL per epoch of front trials", f"Front trials{subset}; the dashed line is the base's val PPL."))
-    if curve_missing:
-        curve_blocks.append(f"No epoch rows for {_plural(len(curve_missing), 'front trial')}: {', '.join(curve_missing[:10])}{', ...' if len(curve_missing) > 10 else ''}.")
-    curve_blocks.append(curve_table)
-    sections.append(Section("Learning curves", tuple(curve_blocks)))
+    sections.append(_figure_section(
+        "Learning curves",
+        "Train and validation PPL per epoch of the front trials; the table gives epochs 1, 10, 20 and the best epoch (— where a trial stopped earlier).",
+        images, "learning_curves.png", figures.learning_figure(an, chosen),
+        "Train and validation PPL per epoch of front trials", f"Front trials{subset}; the dashed line is the base's val PPL.",
+        curve_missing, "epoch rows", curve_table))
 
     sections.append(Section("What ASHA saved", (
         "Epochs the trials ran (sum of `epochs_run`) against the epochs a full grid would have run (sum of `max_epochs`: every trial to its last epoch).",
