@@ -55,7 +55,7 @@ def _run(cfg: TrialCfg, **kw) -> tuple[dict, list[dict]]:
 
 
 def _strip(m: dict) -> dict:
-    return {k: v for k, v in m.items() if k != "seconds"}
+    return {k: v for k, v in m.items() if k not in ("seconds", "first_step_at")}
 
 
 def test_reports_every_epoch_with_the_metrics_a_sweep_needs():

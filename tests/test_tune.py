@@ -71,6 +71,38 @@ def test_smoke_sweep_runs_and_a_second_run_continues_it(tiny_folder, tmp_path):
            [(r["trial_id"], r["epochs_run"], r["best_val_ppl"]) for r in t["trials"]]
 
 
+def _by_config(t: dict) -> dict:
+    """(config, epoch) -> val PPL: the same configuration has another trial id in another experiment."""
+    config = {r["trial_id"]: r["config"] for r in t["trials"]}
+    return {(config[e["trial_id"]], e["epoch"]): e["val_ppl"] for e in t["epochs"]}
+
+
+def test_packed_sweep_reports_what_unpacked_trials_report(tiny_folder, tmp_path):
+    unpacked = _sweep("--no-asha", "--name", "alone", storage=tmp_path)
+    assert "trial start-up (start to first training step): median" in unpacked.stdout
+    packed = _sweep("--pack", "4", "--name", "packed", storage=tmp_path)  # with ASHA: some trials stop after epoch 1
+    out = packed.stdout
+    assert "packed: 1 pack process(es) x up to 4 trials" in out and "trial start-up" in out
+    alone, t = _by_config(_tables(tmp_path / "alone")), _tables(tmp_path / "packed")
+    _check_once(t, 4)
+    for key, ppl in _by_config(t).items():
+        assert ppl == pytest.approx(alone[key], rel=1e-9)  # the same computation, row for row
+    # what the pack trained is exactly what the trials report: a stopped trial cost no further steps
+    steps_per_epoch = 64 // 8
+    line = next(ln for ln in out.splitlines() if ln.startswith("pack 0 on cpu:"))
+    trial_steps = int(line.split(":")[1].split()[0])
+    assert trial_steps == steps_per_epoch * sum(r["epochs_run"] for r in t["trials"])
+
+
+def test_a_crashed_packed_trial_restarts_from_its_checkpoint(tiny_folder, tmp_path):
+    _sweep("--pack", "4", "--no-asha", "--epochs", "3", "--inject-fault-at-epoch", "1", "--name", "faultypack", storage=tmp_path)
+    t = _tables(tmp_path / "faultypack")
+    _check_once(t, 4)
+    assert all(r["status"] in ("completed", "early_stopped") for r in t["trials"])
+    assert all(r["epochs_run"] == 3 or r["status"] == "early_stopped" for r in t["trials"])
+    assert list((tmp_path / "faultypack").glob("*/error.txt")) or list((tmp_path / "faultypack").glob("*/error.pkl"))
+
+
 def test_a_crashed_trial_restarts_from_its_checkpoint(tiny_folder, tmp_path):
     _sweep("--no-asha", "--epochs", "3", "--inject-fault-at-epoch", "1", "--name", "faulty", storage=tmp_path)
     t = _tables(tmp_path / "faulty")

@@ -64,7 +64,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def add_trial_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("adapters")
-    g.add_argument("--adapter", action="append", default=[], help=f"vdproj, ka_residual, ka_replace or ka_gated; repeat to combine vdproj with one KA variant")
+    g.add_argument("--adapter", action="append", default=[], help="vdproj, ka_residual, ka_replace or ka_gated; repeat to combine vdproj with one KA variant")
     g.add_argument("--rank", type=int, default=None, help="vdproj: compressed width r (1..hidden size)")
     g.add_argument("--layers", default=None, help="vdproj: 'all' (default) or comma-separated layer indices")
     g.add_argument("--target", default="v", help="vdproj: v, k or kv (keys are compressed before the rotary embedding)")

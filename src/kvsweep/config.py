@@ -230,8 +230,10 @@ class TrainCfg:
     eval_batch_size: int = 16
     cache_dtype: str = "float16"
     amp: str = "auto"
+    loss_chunk: int = 0  # >0: the LM loss from hidden states, this many tokens' logits at a time (no KL)
 
     def __post_init__(self) -> None:
+        _check_number("loss_chunk", self.loss_chunk, low=0, low_inclusive=True, integer=True)
         _check_number("lr", self.lr, low=0, low_inclusive=False)
         _check_number("batch_size", self.batch_size, low=1, low_inclusive=True, integer=True)
         _check_number("epochs", self.epochs, low=0, low_inclusive=True, integer=True)
@@ -261,6 +263,8 @@ class SweepCfg:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent: int | None = None
+    pack: int = 1  # trials trained together on one copy of the base (1: each trial in its own process)
+    packs: int | None = None  # pack processes (None: one per GPU the trials' GPUs fit, else one)
     num_samples: int | None = None  # random search with this many samples; None: the full grid
     grace_period: int = 1
     reduction_factor: float = 2.0
@@ -276,6 +280,9 @@ class SweepCfg:
         _check_number("gpus_per_trial", self.gpus_per_trial, low=0, low_inclusive=True)
         if self.max_concurrent is not None:
             _check_number("max_concurrent", self.max_concurrent, low=1, low_inclusive=True, integer=True)
+        _check_number("pack", self.pack, low=1, low_inclusive=True, integer=True)
+        if self.packs is not None:
+            _check_number("packs", self.packs, low=1, low_inclusive=True, integer=True)
         if self.num_samples is not None:
             _check_number("num_samples", self.num_samples, low=1, low_inclusive=True, integer=True)
         _check_number("grace_period", self.grace_period, low=1, low_inclusive=True, integer=True)

@@ -442,3 +442,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     n = cos.shape[-1]
     x_rot, x_pass = x[..., :n], x[..., n:]
     return torch.cat([(x_rot * cos) + (rotate_half(x_rot) * sin), x_pass], dim=-1)
+
+
+def final_hidden(model: GPTNeoXForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
+    """The last layer's hidden states after the final LayerNorm, (B, T, d): the logits are ``output_weight`` times these."""
+    return model.gpt_neox(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def output_weight(model: GPTNeoXForCausalLM) -> torch.Tensor:
+    """The output projection's weight (V, d) (no bias in GPT-NeoX)."""
+    return model.get_output_embeddings().weight

@@ -30,11 +30,18 @@ def sweep_parser(description: str, default_name: str) -> argparse.ArgumentParser
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--patience", type=int, default=3)
+    g.add_argument("--loss-chunk", type=int, default=0, help="compute the LM loss from hidden states, this many tokens' "
+                   "logits at a time, instead of the whole batch's logits (not with a KL weight; default: 0, off)")
     g.add_argument("--seeds", default="0", help="comma-separated training seeds (default: 0)")
     g = p.add_argument_group("scheduling")
     g.add_argument("--cpus-per-trial", type=float, default=1.0)
     g.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions share a GPU (default: 0)")
     g.add_argument("--max-concurrent", type=int, default=None)
+    g.add_argument("--pack", type=int, default=1, help="train up to this many trials together on one copy of the base, in "
+                   "one batched forward per step (one pack process per GPU; it gets --cpus/--gpus-per-trial); "
+                   "results are those of unpacked trials (default: 1, each trial in its own process)")
+    g.add_argument("--packs", type=int, default=None, help="pack processes (default: as many as --gpus-per-trial fits the "
+                   "cluster's GPUs, else 1)")
     g.add_argument("--num-samples", type=int, default=None, help="random search with this many trials instead of the full grid")
     g.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped (default: 1)")
     g.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/this of the trials at each rung (default: 2)")
@@ -53,11 +60,12 @@ def sweep_cfg(a: argparse.Namespace, default_name: str) -> SweepCfg:
         train_samples=a.train_samples or (SMOKE["train_samples"] if smoke else ("all" if (a.data or "tiny") == "tiny" else 10_000)),
         val_samples=a.val_samples or (SMOKE["val_samples"] if smoke else "all"),
     )
-    train = TrainCfg(lr=a.lr, batch_size=a.batch_size, epochs=a.epochs if a.epochs is not None else (SMOKE["epochs"] if smoke else 30), patience=a.patience)
+    train = TrainCfg(lr=a.lr, batch_size=a.batch_size, epochs=a.epochs if a.epochs is not None else (SMOKE["epochs"] if smoke else 30), patience=a.patience,
+                     loss_chunk=a.loss_chunk)
     return SweepCfg(
         name=a.name or (f"{default_name}-smoke" if smoke else default_name), model=model, data=data, train=train,
         storage=a.storage, address=a.address, cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial,
-        max_concurrent=a.max_concurrent, num_samples=a.num_samples, grace_period=a.grace_period,
+        max_concurrent=a.max_concurrent, pack=a.pack, packs=a.packs, num_samples=a.num_samples, grace_period=a.grace_period,
         reduction_factor=a.reduction_factor, asha=not a.no_asha, max_failures=a.max_failures, report_dir=a.report_dir,
         fail_once_at_epoch=a.inject_fault_at_epoch,
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,7 +28,8 @@ from .evaluate import PositionStats, evaluate, token_nll
 from .kvcache import base_layout, bytes_per_token, layer_bytes
 from .latent import measure_bytes
 from .losses import LossCfg, kl_divergence
-from .models import Base, check_seq_len, dims, load_base, model_config, resolve_model
+from .chunked import linear_nll
+from .models import Base, check_seq_len, dims, final_hidden, load_base, model_config, output_weight, resolve_model
 
 Report = Callable[[dict, "Path | None"], None]
 STATE_FILE = "state.pt"
@@ -175,183 +176,300 @@ def run_trial(cfg: TrialCfg, report: Report | None = None, *, checkpoint_dir: st
     sweep shares them between trials; otherwise they are loaded and computed here.
     """
     t_start = time.perf_counter()
-    report = report or (lambda metrics, ckpt: None)
     base, samples = prepare(cfg, base=base, samples=samples, log=log)
-    model, device, tc = base.model, base.device, cfg.train
-    base_dtype = next(model.parameters()).dtype
-    if base_dtype != torch.float32 and tc.amp == "off":
-        raise ConfigError(f"amp 'off' needs a float32 base; the base is {base_dtype} (use amp auto, or dtype float32)")
-    ranges = position_buckets(cfg.data.seq_len, cfg.buckets)
-    d = dims(base.config)
+    run = TrialRun(cfg, base, samples, report=report, checkpoint_dir=checkpoint_dir, resume_from=resume_from, log=log)
+    with attached(base.model, run.adapters):
+        run.start(base_stats)
+        while not run.done:
+            bar = _progress(run.steps_per_epoch, run.state.epoch + 1, cfg.train.epochs) if progress else None
+            for _ in range(run.steps_per_epoch):
+                train_step(base.model, [run])
+                if bar is not None:
+                    bar.update(1)
+                if run.done:
+                    break
+            if bar is not None:
+                bar.close()
+            if not run.done:
+                run.finish_epoch()
+    if run.error is not None:
+        raise run.error
+    return run.result(seconds=time.perf_counter() - t_start)
 
-    torch.manual_seed(tc.seed)
-    adapters = [make_adapter(spec, d) for spec in cfg.adapters]
-    trainable = [p for a in adapters for p in a.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    layout = base_layout(d.layers, d.hidden)
-    for a in adapters:
-        layout = a.kv_layout(layout)
-    kv_bytes = bytes_per_token(layout, tc.cache_dtype)
-    kv_base = bytes_per_token(base_layout(d.layers, d.hidden), tc.cache_dtype)
 
-    with attached(model, adapters):
+class TrialRun:
+    """One trial's training on a frozen base that it may share with other trials (see ``kvsweep.pack``).
+
+    Holds the trial's adapters, optimizer, loss schedule position, batch order, early-stopping state and
+    checkpoints. The adapters must be attached (directly, or routed to this trial's rows of a packed
+    batch) before ``start``; ``alone`` is the context in which the model computes for this trial alone
+    (for evaluation and calibration): nothing to do when the adapters are attached directly.
+    """
+
+    def __init__(self, cfg: TrialCfg, base: Base, samples: Samples, *, report: Report | None = None,
+                 checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
+                 alone: Callable[[], AbstractContextManager] = nullcontext, log: Callable[[str], None] = print):
+        self.cfg, self.base, self.samples, self.log, self.alone = cfg, base, samples, log, alone
+        self.report = report or (lambda metrics, ckpt: None)
+        self.model, self.device, tc = base.model, base.device, cfg.train
+        self.base_dtype = next(self.model.parameters()).dtype  # the base's embedding comes first
+        if self.base_dtype != torch.float32 and tc.amp == "off":
+            raise ConfigError(f"amp 'off' needs a float32 base; the base is {self.base_dtype} (use amp auto, or dtype float32)")
+        self.ranges = position_buckets(cfg.data.seq_len, cfg.buckets)
+        d = dims(base.config)
+        torch.manual_seed(tc.seed)
+        self.adapters = [make_adapter(spec, d) for spec in cfg.adapters]
+        self.trainable = [p for a in self.adapters for p in a.parameters() if p.requires_grad]
+        self.base_params = base.num_params  # before the adapters are attached (their taps hold them)
+        self.layout = base_layout(d.layers, d.hidden)
+        for a in self.adapters:
+            self.layout = a.kv_layout(self.layout)
+        self.kv_bytes = bytes_per_token(self.layout, tc.cache_dtype)
+        self.kv_base = bytes_per_token(base_layout(d.layers, d.hidden), tc.cache_dtype)
+        self.opt = torch.optim.AdamW(self.trainable, lr=tc.lr, weight_decay=tc.weight_decay) if self.trainable else None
+        self.ckpt_path = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.resume_from = Path(resume_from) if resume_from is not None else None
+        self.train_ids = torch.from_numpy(np.array(samples.train, dtype=np.int64))  # (N, T), a writable copy
+        self.steps_per_epoch = math.ceil(len(self.train_ids) / tc.batch_size) if tc.batch_size else 0
+        self.total_steps = self.steps_per_epoch * tc.epochs
+        self.use_kl = cfg.loss.kl.peak > 0
+        self.state = _State()
+        self.status: str | None = None  # "completed" | "early_stopped" | "error" once done
+        self.error: TrialError | None = None
+        self._batches: list[torch.Tensor] = []
+        self._pos = 0  # steps taken in the current epoch
+        self._t_epoch = 0.0
+        self._reported = False
+        self.first_step_at: float | None = None  # time.time() of the first training step (start-up ends there)
+
+    # -- set-up
+    def start(self, base_stats: PositionStats | None = None) -> None:
+        """Measure the cache, evaluate the base (unless given) and the initial adapters, or resume."""
+        tc, model = self.cfg.train, self.model
         # The cache a short latent-cache decode really holds; raises if it differs from the accounting.
-        measured = measure_bytes(model, adapters, tc.cache_dtype)
-        if base_stats is None:
-            with disabled(adapters), autocast(device, tc.amp, base_dtype):
-                base_stats = evaluate(model, samples.val, batch_size=tc.eval_batch_size)
-        base_buckets = base_stats.buckets(ranges)
-        opt = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay) if trainable else None
-        if resume_from is not None:
-            state = _load_checkpoint(Path(resume_from), adapters, opt)
-            log(f"resumed from {resume_from} after epoch {state.epoch}")
-            init_val_ppl = state.history[0]["init_val_ppl"] if state.history else math.nan
-        else:
-            state = _State()
-            for a in adapters:  # each measures the base: the other adapters pass through meanwhile
-                with disabled([o for o in adapters if o is not a]), autocast(device, tc.amp, base_dtype):
-                    a.calibrate(model, samples.train)
-            with autocast(device, tc.amp, base_dtype):
-                init_stats = evaluate(model, samples.val, batch_size=tc.eval_batch_size)
-            init_val_ppl = init_stats.ppl
-        constant = {
+        self.measured = measure_bytes(model, self.adapters, tc.cache_dtype)
+        with self.alone():
+            if base_stats is None:
+                with disabled(self.adapters), self.autocast():
+                    base_stats = evaluate(model, self.samples.val, batch_size=tc.eval_batch_size)
+            if self.resume_from is not None:
+                self.state = _load_checkpoint(self.resume_from, self.adapters, self.opt)
+                self.log(f"resumed from {self.resume_from} after epoch {self.state.epoch}")
+                init_val_ppl = self.state.history[0]["init_val_ppl"] if self.state.history else math.nan
+            else:
+                for a in self.adapters:  # each measures the base: the other adapters pass through meanwhile
+                    with disabled([o for o in self.adapters if o is not a]), self.autocast():
+                        a.calibrate(model, self.samples.train)
+                with self.autocast():
+                    init_stats = evaluate(model, self.samples.val, batch_size=tc.eval_batch_size)
+                init_val_ppl = init_stats.ppl
+        self.base_stats = base_stats
+        self.constant = {
             "base_val_ppl": base_stats.ppl,
             "init_val_ppl": init_val_ppl,
-            "kv_bytes_per_token": kv_bytes,
-            "kv_bytes_per_token_measured": measured["measured_bytes_per_token"],
-            "kv_ratio": kv_bytes / kv_base,
-            "trainable_params": n_trainable,
-            "total_params": base.num_params + n_trainable,
+            "kv_bytes_per_token": self.kv_bytes,
+            "kv_bytes_per_token_measured": self.measured["measured_bytes_per_token"],
+            "kv_ratio": self.kv_bytes / self.kv_base,
+            "trainable_params": sum(p.numel() for p in self.trainable),
+            "total_params": self.base_params + sum(p.numel() for p in self.trainable),
         }
+        if tc.epochs == 0 and self.resume_from is None:
+            metrics = {"epoch": 0, "train_ppl": math.nan, "val_ppl": init_val_ppl, **self.constant,
+                       **{bucket_key(b["lo"], b["hi"]): b["ppl"] for b in init_stats.buckets(self.ranges)}}
+            self.state.history.append(metrics)
+            self.state.best_val_ppl, self.state.best_positions = init_val_ppl, init_stats.buckets(self.ranges)
+            self.report(metrics, None)
+            self.status = "completed"
+        elif self.state.bad_epochs >= tc.patience:  # resumed from the checkpoint of an early-stopped trial
+            self.status = "early_stopped"
+        elif self.state.epoch >= tc.epochs:
+            self.status = "completed"
 
-        if tc.epochs == 0 and resume_from is None:
-            metrics = {"epoch": 0, "train_ppl": math.nan, "val_ppl": init_val_ppl, **constant,
-                       **{bucket_key(b["lo"], b["hi"]): b["ppl"] for b in init_stats.buckets(ranges)}}
-            state.history.append(metrics)
-            state.best_val_ppl, state.best_positions = init_val_ppl, init_stats.buckets(ranges)
-            report(metrics, None)
-            status = "completed"
-        else:
-            status = _train(cfg, model, adapters, opt, samples, state, constant, ranges, report, checkpoint_dir, progress, log,
-                            Path(resume_from) if resume_from is not None else None)
+    def autocast(self):
+        return autocast(self.device, self.cfg.train.amp, self.base_dtype)
 
-    best = state.best_positions
-    return {
-        "status": status,
-        "epochs_run": state.epoch,
-        "best_epoch": state.best_epoch,
-        "best_val_ppl": state.best_val_ppl,
-        "base_val_ppl": base_stats.ppl,
-        "init_val_ppl": constant["init_val_ppl"],
-        "degradation_pct": 100.0 * (state.best_val_ppl - base_stats.ppl) / base_stats.ppl,
-        "kv_bytes_per_token": kv_bytes,
-        "kv_bytes_per_token_measured": measured["measured_bytes_per_token"],
-        "kv_bytes_per_layer_measured": measured["measured_bytes_per_layer"],
-        "kv_bytes_per_token_base": kv_base,
-        "kv_ratio": kv_bytes / kv_base,
-        "kv_bytes_per_layer": layer_bytes(layout, tc.cache_dtype),
-        "trainable_params": n_trainable,
-        "total_params": base.num_params + n_trainable,
-        "history": state.history,
-        "positions": [{**b, "base_ppl": bb["ppl"]} for b, bb in zip(best, base_buckets)],
-        "seconds": time.perf_counter() - t_start,
-    }
+    # -- training, a step at a time
+    @property
+    def done(self) -> bool:
+        return self.status is not None
 
+    @property
+    def epoch_finished(self) -> bool:
+        return bool(self._batches) and self._pos == len(self._batches)
 
-def _train(cfg: TrialCfg, model, adapters: list[Adapter], opt, samples: Samples, state: _State, constant: dict,
-           ranges, report: Report, checkpoint_dir, progress: bool, log, resume_from: Path | None = None) -> str:
-    tc = cfg.train
-    device = next(model.parameters()).device
-    base_dtype = next(model.parameters()).dtype  # the base's embedding comes first
-    train_ids = torch.from_numpy(np.array(samples.train, dtype=np.int64))  # (N, T), a writable copy
-    steps_per_epoch = math.ceil(len(train_ids) / tc.batch_size)
-    total_steps = steps_per_epoch * tc.epochs
-    ckpt_path = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    use_kl = cfg.loss.kl.peak > 0
+    def next_batch(self) -> torch.Tensor:
+        """The token ids (B, T) of this trial's next step, on the base's device; starts an epoch if due."""
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+        if not self._batches:
+            epoch = self.state.epoch + 1
+            self._batches = _batches(len(self.train_ids), self.cfg.train.batch_size, self.cfg.train.seed, epoch)
+            self._pos, self._t_epoch = 0, time.perf_counter()
+            self._sums = {"loss": 0.0, "loss_lm": 0.0, "loss_rec": 0.0, "loss_kl": 0.0, "nll": 0.0, "tokens": 0}
+            for a in self.adapters:
+                a.train()
+        return self.train_ids[self._batches[self._pos]].to(self.device)
 
-    if state.bad_epochs >= tc.patience:  # resumed from the checkpoint of an early-stopped trial
-        return "early_stopped"
-    for epoch in range(state.epoch + 1, tc.epochs + 1):
-        t0 = time.perf_counter()
-        for a in adapters:
-            a.train()
-        sums = {"loss": 0.0, "loss_lm": 0.0, "loss_rec": 0.0, "loss_kl": 0.0}
-        nll_sum, n_tok = 0.0, 0
-        batches = _batches(len(train_ids), tc.batch_size, tc.seed, epoch)
-        bar = _progress(batches, epoch, tc.epochs) if progress else batches
-        for i, idx in enumerate(bar, 1):
-            ids = train_ids[idx].to(device)  # (B, T)
-            w = cfg.loss.weights(state.step / total_steps)
-            with autocast(device, tc.amp, base_dtype):
-                logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-                nll = token_nll(logits, ids)  # (B, T-1) float32
-                ce = nll.mean()
-                recs = [r for a in adapters if (r := a.reconstruction_loss()) is not None]
-                rec = torch.stack(recs).sum() if recs else torch.zeros((), device=device)
-                if use_kl:
-                    with torch.no_grad(), disabled(adapters):
-                        teacher = model(input_ids=ids, use_cache=False).logits
-                    kl = kl_divergence(logits[:, :-1], teacher[:, :-1])
-                else:
-                    kl = torch.zeros((), device=device)
-            loss = w["lm"] * ce + w["rec"] * rec + w["kl"] * kl
-            if not torch.isfinite(loss):
-                raise TrialError(f"loss is {loss.item()} at epoch {epoch}, step {i} of {steps_per_epoch} "
-                                 f"(lm {ce.item():.4g}, rec {rec.item():.4g}, kl {kl.item():.4g}); try a lower lr")
-            opt.zero_grad(set_to_none=True)
-            if loss.requires_grad:
-                loss.backward()
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip)
-                opt.step()
-            state.step += 1
-            nll_sum += float(nll.detach().double().sum())
-            n_tok += nll.numel()
-            for k, v in (("loss", loss), ("loss_lm", ce), ("loss_rec", rec), ("loss_kl", kl)):
-                sums[k] += float(v.detach())
-        for a in adapters:
+    def loss(self, nll: torch.Tensor, logits: torch.Tensor | None, teacher: torch.Tensor | None) -> torch.Tensor | None:
+        """This step's loss from this trial's per-token NLL (B, T-1) (and its logits (B, T, V) and the base's,
+        for KL); ``None`` (and the trial ends in error) when it is not finite. Call inside the forward's autocast."""
+        w = self.cfg.loss.weights(self.state.step / self.total_steps)
+        ce = nll.mean()
+        recs = [r for a in self.adapters if (r := a.reconstruction_loss()) is not None]
+        rec = torch.stack(recs).sum() if recs else torch.zeros((), device=self.device)
+        kl = kl_divergence(logits[:, :-1], teacher[:, :-1]) if self.use_kl else torch.zeros((), device=self.device)
+        loss = w["lm"] * ce + w["rec"] * rec + w["kl"] * kl
+        if not torch.isfinite(loss):
+            self.error = TrialError(f"loss is {loss.item()} at epoch {self.state.epoch + 1}, step {self._pos + 1} of "
+                                    f"{self.steps_per_epoch} (lm {ce.item():.4g}, rec {rec.item():.4g}, kl {kl.item():.4g}); try a lower lr")
+            self.status = "error"
+            return None
+        self._last = (loss.detach(), ce.detach(), rec.detach(), kl.detach(), nll.detach())
+        return loss
+
+    def update(self) -> None:
+        """After the backward pass: clip, step the optimizer, count the step."""
+        tc = self.cfg.train
+        if self.opt is not None and any(p.grad is not None for p in self.trainable):
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.trainable, tc.grad_clip)
+            self.opt.step()
+        self.state.step += 1
+        self._pos += 1
+        loss, ce, rec, kl, nll = self._last
+        s = self._sums
+        s["nll"] += float(nll.double().sum())
+        s["tokens"] += nll.numel()
+        for k, v in (("loss", loss), ("loss_lm", ce), ("loss_rec", rec), ("loss_kl", kl)):
+            s[k] += float(v)
+
+    def zero_grad(self) -> None:
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
+
+    def finish_epoch(self) -> None:
+        """Evaluate, update early stopping, write the checkpoint, report; sets ``status`` at the end."""
+        tc, state = self.cfg.train, self.state
+        for a in self.adapters:
             a.eval()
-        with autocast(device, tc.amp, base_dtype):
-            val = evaluate(model, samples.val, batch_size=tc.eval_batch_size)
-        state.epoch = epoch
-        w_end = cfg.loss.weights(state.step / total_steps)
+        with self.alone(), self.autocast():
+            val = evaluate(self.model, self.samples.val, batch_size=tc.eval_batch_size)
+        epoch = state.epoch = state.epoch + 1
+        w_end = self.cfg.loss.weights(state.step / self.total_steps)
+        s = self._sums
         metrics = {
             "epoch": epoch,
-            "train_ppl": math.exp(nll_sum / n_tok),
+            "train_ppl": math.exp(s["nll"] / s["tokens"]),
             "val_ppl": val.ppl,
-            **{k: v / steps_per_epoch for k, v in sums.items()},
+            **{k: s[k] / self.steps_per_epoch for k in ("loss", "loss_lm", "loss_rec", "loss_kl")},
             **{f"w_{k}": v for k, v in w_end.items()},
-            **constant,
-            **{bucket_key(b["lo"], b["hi"]): b["ppl"] for b in val.buckets(ranges)},
+            **self.constant,
+            **{bucket_key(b["lo"], b["hi"]): b["ppl"] for b in val.buckets(self.ranges)},
             "lr": tc.lr,
             "steps": state.step,
-            "seconds": time.perf_counter() - t0,
+            "seconds": time.perf_counter() - self._t_epoch,
         }
+        self._batches, self._pos = [], 0
         improved = val.ppl < state.best_val_ppl
         if improved:
             state.best_val_ppl, state.best_epoch, state.bad_epochs = val.ppl, epoch, 0
-            state.best_positions = val.buckets(ranges)
+            state.best_positions = val.buckets(self.ranges)
         else:
             state.bad_epochs += 1
         stop = state.bad_epochs >= tc.patience
         metrics.update(best_val_ppl=state.best_val_ppl, early_stopped=stop)
         state.history.append(metrics)
-        log(f"epoch {epoch}/{tc.epochs}: train PPL {metrics['train_ppl']:.3f}  val PPL {val.ppl:.3f}  "
-            f"(base {constant['base_val_ppl']:.3f}, best {state.best_val_ppl:.3f})  {metrics['seconds']:.1f} s")
-        if ckpt_path is not None:
-            best = [a.state_dict() for a in adapters] if improved else None
-            _save_checkpoint(ckpt_path, adapters, opt, state, best, previous=resume_from)
-        report(metrics, ckpt_path)
+        self.log(f"epoch {epoch}/{tc.epochs}: train PPL {metrics['train_ppl']:.3f}  val PPL {val.ppl:.3f}  "
+                 f"(base {self.constant['base_val_ppl']:.3f}, best {state.best_val_ppl:.3f})  {metrics['seconds']:.1f} s")
         if stop:
-            log(f"early stop: no better val PPL for {tc.patience} epochs (best {state.best_val_ppl:.3f} at epoch {state.best_epoch})")
-            return "early_stopped"
-    return "completed"
+            self.status = "early_stopped"
+        elif epoch >= tc.epochs:
+            self.status = "completed"
+        if self.ckpt_path is not None:
+            best = [a.state_dict() for a in self.adapters] if improved else None
+            _save_checkpoint(self.ckpt_path, self.adapters, self.opt, state, best, previous=self.resume_from)
+        first = {} if self._reported else {"first_step_at": self.first_step_at}  # for start-up times
+        self._reported = True
+        self.report({**metrics, **first}, self.ckpt_path)
+        if stop:
+            self.log(f"early stop: no better val PPL for {tc.patience} epochs (best {state.best_val_ppl:.3f} at epoch {state.best_epoch})")
+
+    def result(self, seconds: float = math.nan) -> dict:
+        state, c = self.state, self.constant
+        best, base_ppl = state.best_positions, self.base_stats.ppl
+        return {
+            "status": self.status,
+            "epochs_run": state.epoch,
+            "best_epoch": state.best_epoch,
+            "best_val_ppl": state.best_val_ppl,
+            "base_val_ppl": base_ppl,
+            "init_val_ppl": c["init_val_ppl"],
+            "degradation_pct": 100.0 * (state.best_val_ppl - base_ppl) / base_ppl,
+            "kv_bytes_per_token": self.kv_bytes,
+            "kv_bytes_per_token_measured": self.measured["measured_bytes_per_token"],
+            "kv_bytes_per_layer_measured": self.measured["measured_bytes_per_layer"],
+            "kv_bytes_per_token_base": self.kv_base,
+            "kv_ratio": self.kv_bytes / self.kv_base,
+            "kv_bytes_per_layer": layer_bytes(self.layout, self.cfg.train.cache_dtype),
+            "trainable_params": c["trainable_params"],
+            "total_params": c["total_params"],
+            "history": state.history,
+            "positions": [{**b, "base_ppl": bb["ppl"]} for b, bb in zip(best, self.base_stats.buckets(self.ranges))],
+            "seconds": seconds,
+        }
 
 
-def _progress(batches, epoch: int, epochs: int):
+def train_step(model, runs: list[TrialRun], route: Callable[[list[tuple[TrialRun, int]]], AbstractContextManager] | None = None) -> None:
+    """One optimizer step for each of ``runs``: one forward over their batches stacked, one backward.
+
+    ``route(rows)`` (for several runs) is the context in which each run's adapters see only its own rows
+    of the stacked batch; the runs' parameters are disjoint, so the gradient of the summed losses is each
+    run's own gradient. A run whose loss is not finite ends in error and steps no further.
+    """
+    batches = [r.next_batch() for r in runs]  # each (B_i, T)
+    ids = torch.cat(batches) if len(batches) > 1 else batches[0]  # (sum B_i, T)
+    rows = [(r, len(b)) for r, b in zip(runs, batches)]
+    first = runs[0]
+    chunk = first.cfg.train.loss_chunk
+    from_hidden = chunk > 0 and not any(r.use_kl for r in runs)  # no full logits at all
+    with (route(rows) if route is not None else nullcontext()), first.autocast():
+        if from_hidden:
+            hidden = final_hidden(model, ids)  # (sum B_i, T, d)
+            weight = output_weight(model)  # (V, d)
+        else:
+            logits = model(input_ids=ids, use_cache=False).logits  # (sum B_i, T, V)
+        teacher = None
+        if any(r.use_kl for r in runs):
+            with torch.no_grad(), (route([]) if route is not None else disabled(first.adapters)):
+                teacher = model(input_ids=ids, use_cache=False).logits  # the base's logits
+        losses, start = [], 0
+        for r, b in zip(runs, batches):
+            part = slice(start, start + len(b))
+            start += len(b)
+            if from_hidden:
+                own = None
+                nll = linear_nll(hidden[part, :-1], weight, b[:, 1:], chunk_rows=chunk)  # (B, T-1) float32
+            else:
+                own = logits[part]
+                nll = token_nll(own, b)  # (B, T-1) float32
+            loss = r.loss(nll, own, teacher[part] if teacher is not None else None)
+            if loss is not None:
+                losses.append(loss)
+    live = [r for r in runs if r.error is None]
+    for r in live:
+        r.zero_grad()
+    if losses:
+        total = torch.stack(losses).sum() if len(losses) > 1 else losses[0]
+        if total.requires_grad:
+            total.backward()
+    for r in live:
+        r.update()
+
+
+def _progress(steps: int, epoch: int, epochs: int):
     from tqdm.auto import tqdm
 
-    return tqdm(batches, desc=f"epoch {epoch}/{epochs}", leave=False, unit="step", disable=None)  # off when not a terminal
+    return tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False, unit="step", disable=None)  # off when not a terminal
 
 
 def git_revision() -> str | None:

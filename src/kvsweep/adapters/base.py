@@ -11,9 +11,10 @@ import torch
 
 from ..config import ConfigError
 from ..kvcache import Layout
-from ..models import Dims
+from ..models import Dims, tap_attention_output, tap_qkv
 
 ADAPTERS: dict[str, type["Adapter"]] = {}
+TAPS = {"qkv": tap_qkv, "attention_output": tap_attention_output}
 
 
 def register_adapter(name: str) -> Callable[[type["Adapter"]], type["Adapter"]]:
@@ -82,14 +83,18 @@ class Adapter(torch.nn.Module):
     """A trainable addition to a frozen base. One subclass per file, registered with ``register_adapter``.
 
     Subclasses set ``Options`` (their options dataclass), ``family`` (a trial combines at most one adapter
-    per family), ``default_layers`` and implement ``build``, ``attach_layer``, ``kv_layout`` and
+    per family), ``tap`` (the point of a layer they act on: ``"qkv"``, K and V before rotary, or
+    ``"attention_output"``, A before ``dense``), ``default_layers`` and implement ``build`` (with one
+    module per layer in ``per_layer``, keyed by the layer index as a string), ``kv_layout`` and
     ``param_formula``.
     """
 
     name: ClassVar[str]
     Options: ClassVar[type[AdapterOptions]]
     family: ClassVar[str]
+    tap: ClassVar[str]
     default_layers: ClassVar[str] = "all"
+    per_layer: torch.nn.ModuleDict
 
     def __init__(self, options: AdapterOptions, dims: Dims):
         super().__init__()
@@ -100,9 +105,6 @@ class Adapter(torch.nn.Module):
 
     # -- to implement
     def build(self) -> None:
-        raise NotImplementedError
-
-    def attach_layer(self, model, layer: int) -> Callable[[], None]:
         raise NotImplementedError
 
     def kv_layout(self, layout: Layout) -> Layout:
@@ -121,6 +123,13 @@ class Adapter(torch.nn.Module):
         return None
 
     # -- shared
+    def layer_module(self, layer: int) -> torch.nn.Module:
+        """What the tap of ``layer`` calls: ``(k, v) -> (k, v)`` for ``qkv``, ``a -> a`` for ``attention_output``."""
+        return self.per_layer[str(layer)]
+
+    def attach_layer(self, model, layer: int) -> Callable[[], None]:
+        return TAPS[self.tap](model, layer, self.layer_module(layer))
+
     @property
     def attached(self) -> bool:
         return bool(self._undo)

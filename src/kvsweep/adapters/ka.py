@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from ..kvcache import Layout, with_ka
-from ..models import tap_attention_output
 from .base import Adapter, AdapterOptions
 
 
@@ -57,6 +56,7 @@ class KAAdapter(Adapter):
 
     Options = KAOptions
     family = "ka"
+    tap = "attention_output"
     default_layers = "last"
     gated = False
 
@@ -67,9 +67,6 @@ class KAAdapter(Adapter):
     @staticmethod
     def combine(layer: KALayer, a: torch.Tensor, ka: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def attach_layer(self, model, layer: int):
-        return tap_attention_output(model, layer, self.per_layer[str(layer)])
 
     def kv_layout(self, layout: Layout) -> Layout:
         return with_ka(layout, self.layers, self.dims.hidden)

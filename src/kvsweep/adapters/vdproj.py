@@ -18,7 +18,6 @@ import torch
 from ..config import ConfigError
 from ..kvcache import Layout, with_vdproj
 from ..losses import relative_reconstruction
-from ..models import tap_qkv
 from .base import Adapter, AdapterOptions, register_adapter
 
 TARGETS = ("v", "k", "kv")
@@ -115,6 +114,7 @@ class LayerVDProj(torch.nn.Module):
 class VDProj(Adapter):
     Options = VDProjOptions
     family = "vdproj"
+    tap = "qkv"
     default_layers = "all"
 
     def build(self) -> None:
@@ -128,9 +128,6 @@ class VDProj(Adapter):
 
     def _compressors(self) -> list[Compressor]:
         return [c for m in self.per_layer.values() for c in (m.k, m.v) if c is not None]
-
-    def attach_layer(self, model, layer: int):
-        return tap_qkv(model, layer, self.per_layer[str(layer)])
 
     def kv_layout(self, layout: Layout) -> Layout:
         return with_vdproj(layout, self.layers, self.options.rank, self.options.target)

@@ -28,14 +28,14 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from .adapters import AdapterSpec, make_adapter
-from .config import ConfigError, SweepCfg, position_buckets
-from .data import Samples, load_samples, resolve_source
-from .evaluate import PositionStats, evaluate
-from .losses import LossCfg
-from .models import Base, check_seq_len, dims, load_base, model_config, resolve_model
-from .results import EPOCH_SCHEMA, POSITION_SCHEMA, SCHEMA_VERSION, TRIAL_SCHEMA, table
-from .train import TrialCfg, TrialError, bucket_key, epoch_rows, git_revision, run_trial
+from ..adapters import AdapterSpec, make_adapter
+from ..config import ConfigError, SweepCfg, position_buckets
+from ..data import Samples, load_samples, resolve_source
+from ..evaluate import PositionStats, evaluate
+from ..losses import LossCfg
+from ..models import Base, check_seq_len, dims, load_base, model_config, resolve_model
+from ..results import EPOCH_SCHEMA, POSITION_SCHEMA, SCHEMA_VERSION, TRIAL_SCHEMA, table
+from ..train import TrialCfg, TrialError, bucket_key, epoch_rows, git_revision, run_trial
 
 SPACE_FIELDS = {
     "rank": "V-DProj rank (None: no V-DProj)",
@@ -128,6 +128,7 @@ _BASES: dict = {}
 
 
 def _trainable(config: dict, *, sweep: SweepCfg, samples: Samples, base_stats: PositionStats) -> None:
+    t_start = time.time()
     import torch
 
     from transformers.utils import logging as hf_logging
@@ -150,6 +151,9 @@ def _trainable(config: dict, *, sweep: SweepCfg, samples: Samples, base_stats: P
             last_epoch["n"] = int(torch.load(resume_from / "state.pt", map_location="cpu", weights_only=False)["state"]["epoch"])
 
         def report(metrics: dict, ckpt_dir: Path | None) -> None:
+            first_step_at = metrics.pop("first_step_at", None)
+            if first_step_at is not None and resume_from is None:
+                metrics["startup_seconds"] = first_step_at - t_start
             last_epoch["n"] = metrics["epoch"]
             ckpt = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
             tune.report(dict(metrics), checkpoint=ckpt)
@@ -357,7 +361,7 @@ def evaluate_base(sweep: SweepCfg, samples: Samples) -> PositionStats:
     """The base's validation statistics, on a trial's device and in its precision (runs as a Ray task)."""
     from transformers.utils import logging as hf_logging
 
-    from .train import autocast
+    from ..train import autocast
 
     hf_logging.disable_progress_bar()
     base = load_base(replace(sweep.model, device="auto"), log=print)
@@ -392,9 +396,22 @@ def run_sweep(sweep: SweepCfg, space: dict[str, list], *, log: Callable[[str], N
             "node mounts it, checkpoints and results end up scattered: use s3://..., gs://... or a shared mount")
     experiment_path = f"{storage.rstrip('/')}/{sweep.name}"
     results_uri = experiment_path
-    resources = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, sweep=sweep, samples=samples, base_stats=base_stats), resources)
+    servers: list = []
+    max_concurrent = sweep.max_concurrent
+    if sweep.pack > 1:
+        from .packed import CLIENT_CPUS, packed_trainable, start_servers
+
+        n_packs = sweep.packs or _default_packs(sweep, n_trials)
+        servers = start_servers(sweep, samples, base_stats, n_packs)
+        max_concurrent = min(max_concurrent or n_packs * sweep.pack, n_packs * sweep.pack)
+        log(f"packed: {n_packs} pack process(es) x up to {sweep.pack} trials, each pack with one copy of the base "
+            f"({sweep.cpus_per_trial:g} CPU, {sweep.gpus_per_trial:g} GPU)")
+        trainable = tune.with_resources(tune.with_parameters(packed_trainable, sweep=sweep, servers=servers),
+                                        {"cpu": CLIENT_CPUS})
+    else:
+        resources = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
+        trainable = tune.with_resources(
+            tune.with_parameters(_trainable, sweep=sweep, samples=samples, base_stats=base_stats), resources)
     writer = ResultsWriter(sweep, base_stats, results_uri)
     run_config = tune.RunConfig(
         name=sweep.name, storage_path=storage,
@@ -412,21 +429,53 @@ def run_sweep(sweep: SweepCfg, space: dict[str, list], *, log: Callable[[str], N
         tuner = tune.Tuner(
             trainable, param_space=param_space(space, sweep),
             tune_config=tune.TuneConfig(metric="val_ppl", mode="min", scheduler=scheduler,
-                                        num_samples=sweep.num_samples or 1, max_concurrent_trials=sweep.max_concurrent),
+                                        num_samples=sweep.num_samples or 1, max_concurrent_trials=max_concurrent),
             run_config=run_config,
         )
+    t_fit = time.perf_counter()
     grid = tuner.fit()
+    fit_seconds = time.perf_counter() - t_fit
+    pack_stats = [ray.get(s.stats.remote()) for s in servers]
+    for s in servers:
+        ray.kill(s)
     if started_ray:
         ray.shutdown()  # also lets the trials' last log lines arrive before the summary
-    tables = build_tables(records_from(grid), sweep, base_stats)
+    records = records_from(grid)
+    tables = build_tables(records, sweep, base_stats)
     write_tables(tables, results_uri)
     report = _write_report(sweep, results_uri, log)
-    summary = summarize(tables["trials"], results_uri, report)
+    summary = summarize(tables["trials"], results_uri, report, throughput(records, fit_seconds, pack_stats))
     log(summary)
     return SweepOutcome(results_uri, experiment_path, tables, report, summary)
 
 
-def summarize(trials: pa.Table, results_uri: str, report: Path | None) -> str:
+def _default_packs(sweep: SweepCfg, n_trials: int) -> int:
+    """One pack per ``--gpus-per-trial`` share of the cluster's GPUs (one on CPUs), at most one per K trials."""
+    n = 1
+    if sweep.gpus_per_trial > 0:
+        n = max(1, int(ray.cluster_resources().get("GPU", 0) // sweep.gpus_per_trial))
+    return max(1, min(n, math.ceil(n_trials / sweep.pack)))
+
+
+def throughput(records: list[TrialRecord], fit_seconds: float, pack_stats: list[dict]) -> str:
+    """Trials per hour of this run, the trials' start-up times and, for packs, their training tokens/s."""
+    epochs = sum(len({r.get("epoch") for r in rec.results if "trial_error" not in r}) for rec in records)
+    startups = sorted(r["startup_seconds"] for rec in records for r in rec.results
+                      if isinstance(r.get("startup_seconds"), (int, float)) and r["startup_seconds"] == r["startup_seconds"])
+    parts = [f"this run: {fit_seconds:.0f} s for {len(records)} trials ({3600 * len(records) / max(fit_seconds, 1e-9):.0f} trials/h, "
+             f"{epochs} epochs)"]
+    if startups:
+        parts.append(f"trial start-up (start to first training step): median {startups[len(startups) // 2]:.1f} s, "
+                     f"max {startups[-1]:.1f} s")
+    for i, st in enumerate(pack_stats):
+        if st["step_seconds"] > 0:
+            parts.append(f"pack {i} on {st['device']}: {st['trial_steps']} trial-steps in {st['steps']} steps "
+                         f"({st['trial_steps'] / max(st['steps'], 1):.1f} trials per step), "
+                         f"{st['tokens'] / st['step_seconds']:,.0f} training tokens/s in its steps")
+    return "\n".join(parts)
+
+
+def summarize(trials: pa.Table, results_uri: str, report: Path | None, timing: str = "") -> str:
     rows = trials.to_pylist()
     by_status = {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "asha_stopped", "error")}
     run, grid = sum(r["epochs_run"] for r in rows), sum(r["max_epochs"] for r in rows)
@@ -436,7 +485,7 @@ def summarize(trials: pa.Table, results_uri: str, report: Path | None) -> str:
              f"epochs run {run} of {grid} a full grid would run ({100 * run / grid:.0f}%)" if grid else "",
              f"best val PPL {best['best_val_ppl']:.4f} ({best['variant']}, rank {best['rank']}) vs base {best['base_val_ppl']:.4f}" if best else "",
              f"results: {results_uri}/trials.parquet, epochs.parquet, positions.parquet",
-             f"report: {report}" if report else ""]
+             f"report: {report}" if report else "", timing]
     return "\n".join(p for p in parts if p)
 
 
@@ -444,7 +493,7 @@ def _write_report(sweep: SweepCfg, results_uri: str, log) -> Path | None:
     if not sweep.report_dir:
         return None
     try:
-        from .report import build_report
+        from ..report import build_report
     except ImportError:
         return None
     out = Path(sweep.report_dir) / sweep.name

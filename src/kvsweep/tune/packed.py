@@ -1,0 +1,238 @@
+"""Packed sweeps (``--pack K``): up to K trials at a time train together in one pack process per GPU.
+
+A pack process (``PackServer``, a Ray actor holding the GPU) loads the base once and trains the
+epochs its trials ask for, all of them in one batched forward per step (``kvsweep.pack``). Each
+configuration is still its own Tune trial: a thin trial process (``packed_trainable``, no GPU) asks its
+pack for one epoch at a time, then reports the epoch's metrics and checkpoint to Tune. Tune, ASHA, the
+failure retries and the results see exactly the trials of an unpacked sweep:
+
+- Tune decides after each report whether the trial goes on; a trial that ASHA stops never asks for
+  another epoch, so it costs its pack nothing more, while the others keep stepping.
+- Checkpoints are the trial's own (the same files as unpacked); a restarted or continued trial sends
+  its last checkpoint to whichever pack takes it.
+- A trial's loss that turns non-finite ends that trial (status ``error``); a pack that fails as a whole
+  (out of GPU memory, say) fails the epochs it was running, and Tune restarts them from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import replace
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from ..config import SweepCfg
+from ..data import Samples
+from ..evaluate import PositionStats
+from ..models import load_base
+from ..pack import Pack
+from ..train import STATE_FILE, TrialRun
+
+CLIENT_CPUS = 0.01  # a packed trial's own process only waits on its pack
+PARK_SECONDS = 120.0  # a trial between epochs keeps its state in its pack this long (then it resends its checkpoint)
+
+
+class PackServer:
+    """One base on one device, and the trials training on it. Runs as a threaded Ray actor: ``epoch``
+    calls wait concurrently while a single thread does all the work on the model."""
+
+    def __init__(self, sweep: SweepCfg, samples: Samples, base_stats: PositionStats, slots: int):
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        torch.set_num_threads(max(1, int(sweep.cpus_per_trial)))
+        self.sweep, self.base_stats, self.slots = sweep, base_stats, slots
+        self.base = load_base(replace(sweep.model, device="auto"), log=print)
+        self.pack = Pack(self.base, samples, log=print)
+        self.work = Path(tempfile.mkdtemp(prefix="kvsweep-pack-"))
+        self._cv = threading.Condition()
+        self._requests: deque = deque()
+        self._runs: dict[str, TrialRun] = {}  # trial id -> its run, training or parked between epochs
+        self._waiting: dict[str, Future] = {}  # trial id -> the reply to its requested epoch
+        self._parked: dict[str, float] = {}  # trial id -> when its last epoch ended
+        self.counters = {"steps": 0, "trial_steps": 0, "tokens": 0, "step_seconds": 0.0}
+        threading.Thread(target=self._loop, name="kvsweep-pack", daemon=True).start()
+
+    # -- called by the trials (any thread)
+    def load(self) -> int:
+        with self._cv:
+            return len(self._waiting) + len(self._requests)
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {**self.counters, "device": str(self.base.device), "trials": len(self._runs)}
+
+    def epoch(self, trial_id: str, config: dict, epoch: int, files: dict[str, bytes] | None) -> dict:
+        """Train trial ``trial_id`` (at ``epoch`` epochs done) for one more epoch; its metrics and checkpoint.
+
+        Replies ``{"need_checkpoint": True}`` when this pack does not hold the trial at that epoch and no
+        checkpoint came with the call.
+        """
+        reply: Future = Future()
+        with self._cv:
+            self._requests.append((trial_id, config, epoch, files, reply))
+            self._cv.notify()
+        return reply.result()
+
+    # -- the model's thread
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._requests and not self._waiting:
+                    self._cv.wait(timeout=10.0)
+                    self._evict()
+                requests = list(self._requests)
+                self._requests.clear()
+            for request in requests:
+                self._admit(*request)
+            ids = list(self._waiting)
+            if not ids:
+                continue
+            runs = [self._runs[t] for t in ids]
+            t0 = time.perf_counter()
+            try:
+                self.pack.step(runs)
+            except Exception as e:  # the whole step failed: fail these epochs, Tune restarts the trials
+                for t in ids:
+                    self._drop(t)
+                    self._waiting.pop(t).set_exception(e)
+                continue
+            self.counters["steps"] += 1
+            self.counters["trial_steps"] += len(runs)
+            self.counters["step_seconds"] += time.perf_counter() - t0
+            self.counters["tokens"] += sum(r.cfg.train.batch_size * r.cfg.data.seq_len for r in runs)
+            for t, run in zip(ids, runs, strict=True):
+                if run.error is not None:
+                    self._reply(t, {"error": str(run.error), "epoch": run.state.epoch + 1})
+                    self._drop(t)
+                elif run.epoch_finished:
+                    try:
+                        run.finish_epoch()
+                    except Exception as e:
+                        self._drop(t)
+                        self._waiting.pop(t).set_exception(e)
+                        continue
+                    self._reply(t, self._epoch_reply(run))
+                    if run.done:
+                        self._drop(t)
+                    else:
+                        self._parked[t] = time.monotonic()
+
+    def _admit(self, trial_id: str, config: dict, epoch: int, files: dict[str, bytes] | None, reply: Future) -> None:
+        from . import trial_cfg
+
+        run = self._runs.get(trial_id)
+        if run is not None and run.state.epoch != epoch:  # the trial went back to an older checkpoint
+            self._drop(trial_id)
+            run = None
+        if run is None:
+            if epoch > 0 and files is None:
+                reply.set_result({"need_checkpoint": True})
+                return
+            folder = self.work / trial_id
+            shutil.rmtree(folder, ignore_errors=True)
+            resume = None
+            if files:
+                resume = folder / "resume"
+                resume.mkdir(parents=True)
+                for name, data in files.items():
+                    (resume / name).write_bytes(data)
+            try:
+                run = self.pack.add(trial_cfg(config, self.sweep), base_stats=self.base_stats,
+                                    checkpoint_dir=folder / "checkpoint", resume_from=resume,
+                                    log=lambda m, t=trial_id: print(f"[{t}] {m}"))
+            except Exception as e:
+                reply.set_exception(e)
+                return
+            self._runs[trial_id] = run
+        self._parked.pop(trial_id, None)
+        if run.done:  # resumed from the checkpoint of a finished trial
+            reply.set_result({"metrics": None, "done": True})
+            self._drop(trial_id)
+            return
+        self._waiting[trial_id] = reply
+
+    def _epoch_reply(self, run: TrialRun) -> dict:
+        files = {p.name: p.read_bytes() for p in run.ckpt_path.iterdir() if p.is_file()}
+        metrics = {**run.state.history[-1], "first_step_at": run.first_step_at}
+        return {"metrics": metrics, "files": files, "done": run.done}
+
+    def _reply(self, trial_id: str, value: dict) -> None:
+        self._waiting.pop(trial_id).set_result(value)
+
+    def _drop(self, trial_id: str) -> None:
+        run = self._runs.pop(trial_id, None)
+        self._parked.pop(trial_id, None)
+        if run is not None:
+            self.pack.remove(run)
+        shutil.rmtree(self.work / trial_id, ignore_errors=True)
+
+    def _evict(self) -> None:
+        """Forget trials parked too long (ASHA stopped them, most likely); they resend their checkpoint if not."""
+        now = time.monotonic()
+        for t, since in list(self._parked.items()):
+            if now - since > PARK_SECONDS:
+                self._drop(t)
+
+
+def start_servers(sweep: SweepCfg, samples: Samples, base_stats: PositionStats, n: int) -> list:
+    """``n`` pack processes, each with a trial's resources (``--cpus-per-trial``, ``--gpus-per-trial``)."""
+    actor = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial, max_concurrency=sweep.pack + 8,
+                       max_restarts=0)(PackServer)
+    samples_ref = ray.put(samples)
+    return [actor.remote(sweep, samples_ref, base_stats, sweep.pack) for _ in range(n)]
+
+
+def packed_trainable(config: dict, *, sweep: SweepCfg, servers: list) -> None:
+    """One configuration of a packed sweep: asks a pack for epochs, reports each to Tune with its checkpoint."""
+    import torch
+
+    t_start = time.time()
+    trial_id = tune.get_context().get_trial_id()
+    loads = ray.get([s.load.remote() for s in servers])
+    server = servers[loads.index(min(loads))]
+    epoch, files = 0, None
+    checkpoint = tune.get_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="kvsweep-trial-") as work:
+        if checkpoint is not None:
+            folder = Path(work) / "resume"
+            checkpoint.to_directory(str(folder))
+            files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+            epoch = int(torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)["state"]["epoch"])
+        restarted = checkpoint is not None
+        previous: Path | None = None
+        while True:
+            reply = ray.get(server.epoch.remote(trial_id, config, epoch, None))
+            if reply.get("need_checkpoint"):
+                reply = ray.get(server.epoch.remote(trial_id, config, epoch, files))
+            if "error" in reply:  # deterministic: end the trial as an error instead of retrying it
+                tune.report({"epoch": reply["epoch"], "val_ppl": math.inf, "trial_error": reply["error"]})
+                return
+            if reply["metrics"] is None:
+                return
+            metrics, files = dict(reply["metrics"]), reply["files"]
+            first_step_at = metrics.pop("first_step_at", None)
+            if first_step_at is not None and epoch == 0:
+                metrics["startup_seconds"] = first_step_at - t_start
+            epoch = int(metrics["epoch"])
+            folder = Path(work) / f"checkpoint-{epoch}"
+            folder.mkdir()
+            for name, data in files.items():
+                (folder / name).write_bytes(data)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+            if previous is not None:
+                shutil.rmtree(previous, ignore_errors=True)  # Tune has its copy
+            previous = folder
+            if sweep.fail_once_at_epoch is not None and not restarted and epoch == sweep.fail_once_at_epoch:
+                raise RuntimeError(f"injected fault after epoch {epoch} (--inject-fault-at-epoch)")
+            if reply["done"]:
+                return

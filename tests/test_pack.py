@@ -1,0 +1,174 @@
+"""Packed trials (one base, one batched forward over several trials) against the same trials run alone."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from kvsweep.adapters import AdapterSpec
+from kvsweep.config import DataCfg, ModelCfg, TrainCfg
+from kvsweep.data import Samples
+from kvsweep.losses import LossCfg
+from kvsweep.models import Base, ModelSource
+from kvsweep.pack import Pack, Router, run_packed
+from kvsweep.train import TrialCfg, run_trial
+
+from .conftest import neox_model
+
+T = 32
+
+
+def _base() -> Base:
+    return Base(model=neox_model(), tokenizer=None, name="small", source=ModelSource("local", "small"), model_path=None)
+
+
+def _samples(n_train: int = 24, n_val: int = 6) -> Samples:
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, 320, size=(n_train + n_val, 1))
+    ids = ((starts + np.arange(T)) % 320).astype(np.int32)  # token i+1 = token i + 1 (mod 320)
+    return Samples(train=ids[:n_train], val=ids[n_train:])
+
+
+def _cfg(adapters, *, loss="rec_to_lm", kl=0.0, epochs=3, **train) -> TrialCfg:
+    return TrialCfg(
+        model=ModelCfg(name="small"), data=DataCfg(seq_len=T, train_samples=24, val_samples=6), adapters=tuple(adapters),
+        loss=LossCfg.named(loss, kl=kl),
+        train=TrainCfg(**{"lr": 3e-3, "batch_size": 8, "epochs": epochs, "patience": 3, **train}),
+    )
+
+
+VD = AdapterSpec.parse("vdproj", rank=32)
+# Different adapters, ranks, inits, schedules, learning rates, seeds and batch sizes in one pack.
+MIXED = [
+    _cfg([VD]),
+    _cfg([AdapterSpec.parse("vdproj", rank=16, init="pca", target="kv")], loss="lm", lr=1e-3, seed=1),
+    _cfg([AdapterSpec.parse("ka_gated")], loss="lm", kl=0.5, seed=2),
+    _cfg([AdapterSpec.parse("vdproj", rank=48, layers="1"), AdapterSpec.parse("ka_residual", layers="0")], loss="rec_to_lm_cosine",
+         batch_size=6),
+    _cfg([AdapterSpec.parse("ka_replace")], loss="lm", lr=1e-3, batch_size=4),
+]
+
+
+def _strip(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k not in ("seconds", "first_step_at")}
+
+
+def _alone(cfg: TrialCfg) -> tuple[dict, list[dict]]:
+    reports: list[dict] = []
+    result = run_trial(cfg, lambda m, ckpt: reports.append(_strip(m)), base=_base(), samples=_samples(), log=lambda m: None)
+    return result, reports
+
+
+def _packed(cfgs: list[TrialCfg], **kw) -> tuple[list[dict], list[list[dict]]]:
+    reports: list[list[dict]] = [[] for _ in cfgs]
+    results = run_packed(cfgs, base=_base(), samples=_samples(), log=lambda m: None,
+                         reports=[(lambda m, ckpt, i=i: reports[i].append(_strip(m))) for i in range(len(cfgs))], **kw)
+    return results, reports
+
+
+def _close(a: dict, b: dict, rel: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], float) and not (math.isnan(a[k]) and math.isnan(b[k])):
+            assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-7), k
+        else:
+            assert a[k] == b[k], k
+
+
+def test_packed_trials_report_what_they_report_alone():
+    results, reports = _packed(MIXED)
+    for cfg, result, rep in zip(MIXED, results, reports, strict=True):
+        alone, alone_reports = _alone(cfg)
+        assert len(rep) == len(alone_reports) == 3
+        for m, ma in zip(rep, alone_reports, strict=True):
+            _close(m, ma, rel=1e-5)
+        assert result["status"] == alone["status"] == "completed"
+        _close({k: v for k, v in result.items() if k not in ("history", "positions", "seconds")},
+               {k: v for k, v in alone.items() if k not in ("history", "positions", "seconds")}, rel=1e-5)
+
+
+def test_pack_of_identical_trials_matches_one_alone_exactly_in_float32():
+    cfg = _cfg([VD], epochs=2)
+    results, reports = _packed([cfg, cfg, cfg])
+    _, alone = _alone(cfg)
+    assert reports[0] == reports[1] == reports[2]
+    for m, ma in zip(reports[0], alone, strict=True):
+        _close(m, ma, rel=1e-6)
+
+
+def test_a_trial_that_stops_leaves_the_pack_and_the_others_go_on():
+    # patience 1 and a learning rate too small to change a float32 weight: no better val PPL at epoch 2, stop
+    stopper = _cfg([VD], loss="lm", lr=1e-30, patience=1, epochs=4)
+    keeper = _cfg([VD], epochs=4)
+    results, reports = _packed([stopper, keeper])
+    alone_stop, _ = _alone(stopper)
+    assert results[0]["status"] == alone_stop["status"] == "early_stopped"
+    assert results[0]["epochs_run"] == alone_stop["epochs_run"] == 2 and len(reports[0]) == 2
+    assert results[1]["status"] == "completed" and len(reports[1]) == 4
+    _, alone_keep = _alone(keeper)
+    for m, ma in zip(reports[1], alone_keep, strict=True):
+        _close(m, ma, rel=1e-5)
+
+
+def test_a_trial_whose_loss_diverges_ends_in_error_and_the_others_go_on():
+    bad = _cfg([VD], loss="lm", lr=1e30, grad_clip=0.0)
+    good = _cfg([VD])
+    results, reports = _packed([bad, good])
+    assert results[0]["status"] == "error" and "loss is" in results[0]["error"]
+    assert results[1]["status"] == "completed" and len(reports[1]) == 3
+
+
+def test_checkpoints_of_a_packed_trial_resume_alone(tmp_path):
+    cfg = _cfg([VD], loss="lm", epochs=2)  # constant loss weights: 2 epochs then 1 more = 3 epochs at once
+    _packed([cfg, _cfg([AdapterSpec.parse("ka_gated")], epochs=1)], checkpoint_dirs=[tmp_path / "a", tmp_path / "b"])
+    # the packed trial's checkpoint after its last epoch is one the single-trial path reads
+    extra = _cfg([VD], loss="lm", epochs=3)
+    resumed: list[dict] = []
+    result = run_trial(extra, lambda m, c: resumed.append(_strip(m)), base=_base(), samples=_samples(), log=lambda m: None,
+                       resume_from=tmp_path / "a")
+    assert [m["epoch"] for m in resumed] == [3] and result["epochs_run"] == 3
+    _, alone = _alone(extra)
+    _close(resumed[0], alone[2], rel=1e-5)
+
+
+def test_routers_leave_the_base_untouched_when_nobody_is_routed():
+    base = _base()
+    ids = torch.from_numpy(_samples().val[:2].astype(np.int64))
+    before = base.model(input_ids=ids).logits
+    pack = Pack(base, _samples(), log=lambda m: None)
+    run = pack.add(_cfg([VD]))
+    with pack.routing([]):
+        assert torch.equal(base.model(input_ids=ids).logits, before)
+    with pack.routing([(run, None)]):
+        assert not torch.allclose(base.model(input_ids=ids).logits, before)
+    pack.close()
+    assert not pack.routers and all(type(layer.attention.query_key_value) is torch.nn.Linear for layer in base.model.gpt_neox.layers)
+    assert torch.equal(base.model(input_ids=ids).logits, before)
+
+
+def test_router_splits_rows_and_passes_through_trials_without_a_module():
+    r = Router()
+    double, other, bystander = object(), object(), object()
+    r.fns[double] = lambda a: 2 * a
+    r.fns[other] = lambda a: a + 1
+    x = torch.arange(6.0).view(6, 1, 1)
+    r.rows = [(double, 2), (bystander, 1), (other, 3)]
+    assert r(x).view(-1).tolist() == [0, 2, 2, 4, 5, 6]
+    r.rows = []
+    assert r(x) is x
+
+
+def test_loss_from_hidden_states_in_chunks_matches_the_full_logits():
+    cfgs = [_cfg([VD]), _cfg([AdapterSpec.parse("ka_gated")], loss="lm", seed=3)]
+    _, full = _packed(cfgs)
+    _, chunked = _packed([replace(c, train=replace(c.train, loss_chunk=7)) for c in cfgs])
+    for a, b in zip(full, chunked, strict=True):
+        for m, mc in zip(a, b, strict=True):
+            _close(m, mc, rel=1e-5)
+    _, alone = _alone(replace(cfgs[0], train=replace(cfgs[0].train, loss_chunk=7)))
+    for m, ma in zip(chunked[0], alone, strict=True):
+        _close(m, ma, rel=1e-6)
