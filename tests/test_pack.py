@@ -172,3 +172,19 @@ def test_loss_from_hidden_states_in_chunks_matches_the_full_logits():
     _, alone = _alone(replace(cfgs[0], train=replace(cfgs[0].train, loss_chunk=7)))
     for m, ma in zip(chunked[0], alone, strict=True):
         _close(m, ma, rel=1e-6)
+
+
+def test_same_shaped_adapters_run_as_one_batched_call_and_match_alone(monkeypatch):
+    from kvsweep.adapters.vdproj import Compressor
+
+    calls = []
+    stacked = Compressor.forward_stacked
+    monkeypatch.setattr(Compressor, "forward_stacked", staticmethod(lambda comps, x: calls.append(len(comps)) or stacked(comps, x)))
+    kv = AdapterSpec.parse("vdproj", rank=24, target="kv", init="pca")
+    cfgs = [_cfg([kv], seed=0), _cfg([kv], seed=1, lr=1e-3), _cfg([kv], seed=2, loss="lm"), _cfg([VD], seed=3)]
+    results, reports = _packed(cfgs)
+    assert calls and max(calls) == 3  # the three rank-24 trials together; the rank-32 one alone
+    for cfg, rep in zip(cfgs, reports, strict=True):
+        _, alone = _alone(cfg)
+        for m, ma in zip(rep, alone, strict=True):
+            _close(m, ma, rel=1e-5)

@@ -72,8 +72,14 @@ def test_smoke_sweep_runs_and_a_second_run_continues_it(tiny_folder, tmp_path):
 
 
 def _by_config(t: dict) -> dict:
-    """(config, epoch) -> val PPL: the same configuration has another trial id in another experiment."""
-    config = {r["trial_id"]: r["config"] for r in t["trials"]}
+    """(config, epoch) -> val PPL: the same configuration has another trial id in another experiment (and
+    may compute its loss in chunks: the same loss, summed in another order)."""
+    def key(config: str) -> str:
+        c = json.loads(config)
+        c["train"].pop("loss_chunk")
+        return json.dumps(c, sort_keys=True)
+
+    config = {r["trial_id"]: key(r["config"]) for r in t["trials"]}
     return {(config[e["trial_id"]], e["epoch"]): e["val_ppl"] for e in t["epochs"]}
 
 
@@ -86,7 +92,7 @@ def test_packed_sweep_reports_what_unpacked_trials_report(tiny_folder, tmp_path)
     alone, t = _by_config(_tables(tmp_path / "alone")), _tables(tmp_path / "packed")
     _check_once(t, 4)
     for key, ppl in _by_config(t).items():
-        assert ppl == pytest.approx(alone[key], rel=1e-9)  # the same computation, row for row
+        assert ppl == pytest.approx(alone[key], rel=1e-5)  # the same computation up to float32 rounding
     # what the pack trained is exactly what the trials report: a stopped trial cost no further steps
     steps_per_epoch = 64 // 8
     line = next(ln for ln in out.splitlines() if ln.startswith("pack 0 on cpu:"))

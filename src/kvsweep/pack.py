@@ -23,21 +23,26 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .adapters import TAPS
+from .chunked import linear_nll
 from .data import Samples
 from .evaluate import PositionStats
-from .models import Base
+from .models import Base, final_hidden, output_weight
 from .train import Report, TrialCfg, TrialRun, train_step
 
+EVAL_CHUNK = 4096  # tokens whose logits exist at once while a pack evaluates
 Rows = list[tuple[TrialRun, "int | None"]]  # (trial, its rows of the stacked batch; None: all of them)
 
 
 class Router(torch.nn.Module):
     """The function of one tap point of a packed base: each trial's rows through that trial's module.
 
-    ``fns`` maps a trial to its module there (``(k, v) -> (k, v)`` or ``a -> a``); ``rows`` is the layout
+    Consecutive trials whose modules have equal ``stack_key()`` (and as many rows) run as one batched
+    call of the module class's ``forward_stacked``: two batched matmuls for all V-DProj layers of one
+    shape instead of two kernels per trial. ``fns`` maps a trial to its module there (``(k, v) -> (k, v)`` or ``a -> a``); ``rows`` is the layout
     of the current batch. The modules are not registered as submodules: the base's parameters stay the
     base's own.
     """
@@ -54,13 +59,28 @@ class Router(torch.nn.Module):
             return xs[0] if single else xs
         if len(rows) == 1 and rows[0][1] is None:  # one trial, the whole batch
             return self.fns[rows[0][0]](*xs)
-        outs, start = [], 0
-        for run, n in rows:
-            part = tuple(x[start : start + n] for x in xs)  # each (n, T, d): this trial's rows
-            start += n
+        outs, start, i = [], 0, 0
+        while i < len(rows):
+            run, n = rows[i]
             fn = self.fns.get(run)
-            out = fn(*part) if fn is not None else (part[0] if single else part)
-            outs.append((out,) if single else tuple(out))
+            j = i + 1
+            key = fn.stack_key() if hasattr(fn, "stack_key") else None
+            if key is not None:  # the next trials with the same kind of module and as many rows: one batched call
+                while j < len(rows) and rows[j][1] == n and type(nxt := self.fns.get(rows[j][0])) is type(fn) \
+                        and nxt.stack_key() == key:
+                    j += 1
+            m = j - i
+            if m > 1:
+                part = tuple(x[start : start + m * n].reshape(m, n * x.shape[1], x.shape[2]) for x in xs)  # (m, n*T, d)
+                out = type(fn).forward_stacked([self.fns[r] for r, _ in rows[i:j]], *part)
+                out = (out,) if single else tuple(out)
+                outs.append(tuple(o.reshape(m * n, *xs[0].shape[1:]) for o in out))  # (m*n, T, d)
+            else:
+                part = tuple(x[start : start + n] for x in xs)  # each (n, T, d): this trial's rows
+                out = fn(*part) if fn is not None else (part[0] if single else part)
+                outs.append((out,) if single else tuple(out))
+            start += m * n
+            i = j
         cat = tuple(torch.cat(group) for group in zip(*outs, strict=True))  # back to (sum n, T, d)
         return cat[0] if single else cat
 
@@ -106,6 +126,45 @@ class Pack:
         """One optimizer step for each of ``runs`` (a subset of the pack), in one forward and backward."""
         train_step(self.base.model, runs, route=self.routing)
 
+    @torch.no_grad()
+    def evaluate(self, runs: list[TrialRun], max_rows: int = 256) -> list[PositionStats]:
+        """Validation statistics of each of ``runs``, several trials per forward (at most ``max_rows`` rows):
+        each validation batch repeated once per trial, each copy through its trial's adapters, the NLL from
+        hidden states (no full logits). The same statistics as ``evaluate`` for each trial alone."""
+        val, first = self.samples.val, runs[0]
+        batch = first.cfg.train.eval_batch_size
+        per_forward = max(1, max_rows // batch)
+        model, weight = self.base.model, output_weight(self.base.model)
+        stats = [PositionStats.zeros(val.shape[1]) for _ in runs]
+        was_training = model.training
+        model.eval()
+        for a in (a for r in runs for a in r.adapters):
+            a.eval()
+        try:
+            for start in range(0, len(val), batch):
+                ids = torch.from_numpy(np.array(val[start : start + batch], dtype=np.int64)).to(self.base.device)  # (b, T)
+                b = len(ids)
+                for g in range(0, len(runs), per_forward):
+                    group = runs[g : g + per_forward]
+                    stacked = ids.repeat(len(group), 1)  # (len(group) * b, T): one copy per trial
+                    with self.routing([(r, b) for r in group]), first.autocast():
+                        hidden = final_hidden(model, stacked)  # (len(group) * b, T, d)
+                        nll = linear_nll(hidden[:, :-1], weight, stacked[:, 1:], chunk_rows=EVAL_CHUNK)  # (len(group) * b, T-1)
+                    for i, _ in enumerate(group):
+                        stats[g + i].add(nll[i * b : (i + 1) * b])
+        finally:
+            model.train(was_training)
+        return stats
+
+    def finish_epochs(self, runs: list[TrialRun]) -> None:
+        """End the epoch of each of ``runs`` (all at the end of one), evaluating them together."""
+        if len(runs) <= 1:
+            for run in runs:
+                run.finish_epoch()
+            return
+        for run, val in zip(runs, self.evaluate(runs), strict=True):
+            run.finish_epoch(val)
+
     @contextmanager
     def routing(self, rows: Rows) -> Iterator[None]:
         """Inside the block the base computes the stacked batch laid out as ``rows`` (``[]``: the base alone)."""
@@ -148,13 +207,10 @@ def run_packed(cfgs: list[TrialCfg], *, base: Base, samples: Samples, base_stats
                          checkpoint_dir=checkpoint_dirs[i] if checkpoint_dirs else None) for i, cfg in enumerate(cfgs)]
         while live := [r for r in runs if not r.done]:
             pack.step(live)
+            pack.finish_epochs([r for r in live if not r.done and r.epoch_finished])
             for r in live:
                 if r.done:
                     pack.remove(r)
-                elif r.epoch_finished:
-                    r.finish_epoch()
-                    if r.done:
-                        pack.remove(r)
         return [{**r.result(), **({"error": str(r.error)} if r.error is not None else {})} for r in runs]
     finally:
         pack.close()

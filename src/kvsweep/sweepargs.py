@@ -6,6 +6,7 @@ import argparse
 
 from .config import DataCfg, ModelCfg, SweepCfg, TrainCfg
 
+PACKED_LOSS_CHUNK = 4096  # a pack's stacked batch would otherwise hold float32 logits for all its trials' tokens
 SMOKE = {"train_samples": 64, "val_samples": 16, "epochs": 2}
 
 
@@ -30,8 +31,9 @@ def sweep_parser(description: str, default_name: str) -> argparse.ArgumentParser
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--patience", type=int, default=3)
-    g.add_argument("--loss-chunk", type=int, default=0, help="compute the LM loss from hidden states, this many tokens' "
-                   "logits at a time, instead of the whole batch's logits (not with a KL weight; default: 0, off)")
+    g.add_argument("--loss-chunk", type=int, default=None, help="compute the LM loss from hidden states, this many tokens' "
+                   "logits at a time, instead of the whole batch's logits (not with a KL weight); 0: off "
+                   f"(default: {PACKED_LOSS_CHUNK} with --pack, else 0)")
     g.add_argument("--seeds", default="0", help="comma-separated training seeds (default: 0)")
     g = p.add_argument_group("scheduling")
     g.add_argument("--cpus-per-trial", type=float, default=1.0)
@@ -61,7 +63,7 @@ def sweep_cfg(a: argparse.Namespace, default_name: str) -> SweepCfg:
         val_samples=a.val_samples or (SMOKE["val_samples"] if smoke else "all"),
     )
     train = TrainCfg(lr=a.lr, batch_size=a.batch_size, epochs=a.epochs if a.epochs is not None else (SMOKE["epochs"] if smoke else 30), patience=a.patience,
-                     loss_chunk=a.loss_chunk)
+                     loss_chunk=a.loss_chunk if a.loss_chunk is not None else (PACKED_LOSS_CHUNK if a.pack > 1 else 0))
     return SweepCfg(
         name=a.name or (f"{default_name}-smoke" if smoke else default_name), model=model, data=data, train=train,
         storage=a.storage, address=a.address, cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial,

@@ -347,13 +347,15 @@ class TrialRun:
         if self.opt is not None:
             self.opt.zero_grad(set_to_none=True)
 
-    def finish_epoch(self) -> None:
-        """Evaluate, update early stopping, write the checkpoint, report; sets ``status`` at the end."""
+    def finish_epoch(self, val: PositionStats | None = None) -> None:
+        """Evaluate (unless ``val``, this trial's validation statistics, is given), update early stopping,
+        write the checkpoint, report; sets ``status`` at the end."""
         tc, state = self.cfg.train, self.state
         for a in self.adapters:
             a.eval()
-        with self.alone(), self.autocast():
-            val = evaluate(self.model, self.samples.val, batch_size=tc.eval_batch_size)
+        if val is None:
+            with self.alone(), self.autocast():
+                val = evaluate(self.model, self.samples.val, batch_size=tc.eval_batch_size)
         epoch = state.epoch = state.epoch + 1
         w_end = self.cfg.loss.weights(state.step / self.total_steps)
         s = self._sums

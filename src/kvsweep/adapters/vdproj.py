@@ -58,6 +58,23 @@ class Compressor(torch.nn.Module):
         self.last_rec = relative_reconstruction(x, x_hat)
         return x_hat
 
+    @staticmethod
+    def forward_stacked(comps: list[Compressor], x: torch.Tensor) -> torch.Tensor:
+        """K compressors of one shape, each on its own rows: x (K, N, d) -> (K, N, d), two batched matmuls.
+        Each keeps its own reconstruction error, as if called alone."""
+        down_w = torch.stack([c.down.weight for c in comps]).transpose(1, 2)  # (K, d, r)
+        up_w = torch.stack([c.up.weight for c in comps]).transpose(1, 2)  # (K, r, d)
+        if comps[0].down.bias is not None:
+            h = torch.baddbmm(torch.stack([c.down.bias for c in comps]).unsqueeze(1), x, down_w)  # (K, N, r)
+            x_hat = torch.baddbmm(torch.stack([c.up.bias for c in comps]).unsqueeze(1), h, up_w)  # (K, N, d)
+        else:
+            x_hat = torch.bmm(torch.bmm(x, down_w), up_w)
+        xf, err = x.float(), (x.float() - x_hat.float())
+        rec = err.pow(2).sum((1, 2)) / xf.pow(2).sum((1, 2)).clamp_min(1e-12)  # (K,)
+        for c, r in zip(comps, rec.unbind(), strict=True):
+            c.last_rec = r
+        return x_hat
+
     @torch.no_grad()
     def init_identity(self) -> None:
         r, d = self.down.weight.shape
@@ -94,6 +111,21 @@ class LayerVDProj(torch.nn.Module):
         self.k = Compressor(d, r, bias) if "k" in target else None
         self.active = True
         self.moments: dict[str, list] | None = None  # set while calibrating
+
+    def stack_key(self) -> tuple | None:
+        """Modules with equal keys can run as one batched computation (``forward_stacked``); ``None``: not now."""
+        if self.moments is not None or not self.active:
+            return None
+        return tuple(None if c is None else tuple(c.down.weight.shape) + (c.down.bias is not None,) for c in (self.k, self.v))
+
+    @staticmethod
+    def forward_stacked(mods: list[LayerVDProj], k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` of K modules with equal ``stack_key``, each on its own rows: k, v (K, N, d) each."""
+        out = []
+        for name, x in (("k", k), ("v", v)):
+            comps = [getattr(m, name) for m in mods]
+            out.append(x if comps[0] is None else Compressor.forward_stacked(comps, x))
+        return out[0], out[1]
 
     def forward(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.moments is not None:

@@ -110,22 +110,29 @@ class PackServer:
             self.counters["trial_steps"] += len(runs)
             self.counters["step_seconds"] += time.perf_counter() - t0
             self.counters["tokens"] += sum(r.cfg.train.batch_size * r.cfg.data.seq_len for r in runs)
+            ending = []
             for t, run in zip(ids, runs, strict=True):
                 if run.error is not None:
                     self._reply(t, {"error": str(run.error), "epoch": run.state.epoch + 1})
                     self._drop(t)
                 elif run.epoch_finished:
-                    try:
-                        run.finish_epoch()
-                    except Exception as e:
-                        self._drop(t)
-                        self._waiting.pop(t).set_exception(e)
-                        continue
-                    self._reply(t, self._epoch_reply(run))
-                    if run.done:
-                        self._drop(t)
-                    else:
-                        self._parked[t] = time.monotonic()
+                    ending.append(t)
+            if not ending:
+                continue
+            try:
+                self.pack.finish_epochs([self._runs[t] for t in ending])
+            except Exception as e:
+                for t in ending:
+                    self._drop(t)
+                    self._waiting.pop(t).set_exception(e)
+                continue
+            for t in ending:
+                run = self._runs[t]
+                self._reply(t, self._epoch_reply(run))
+                if run.done:
+                    self._drop(t)
+                else:
+                    self._parked[t] = time.monotonic()
 
     def _admit(self, trial_id: str, config: dict, epoch: int, files: dict[str, bytes] | None, reply: Future) -> None:
         from . import trial_cfg
@@ -185,8 +192,10 @@ class PackServer:
 
 
 def start_servers(sweep: SweepCfg, samples: Samples, base_stats: PositionStats, n: int) -> list:
-    """``n`` pack processes, each with a trial's resources (``--cpus-per-trial``, ``--gpus-per-trial``)."""
-    actor = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial, max_concurrency=sweep.pack + 8,
+    """``n`` pack processes, each with a trial's resources (``--cpus-per-trial``, ``--gpus-per-trial``), the CPU
+    share of its K trial processes included (so that they fit wherever the pack fits)."""
+    cpus = max(CLIENT_CPUS, sweep.cpus_per_trial - sweep.pack * CLIENT_CPUS)
+    actor = ray.remote(num_cpus=cpus, num_gpus=sweep.gpus_per_trial, max_concurrency=sweep.pack + 8,
                        max_restarts=0)(PackServer)
     samples_ref = ray.put(samples)
     return [actor.remote(sweep, samples_ref, base_stats, sweep.pack) for _ in range(n)]
@@ -223,6 +232,9 @@ def packed_trainable(config: dict, *, sweep: SweepCfg, servers: list) -> None:
             first_step_at = metrics.pop("first_step_at", None)
             if first_step_at is not None and epoch == 0:
                 metrics["startup_seconds"] = first_step_at - t_start
+            if sweep.fail_once_at_epoch is not None and not restarted and metrics["epoch"] == sweep.fail_once_at_epoch + 1:
+                # a crash while the next epoch trains: the restarted trial resumes from its checkpoint files
+                raise RuntimeError(f"injected fault after epoch {sweep.fail_once_at_epoch} (--inject-fault-at-epoch)")
             epoch = int(metrics["epoch"])
             folder = Path(work) / f"checkpoint-{epoch}"
             folder.mkdir()
@@ -232,7 +244,5 @@ def packed_trainable(config: dict, *, sweep: SweepCfg, servers: list) -> None:
             if previous is not None:
                 shutil.rmtree(previous, ignore_errors=True)  # Tune has its copy
             previous = folder
-            if sweep.fail_once_at_epoch is not None and not restarted and epoch == sweep.fail_once_at_epoch:
-                raise RuntimeError(f"injected fault after epoch {epoch} (--inject-fault-at-epoch)")
             if reply["done"]:
                 return
