@@ -14,8 +14,8 @@ GPU memory. Rows:
 - eager fp32 / eager autocast: one trial, the base in float32 (autocast is the default on CUDA);
 - bf16 base: the frozen base held in bfloat16 (not autocast), the adapters in float32 under autocast;
 - chunked loss: the LM loss from hidden states, --loss-chunk tokens' logits at a time (``loss_chunk``);
-- compiled: ``torch.compile`` of the base (mode reduce-overhead, CUDA graphs, on CUDA; default mode on
-  CPU, with --compile);
+- compiled: ``torch.compile`` of the training forward (``TrainCfg.compile``: mode reduce-overhead, CUDA
+  graphs, on CUDA; default mode on CPU, with --compile);
 - K Ray workers: K processes at 1/K of the device each, started together (what K fractional-GPU Tune
   trials do), each one trial;
 - packed K: K trials in one process sharing one base (``kvsweep.pack``), one forward over all their
@@ -65,11 +65,11 @@ def flops_per_token(base: Base, adapter_params: int, seq_len: int) -> float:
     return 2 * forward + 6 * adapter_params
 
 
-def trial_cfg(a, *, seed: int, dtype: str = "float32", amp: str = "auto", loss_chunk: int = 0) -> TrialCfg:
+def trial_cfg(a, *, seed: int, dtype: str = "float32", amp: str = "auto", loss_chunk: int = 0, compile_mode: str = "off") -> TrialCfg:
     return TrialCfg(model=ModelCfg(name=a.model, random_init=a.model != "tiny", dtype=dtype),
                     data=DataCfg(seq_len=a.seq_len, train_samples=8, val_samples=4),
                     adapters=(AdapterSpec.parse("vdproj", rank=a.rank),),
-                    train=TrainCfg(batch_size=a.batch, epochs=1, amp=amp, seed=seed, loss_chunk=loss_chunk))
+                    train=TrainCfg(batch_size=a.batch, epochs=1, amp=amp, seed=seed, loss_chunk=loss_chunk, compile=compile_mode))
 
 
 def random_samples(vocab: int, n_train: int, seq_len: int, seed: int = 0) -> Samples:
@@ -96,17 +96,15 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[floa
 
 
 def run_row(a, device: torch.device, *, k: int = 1, dtype: str = "float32", amp: str = "auto", loss_chunk: int = 0,
-            compile_mode: str | None = None) -> dict:
+            compile_mode: str = "off") -> dict:
     """K trials (1: alone) in this process; the median step time over --steps after --warmup."""
     base = load(a, device, dtype)
     n_steps = a.warmup + a.steps
     samples = random_samples(base.config.vocab_size, a.batch * n_steps, a.seq_len)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cfgs = [trial_cfg(a, seed=i, dtype=dtype, amp=amp, loss_chunk=loss_chunk) for i in range(k)]
-    model = base.model
-    if compile_mode is not None:
-        model = torch.compile(base.model, mode=compile_mode)
+    cfgs = [trial_cfg(a, seed=i, dtype=dtype, amp=amp, loss_chunk=loss_chunk, compile_mode=compile_mode) for i in range(k)]
+    model = base.model  # train_step compiles it (TrainCfg.compile), as sweeps do
     if k == 1:  # alone: the trial's adapters attached directly, as run_trial does (no routers)
         run = TrialRun(cfgs[0], base, samples, log=lambda m: None)
         for ad in run.adapters:
@@ -269,8 +267,10 @@ def main() -> None:
         add("eager autocast bf16 (default)", amp="auto")
     add("bf16 base", dtype="bfloat16", amp="auto")
     add(f"chunked loss ({a.loss_chunk})", amp=autocast, loss_chunk=a.loss_chunk)
+    mode = "reduce-overhead" if cuda else "default"
     if cuda or a.compile:
-        add("compiled", amp=autocast, compile_mode="reduce-overhead" if cuda else "default")
+        add("compiled", amp=autocast, compile_mode=mode)
+        add("bf16 base, chunked loss, compiled", dtype="bfloat16", amp="auto", loss_chunk=a.loss_chunk, compile_mode=mode)
     if a.ray:
         try:
             r = ray_rows(a, device, a.ray)
@@ -282,8 +282,8 @@ def main() -> None:
         add(f"packed {k}, bf16 base", k=k, dtype="bfloat16", amp="auto")
         add(f"packed {k}, bf16 base, chunked loss", k=k, dtype="bfloat16", amp="auto", loss_chunk=a.loss_chunk)
         if cuda or a.compile:
-            add(f"packed {k}, bf16 base, compiled", k=k, dtype="bfloat16", amp="auto",
-                compile_mode="reduce-overhead" if cuda else "default")
+            add(f"packed {k}, bf16 base, chunked loss, compiled", k=k, dtype="bfloat16", amp="auto", loss_chunk=a.loss_chunk,
+                compile_mode=mode)
     su = startup(a, device)
 
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {a.threads} threads"

@@ -188,3 +188,11 @@ def test_same_shaped_adapters_run_as_one_batched_call_and_match_alone(monkeypatc
         _, alone = _alone(cfg)
         for m, ma in zip(rep, alone, strict=True):
             _close(m, ma, rel=1e-5)
+
+
+def test_compiled_training_forward_matches_eager():
+    cfg = _cfg([VD], epochs=2)
+    _, eager = _alone(cfg)
+    _, comp = _alone(replace(cfg, train=replace(cfg.train, compile="default")))
+    for m, mc in zip(eager, comp, strict=True):
+        _close(m, mc, rel=1e-4)

@@ -231,6 +231,7 @@ class TrainCfg:
     cache_dtype: str = "float16"
     amp: str = "auto"
     loss_chunk: int = 0  # >0: the LM loss from hidden states, this many tokens' logits at a time (no KL)
+    compile: str = "off"  # torch.compile mode of the training forward: off, default or reduce-overhead (CUDA graphs)
 
     def __post_init__(self) -> None:
         _check_number("loss_chunk", self.loss_chunk, low=0, low_inclusive=True, integer=True)
@@ -244,6 +245,7 @@ class TrainCfg:
         _check_seed(self.seed)
         _check_choice("cache_dtype", self.cache_dtype, ("float16", "bfloat16", "float32"))
         _check_choice("amp", self.amp, ("auto", "bf16", "off"))
+        _check_choice("compile", self.compile, ("off", "default", "reduce-overhead"))
 
 
 @dataclass(frozen=True)

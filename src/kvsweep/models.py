@@ -444,9 +444,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([(x_rot * cos) + (rotate_half(x_rot) * sin), x_pass], dim=-1)
 
 
-def final_hidden(model: GPTNeoXForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
-    """The last layer's hidden states after the final LayerNorm, (B, T, d): the logits are ``output_weight`` times these."""
-    return model.gpt_neox(input_ids=input_ids, use_cache=False).last_hidden_state
+def final_hidden(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, wrap: Callable | None = None) -> torch.Tensor:
+    """The last layer's hidden states after the final LayerNorm, (B, T, d): the logits are ``output_weight`` times
+    these. ``wrap`` (e.g. a torch.compile cache) is applied to the module that computes them."""
+    body = model.gpt_neox if wrap is None else wrap(model.gpt_neox)
+    return body(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
 def output_weight(model: GPTNeoXForCausalLM) -> torch.Tensor:

@@ -34,6 +34,8 @@ def sweep_parser(description: str, default_name: str) -> argparse.ArgumentParser
     g.add_argument("--loss-chunk", type=int, default=None, help="compute the LM loss from hidden states, this many tokens' "
                    "logits at a time, instead of the whole batch's logits (not with a KL weight); 0: off "
                    f"(default: {PACKED_LOSS_CHUNK} with --pack, else 0)")
+    g.add_argument("--compile", default="off", choices=("off", "default", "reduce-overhead"),
+                   help="torch.compile the training forward (reduce-overhead: CUDA graphs; default: off)")
     g.add_argument("--seeds", default="0", help="comma-separated training seeds (default: 0)")
     g = p.add_argument_group("scheduling")
     g.add_argument("--cpus-per-trial", type=float, default=1.0)
@@ -63,7 +65,7 @@ def sweep_cfg(a: argparse.Namespace, default_name: str) -> SweepCfg:
         val_samples=a.val_samples or (SMOKE["val_samples"] if smoke else "all"),
     )
     train = TrainCfg(lr=a.lr, batch_size=a.batch_size, epochs=a.epochs if a.epochs is not None else (SMOKE["epochs"] if smoke else 30), patience=a.patience,
-                     loss_chunk=a.loss_chunk if a.loss_chunk is not None else (PACKED_LOSS_CHUNK if a.pack > 1 else 0))
+                     compile=a.compile, loss_chunk=a.loss_chunk if a.loss_chunk is not None else (PACKED_LOSS_CHUNK if a.pack > 1 else 0))
     return SweepCfg(
         name=a.name or (f"{default_name}-smoke" if smoke else default_name), model=model, data=data, train=train,
         storage=a.storage, address=a.address, cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -421,6 +422,20 @@ class TrialRun:
         }
 
 
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled(module: torch.nn.Module, mode: str) -> Callable:
+    """``module`` itself for mode ``off``, else its ``torch.compile`` wrapper, made once per module and mode.
+    The wrapper runs whatever modules are attached when it is called (attaching adapters recompiles)."""
+    if mode == "off":
+        return module
+    per_mode = _COMPILED.setdefault(module, {})
+    if mode not in per_mode:
+        per_mode[mode] = torch.compile(module, mode=mode)
+    return per_mode[mode]
+
+
 def train_step(model, runs: list[TrialRun], route: Callable[[list[tuple[TrialRun, int]]], AbstractContextManager] | None = None) -> None:
     """One optimizer step for each of ``runs``: one forward over their batches stacked, one backward.
 
@@ -434,12 +449,13 @@ def train_step(model, runs: list[TrialRun], route: Callable[[list[tuple[TrialRun
     first = runs[0]
     chunk = first.cfg.train.loss_chunk
     from_hidden = chunk > 0 and not any(r.use_kl for r in runs)  # no full logits at all
+    mode = first.cfg.train.compile
     with (route(rows) if route is not None else nullcontext()), first.autocast():
         if from_hidden:
-            hidden = final_hidden(model, ids)  # (sum B_i, T, d)
+            hidden = final_hidden(model, ids, wrap=lambda m: compiled(m, mode))  # (sum B_i, T, d)
             weight = output_weight(model)  # (V, d)
         else:
-            logits = model(input_ids=ids, use_cache=False).logits  # (sum B_i, T, V)
+            logits = compiled(model, mode)(input_ids=ids, use_cache=False).logits  # (sum B_i, T, V)
         teacher = None
         if any(r.use_kl for r in runs):
             with torch.no_grad(), (route([]) if route is not None else disabled(first.adapters)):
