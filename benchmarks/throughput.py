@@ -289,13 +289,13 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {a.threads} threads"
     print(f"\n{a.model} architecture{' (random weights)' if a.model != 'tiny' else ''}, V-DProj rank {a.rank} on every layer, "
           f"each trial at batch {a.batch} x {a.seq_len} tokens; {where}; median of {a.steps} steps after {a.warmup}")
-    print(f"| {'how':<40} | {'trials':>6} | {'tokens/s':>12} | {'ms/step':>9} | {'est. MFU':>8} | {'GPU GiB':>7} | {'vs eager':>8} |")
-    print(f"|{'-' * 42}|{'-' * 8}|{'-' * 14}|{'-' * 11}|{'-' * 10}|{'-' * 9}|{'-' * 10}|")
+    print(f"| {'how':<46} | {'trials':>6} | {'tokens/s':>12} | {'ms/step':>9} | {'est. MFU':>8} | {'GPU GiB':>7} | {'vs eager':>8} |")
+    print(f"|{'-' * 48}|{'-' * 8}|{'-' * 14}|{'-' * 11}|{'-' * 10}|{'-' * 9}|{'-' * 10}|")
     ref = rows[0][1]["tok_s"] if rows else 1.0
     for name, r in rows:
         mfu = f"{100 * r['tok_s'] * r['flops_tok'] / (peak * 1e12):>7.1f}%" if peak and r["flops_tok"] else f"{'':>8}"
         mem = f"{r['mem']:>7.2f}" if r["mem"] is not None else f"{'':>7}"
-        print(f"| {name:<40} | {r['trials']:>6} | {r['tok_s']:>12,.0f} | {r['ms']:>9.2f} | {mfu} | {mem} | {r['tok_s'] / ref:>7.2f}x |")
+        print(f"| {name:<46} | {r['trials']:>6} | {r['tok_s']:>12,.0f} | {r['ms']:>9.2f} | {mfu} | {mem} | {r['tok_s'] / ref:>7.2f}x |")
     if rows and rows[0][1]["flops_tok"]:
         print(f"model FLOPs per training token (estimate): {rows[0][1]['flops_tok'] / 1e6:,.0f} M")
     alone, load_s = su["alone"]
