@@ -290,6 +290,9 @@ class SweepCfg:
         _check_number("grace_period", self.grace_period, low=1, low_inclusive=True, integer=True)
         _check_number("reduction_factor", self.reduction_factor, low=1, low_inclusive=False)
         _check_number("max_failures", self.max_failures, low=0, low_inclusive=True, integer=True)
+        if self.pack > 1 and self.train.compile != "off":
+            raise ConfigError("compile must be 'off' with pack > 1: a compiled pack recompiles whenever its trials change "
+                              "(use --compile for trials alone, or --pack)")
         if self.train.epochs < 1:
             raise ConfigError(f"epochs must be >= 1 for a sweep, got {self.train.epochs}")
         if self.asha and self.grace_period > self.train.epochs:

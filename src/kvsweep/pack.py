@@ -19,7 +19,7 @@ nothing more.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -119,6 +119,7 @@ class Pack:
     def remove(self, run: TrialRun) -> None:
         for a in run.adapters:
             a.detach()
+        run.alone = nullcontext  # no cycle back to the run: its weights are freed with it
         if run in self.runs:
             self.runs.remove(run)
 
@@ -157,10 +158,9 @@ class Pack:
         return stats
 
     def finish_epochs(self, runs: list[TrialRun]) -> None:
-        """End the epoch of each of ``runs`` (all at the end of one), evaluating them together."""
-        if len(runs) <= 1:
-            for run in runs:
-                run.finish_epoch()
+        """End the epoch of each of ``runs`` (all at the end of one), evaluating them together (always through
+        ``evaluate``, so a trial's figures do not depend on which trials ended an epoch with it)."""
+        if not runs:
             return
         for run, val in zip(runs, self.evaluate(runs), strict=True):
             run.finish_epoch(val)

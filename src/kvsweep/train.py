@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .adapters import Adapter, AdapterSpec, attached, check_combination, disabled, make_adapter
 from .atomic import atomic_path
@@ -178,6 +179,9 @@ def run_trial(cfg: TrialCfg, report: Report | None = None, *, checkpoint_dir: st
     """
     t_start = time.perf_counter()
     base, samples = prepare(cfg, base=base, samples=samples, log=log)
+    if cfg.train.compile != "off":  # a new trial's adapters: compile afresh (and stay under dynamo's recompile limit)
+        torch._dynamo.reset()
+        _COMPILED.pop(base.model.gpt_neox, None)
     run = TrialRun(cfg, base, samples, report=report, checkpoint_dir=checkpoint_dir, resume_from=resume_from, log=log)
     with attached(base.model, run.adapters):
         run.start(base_stats)
@@ -447,30 +451,28 @@ def train_step(model, runs: list[TrialRun], route: Callable[[list[tuple[TrialRun
     ids = torch.cat(batches) if len(batches) > 1 else batches[0]  # (sum B_i, T)
     rows = [(r, len(b)) for r, b in zip(runs, batches)]
     first = runs[0]
-    chunk = first.cfg.train.loss_chunk
-    from_hidden = chunk > 0 and not any(r.use_kl for r in runs)  # no full logits at all
     mode = first.cfg.train.compile
     with (route(rows) if route is not None else nullcontext()), first.autocast():
-        if from_hidden:
-            hidden = final_hidden(model, ids, wrap=lambda m: compiled(m, mode))  # (sum B_i, T, d)
-            weight = output_weight(model)  # (V, d)
-        else:
-            logits = compiled(model, mode)(input_ids=ids, use_cache=False).logits  # (sum B_i, T, V)
-        teacher = None
-        if any(r.use_kl for r in runs):
+        hidden = final_hidden(model, ids, wrap=lambda m: compiled(m, mode))  # (sum B_i, T, d)
+        weight = output_weight(model)  # (V, d)
+        kl_runs = [i for i, r in enumerate(runs) if r.use_kl]
+        teacher: dict[int, torch.Tensor] = {}
+        if kl_runs:  # the base's logits, for the rows of the trials with a KL term only
             with torch.no_grad(), (route([]) if route is not None else disabled(first.adapters)):
-                teacher = model(input_ids=ids, use_cache=False).logits  # the base's logits
+                t_logits = model(input_ids=torch.cat([batches[i] for i in kl_runs]), use_cache=False).logits
+            teacher = dict(zip(kl_runs, t_logits.split([len(batches[i]) for i in kl_runs]), strict=True))
         losses, start = [], 0
-        for r, b in zip(runs, batches):
+        for i, (r, b) in enumerate(zip(runs, batches)):
             part = slice(start, start + len(b))
             start += len(b)
-            if from_hidden:
+            chunk = r.cfg.train.loss_chunk
+            if chunk > 0 and not r.use_kl:  # no full logits for this trial
                 own = None
                 nll = linear_nll(hidden[part, :-1], weight, b[:, 1:], chunk_rows=chunk)  # (B, T-1) float32
             else:
-                own = logits[part]
+                own = F.linear(hidden[part], weight)  # (B, T, V): the model's logits
                 nll = token_nll(own, b)  # (B, T-1) float32
-            loss = r.loss(nll, own, teacher[part] if teacher is not None else None)
+            loss = r.loss(nll, own, teacher.get(i))
             if loss is not None:
                 losses.append(loss)
     live = [r for r in runs if r.error is None]

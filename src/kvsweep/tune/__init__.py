@@ -435,8 +435,12 @@ def run_sweep(sweep: SweepCfg, space: dict[str, list], *, log: Callable[[str], N
     t_fit = time.perf_counter()
     grid = tuner.fit()
     fit_seconds = time.perf_counter() - t_fit
-    pack_stats = [ray.get(s.stats.remote()) for s in servers]
+    pack_stats = []
     for s in servers:
+        try:
+            pack_stats.append(ray.get(s.stats.remote(), timeout=60))
+        except (ray.exceptions.RayError, TimeoutError):  # figures only: never stop the results for them
+            pass
         ray.kill(s)
     if started_ray:
         ray.shutdown()  # also lets the trials' last log lines arrive before the summary

@@ -17,10 +17,12 @@ failure retries and the results see exactly the trials of an unpacked sweep:
 from __future__ import annotations
 
 import math
+import random
 import shutil
 import tempfile
 import threading
 import time
+import traceback
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import replace
@@ -64,8 +66,9 @@ class PackServer:
 
     # -- called by the trials (any thread)
     def load(self) -> int:
+        """Trials this pack holds or is about to (those parked between epochs included)."""
         with self._cv:
-            return len(self._waiting) + len(self._requests)
+            return len(self._runs) + len(self._requests)
 
     def stats(self) -> dict:
         with self._cv:
@@ -86,57 +89,73 @@ class PackServer:
     # -- the model's thread
     def _loop(self) -> None:
         while True:
-            with self._cv:
-                while not self._requests and not self._waiting:
-                    self._cv.wait(timeout=10.0)
-                    self._evict()
-                requests = list(self._requests)
-                self._requests.clear()
-            for request in requests:
-                self._admit(*request)
-            ids = list(self._waiting)
-            if not ids:
-                continue
-            runs = [self._runs[t] for t in ids]
-            t0 = time.perf_counter()
             try:
-                self.pack.step(runs)
-            except Exception as e:  # the whole step failed: fail these epochs, Tune restarts the trials
-                for t in ids:
-                    self._drop(t)
-                    self._waiting.pop(t).set_exception(e)
-                continue
-            self.counters["steps"] += 1
-            self.counters["trial_steps"] += len(runs)
-            self.counters["step_seconds"] += time.perf_counter() - t0
-            self.counters["tokens"] += sum(r.cfg.train.batch_size * r.cfg.data.seq_len for r in runs)
-            ending = []
-            for t, run in zip(ids, runs, strict=True):
-                if run.error is not None:
-                    self._reply(t, {"error": str(run.error), "epoch": run.state.epoch + 1})
-                    self._drop(t)
-                elif run.epoch_finished:
-                    ending.append(t)
-            if not ending:
-                continue
-            try:
-                self.pack.finish_epochs([self._runs[t] for t in ending])
-            except Exception as e:
-                for t in ending:
-                    self._drop(t)
-                    self._waiting.pop(t).set_exception(e)
-                continue
+                self._serve()
+            except BaseException as e:  # never leave a trial waiting on a dead loop: fail what is pending, go on
+                traceback.print_exc()
+                with self._cv:
+                    requests = list(self._requests)
+                    self._requests.clear()
+                for *_, reply in requests:
+                    if not reply.done():
+                        reply.set_exception(RuntimeError(f"pack process error: {e!r}"))
+                for t in list(self._runs):
+                    self._fail(t, RuntimeError(f"pack process error: {e!r}"))
+
+    def _serve(self) -> None:
+        """Admit new requests, take one step for the trials with an epoch to train, end the epochs that are done."""
+        with self._cv:
+            while not self._requests and not self._waiting:
+                self._cv.wait(timeout=10.0)
+                self._evict()
+            requests = list(self._requests)
+            self._requests.clear()
+        for request in requests:
+            self._admit(*request)
+        self._evict()
+        ids = list(self._waiting)
+        if not ids:
+            return
+        runs = [self._runs[t] for t in ids]
+        t0 = time.perf_counter()
+        try:
+            self.pack.step(runs)
+        except Exception as e:  # the whole step failed (out of memory, say): fail these epochs, Tune restarts them
+            for t in ids:
+                self._fail(t, e)
+            return
+        self.counters["steps"] += 1
+        self.counters["trial_steps"] += len(runs)
+        self.counters["step_seconds"] += time.perf_counter() - t0
+        self.counters["tokens"] += sum(r.cfg.train.batch_size * r.cfg.data.seq_len for r in runs)
+        ending = []
+        for t, run in zip(ids, runs, strict=True):
+            if run.error is not None:
+                self._reply(t, {"error": str(run.error), "epoch": run.state.epoch + 1})
+                self._drop(t)
+            elif run.epoch_finished:
+                ending.append(t)
+        if not ending:
+            return
+        try:
+            self.pack.finish_epochs([self._runs[t] for t in ending])
+            replies = {t: self._epoch_reply(self._runs[t]) for t in ending}
+        except Exception as e:
             for t in ending:
-                run = self._runs[t]
-                self._reply(t, self._epoch_reply(run))
-                if run.done:
-                    self._drop(t)
-                else:
-                    self._parked[t] = time.monotonic()
+                self._fail(t, e)
+            return
+        for t in ending:
+            self._reply(t, replies[t])
+            if self._runs[t].done:
+                self._drop(t)
+            else:
+                self._parked[t] = time.monotonic()
 
     def _admit(self, trial_id: str, config: dict, epoch: int, files: dict[str, bytes] | None, reply: Future) -> None:
         from . import trial_cfg
 
+        if trial_id in self._waiting:  # the trial's earlier process died waiting; this is its restart
+            self._fail(trial_id, RuntimeError("superseded by a restart of the trial"))
         run = self._runs.get(trial_id)
         if run is not None and run.state.epoch != epoch:  # the trial went back to an older checkpoint
             self._drop(trial_id)
@@ -146,14 +165,14 @@ class PackServer:
                 reply.set_result({"need_checkpoint": True})
                 return
             folder = self.work / trial_id
-            shutil.rmtree(folder, ignore_errors=True)
-            resume = None
-            if files:
-                resume = folder / "resume"
-                resume.mkdir(parents=True)
-                for name, data in files.items():
-                    (resume / name).write_bytes(data)
             try:
+                shutil.rmtree(folder, ignore_errors=True)
+                resume = None
+                if files:
+                    resume = folder / "resume"
+                    resume.mkdir(parents=True)
+                    for name, data in files.items():
+                        (resume / name).write_bytes(data)
                 run = self.pack.add(trial_cfg(config, self.sweep), base_stats=self.base_stats,
                                     checkpoint_dir=folder / "checkpoint", resume_from=resume,
                                     log=lambda m, t=trial_id: print(f"[{t}] {m}"))
@@ -168,6 +187,13 @@ class PackServer:
             return
         self._waiting[trial_id] = reply
 
+    def _fail(self, trial_id: str, error: BaseException) -> None:
+        """The trial's pending epoch fails (Tune restarts it from its checkpoint); its state here is dropped."""
+        reply = self._waiting.pop(trial_id, None)
+        self._drop(trial_id)
+        if reply is not None and not reply.done():
+            reply.set_exception(error)
+
     def _epoch_reply(self, run: TrialRun) -> dict:
         files = {p.name: p.read_bytes() for p in run.ckpt_path.iterdir() if p.is_file()}
         metrics = {**run.state.history[-1], "first_step_at": run.first_step_at}
@@ -177,6 +203,9 @@ class PackServer:
         self._waiting.pop(trial_id).set_result(value)
 
     def _drop(self, trial_id: str) -> None:
+        reply = self._waiting.pop(trial_id, None)
+        if reply is not None and not reply.done():
+            reply.set_exception(RuntimeError("the trial left its pack"))
         run = self._runs.pop(trial_id, None)
         self._parked.pop(trial_id, None)
         if run is not None:
@@ -207,8 +236,16 @@ def packed_trainable(config: dict, *, sweep: SweepCfg, servers: list) -> None:
 
     t_start = time.time()
     trial_id = tune.get_context().get_trial_id()
-    loads = ray.get([s.load.remote() for s in servers])
-    server = servers[loads.index(min(loads))]
+    loads = {}
+    for s in servers:
+        try:
+            loads[s] = ray.get(s.load.remote())
+        except ray.exceptions.RayActorError:  # a pack process that died: its trials go to the others
+            continue
+    if not loads:
+        raise RuntimeError("no pack process is alive")
+    least = min(loads.values())
+    server = random.choice([s for s, n in loads.items() if n == least])  # ties at random: trials starting together spread
     epoch, files = 0, None
     checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="kvsweep-trial-") as work:
