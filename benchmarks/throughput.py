@@ -173,7 +173,7 @@ def ray_rows(a, device: torch.device, k: int) -> dict:
     return {"trials": k, "ms": 1000 * wall / a.steps, "tok_s": tokens / wall, "flops_tok": None, "mem": None}
 
 
-def startup(a, device: torch.device) -> dict:
+def startup(a, device: torch.device, k: int) -> dict:
     """Seconds from a trial's start to its first training step: alone (base loaded from a saved folder) and
     joining a running pack; and importing kvsweep's trial code in a fresh interpreter."""
     out = {}
@@ -183,7 +183,7 @@ def startup(a, device: torch.device) -> dict:
         base.model.save_pretrained(folder)
         if base.tokenizer is not None:
             base.tokenizer.save_pretrained(folder)
-        samples = random_samples(base.config.vocab_size, a.batch * 4, a.seq_len)
+        samples = random_samples(base.config.vocab_size, a.batch * 4, a.seq_len)  # the sweep's cached samples
         samples = Samples(train=samples.train, val=np.resize(samples.val, (a.val_samples, a.seq_len)))
         cfg = replace(trial_cfg(a, seed=0), model=ModelCfg(name=str(folder), device=str(device)))
         sync(device)
@@ -208,6 +208,14 @@ def startup(a, device: torch.device) -> dict:
         pack.step([first, joined])
         sync(device)
         out["pack"] = time.perf_counter() - t0
+        for r in list(pack.runs):
+            pack.remove(r)
+        t0 = time.perf_counter()  # a whole pack's trials starting at once (a sweep's start): set up, evaluated together
+        many = pack.add_many([{"cfg": trial_cfg(a, seed=10 + i), "base_stats": first.base_stats} for i in range(k)])
+        pack.step(many)
+        sync(device)
+        out["together"] = (k, time.perf_counter() - t0)
+        pack.close()
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import kvsweep.train, kvsweep.pack"], check=True)
     out["import"] = time.perf_counter() - t0
@@ -284,7 +292,7 @@ def main() -> None:
         if cuda or a.compile:
             add(f"packed {k}, bf16 base, chunked loss, compiled", k=k, dtype="bfloat16", amp="auto", loss_chunk=a.loss_chunk,
                 compile_mode=mode)
-    su = startup(a, device)
+    su = startup(a, device, max(packs))
 
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {a.threads} threads"
     print(f"\n{a.model} architecture{' (random weights)' if a.model != 'tiny' else ''}, V-DProj rank {a.rank} on every layer, "
@@ -301,6 +309,7 @@ def main() -> None:
     alone, load_s = su["alone"]
     print(f"trial start-up to the first training step: alone {alone:.2f} s (of which loading the base {load_s:.2f} s, "
           f"{a.val_samples} validation samples evaluated); joining a running pack {su['pack']:.2f} s; "
+          f"{su['together'][0]} trials starting a pack together: {su['together'][1]:.2f} s to the first step of all; "
           f"importing kvsweep's trial code in a fresh interpreter {su['import']:.2f} s")
 
 

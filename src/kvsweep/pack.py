@@ -98,6 +98,40 @@ class Pack:
             checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
             log: Callable[[str], None] | None = None) -> TrialRun:
         """A new trial in the pack: adapters built (seeded as alone), routed, calibrated or resumed."""
+        run = self.add_many([{"cfg": cfg, "base_stats": base_stats, "report": report, "checkpoint_dir": checkpoint_dir,
+                              "resume_from": resume_from, "log": log}])[0]
+        if isinstance(run, BaseException):
+            raise run
+        return run
+
+    def add_many(self, trials: list[dict]) -> list[TrialRun | Exception]:
+        """Several new trials (each ``add``'s arguments as a dict), their initial evaluations done together;
+        for a trial that cannot start, the exception instead of its run (the others start)."""
+        runs: list[TrialRun | Exception] = []
+        for kw in trials:
+            try:
+                runs.append(self._join(**kw))
+            except Exception as e:  # noqa: BLE001  (handed to the caller with the trial it belongs to)
+                runs.append(e)
+        fresh = [r for r in runs if isinstance(r, TrialRun) and r.resume_from is None]
+        try:
+            initial = dict(zip(fresh, self.evaluate(fresh), strict=True)) if fresh else {}
+        except Exception as e:  # noqa: BLE001
+            for r in fresh:
+                self.remove(r)
+            return [e if r in fresh else r for r in runs]
+        for i, r in enumerate(runs):
+            if isinstance(r, TrialRun):
+                try:
+                    r.begin(initial.get(r))
+                except Exception as e:  # noqa: BLE001
+                    self.remove(r)
+                    runs[i] = e
+        return runs
+
+    def _join(self, cfg: TrialCfg, *, base_stats: PositionStats | None = None, report: Report | None = None,
+              checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
+              log: Callable[[str], None] | None = None) -> TrialRun:
         run = TrialRun(cfg, self.base, self.samples, report=report, checkpoint_dir=checkpoint_dir,
                        resume_from=resume_from, log=log or self.log)
         run.alone = partial(self.routing, [(run, None)])
@@ -110,7 +144,7 @@ class Pack:
                 a._undo.append(partial(router.fns.pop, run, None))  # detach() takes it out of the router
         self.runs.append(run)
         try:
-            run.start(base_stats)
+            run.setup(base_stats)
         except BaseException:
             self.remove(run)
             raise
@@ -203,8 +237,11 @@ def run_packed(cfgs: list[TrialCfg], *, base: Base, samples: Samples, base_stats
     """
     pack = Pack(base, samples, log=log)
     try:
-        runs = [pack.add(cfg, base_stats=base_stats, report=reports[i] if reports else None,
-                         checkpoint_dir=checkpoint_dirs[i] if checkpoint_dirs else None) for i, cfg in enumerate(cfgs)]
+        runs = pack.add_many([{"cfg": cfg, "base_stats": base_stats, "report": reports[i] if reports else None,
+                               "checkpoint_dir": checkpoint_dirs[i] if checkpoint_dirs else None} for i, cfg in enumerate(cfgs)])
+        for r in runs:
+            if isinstance(r, BaseException):
+                raise r
         while live := [r for r in runs if not r.done]:
             pack.step(live)
             pack.finish_epochs([r for r in live if not r.done and r.epoch_finished])

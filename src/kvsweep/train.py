@@ -250,6 +250,11 @@ class TrialRun:
     # -- set-up
     def start(self, base_stats: PositionStats | None = None) -> None:
         """Measure the cache, evaluate the base (unless given) and the initial adapters, or resume."""
+        self.setup(base_stats)
+        self.begin()
+
+    def setup(self, base_stats: PositionStats | None = None) -> None:
+        """Measure the cache, evaluate the base (unless given), calibrate the adapters or load the checkpoint."""
         tc, model = self.cfg.train, self.model
         # The cache a short latent-cache decode really holds; raises if it differs from the accounting.
         self.measured = measure_bytes(model, self.adapters, tc.cache_dtype)
@@ -260,15 +265,23 @@ class TrialRun:
             if self.resume_from is not None:
                 self.state = _load_checkpoint(self.resume_from, self.adapters, self.opt)
                 self.log(f"resumed from {self.resume_from} after epoch {self.state.epoch}")
-                init_val_ppl = self.state.history[0]["init_val_ppl"] if self.state.history else math.nan
             else:
                 for a in self.adapters:  # each measures the base: the other adapters pass through meanwhile
                     with disabled([o for o in self.adapters if o is not a]), self.autocast():
                         a.calibrate(model, self.samples.train)
-                with self.autocast():
-                    init_stats = evaluate(model, self.samples.val, batch_size=tc.eval_batch_size)
-                init_val_ppl = init_stats.ppl
         self.base_stats = base_stats
+
+    def begin(self, init_stats: PositionStats | None = None) -> None:
+        """After ``setup``: the initial validation statistics (evaluated here unless given; none when resumed),
+        the constant metrics and, for a trial with nothing left to train, its status."""
+        tc, base_stats = self.cfg.train, self.base_stats
+        if self.resume_from is not None:
+            init_val_ppl = self.state.history[0]["init_val_ppl"] if self.state.history else math.nan
+        else:
+            if init_stats is None:
+                with self.alone(), self.autocast():
+                    init_stats = evaluate(self.model, self.samples.val, batch_size=tc.eval_batch_size)
+            init_val_ppl = init_stats.ppl
         self.constant = {
             "base_val_ppl": base_stats.ppl,
             "init_val_ppl": init_val_ppl,

@@ -110,8 +110,17 @@ class PackServer:
                 self._evict()
             requests = list(self._requests)
             self._requests.clear()
+        joining: dict[str, tuple[Future, dict]] = {}  # new trials of this pass: set up, then evaluated together
         for request in requests:
-            self._admit(*request)
+            self._admit(*request, joining)
+        if joining:
+            runs = self.pack.add_many([kw for _, kw in joining.values()])
+            for (trial_id, (reply, _)), run in zip(joining.items(), runs, strict=True):
+                if isinstance(run, BaseException):
+                    reply.set_exception(run)
+                else:
+                    self._runs[trial_id] = run
+                    self._place(trial_id, run, reply)
         self._evict()
         ids = list(self._waiting)
         if not ids:
@@ -151,35 +160,43 @@ class PackServer:
             else:
                 self._parked[t] = time.monotonic()
 
-    def _admit(self, trial_id: str, config: dict, epoch: int, files: dict[str, bytes] | None, reply: Future) -> None:
+    def _admit(self, trial_id: str, config: dict, epoch: int, files: dict[str, bytes] | None, reply: Future,
+               joining: dict[str, tuple[Future, dict]]) -> None:
+        """Queue the trial's next epoch, or (into ``joining``) the trial itself when this pack does not hold it."""
         from . import trial_cfg
 
+        superseded = RuntimeError("superseded by a restart of the trial")
         if trial_id in self._waiting:  # the trial's earlier process died waiting; this is its restart
-            self._fail(trial_id, RuntimeError("superseded by a restart of the trial"))
+            self._fail(trial_id, superseded)
+        if trial_id in joining:
+            joining.pop(trial_id)[0].set_exception(superseded)
         run = self._runs.get(trial_id)
         if run is not None and run.state.epoch != epoch:  # the trial went back to an older checkpoint
             self._drop(trial_id)
             run = None
-        if run is None:
-            if epoch > 0 and files is None:
-                reply.set_result({"need_checkpoint": True})
-                return
-            folder = self.work / trial_id
-            try:
-                shutil.rmtree(folder, ignore_errors=True)
-                resume = None
-                if files:
-                    resume = folder / "resume"
-                    resume.mkdir(parents=True)
-                    for name, data in files.items():
-                        (resume / name).write_bytes(data)
-                run = self.pack.add(trial_cfg(config, self.sweep), base_stats=self.base_stats,
-                                    checkpoint_dir=folder / "checkpoint", resume_from=resume,
-                                    log=lambda m, t=trial_id: print(f"[{t}] {m}"))
-            except Exception as e:
-                reply.set_exception(e)
-                return
-            self._runs[trial_id] = run
+        if run is not None:
+            self._place(trial_id, run, reply)
+            return
+        if epoch > 0 and files is None:
+            reply.set_result({"need_checkpoint": True})
+            return
+        folder = self.work / trial_id
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            resume = None
+            if files:
+                resume = folder / "resume"
+                resume.mkdir(parents=True)
+                for name, data in files.items():
+                    (resume / name).write_bytes(data)
+            cfg = trial_cfg(config, self.sweep)
+        except Exception as e:
+            reply.set_exception(e)
+            return
+        joining[trial_id] = (reply, {"cfg": cfg, "base_stats": self.base_stats, "checkpoint_dir": folder / "checkpoint",
+                                     "resume_from": resume, "log": lambda m, t=trial_id: print(f"[{t}] {m}")})
+
+    def _place(self, trial_id: str, run: TrialRun, reply: Future) -> None:
         self._parked.pop(trial_id, None)
         if run.done:  # resumed from the checkpoint of a finished trial
             reply.set_result({"metrics": None, "done": True})
