@@ -181,9 +181,9 @@ def test_same_shaped_adapters_run_as_one_batched_call_and_match_alone(monkeypatc
     stacked = Compressor.forward_stacked
     monkeypatch.setattr(Compressor, "forward_stacked", staticmethod(lambda comps, x: calls.append(len(comps)) or stacked(comps, x)))
     kv = AdapterSpec.parse("vdproj", rank=24, target="kv", init="pca")
-    cfgs = [_cfg([kv], seed=0), _cfg([kv], seed=1, lr=1e-3), _cfg([kv], seed=2, loss="lm"), _cfg([VD], seed=3)]
+    cfgs = [_cfg([kv], seed=0), _cfg([VD], seed=3), _cfg([kv], seed=1, lr=1e-3), _cfg([kv], seed=2, loss="lm")]
     results, reports = _packed(cfgs)
-    assert calls and max(calls) == 3  # the three rank-24 trials together; the rank-32 one alone
+    assert calls and max(calls) == 3  # the three rank-24 trials side by side, together; the rank-32 one alone
     for cfg, rep in zip(cfgs, reports, strict=True):
         _, alone = _alone(cfg)
         for m, ma in zip(rep, alone, strict=True):

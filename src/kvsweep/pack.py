@@ -158,7 +158,9 @@ class Pack:
             self.runs.remove(run)
 
     def step(self, runs: list[TrialRun]) -> None:
-        """One optimizer step for each of ``runs`` (a subset of the pack), in one forward and backward."""
+        """One optimizer step for each of ``runs`` (a subset of the pack), in one forward and backward; trials
+        with the same adapters (up to weights) side by side, so that the routers batch their modules."""
+        runs = sorted(runs, key=lambda r: repr([(s.name, s.options) for s in r.cfg.adapters]))
         train_step(self.base.model, runs, route=self.routing)
 
     @torch.no_grad()
