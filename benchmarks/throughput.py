@@ -82,6 +82,14 @@ def load(a, device: torch.device, dtype: str = "float32") -> Base:
     return load_base(ModelCfg(name=a.model, random_init=a.model != "tiny", dtype=dtype, device=str(device)), log=lambda m: None)
 
 
+def attached_run(cfg: TrialCfg, base: Base, samples: Samples) -> TrialRun:
+    """A trial alone, its adapters attached directly to the base, as ``run_trial`` does (no routers)."""
+    run = TrialRun(cfg, base, samples, log=lambda m: None)
+    for ad in run.adapters:
+        ad.attach(base.model)
+    return run
+
+
 def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:
     for _ in range(warmup):
         step()
@@ -106,9 +114,7 @@ def run_row(a, device: torch.device, *, k: int = 1, dtype: str = "float32", amp:
     cfgs = [trial_cfg(a, seed=i, dtype=dtype, amp=amp, loss_chunk=loss_chunk, compile_mode=compile_mode) for i in range(k)]
     model = base.model  # train_step compiles it (TrainCfg.compile), as sweeps do
     if k == 1:  # alone: the trial's adapters attached directly, as run_trial does (no routers)
-        run = TrialRun(cfgs[0], base, samples, log=lambda m: None)
-        for ad in run.adapters:
-            ad.attach(base.model)
+        run = attached_run(cfgs[0], base, samples)
         run.start()
         runs = [run]
         step = lambda: train_step(model, runs)  # noqa: E731
@@ -149,9 +155,7 @@ def ray_rows(a, device: torch.device, k: int) -> dict:
             dev = resolve_device("cuda" if device.type == "cuda" else "cpu")
             base = load(a, dev)
             samples = random_samples(base.config.vocab_size, a.batch * (a.warmup + a.steps), a.seq_len, seed=1)
-            run = TrialRun(trial_cfg(a, seed=0), base, samples, log=lambda m: None)
-            for ad in run.adapters:
-                ad.attach(base.model)
+            run = attached_run(trial_cfg(a, seed=0), base, samples)
             for _ in range(a.warmup):
                 train_step(base.model, [run])
             sync(dev)
@@ -190,9 +194,7 @@ def startup(a, device: torch.device, k: int) -> dict:
         t0 = time.perf_counter()
         b = load_base(cfg.model, log=lambda m: None)
         t_load = time.perf_counter() - t0
-        run = TrialRun(cfg, b, samples, log=lambda m: None)
-        for ad in run.adapters:
-            ad.attach(b.model)
+        run = attached_run(cfg, b, samples)
         run.start()
         train_step(b.model, [run])
         sync(device)

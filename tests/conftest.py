@@ -37,6 +37,25 @@ def neox_model(*, layers: int = 2, hidden: int = 64, heads: int = 4, vocab: int 
     return freeze(GPTNeoXForCausalLM(neox_config(layers=layers, hidden=hidden, heads=heads, intermediate=4 * hidden, vocab=vocab, positions=positions)))
 
 
+def small_base():
+    """``neox_model()`` as a loaded base (no tokenizer), for trials trained without a model folder."""
+    from kvsweep.models import Base, ModelSource
+
+    return Base(model=neox_model(), tokenizer=None, name="small", source=ModelSource("local", "small"), model_path=None)
+
+
+def pattern_samples(n_train: int = 24, n_val: int = 6, seq_len: int = 32):
+    """A learnable pattern for ``small_base``: token i+1 = token i + 1 (mod 320), from random starts."""
+    import numpy as np
+
+    from kvsweep.data import Samples
+
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, 320, size=(n_train + n_val, 1))
+    ids = ((starts + np.arange(seq_len)) % 320).astype(np.int32)  # (n_train + n_val, seq_len)
+    return Samples(train=ids[:n_train], val=ids[n_train:])
+
+
 @pytest.fixture(scope="session")
 def small_tokenizer():
     """A byte-level BPE of 320 entries trained on SAMPLE_TEXT (EOS id 0, padding id 1)."""

@@ -11,26 +11,13 @@ import torch
 
 from kvsweep.adapters import AdapterSpec
 from kvsweep.config import DataCfg, ModelCfg, TrainCfg
-from kvsweep.data import Samples
 from kvsweep.losses import LossCfg
-from kvsweep.models import Base, ModelSource
 from kvsweep.pack import Pack, Router, run_packed
 from kvsweep.train import TrialCfg, run_trial
 
-from .conftest import neox_model
+from .conftest import pattern_samples as _samples, small_base as _base
 
 T = 32
-
-
-def _base() -> Base:
-    return Base(model=neox_model(), tokenizer=None, name="small", source=ModelSource("local", "small"), model_path=None)
-
-
-def _samples(n_train: int = 24, n_val: int = 6) -> Samples:
-    rng = np.random.default_rng(0)
-    starts = rng.integers(0, 320, size=(n_train + n_val, 1))
-    ids = ((starts + np.arange(T)) % 320).astype(np.int32)  # token i+1 = token i + 1 (mod 320)
-    return Samples(train=ids[:n_train], val=ids[n_train:])
 
 
 def _cfg(adapters, *, loss="rec_to_lm", kl=0.0, epochs=3, **train) -> TrialCfg:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -14,28 +13,14 @@ from kvsweep import train as ktrain
 from kvsweep.adapters import AdapterSpec
 from kvsweep.cli import main
 from kvsweep.config import ConfigError, DataCfg, ModelCfg, TrainCfg
-from kvsweep.data import Samples
 from kvsweep.evaluate import PositionStats
 from kvsweep.losses import LossCfg, Schedule
-from kvsweep.models import Base, ModelSource
 from kvsweep.results import EPOCH_SCHEMA, POSITION_SCHEMA
 from kvsweep.train import TrialCfg, TrialError, run_trial
 
-from .conftest import SAMPLE_TEXT, neox_model
+from .conftest import SAMPLE_TEXT, neox_model, pattern_samples as _samples, small_base as _base
 
 T = 32
-
-
-def _base() -> Base:
-    return Base(model=neox_model(), tokenizer=None, name="small", source=ModelSource("local", "small"), model_path=None)
-
-
-def _samples(n_train: int = 24, n_val: int = 6) -> Samples:
-    rng = np.random.default_rng(0)
-    # a learnable pattern: token i+1 = token i + 1 (mod 320), from random starts
-    starts = rng.integers(0, 320, size=(n_train + n_val, 1))
-    ids = ((starts + np.arange(T)) % 320).astype(np.int32)
-    return Samples(train=ids[:n_train], val=ids[n_train:])
 
 
 def _cfg(adapters=(AdapterSpec.parse("vdproj", rank=32),), epochs: int = 3, loss: LossCfg | None = None, **train) -> TrialCfg:
