@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from matplotlib.collections import PathCollection
+from matplotlib.colors import to_rgba
 
 from kvsweep.config import KvsweepError
 from kvsweep.results import SCHEMA_VERSION
@@ -24,8 +26,10 @@ from kvsweep.report import (NoResultsError, NotResultsError, ReportError, Schema
 from kvsweep.report.cli import add_parser
 from kvsweep.report.load import load_all
 from kvsweep.report.synthetic import write_synthetic
-from kvsweep.report.tables import asha_table, history_table, learning_table, overall_ppl_table, position_table
-from kvsweep.results import TRIAL_SCHEMA, table, write_parquet
+from kvsweep.report import figures
+from kvsweep.report.tables import (DASH, asha_table, curve_epochs, history_table, learning_table, overall_ppl_table,
+                                   position_table)
+from kvsweep.results import TRIAL_SCHEMA, SchedulerSavings, scheduler_savings, table, write_parquet
 
 from .test_report_helpers import (HAND_FRONT, HAND_TRIALS, buckets, curve, hand_results, trial,  # noqa: F401
                                   write_results)
@@ -107,8 +111,10 @@ def test_tables_hold_the_seeds_numbers(hand_results):
 
     asha = dict(zip(asha_table(an).columns, asha_table(an).rows[0]))
     run = sum(t["epochs_run"] for t in HAND_TRIALS)
-    assert asha["epochs run"] == f"{run:,}" and asha["full-grid epochs"] == f"{20 * len(HAND_TRIALS):,}"
-    assert asha["saved"] == f"{100 * (180 - run) / 180:.1f}%"
+    saved = (20 - 1) + (20 - 3)  # t3 and t5, the two trials ASHA stopped; t2's early stop and the errors saved nothing
+    assert asha["stopped by the scheduler"] == "2" and asha["epochs run"] == f"{run:,}"
+    assert asha["epochs saved"] == f"{saved:,}" and asha["epochs without the scheduler"] == f"{run + saved:,}"
+    assert asha["% saved"] == f"{100 * saved / (run + saved):.1f}%"
 
     hist = dict(zip(history_table(an).columns, history_table(an).rows[0]))
     assert hist["date"] == "2025-11-21" and hist["best trial"] == "t4" and hist["degradation"] == "-2.00%"
@@ -195,6 +201,166 @@ def test_html_is_self_contained(hand_results, tmp_path):
     assert "http://" not in page and "https://" not in page and "<script" not in page and "<link" not in page
     assert "Content-Security-Policy" in page
     assert page.count('src="data:image/png;base64,') == len(list(out.glob("*.png")))
+
+
+# --- what the scheduler saved -------------------------------------------------------------------------
+
+SAVINGS_ROWS = [
+    {"status": "completed", "epochs_run": 20, "max_epochs": 20},
+    {"status": "early_stopped", "epochs_run": 12, "max_epochs": 20},  # its own patience, not the scheduler
+    {"status": "error", "epochs_run": 2, "max_epochs": 20},
+    {"status": "error", "epochs_run": None, "max_epochs": 20},
+    {"status": "asha_stopped", "epochs_run": 1, "max_epochs": 20},
+    {"status": "asha_stopped", "epochs_run": 3, "max_epochs": 20},
+    {"status": "running", "epochs_run": 4, "max_epochs": 20},
+    {"status": "asha_stopped", "epochs_run": 5, "max_epochs": None},  # no max_epochs: nothing to count as saved
+]
+
+
+def test_scheduler_savings_count_only_the_trials_the_scheduler_stopped():
+    got = scheduler_savings(SAVINGS_ROWS)
+    run = 20 + 12 + 2 + 0 + 1 + 3 + 4 + 5
+    assert got == SchedulerSavings(run=run, without_scheduler=run + 19 + 17, saved=19 + 17)
+    assert got.saved_pct == pytest.approx(100 * 36 / (run + 36))
+    tbl = pa.Table.from_pylist(SAVINGS_ROWS, schema=pa.schema([("status", pa.string()), ("epochs_run", pa.int32()),
+                                                               ("max_epochs", pa.int32())]))
+    assert scheduler_savings(tbl) == got
+    assert scheduler_savings([]) == SchedulerSavings(run=0, without_scheduler=0, saved=0) and scheduler_savings([]).saved_pct == 0.0
+
+
+def test_a_sweep_where_asha_stopped_nothing_saved_nothing(tmp_path):
+    src = write_results(tmp_path / "r", [
+        trial("a", 500, 60.0), trial("b", 600, 55.0, status="early_stopped", epochs_run=8),
+        trial("c", 700, None, status="error", epochs_run=0, error="boom"), trial("d", 800, None, status="error", epochs_run=1, error="boom"),
+    ])
+    an = analyze(load_all([str(src)]))
+    row = dict(zip(asha_table(an).columns, asha_table(an).rows[0]))
+    assert row["stopped by the scheduler"] == "0" and row["epochs saved"] == "0" and row["% saved"] == "0.0%"
+    assert row["epochs run"] == row["epochs without the scheduler"] == f"{20 + 8 + 0 + 1:,}"
+
+
+# --- learning curves: the sweep's own epochs ----------------------------------------------------------
+
+@pytest.mark.parametrize("epochs, expected", [
+    ([1, 2], (1, 2)),
+    ([1, 2, 3], (1, 2, 3)),
+    ([0, 1, 2, 3], (1, 2, 3)),  # epoch 0 is the adapters at init
+    (range(1, 31), (1, 10, 20, 30)),
+    (range(1, 21), (1, 5, 10, 15, 20)),
+    (range(1, 13), (1, 5, 12)),  # 10 is too close to the last
+    ([1, 2, 7, 30], (1, 2, 7, 30)),
+    ([1, 2, 3, 7, 8, 30], (1, 8, 30)),  # only epochs that exist: 10 becomes 8, 20 the last
+    (range(100, 111), (100, 105, 110)),  # the step follows the span
+    ([0], (0,)),
+    ([], ()),
+])
+def test_curve_epochs_are_the_first_a_few_between_and_the_last(epochs, expected):
+    assert curve_epochs(epochs) == expected
+
+
+@pytest.mark.parametrize("max_epochs", [2, 3])
+def test_a_short_sweep_has_no_empty_learning_curve_columns(tmp_path, max_epochs):
+    src = write_synthetic(tmp_path / "r", 60, max_epochs=max_epochs, seed=1)
+    an = analyze(load_all([str(src)]))
+    curves, missing = learning_table(an, an.front)
+    assert missing == [] and curves.rows
+    for k, col in enumerate(curves.columns):
+        assert any(row[k] != DASH for row in curves.rows), f"column {col!r} is empty for every trial"
+    at = [c.split("@")[1] for c in curves.columns if c.startswith("val PPL @") and c != "val PPL @best"]
+    assert at[0] == "1" and at[-1] == str(max_epochs)
+
+
+# --- figures: one colour per variant, the same in every figure ------------------------------------------
+
+def _chromatic(rgb: tuple) -> bool:
+    return not (abs(rgb[0] - rgb[1]) < 1e-6 and abs(rgb[1] - rgb[2]) < 1e-6)  # black and greys mark fronts and the base
+
+
+def _points(an, kind: str, idx: np.ndarray) -> list[dict[int, np.ndarray]]:
+    """Per axes of the figure: trial index -> the (x, y) points the figure draws for that trial."""
+    if kind in ("front", "variant_fronts"):
+        shown = idx if kind == "variant_fronts" else np.flatnonzero(an.eligibility.mask)
+        return [{int(i): np.array([[an.kv_bytes[i], an.val_ppl[i]]]) for i in shown}]
+    if kind == "learning":
+        axes: list[dict[int, np.ndarray]] = [{}, {}]
+        for i in idx:
+            t = an.epochs_of(int(i))
+            e = np.array(t.column("epoch").to_pylist(), dtype=float)
+            axes[0][int(i)] = np.c_[e, np.array(t.column("train_ppl").to_pylist(), dtype=float)]
+            axes[1][int(i)] = np.r_[np.c_[e, np.array(t.column("val_ppl").to_pylist(), dtype=float)],
+                                    [[an.column("best_epoch")[i], an.val_ppl[i]]]]
+        return axes
+    rows = {int(i): an.positions_of(int(i)).to_pylist() for i in idx}
+    buckets = sorted({(r["lo"], r["hi"]) for rs in rows.values() for r in rs})
+    pos = {b: k for k, b in enumerate(buckets)}
+    return [{i: np.array([[pos[(r["lo"], r["hi"])], r["ppl"]] for r in rs]) for i, rs in rows.items()},
+            {i: np.array([[pos[(r["lo"], r["hi"])], 100.0 * (r["ppl"] - r["base_ppl"]) / r["base_ppl"]] for r in rs]) for i, rs in rows.items()}]
+
+
+def _drawn(ax) -> list[tuple[np.ndarray, list[tuple]]]:
+    """Every line and scatter of an axes: its points and the colour of each point."""
+    out = []
+    for line in ax.lines:
+        xy = np.asarray(line.get_xydata(), dtype=float)
+        out.append((xy, [to_rgba(line.get_color())[:3]] * len(xy)))
+    for coll in ax.collections:
+        if isinstance(coll, PathCollection):
+            xy = np.asarray(coll.get_offsets(), dtype=float)
+            fc = [tuple(c[:3]) for c in coll.get_facecolors()]
+            out.append((xy, fc * len(xy) if len(fc) == 1 else fc))
+    return out
+
+
+FIGURES = {
+    "front": lambda an, idx: figures.draw_front(an, title="t"),
+    "variant_fronts": lambda an, idx: figures.draw_variant_fronts(an),
+    "learning": lambda an, idx: figures.draw_learning(an, idx),
+    "positions": lambda an, idx: figures.draw_positions(an, idx),
+}
+
+
+@pytest.mark.parametrize("kind", list(FIGURES))
+def test_every_figure_colours_a_trial_by_its_variant(hand_results, kind):
+    an = analyze(load_all([str(hand_results)]))
+    idx = np.concatenate(list(an.variant_fronts.values())) if kind == "variant_fronts" else an.front
+    colours = {v: tuple(c[:3]) for v, c in figures.variant_colours(an).items()}
+    fig = FIGURES[kind](an, idx)
+    axes = [ax for ax in fig.axes if ax.lines or ax.collections]
+    expected = _points(an, kind, idx)
+    assert len(axes) == len(expected)
+    seen: dict[int, int] = {}
+    for ax, trial_points in zip(axes, expected):
+        for xy, cols in _drawn(ax):
+            for p, c in zip(xy, cols):
+                owners = [i for i, pts in trial_points.items() if np.isclose(pts, p, rtol=1e-9, atol=0).all(axis=1).any()]
+                if not owners or not _chromatic(c):
+                    continue
+                for i in owners:
+                    assert np.allclose(c, colours[an.variant[i]]), f"{an.key[i]} drawn in {c}, its variant {an.variant[i]!r} is {colours[an.variant[i]]}"
+                    seen[i] = seen.get(i, 0) + 1
+    assert set(seen) == set().union(*expected) >= {int(i) for i in idx}, "every trial is drawn in its variant's colour"
+
+
+@pytest.mark.parametrize("kind", ["learning", "positions"])
+def test_the_legend_tells_trials_of_one_variant_apart(hand_results, kind):
+    an = analyze(load_all([str(hand_results)]))
+    fig = FIGURES[kind](an, an.front)
+    colours = figures.variant_colours(an)
+    leg = fig.legends[0]
+    entries = {t.get_text(): h for t, h in zip(leg.get_texts(), leg.legend_handles)}
+    styles = []
+    for i in an.front:
+        h = entries[figures.trial_label(an, int(i))]  # each trial is named in the legend
+        assert np.allclose(to_rgba(h.get_color())[:3], colours[an.variant[i]][:3])
+        styles.append((an.variant[i], h.get_linestyle(), h.get_marker()))
+    assert len(set(styles)) == len(styles), styles  # t1 and t8 share a variant (and their numbers): their styles differ
+
+
+def test_figures_are_png(hand_results):
+    an = analyze(load_all([str(hand_results)]))
+    for png in (figures.front_figure(an, title="t"), figures.variant_fronts_figure(an), figures.learning_figure(an, an.front),
+                figures.positions_figure(an, an.front)):
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and decode_png(png).shape[1] > 600
 
 
 # --- writing: atomic, never over something that is not a report ------------------------------------

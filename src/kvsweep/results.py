@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -87,6 +89,43 @@ def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
         if extra:
             raise ValueError(f"columns not in the schema: {sorted(extra)}")
     return pa.Table.from_pylist([{n: row.get(n) for n in schema.names} for row in rows], schema=schema)
+
+
+@dataclass(frozen=True)
+class SchedulerSavings:
+    """Epochs a sweep ran, and the epochs its scheduler saved by stopping trials early.
+
+    ``run`` is the sum of ``epochs_run`` over all trials; ``saved`` the sum of ``max_epochs - epochs_run``
+    over the trials the scheduler stopped (status ``asha_stopped``); ``without_scheduler = run + saved``,
+    the epochs the same trials would have run had no trial been stopped by the scheduler.
+    """
+
+    run: int
+    without_scheduler: int
+    saved: int
+
+    @property
+    def saved_pct(self) -> float:
+        """``100 * saved / without_scheduler`` in %, 0.0 when nothing ran."""
+        return 100.0 * self.saved / self.without_scheduler if self.without_scheduler > 0 else 0.0
+
+
+def scheduler_savings(rows: pa.Table | Iterable[Mapping[str, object]]) -> SchedulerSavings:
+    """What the scheduler saved, from ``trials.parquet`` rows (a table, or dicts with ``status``, ``epochs_run``, ``max_epochs``).
+
+    Only trials with status ``asha_stopped`` count as saved: a trial that early-stopped by its own
+    patience, ended in error or is still running saved nothing by the scheduler. A null ``epochs_run``
+    counts as 0 epochs run; a stopped trial without ``max_epochs`` saved nothing that can be counted.
+    """
+    if isinstance(rows, pa.Table):
+        rows = rows.select(["status", "epochs_run", "max_epochs"]).to_pylist()
+    run = saved = 0
+    for r in rows:
+        done = int(r["epochs_run"] or 0)
+        run += done
+        if r["status"] == "asha_stopped" and r["max_epochs"] is not None:
+            saved += max(int(r["max_epochs"]) - done, 0)
+    return SchedulerSavings(run=run, without_scheduler=run + saved, saved=saved)
 
 
 def write_parquet(tbl: pa.Table, path: str | Path) -> None:

@@ -132,19 +132,24 @@ def build(an: Analysis, *, title: str) -> Built:
         "PPL per position bucket `[lo, hi)` (the prediction at position i is of token i+1 from tokens 0..i), "
         "of each front trial and of the base.",
         images, "positions.png", figures.positions_figure(an, chosen),
-        "PPL per position bucket of front trials against the base", f"Front trials{subset} against the base.",
+        "PPL per position bucket of front trials against the base",
+        f"Front trials{subset} against the base. Colour: variant, as in the other figures; line and marker: the trial.",
         pos_missing, "position rows", pos_table))
 
     curve_table, curve_missing = tables.learning_table(an, front)
     sections.append(_figure_section(
         "Learning curves",
-        "Train and validation PPL per epoch of the front trials; the table gives epochs 1, 10, 20 and the best epoch (— where a trial stopped earlier).",
+        "Train and validation PPL per epoch of the front trials; the table gives the first and the last epoch, a few evenly spread "
+        "between them, and the best epoch (— where a trial stopped earlier).",
         images, "learning_curves.png", figures.learning_figure(an, chosen),
-        "Train and validation PPL per epoch of front trials", f"Front trials{subset}; the dashed line is the base's val PPL.",
+        "Train and validation PPL per epoch of front trials",
+        f"Front trials{subset}. Colour: variant, as in the other figures; line and marker: the trial. The black line is the base's val PPL.",
         curve_missing, "epoch rows", curve_table))
 
     sections.append(Section("What ASHA saved", (
-        "Epochs the trials ran (sum of `epochs_run`) against the epochs a full grid would have run (sum of `max_epochs`: every trial to its last epoch).",
+        "Epochs the trials ran (sum of `epochs_run`) against the epochs they would have run without the scheduler: each trial it "
+        "stopped (status `asha_stopped`) saved `max_epochs - epochs_run`. Trials that early-stopped by their own patience, "
+        "ended in error or are still running saved nothing by the scheduler.",
         tables.asha_table(an),
         "Trials by status (running: epochs recorded but no result yet):",
         tables.status_table(an),

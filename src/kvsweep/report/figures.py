@@ -1,14 +1,21 @@
-"""The report's figures as PNG bytes. Uses matplotlib's object API on the Agg canvas (no pyplot, no global state)."""
+"""The report's figures as PNG bytes. Uses matplotlib's object API on the Agg canvas (no pyplot, no global state).
+
+Each figure is drawn by a ``draw_*`` function that returns the matplotlib ``Figure`` and rendered by
+the ``*_figure`` function of the same name as PNG bytes. A colour means a variant in every figure
+(``variant_colours``); in the figures of single trials, line and marker styles tell the trials of one
+variant apart (``trial_styles``) and the legend names each trial.
+"""
 
 from __future__ import annotations
 
 import functools
 import io
 import math
+from dataclasses import dataclass
 from typing import Callable, ParamSpec, TypeVar
 
 import numpy as np
-from matplotlib import rc_context
+from matplotlib import colormaps, rc_context
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, PercentFormatter, LogLocator, NullFormatter
@@ -22,6 +29,8 @@ BASE_STYLE = dict(marker="*", s=260, c="gold", edgecolors="black", linewidths=1.
 P = ParamSpec("P")
 R = TypeVar("R")
 SOURCE_STYLES = ["--", "-.", ":", (0, (5, 1, 1, 1, 1, 1))]
+TRIAL_LINES = ("-", "--", ":", "-.")  # the k-th trial of a variant in a figure: line TRIAL_LINES[k % 4], marker TRIAL_MARKERS[k % 8]
+TRIAL_MARKERS = ("o", "s", "^", "v", "<", ">", "p", "h")  # not "D" (best epoch) nor "*" (the base)
 
 
 def _literal_text(fn: Callable[P, R]) -> Callable[P, R]:
@@ -43,15 +52,35 @@ def _png(fig: Figure) -> bytes:
 
 def palette(n: int) -> list:
     """n distinguishable colours (tab10, tab20 beyond ten, repeating beyond twenty)."""
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(k % cmap.N) for k in range(max(n, 1))]
 
 
 def variant_colours(an: Analysis) -> dict[str, tuple]:
+    """Variant -> RGBA colour, over all of the analysis's trials; every figure colours a trial by its variant with it."""
     names = sorted(set(an.variant.tolist()))
     return dict(zip(names, palette(len(names))))
+
+
+@dataclass(frozen=True)
+class TrialStyle:
+    """How one trial is drawn in a figure of several trials."""
+
+    colour: tuple  # RGBA: the variant's
+    line: str
+    marker: str
+
+
+def trial_styles(an: Analysis, trials: list[int]) -> dict[int, TrialStyle]:
+    """Trial index -> its style in a figure of ``trials``: its variant's colour, and a line and marker of its own within the variant."""
+    colours = variant_colours(an)
+    seen: dict[str, int] = {}
+    out = {}
+    for i in trials:
+        v = an.variant[i]
+        k = seen[v] = seen.get(v, -1) + 1
+        out[i] = TrialStyle(colours[v], TRIAL_LINES[k % len(TRIAL_LINES)], TRIAL_MARKERS[k % len(TRIAL_MARKERS)])
+    return out
 
 
 def _thousands(v: float, _pos: object = None) -> str:
@@ -83,6 +112,12 @@ def _front_step(xs: np.ndarray, ys: np.ndarray, x_end: float) -> tuple[np.ndarra
 
 @_literal_text
 def front_figure(an: Analysis, *, title: str = "") -> bytes:
+    """``draw_front`` as PNG."""
+    return _png(draw_front(an, title=title))
+
+
+@_literal_text
+def draw_front(an: Analysis, *, title: str = "") -> Figure:
     """Trials with finite metrics that did not fail (colour by variant, marker by status), the front as a step line, the base."""
     fig = Figure(figsize=(11.5, 6.5), layout="constrained")
     ax = fig.add_subplot()
@@ -138,11 +173,17 @@ def front_figure(an: Analysis, *, title: str = "") -> bytes:
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, frameon=False)
     fig.suptitle(f"{title}\nval PPL against KV cache: {int(shown.sum()):,} trials, {an.front.size} on the Pareto front", fontsize=11)
-    return _png(fig)
+    return fig
 
 
 @_literal_text
 def variant_fronts_figure(an: Analysis) -> bytes:
+    """``draw_variant_fronts`` as PNG."""
+    return _png(draw_variant_fronts(an))
+
+
+@_literal_text
+def draw_variant_fronts(an: Analysis) -> Figure:
     """Each variant's own front as a step line in the variant's colour, with the base."""
     fig = Figure(figsize=(11.5, 6.0), layout="constrained")
     ax = fig.add_subplot()
@@ -167,34 +208,44 @@ def variant_fronts_figure(an: Analysis) -> bytes:
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, frameon=False, title="variant (trials on its front)", title_fontsize=9)
     ax.set_title("Pareto front of each variant", fontsize=11)
-    return _png(fig)
+    return fig
 
 
 def trial_label(an: Analysis, i: int) -> str:
+    """A trial's legend entry: its number on the front (if it is on it), key, variant and KV bytes/token."""
     n = int(np.flatnonzero(an.front == i)[0]) + 1 if (an.front == i).any() else None
     return f"{f'#{n} ' if n else ''}{an.key[i]} ({an.variant[i]}, {an.kv_bytes[i]:,.0f} B/token)"
 
 
 @_literal_text
 def learning_figure(an: Analysis, idx: np.ndarray) -> bytes | None:
-    """Train and val PPL per epoch of the given trials (None when none of them has epochs)."""
+    """``draw_learning`` as PNG (None when none of the trials has epochs)."""
+    fig = draw_learning(an, idx)
+    return None if fig is None else _png(fig)
+
+
+@_literal_text
+def draw_learning(an: Analysis, idx: np.ndarray) -> Figure | None:
+    """Train and val PPL per epoch of the given trials, in ``trial_styles`` (None when none of them has epochs)."""
     curves = [(int(i), an.epochs_of(int(i))) for i in idx]
     curves = [(i, t) for i, t in curves if t is not None]
     if not curves:
         return None
     fig = Figure(figsize=(11.5, 5.2 + 0.22 * len(curves)), layout="constrained")
     axes = fig.subplots(1, 2)
-    colours = palette(len(curves))
+    styles = trial_styles(an, [int(i) for i in idx])  # as in the other figures of idx
     best_epoch = an.column("best_epoch")
-    for (i, tbl), colour in zip(curves, colours):
+    for i, tbl in curves:
+        st = styles[i]
         epoch = tbl.column("epoch").to_numpy(zero_copy_only=False).astype(float)
         for ax, col in zip(axes, ("train_ppl", "val_ppl")):
             y = tbl.column(col).to_numpy(zero_copy_only=False).astype(float)
             ok = np.isfinite(y)
-            ax.plot(epoch[ok], y[ok], color=colour, lw=1.5, marker="o", ms=3, label=trial_label(an, i) if col == "val_ppl" else None)
+            ax.plot(epoch[ok], y[ok], color=st.colour, lw=1.5, ls=st.line, marker=st.marker, ms=4,
+                    label=trial_label(an, i) if col == "val_ppl" else None)
         b = best_epoch[i]
         if b is not None and math.isfinite(an.val_ppl[i]):
-            axes[1].scatter([b], [an.val_ppl[i]], color=colour, marker="D", s=45, edgecolors="black", zorder=5)
+            axes[1].scatter([b], [an.val_ppl[i]], color=st.colour, marker="D", s=45, edgecolors="black", zorder=5)
     bases = an.base_points()
     for k, (label, _kvb, bppl) in enumerate(bases):
         ls = SOURCE_STYLES[k % len(SOURCE_STYLES)]
@@ -210,12 +261,19 @@ def learning_figure(an: Analysis, idx: np.ndarray) -> bytes | None:
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.legend(loc="outside lower center", ncol=2 if len(curves) > 1 else 1, fontsize=8.5, frameon=False)
     fig.suptitle("Learning curves of front trials", fontsize=11)
-    return _png(fig)
+    return fig
 
 
 @_literal_text
 def positions_figure(an: Analysis, idx: np.ndarray) -> bytes | None:
-    """PPL per position bucket of the given trials against the base, and their degradation % (None without rows)."""
+    """``draw_positions`` as PNG (None when none of the trials has position rows)."""
+    fig = draw_positions(an, idx)
+    return None if fig is None else _png(fig)
+
+
+@_literal_text
+def draw_positions(an: Analysis, idx: np.ndarray) -> Figure | None:
+    """PPL per position bucket of the given trials (in ``trial_styles``) against the base, and their degradation % (None without rows)."""
     rows = [(int(i), an.positions_of(int(i))) for i in idx]
     rows = [(i, t) for i, t in rows if t is not None]
     if not rows:
@@ -224,10 +282,11 @@ def positions_figure(an: Analysis, idx: np.ndarray) -> bytes | None:
     pos = {b: k for k, b in enumerate(buckets)}
     fig = Figure(figsize=(11.5, 5.2 + 0.22 * len(rows)), layout="constrained")
     ax, ax2 = fig.subplots(1, 2)
-    colours = palette(len(rows))
+    styles = trial_styles(an, [int(i) for i in idx])  # as in the other figures of idx
     drawn_bases: list[tuple[np.ndarray, np.ndarray]] = []  # (bucket positions, base PPL) already drawn
     all_ppl = []
-    for (i, t), colour in zip(rows, colours):
+    for i, t in rows:
+        st = styles[i]
         x = np.array([pos[(lo, hi)] for lo, hi in zip(t.column("lo").to_pylist(), t.column("hi").to_pylist())])
         y = t.column("ppl").to_numpy(zero_copy_only=False).astype(float)
         base = t.column("base_ppl").to_numpy(zero_copy_only=False).astype(float)
@@ -237,8 +296,8 @@ def positions_figure(an: Analysis, idx: np.ndarray) -> bytes | None:
             ax.plot(x, base, color="black", lw=2.4, ls=SOURCE_STYLES[len(drawn_bases) % len(SOURCE_STYLES)], marker="*", ms=11,
                     mfc="gold", zorder=4, label=label)
             drawn_bases.append((x, base))
-        ax.plot(x, y, color=colour, lw=1.5, marker="o", ms=4, label=trial_label(an, i))
-        ax2.plot(x, 100.0 * (y - base) / base, color=colour, lw=1.5, marker="o", ms=4)
+        ax.plot(x, y, color=st.colour, lw=1.5, ls=st.line, marker=st.marker, ms=5, label=trial_label(an, i))
+        ax2.plot(x, 100.0 * (y - base) / base, color=st.colour, lw=1.5, ls=st.line, marker=st.marker, ms=5)
         all_ppl += [y, base]
     ax2.axhline(0.0, color="black", lw=1.0, ls="--")
     for a in (ax, ax2):
@@ -252,4 +311,4 @@ def positions_figure(an: Analysis, idx: np.ndarray) -> bytes | None:
     ax2.yaxis.set_major_formatter(PercentFormatter(decimals=None))  # as many decimals as the tick spacing needs
     ax2.set_title("degradation by position, 100 * (trial - base) / base", fontsize=10)
     fig.legend(loc="outside lower center", ncol=2 if len(rows) > 1 else 1, fontsize=8.5, frameon=False)
-    return _png(fig)
+    return fig

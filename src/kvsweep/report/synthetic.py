@@ -2,7 +2,7 @@
 
 The numbers imitate a V-DProj / KA sweep on Pythia-70M (6 layers, width 512, base cache 12,288
 bytes/token, base PPL about 62.6): PPL rises as the rank falls, ASHA stops weak trials after 1, 3 or
-9 epochs, some trials early-stop, a fraction fail.
+9 epochs (never at or after ``max_epochs``), some trials early-stop, a fraction fail.
 """
 
 from __future__ import annotations
@@ -49,10 +49,12 @@ def synthetic_tables(
     roll = rng.random(n)
     status = np.where(roll < 0.55, "asha_stopped", np.where(roll < 0.8, "early_stopped", "completed")).astype(object)
     status[rng.random(n) < error_fraction] = "error"
-    asha_epochs = rng.choice([1, 3, 9], n, p=[0.5, 0.3, 0.2])
+    short = max(max_epochs - 1, 1)  # stopped trials end before the last epoch (short sweeps: after the first)
+    asha_epochs = np.minimum(rng.choice([1, 3, 9], n, p=[0.5, 0.3, 0.2]), short)
+    patience_lo = min(5, short)
     epochs_run = np.where(status == "asha_stopped", asha_epochs,
-                          np.where(status == "early_stopped", rng.integers(5, max_epochs, n),
-                                   np.where(status == "error", rng.integers(0, 4, n), max_epochs)))
+                          np.where(status == "early_stopped", rng.integers(patience_lo, max(max_epochs, patience_lo + 1), n),
+                                   np.where(status == "error", np.minimum(rng.integers(0, 4, n), max_epochs), max_epochs)))
     best = np.where(status == "asha_stopped", best * (1 + 0.6 / np.sqrt(np.maximum(epochs_run, 1))), best)
     best_epoch = np.where(status == "early_stopped", np.maximum(epochs_run - 3, 1), np.maximum(epochs_run, 1))
     is_err = status == "error"

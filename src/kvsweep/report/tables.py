@@ -9,14 +9,17 @@ import csv
 import io
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
+import pyarrow as pa
 
-from ..results import TRIAL_SCHEMA, TRIAL_STATUSES
+from ..results import TRIAL_SCHEMA, TRIAL_STATUSES, scheduler_savings
 from .analysis import Analysis
 
 DASH = "—"
-CURVE_EPOCHS = (1, 10, 20)
+CURVE_COLUMNS = 5  # at most this many epochs in the learning-curve table, besides the best epoch
+NICE_STEPS = (1, 2, 5)  # epochs between the table's middle columns: 1, 2, 5, 10, 20, 50, ...
 
 
 @dataclass(frozen=True)
@@ -82,18 +85,22 @@ def status_table(an: Analysis) -> Table:
 
 
 def asha_table(an: Analysis) -> Table:
-    """Epochs run against the epochs a full grid would have run (every trial to its max_epochs)."""
-    run = an.trials.column("epochs_run").to_numpy(zero_copy_only=False).astype(float)
-    full = an.trials.column("max_epochs").to_numpy(zero_copy_only=False).astype(float)
-    cols = [("sweep", False), ("trials", True), ("epochs run", True), ("full-grid epochs", True), ("epochs saved", True), ("saved", True)]
+    """Epochs run against the epochs the same trials would have run without the scheduler's stops.
+
+    Only trials the scheduler stopped (status ``asha_stopped``) saved epochs, each ``max_epochs - epochs_run``
+    (``kvsweep.results.scheduler_savings``); early stops by a trial's own patience and errors are not the scheduler's.
+    """
+    cols = [("sweep", False), ("trials", True), ("stopped by the scheduler", True), ("epochs run", True),
+            ("epochs without the scheduler", True), ("epochs saved", True), ("% saved", True)]
     groups = [(r.label, an.source_index == s) for s, r in enumerate(an.results)]
     if _many_sources(an):
         groups.append(("all", np.ones(an.n, dtype=bool)))
     rows = []
     for label, m in groups:
-        r, f = np.nansum(run[m]), np.nansum(full[m])
-        saved = f"{100 * (f - r) / f:.1f}%" if f > 0 else DASH
-        rows.append([label, count(m.sum()), count(r), count(f), count(f - r), saved])
+        sv = scheduler_savings(an.trials.filter(pa.array(m)))
+        stopped = (m & (an.status == "asha_stopped")).sum()
+        share = f"{sv.saved_pct:.1f}%" if sv.without_scheduler > 0 else DASH
+        rows.append([label, count(m.sum()), count(stopped), count(sv.run), count(sv.without_scheduler), count(sv.saved), share])
     return Table.of(cols, rows)
 
 
@@ -161,29 +168,62 @@ def position_table(an: Analysis, idx: np.ndarray) -> tuple[Table, list[str]]:
     return Table.of(cols, rows), missing
 
 
+def curve_epochs(epochs: Iterable[int], columns: int = CURVE_COLUMNS) -> tuple[int, ...]:
+    """The epochs the learning-curve table shows: the first, a few evenly spread ones, the last; all from ``epochs``.
+
+    Epoch 0 (the adapters at init) is left out when there are trained epochs. With at most ``columns``
+    epochs, all of them; otherwise the multiples of a round step (1, 2, 5, 10, 20, 50, ...) that puts at
+    most ``columns - 2`` between the first and the last, each replaced by the nearest epoch that exists,
+    leaving out those within half a step of the first or the last.
+    """
+    have = sorted({int(e) for e in epochs})
+    trained = [e for e in have if e >= 1]
+    have = trained or have
+    if len(have) <= columns:
+        return tuple(have)
+    first, last = have[0], have[-1]
+    steps = (m * k for m in (10 ** p for p in range(20)) for k in NICE_STEPS)
+    step = next(s for s in steps if (last - 1) // s - first // s <= columns - 2)  # multiples of s strictly between first and last
+    picked = [first]
+    for target in range(step * (first // step + 1), last, step):
+        if target - first < step / 2 or last - target < step / 2:
+            continue
+        e = min(have, key=lambda h: (abs(h - target), h))
+        if e not in picked and e != last:
+            picked.append(e)
+    return tuple(picked + [last])
+
+
 def learning_table(an: Analysis, idx: np.ndarray) -> tuple[Table, list[str]]:
-    """The learning-curve excerpt: train/val PPL at epochs 1, 10, 20 and at the best epoch."""
-    cols = [("trial", False)]
-    for e in CURVE_EPOCHS:
-        cols += [(f"train PPL @{e}", True), (f"val PPL @{e}", True)]
-    cols += [("best epoch", True), ("train PPL @best", True), ("val PPL @best", True)]
+    """The learning-curve excerpt: train/val PPL at the epochs of ``curve_epochs`` and at the best epoch.
+
+    The epochs are those the given trials have rows for; a column that would be empty for every trial is left out.
+    """
     best_epoch = an.column("best_epoch")
-    rows, missing = [], []
+    by_trial, missing = [], []
     for i in idx:
         tbl = an.epochs_of(int(i))
         if tbl is None:
             missing.append(str(an.key[i]))
-            continue
-        by_epoch = {r["epoch"]: r for r in tbl.to_pylist()}
+        else:
+            by_trial.append((int(i), {r["epoch"]: r for r in tbl.to_pylist()}))
+    shown = curve_epochs(e for _i, by_epoch in by_trial for e, r in by_epoch.items() if _finite(r["train_ppl"]) or _finite(r["val_ppl"]))
+    cols = [("trial", False)]
+    for e in shown:
+        cols += [(f"train PPL @{e}", True), (f"val PPL @{e}", True)]
+    cols += [("best epoch", True), ("train PPL @best", True), ("val PPL @best", True)]
+    rows = []
+    for i, by_epoch in by_trial:
         row = [str(an.key[i])]
-        for e in CURVE_EPOCHS:
+        for e in shown:
             r = by_epoch.get(e, {})
             row += [ppl(r.get("train_ppl")), ppl(r.get("val_ppl"))]
         b = best_epoch[i]
         rb = by_epoch.get(b, {})
         row += [count(b), ppl(rb.get("train_ppl")), ppl(rb.get("val_ppl", an.val_ppl[i]))]
         rows.append(row)
-    return Table.of(cols, rows), missing
+    keep = [k for k, (name, _n) in enumerate(cols) if "PPL @" not in name or not rows or any(r[k] != DASH for r in rows)]
+    return Table.of([cols[k] for k in keep], [[r[k] for k in keep] for r in rows]), missing
 
 
 def history_table(an: Analysis) -> Table:
