@@ -47,6 +47,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     g.add_argument("--seed", type=int, default=0, help="random prompt and adapter init (default: 0)")
     g.add_argument("--no-fold", action="store_true", help="V-DProj: compute A per head and then dense, instead of folding up into dense")
     g.add_argument("--no-check", action="store_true", help="skip the logits check against the training-time forward")
+    g.add_argument("--repeats", type=int, default=5, help="timed runs of the base and of the adapted model, interleaved; "
+                                                          "speeds are their medians (default: 5)")
     p.add_argument("--out", default=None, help="folder for cache.json")
     p.set_defaults(func=cmd_cache)
     return p
@@ -66,8 +68,9 @@ def _prompt(a: argparse.Namespace, base):
 
     from .measure import random_prompt
 
-    if a.context < 1 or a.new_tokens < 1 or a.batch < 1:
-        raise KvsweepError(f"--context, --new-tokens and --batch must be >= 1; got {a.context}, {a.new_tokens}, {a.batch}")
+    if a.context < 1 or a.new_tokens < 1 or a.batch < 1 or a.repeats < 1:
+        raise KvsweepError(f"--context, --new-tokens, --batch and --repeats must be >= 1; got {a.context}, {a.new_tokens}, "
+                           f"{a.batch}, {a.repeats}")
     if a.text is None:
         return random_prompt(base.config.vocab_size, a.batch, a.context, a.seed)
     path = Path(a.text).expanduser()
@@ -112,7 +115,8 @@ def cmd_cache(a: argparse.Namespace) -> int:
         print(f"note: {a.context} + {a.new_tokens} tokens run past the model's {base.max_positions} trained positions "
               "(the rotary embedding extends; the check against the training-time forward still holds)")
     result = measure_cache(base.model, adapters, context=a.context, new_tokens=a.new_tokens, cache_dtype=a.cache_dtype,
-                           prompt=prompt, check_logits=not a.no_check, fold=not a.no_fold, log=print)
+                           prompt=prompt, check_logits=not a.no_check, fold=not a.no_fold, repeats=a.repeats,
+                           log=print)
     result = {"model": base.name, "trial": a.trial, "adapters": specs, **result}
     print(format_cache(result))
     if base.tokenizer is not None and a.text is not None:
@@ -147,7 +151,12 @@ def format_cache(r: dict) -> str:
         x = t[name]
         mem = (f"peak CUDA memory {x['cuda_max_memory_allocated_bytes'] / 2**20:,.1f} MiB" if "cuda_max_memory_allocated_bytes" in x
                else f"max RSS {x['max_rss_bytes'] / 2**20:,.0f} MiB")
-        lines.append(f"{name:>8}: prefill {x['prefill_s']:.3f} s, decode {x['decode_tokens_per_s']:,.1f} tokens/s, "
+        lines.append(f"{name:>8}: prefill {x['prefill_s']:.3f} s, decode {x['decode_tokens_per_s']:,.1f} tokens/s (medians), "
                      f"cache {x['cache_bytes']:,} bytes, {mem}")
-    lines.append(f"decode speed adapted/base: {t['decode_speed_ratio']:.2f}x")
+    s, ratio = t["decode_speed_ratio_spread"], t["decode_speed_ratio"]
+    lines.append(f"decode speed adapted/base: {ratio:.2f}x (median of {t['repeats']} runs, base and adapted interleaved "
+                 f"step by step; min {s['min']:.2f}x, quartiles {s['q1']:.2f}-{s['q3']:.2f}x, max {s['max']:.2f}x)")
+    if s["q3"] - s["q1"] > 0.1 * ratio:
+        lines.append("  the runs disagree by over 10%: the machine was busy; more --repeats, a quieter machine, "
+                     "or on a shared CPU one thread (OMP_NUM_THREADS=1)")
     return "\n".join(lines)
