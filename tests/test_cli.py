@@ -79,3 +79,45 @@ def test_too_many_samples_names_both_counts(tmp_path, capsys, small_tokenizer):
     assert main(["eval", "--model", str(folder), "--data", str(text), "--seq-len", "32", "--val-samples", "999"]) == 2
     err = capsys.readouterr().err
     assert "999 validation samples" in err and "ask for at most" in err
+
+
+@pytest.fixture
+def saved_model(tmp_path, small_tokenizer):
+    from .conftest import neox_model
+
+    folder = tmp_path / "m"
+    neox_model().save_pretrained(folder)
+    small_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_eval_of_a_file_evaluates_the_whole_file_and_says_so(saved_model, tmp_path, capsys, small_tokenizer):
+    from kvsweep.data import to_windows, tokenize_stream
+
+    from .conftest import SAMPLE_TEXT
+
+    text = tmp_path / "test.txt"
+    text.write_text(SAMPLE_TEXT * 3)
+    n = len(to_windows(tokenize_stream([text.read_text()], small_tokenizer), 32))
+    assert main(["eval", "--model", str(saved_model), "--data", str(text), "--seq-len", "32", "--out", str(tmp_path / "a")]) == 0
+    line = f"evaluated windows 0..{n - 1} of {n} (the whole file)"
+    assert line in capsys.readouterr().out
+    rec = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert rec["val_samples"] == n and rec["tokens"] == n * 31
+    assert rec["evaluated"]["windows"] == [0, n] and rec["evaluated"]["total_windows"] == n
+    assert rec["evaluated"]["whole_file"] is True and rec["evaluated"]["text"] == line
+    # an explicit --val-fraction still evaluates the last fraction of the windows
+    assert main(["eval", "--model", str(saved_model), "--data", str(text), "--seq-len", "32", "--val-fraction", "0.25",
+                 "--out", str(tmp_path / "b")]) == 0
+    lo = n - round(n * 0.25)
+    assert f"evaluated windows {lo}..{n - 1} of {n} (the last 0.25 of the file)" in capsys.readouterr().out
+    rec = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert rec["val_samples"] == n - lo and rec["evaluated"]["windows"] == [lo, n] and rec["evaluated"]["whole_file"] is False
+
+
+def test_eval_of_a_source_with_splits_evaluates_its_validation_split(tiny_folder, capsys, tmp_path):
+    assert main(["eval", "--model", "tiny", "--data", "tiny", "--val-samples", "8", "--out", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "eval.json").read_text())
+    n = rec["evaluated"]["total_windows"]
+    assert rec["evaluated"]["split"] == "validation" and rec["evaluated"]["windows"] == [0, n]
+    assert f"evaluated 8 samples of windows 0..{n - 1} of {n} (the validation split of tiny)" in capsys.readouterr().out

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kvsweep import config as kconfig
 from kvsweep.config import (
     SEED_BUCKETS,
     ConfigError,
@@ -188,6 +189,34 @@ def test_data_cfg_rejects_equal_splits(split: str) -> None:
 def test_data_cfg_accepts_distinct_splits() -> None:
     cfg = DataCfg(train_split="train", val_split="test")
     assert (cfg.train_split, cfg.val_split) == ("train", "test")
+
+
+def test_data_cfg_encoding_defaults_to_utf8_and_is_normalised() -> None:
+    assert DataCfg().encoding == "utf-8"
+    assert DataCfg(encoding="latin1").encoding == DataCfg(encoding="ISO-8859-1").encoding == "iso8859-1"
+    assert DataCfg(encoding="UTF8").encoding == "utf-8"
+
+
+@pytest.mark.parametrize("encoding", ["klingon-8", "", "rot13", "base64", None, 8])
+def test_data_cfg_rejects_an_unknown_encoding_naming_the_field(encoding: object) -> None:
+    with pytest.raises(ConfigError, match="encoding") as err:
+        DataCfg(encoding=encoding)  # type: ignore[arg-type]
+    assert "utf-8" in str(err.value)  # an example of a valid value
+
+
+@pytest.mark.parametrize(("source", "expected"), [("tiny", "all"), ("tiny:my.txt", "all"), ("wikitext-2", 10_000),
+                                                  ("wikitext-103", 10_000), ("corpus.txt", 10_000), ("someone/data", 10_000)])
+def test_default_train_samples_by_source(source: str, expected: object) -> None:
+    assert kconfig.default_train_samples(source) == expected
+
+
+def test_calibration_samples_counts_data_aware_inits_only() -> None:
+    from kvsweep.adapters import AdapterSpec
+
+    specs = [AdapterSpec.parse("vdproj", rank=8, init="pca", calib_samples=12), AdapterSpec.parse("ka_gated")]
+    assert kconfig.calibration_samples(s.options for s in specs) == 12
+    assert kconfig.calibration_samples([AdapterSpec.parse("vdproj", rank=8).options, AdapterSpec.parse("ka_residual").options]) == 0
+    assert kconfig.calibration_samples([]) == 0
 
 
 @pytest.mark.parametrize("source", ["", "  "])

@@ -201,3 +201,81 @@ def test_wikitext_flows_through_the_pipeline(wikitext_valid, pythia_tokenizer_pa
     assert s.val.max() < 50_304
     text = tok.decode(s.val[0].tolist())
     assert isinstance(text, str) and len(text) > 100
+
+
+# --- encodings ---------------------------------------------------------------------------------------
+
+LATIN1 = "Größe und Maß, déjà vu, naïve façade.\n" * 30
+
+
+def test_latin1_text_is_a_data_error_naming_file_offset_and_encoding(tmp_path, small_tokenizer):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(LATIN1.encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        load_samples(DataCfg(source=str(path), seq_len=8), small_tokenizer, log=lambda m: None)
+    msg = str(e.value)
+    offset = LATIN1.encode("latin-1").index(b"\xf6")  # the first non-ASCII byte: "ö"
+    assert str(path) in msg and f"offset {offset}" in msg and "0xf6" in msg and "--encoding" in msg and "utf-8" in msg
+    s = load_samples(DataCfg(source=str(path), seq_len=8, encoding="latin-1"), small_tokenizer, log=lambda m: None)
+    expected = to_windows(tokenize_stream([LATIN1], small_tokenizer), 8)
+    np.testing.assert_array_equal(s.val, expected[s.info["val_range"][0]:])
+
+
+def test_binary_bytes_in_a_text_file_name_the_offset(tmp_path, small_tokenizer):
+    path = tmp_path / "mixed.txt"
+    head = (SAMPLE_TEXT * 2).encode()
+    path.write_bytes(head + b"\xff\xd8\xff\xe0" + SAMPLE_TEXT.encode())
+    with pytest.raises(DataError, match=rf"offset {len(head)}\b") as e:
+        load_samples(DataCfg(source=str(path), seq_len=8), small_tokenizer, log=lambda m: None)
+    assert f"line {(SAMPLE_TEXT * 2).count(chr(10)) + 1}" in str(e.value)
+
+
+def test_jsonl_decoding_error_names_the_line(tmp_path, small_tokenizer):
+    path = tmp_path / "docs.jsonl"
+    good = json.dumps({"text": "plain ascii " * 20}) + "\n"
+    bad = json.dumps({"text": "déjà vu " * 20}, ensure_ascii=False) + "\n"
+    raw = (good * 2).encode() + bad.encode("latin-1") + good.encode()
+    path.write_bytes(raw)
+    with pytest.raises(DataError) as e:
+        load_samples(DataCfg(source=str(path), seq_len=8, val_fraction=1.0), small_tokenizer, log=lambda m: None)
+    msg = str(e.value)
+    assert str(path) in msg and "line 3" in msg and f"offset {raw.index(bytes([0xe9]))}" in msg and "--encoding" in msg
+    s = load_samples(DataCfg(source=str(path), seq_len=8, val_fraction=1.0, encoding="cp1252"), small_tokenizer, log=lambda m: None)
+    assert len(s.val) > 0
+
+
+def test_malformed_json_line_is_a_data_error_naming_the_line(tmp_path, small_tokenizer):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + '{"text": "unterminated\n')
+    with pytest.raises(DataError, match=r"line 2"):
+        load_samples(DataCfg(source=str(path), seq_len=8, val_fraction=1.0), small_tokenizer, log=lambda m: None)
+
+
+def test_cache_key_changes_with_the_encoding(tmp_path, small_tokenizer):
+    path = tmp_path / "ascii.txt"
+    path.write_text(SAMPLE_TEXT)  # the same documents in either encoding, but another decoding
+    a = kdata.load_windows(resolve_source(DataCfg(source=str(path))), None, "text", small_tokenizer, 16, log=lambda m: None)
+    b = kdata.load_windows(resolve_source(DataCfg(source=str(path), encoding="latin-1")), None, "text", small_tokenizer, 16,
+                           log=lambda m: None)
+    assert a.path != b.path and not b.cache_hit
+
+
+def test_train_used_selects_the_first_of_the_same_samples(text_file, small_tokenizer):
+    cfg = DataCfg(source=str(text_file), seq_len=16, train_samples=20, val_samples=5, seed=2)
+    full = load_samples(cfg, small_tokenizer, log=lambda m: None)
+    few = load_samples(cfg, small_tokenizer, log=lambda m: None, train_used=6)
+    np.testing.assert_array_equal(few.train, full.train[:6])
+    np.testing.assert_array_equal(few.val, full.val)
+    none = load_samples(cfg, small_tokenizer, log=lambda m: None, train_used=0)
+    assert none.train.shape == (0, 16)
+    # more than the source has: all of them, no error
+    many = load_samples(DataCfg(source=str(text_file), seq_len=16, train_samples=10_000), small_tokenizer,
+                        log=lambda m: None, train_used=10_000)
+    assert len(many.train) == many.info["train_range"][1]
+
+
+def test_train_used_from_a_source_without_train_windows_is_a_clear_error(tmp_path, small_tokenizer):
+    path = tmp_path / "short.txt"
+    path.write_text("one two three four five six seven eight nine ten")  # one window of 32 tokens: validation
+    with pytest.raises(DataError, match="no windows"):
+        load_samples(DataCfg(source=str(path), seq_len=32, train_samples="all"), small_tokenizer, log=lambda m: None, train_used=4)

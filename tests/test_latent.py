@@ -16,6 +16,7 @@ import torch
 from transformers import GPTNeoXForCausalLM
 
 from kvsweep.adapters import ADAPTERS, AdapterSpec, attached, make_adapter
+from kvsweep.checkpoint import save_checkpoint
 from kvsweep.config import KvsweepError, ModelCfg
 from kvsweep.kvcache import base_layout, bytes_per_token
 from kvsweep.latent import (
@@ -317,9 +318,9 @@ def write_trial(folder, adapters, specs, model: ModelCfg) -> None:
     from kvsweep.train import TrialCfg
 
     cfg = TrialCfg(model=model, adapters=tuple(specs))
-    (folder / "checkpoint").mkdir(parents=True)
+    folder.mkdir(parents=True)
     (folder / "trial.json").write_text(json.dumps({"config": cfg.to_dict(), "status": "completed"}))
-    torch.save([a.state_dict() for a in adapters], folder / "checkpoint" / "best_adapters.pt")
+    save_checkpoint(folder / "checkpoint", adapters, None, {"epoch": 1}, [a.state_dict() for a in adapters])
 
 
 def test_kvsweep_cache_with_a_trained_trial(tmp_path, p70, capsys):

@@ -319,3 +319,126 @@ def test_resolve_device_cpu_and_auto() -> None:
 def test_load_base_on_cuda_without_cuda() -> None:
     with pytest.raises(ConfigError, match="device"):
         load_base(ModelCfg(name="pythia-70m", random_init=True, device="cuda"), log=_quiet)
+
+
+# --- hub unreachable, offline mode off: a quick probe instead of retries ------------------------------
+#
+# These run `kvsweep eval` in a subprocess with HF_HUB_OFFLINE unset and HF_ENDPOINT on loopback: a port
+# that accepts connections but never answers, or a closed port. Nothing leaves this machine: the hub's
+# endpoint is loopback, telemetry is off, proxies are unset and the hub cache is a fresh folder.
+
+
+@pytest.fixture
+def silent_endpoint():
+    """``http://127.0.0.1:PORT`` that accepts connections (the kernel's backlog) and never answers."""
+    import socket
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+@pytest.fixture
+def closed_endpoint():
+    """``http://127.0.0.1:PORT`` where nothing listens: connections are refused."""
+    import socket
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"
+
+
+def _online_env(endpoint: str, hf_home: Path) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE") and "proxy" not in k.lower()}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="*", no_proxy="*",
+               HF_HUB_DISABLE_IMPLICIT_TOKEN="1", HF_HUB_DISABLE_XET="1", DO_NOT_TRACK="1")
+    return env
+
+
+def _kvsweep(args: list[str], env: dict[str, str]) -> tuple[int, str, str, float]:
+    import subprocess
+    import sys
+
+    # the interpreter's start and imports (torch, transformers, datasets) are not the command's wait for the hub
+    code = ("import time, sys, datasets, kvsweep.baseline; from kvsweep.cli import main; t0 = time.monotonic(); rc = main(sys.argv[1:]); "
+            "print(f'kvsweep-seconds {time.monotonic() - t0:.3f}', file=sys.stderr); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+    seconds = float(proc.stderr.rsplit("kvsweep-seconds", 1)[1].split()[0])
+    return proc.returncode, proc.stdout, proc.stderr.rsplit("kvsweep-seconds", 1)[0], seconds
+
+
+@pytest.mark.parametrize("which", ["silent", "closed"])
+def test_unreachable_hub_endpoint_fails_within_seconds(which, silent_endpoint, closed_endpoint, tmp_path) -> None:
+    endpoint = silent_endpoint if which == "silent" else closed_endpoint
+    rc, _, err, seconds = _kvsweep(["eval", "--model", "EleutherAI/pythia-70m"], _online_env(endpoint, tmp_path / "hf"))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and lines[-1].startswith("kvsweep: error: "), err
+    assert "EleutherAI/pythia-70m" in lines[-1] and endpoint in lines[-1] and "--model tiny" in lines[-1]
+    assert seconds < 8, f"took {seconds:.1f} s"
+
+
+def test_unreachable_hub_dataset_fails_within_seconds(silent_endpoint, tmp_path, small_tokenizer) -> None:
+    folder = tmp_path / "m"
+    neox_model().save_pretrained(folder)
+    small_tokenizer.save_pretrained(folder)
+    rc, _, err, seconds = _kvsweep(["eval", "--model", str(folder), "--data", "someone/some-dataset"],
+                                   _online_env(silent_endpoint, tmp_path / "hf"))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and lines[-1].startswith("kvsweep: error: "), err
+    assert "someone/some-dataset" in lines[-1] and silent_endpoint in lines[-1] and "local file" in lines[-1]
+    assert seconds < 8, f"took {seconds:.1f} s"
+
+
+def test_unreachable_hub_falls_back_to_the_cached_model(silent_endpoint, tmp_path, small_tokenizer) -> None:
+    from .conftest import SAMPLE_TEXT
+
+    hf_home = tmp_path / "hf"
+    repo = hf_home / "hub" / "models--someone--small-neox"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    neox_model().save_pretrained(snapshot)
+    small_tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT)
+    env = _online_env(silent_endpoint, hf_home)
+    env["KVSWEEP_CACHE"] = str(tmp_path / "kvsweep-cache")
+    rc, out, err, seconds = _kvsweep(["eval", "--model", "someone/small-neox", "--data", str(text), "--seq-len", "32"], env)
+    assert rc == 0, err
+    assert "Overall perplexity" in out
+    assert seconds < 15, f"took {seconds:.1f} s"
+
+
+def test_hub_probe_counts_any_http_reply_and_gives_up_on_silence(silent_endpoint, closed_endpoint) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from kvsweep.hub import hub_reachable
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert hub_reachable(f"http://127.0.0.1:{server.server_port}", timeout=2.0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    start = time.monotonic()
+    assert not hub_reachable(silent_endpoint, timeout=1.0)
+    assert not hub_reachable(closed_endpoint, timeout=1.0)
+    assert time.monotonic() - start < 3.5

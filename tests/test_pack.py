@@ -58,12 +58,28 @@ def _packed(cfgs: list[TrialCfg], **kw) -> tuple[list[dict], list[list[dict]]]:
 
 
 def _close(a: dict, b: dict, rel: float) -> None:
+    """The same keys; numbers equal within ``rel`` (NaN only where the other is NaN too), everything else equal."""
     assert a.keys() == b.keys()
     for k in a:
-        if isinstance(a[k], float) and not (math.isnan(a[k]) and math.isnan(b[k])):
-            assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-7), k
+        x, y = a[k], b[k]
+        if isinstance(x, float) or isinstance(y, float):
+            assert isinstance(x, (int, float)) and isinstance(y, (int, float)), k
+            if math.isnan(x) or math.isnan(y):
+                assert math.isnan(x) and math.isnan(y), k
+            else:
+                assert x == pytest.approx(y, rel=rel, abs=1e-7), k
         else:
-            assert a[k] == b[k], k
+            assert x == y, k
+
+
+def test_the_closeness_check_itself():
+    nan = float("nan")
+    _close({"a": nan, "b": 1.0, "c": "x"}, {"a": nan, "b": 1.0 + 1e-9, "c": "x"}, rel=1e-5)
+    for other in ({"a": 1.0}, {"a": None}, {"b": nan}):
+        with pytest.raises(AssertionError):
+            _close({"a": nan, "b": 1.0}, {"a": nan, "b": 1.0, **other}, rel=1e-5)
+    with pytest.raises(AssertionError):
+        _close({"a": 1.0}, {"a": 1.1}, rel=1e-5)
 
 
 def test_packed_trials_report_what_they_report_alone():

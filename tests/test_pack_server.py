@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from kvsweep.checkpoint import BEST_ADAPTERS_FILE, STATE_FILE
 from kvsweep.config import DataCfg, SweepCfg, TrainCfg
 from kvsweep.tune import evaluate_base, prepare_samples
 from kvsweep.tune import packed as kpacked
@@ -49,7 +50,7 @@ def test_epochs_on_request_and_resume_from_the_returned_checkpoint(setup):
     server = _server(setup)
     a1, b1 = _together(lambda: server.epoch("a", POINT_A, 0, None), lambda: server.epoch("b", POINT_B, 0, None))
     assert a1["metrics"]["epoch"] == b1["metrics"]["epoch"] == 1 and not a1["done"]
-    assert {"state.pt", "best_adapters.pt"} <= set(a1["files"])
+    assert {STATE_FILE, BEST_ADAPTERS_FILE} <= set(a1["files"])
     a2 = server.epoch("a", POINT_A, 1, None)  # parked in the pack: goes on at once
     assert a2["metrics"]["epoch"] == 2 and server.stats()["trials"] == 2
     # a fresh pack does not hold the trial: it asks for the checkpoint, then resumes from it

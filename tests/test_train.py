@@ -11,6 +11,7 @@ import torch
 
 from kvsweep import train as ktrain
 from kvsweep.adapters import AdapterSpec
+from kvsweep.checkpoint import BEST_ADAPTERS_FILE, STATE_FILE
 from kvsweep.cli import main
 from kvsweep.config import ConfigError, DataCfg, ModelCfg, TrainCfg
 from kvsweep.evaluate import PositionStats
@@ -91,7 +92,7 @@ def test_resumed_trial_reports_what_an_uninterrupted_one_does(tmp_path):
     assert [_strip(m) for m in reports] == [_strip(m) for m in full_reports]
     assert resumed["best_val_ppl"] == full["best_val_ppl"] and resumed["epochs_run"] == 4
     assert [_strip(m) for m in resumed["history"]] == [_strip(m) for m in full["history"]]
-    assert (ckpt2 / "state.pt").is_file() and (ckpt2 / "best_adapters.pt").is_file()
+    assert (ckpt2 / STATE_FILE).is_file() and (ckpt2 / BEST_ADAPTERS_FILE).is_file()
 
 
 def test_frozen_base_is_untouched_by_a_trial():

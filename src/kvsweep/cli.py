@@ -2,7 +2,8 @@
 
     kvsweep eval --model tiny --data tiny                 # baseline perplexity, overall and by position
     kvsweep eval --model EleutherAI/pythia-70m --revision step143000 --data wikitext-2 --out runs/base
-    kvsweep eval --model pythia-70m --random-init --tokenizer tokenizer.json --data wiki.valid.raw
+    kvsweep eval --model pythia-70m --random-init --tokenizer tokenizer.json --data wiki.valid.raw   # the whole file
+    kvsweep train --model tiny --data tiny --adapter vdproj --rank 32 --out runs/r32  # --overwrite / --resume an earlier one
     kvsweep tiny                                          # build (or show) the offline tiny preset
 """
 
@@ -12,7 +13,7 @@ import argparse
 import json
 import sys
 
-from .config import DTYPES, DataCfg, EvalCfg, KvsweepError, ModelCfg, parse_bounds
+from .config import DTYPES, Count, DataCfg, EvalCfg, KvsweepError, ModelCfg, calibration_samples, default_train_samples, parse_bounds
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -34,10 +35,15 @@ def add_data_args(p: argparse.ArgumentParser, *, train: bool) -> None:
     g.add_argument("--val-split", default="validation")
     g.add_argument("--text-field", default="text", help="text column of JSON Lines, Parquet and hub rows (default: text)")
     g.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default: 128)")
+    g.add_argument("--encoding", default="utf-8", help="encoding of a text or JSON Lines file, e.g. latin-1, cp1252 (default: utf-8)")
     if train:
-        g.add_argument("--train-samples", default="10000", help="number of train samples or 'all' (default: 10000)")
+        g.add_argument("--train-samples", default=None, help="number of train samples or 'all' (default: all on tiny, else "
+                       "10000; with --epochs 0 only what calibration uses)")
+        g.add_argument("--val-fraction", type=float, default=0.1, help="for a single file: the last fraction of its windows is validation (default: 0.1)")
+    else:
+        g.add_argument("--val-fraction", type=float, default=None, help="for a single file: evaluate only the last fraction of its "
+                       "windows, the validation range of a trial (default: the whole file)")
     g.add_argument("--val-samples", default="all", help="number of validation samples or 'all' (default: all)")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="for a single file: the last fraction of its windows is validation (default: 0.1)")
     g.add_argument("--data-seed", type=int, default=0, help="picks the samples when fewer than all are asked for (default: 0)")
 
 
@@ -45,11 +51,13 @@ def model_cfg(a: argparse.Namespace) -> ModelCfg:
     return ModelCfg(name=a.model, revision=a.revision, random_init=a.random_init, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype)
 
 
-def data_cfg(a: argparse.Namespace) -> DataCfg:
+def data_cfg(a: argparse.Namespace, train_samples: Count = 0) -> DataCfg:
+    """The data arguments as a ``DataCfg``; ``--val-fraction`` left out (``kvsweep eval``) is the whole file."""
     return DataCfg(
         source=a.data, config_name=a.data_config, revision=a.data_revision, train_split=a.train_split,
-        val_split=a.val_split, text_field=a.text_field, seq_len=a.seq_len,
-        train_samples=getattr(a, "train_samples", 0), val_samples=a.val_samples, val_fraction=a.val_fraction, seed=a.data_seed,
+        val_split=a.val_split, text_field=a.text_field, seq_len=a.seq_len, train_samples=train_samples,
+        val_samples=a.val_samples, val_fraction=1.0 if a.val_fraction is None else a.val_fraction, seed=a.data_seed,
+        encoding=a.encoding,
     )
 
 
@@ -118,14 +126,18 @@ def trial_cfg(a: argparse.Namespace):
         loss = LossCfg(**{t: custom.get(t, getattr(loss, t)) for t in ("lm", "rec", "kl")}, name="custom")
     train = TrainCfg(lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, patience=a.patience, weight_decay=a.weight_decay,
                      seed=a.seed, cache_dtype=a.cache_dtype, amp=a.amp)
-    return TrialCfg(model=model_cfg(a), data=data_cfg(a), adapters=specs, loss=loss, train=train,
+    train_samples = a.train_samples
+    if train_samples is None:  # evaluating only, without calibration: none; else the source's default
+        idle = a.epochs == 0 and calibration_samples(s.options for s in specs) == 0
+        train_samples = 0 if idle else default_train_samples(a.data)
+    return TrialCfg(model=model_cfg(a), data=data_cfg(a, train_samples), adapters=specs, loss=loss, train=train,
                     buckets=parse_bounds(a.buckets) if a.buckets else None)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
     from .train import run_trial_to_folder
 
-    run_trial_to_folder(trial_cfg(a), a.out, resume=a.resume)
+    run_trial_to_folder(trial_cfg(a), a.out, resume=a.resume, overwrite=a.overwrite)
     return 0
 
 
@@ -157,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(tr, train=True)
     add_trial_args(tr)
     tr.add_argument("--out", required=True, help="folder for trial.json, epochs.parquet, positions.parquet and the checkpoint")
-    tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    again = tr.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    again.add_argument("--overwrite", action="store_true", help="replace the trial already in --out (its results and checkpoint)")
     tr.set_defaults(func=cmd_train)
 
     from .report.cli import add_parser as add_report_parser

@@ -7,17 +7,19 @@ data is loaded. This module imports neither torch nor ray.
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import Iterable, Literal, Union
 
 Count = Union[int, Literal["all"]]
 
 DTYPES = ("float32", "bfloat16", "float16")
 SEED_BUCKETS = (0, 16, 32, 64, 96, 128)
 """Bucket bounds of the seed's position-wise table: [0,16) [16,32) [32,64) [64,96) [96,128)."""
+DEFAULT_TRAIN_SAMPLES = 10_000  # the seed's; the tiny preset's corpus holds fewer windows, so it trains on all of them
 
 
 class KvsweepError(Exception):
@@ -57,6 +59,37 @@ def parse_count(name: str, value: object, *, allow_zero: bool = False) -> Count:
     if value < low:
         raise ConfigError(f"{name} must be >= {low} or 'all', got {value}")
     return value
+
+
+def default_train_samples(source: str) -> Count:
+    """The train samples a trial of ``kvsweep train`` or a sweep asks for when none are given: ``"all"`` for the
+    tiny preset's corpus (``tiny``, ``tiny:PATH``: fewer windows than the seed's number), else 10,000."""
+    name = source.strip() if isinstance(source, str) else ""
+    return "all" if name == "tiny" or name.startswith("tiny:") else DEFAULT_TRAIN_SAMPLES
+
+
+def calibration_samples(adapter_options: Iterable[object]) -> int:
+    """The most train samples any of these adapters calibrates on before training (0: none does), as each
+    adapter's options declare it (``AdapterOptions.calibration_samples``)."""
+    return max((int(getattr(options, "calibration_samples", 0)) for options in adapter_options), default=0)
+
+
+def check_encoding(name: str, value: object) -> str:
+    """The canonical name of text encoding ``value`` (``"latin1"`` -> ``"iso8859-1"``).
+
+    Raises:
+        ConfigError: ``value`` names no codec Python knows, or one that does not decode bytes to text.
+    """
+    hint = "a text encoding such as utf-8, latin-1, cp1252 or utf-16"
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be {hint}; got {value!r}")
+    try:
+        info = codecs.lookup(value.strip())
+    except LookupError:
+        raise ConfigError(f"{name}: unknown encoding {value!r}; give {hint}") from None
+    if not getattr(info, "_is_text_encoding", True):  # rot13, base64, zlib ...: codecs, but not of text
+        raise ConfigError(f"{name}: {value!r} is not a text encoding; give {hint}")
+    return info.name
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -156,7 +189,8 @@ class DataCfg:
     ``.jsonl``/``.json`` or ``.parquet`` file. Sources with splits give train and validation samples
     from their splits; a single file gives them from disjoint ranges of windows: the last
     ``val_fraction`` of the windows is validation, the rest train. ``seed`` picks which windows of each
-    range become samples when fewer than all are asked for.
+    range become samples when fewer than all are asked for. ``encoding`` decodes text and JSON Lines
+    files (Parquet and hub text is UTF-8 by definition).
     """
 
     source: str = "tiny"
@@ -170,6 +204,7 @@ class DataCfg:
     val_samples: Count = "all"
     val_fraction: float = 0.1
     seed: int = 0
+    encoding: str = "utf-8"
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
@@ -185,6 +220,7 @@ class DataCfg:
         _check_seed(self.seed)
         if self.train_split == self.val_split:
             raise ConfigError(f"train_split and val_split must differ, both are {self.train_split!r}")
+        object.__setattr__(self, "encoding", check_encoding("encoding", self.encoding))
 
 
 @dataclass(frozen=True)
@@ -258,7 +294,7 @@ class SweepCfg:
 
     name: str = "vdproj"
     model: ModelCfg = field(default_factory=ModelCfg)
-    data: DataCfg = field(default_factory=lambda: DataCfg(train_samples=10_000))
+    data: DataCfg = field(default_factory=lambda: DataCfg(train_samples=default_train_samples("tiny")))
     train: TrainCfg = field(default_factory=TrainCfg)
     storage: str = "~/kvsweep_results"
     address: str | None = None

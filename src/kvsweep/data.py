@@ -10,6 +10,11 @@ for, ``seed`` picks which.
 The windows of each (tokenizer, source, split, seq_len) are tokenized once and cached as an Arrow IPC
 file under ``$KVSWEEP_CACHE/data``; later loads memory-map it, so a sweep tokenizes once and every
 trial shares the pages. Selecting samples by seed is an index operation on the mapped windows.
+
+Text and JSON Lines files are decoded with ``DataCfg.encoding`` (UTF-8 unless told otherwise), which is
+part of the cache key; a byte that does not decode is an error naming the file, the byte's offset and
+its line. Hub datasets are fetched only after a quick probe finds the hub answering; otherwise they come
+from the local datasets cache, or fail at once.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import pyarrow as pa
 
 from .atomic import atomic_path
 from .config import ConfigError, DataCfg, KvsweepError, error_reason, MissingFileError, cache_dir
+from .hub import HUB_PROBE_SECONDS, hub_endpoint, hub_reachable
 
 CACHE_FORMAT = 1
 TEXT_SUFFIXES = (".txt", ".raw", ".md", ".rst", ".text")
@@ -50,6 +56,7 @@ class DataSource:
     ref: str  # tiny corpus path ("" = built-in), hub dataset id, or absolute file path
     config_name: str | None = None
     revision: str | None = None
+    encoding: str | None = None  # of a text or JSON Lines file; None where the format fixes it
 
     @property
     def has_splits(self) -> bool:
@@ -79,7 +86,7 @@ def resolve_source(cfg: DataCfg) -> DataSource:
         suffix = path.suffix.lower()
         for kind, suffixes in (("text", TEXT_SUFFIXES), ("jsonl", JSON_SUFFIXES), ("parquet", PARQUET_SUFFIXES)):
             if suffix in suffixes:
-                return DataSource(kind, str(path.resolve()))
+                return DataSource(kind, str(path.resolve()), encoding=None if kind == "parquet" else cfg.encoding)
         raise ConfigError(
             f"data: cannot tell the format of {name}; valid suffixes: text {', '.join(TEXT_SUFFIXES)}; "
             f"JSON Lines {', '.join(JSON_SUFFIXES)}; Parquet {', '.join(PARQUET_SUFFIXES)}"
@@ -102,19 +109,31 @@ def resolve_source(cfg: DataCfg) -> DataSource:
 
 
 def load_documents(source: DataSource, split: str | None, text_field: str = "text") -> list[str]:
-    """The documents of one split (``None`` for a single-file source)."""
+    """The documents of one split (``None`` for a single-file source).
+
+    Raises:
+        DataError: a file's bytes do not decode in its encoding, a JSON line does not parse or lacks
+            ``text_field``, or a hub dataset cannot be loaded.
+    """
     if source.kind == "tiny":
         from .tiny import tiny_corpus
 
         return list(tiny_corpus(source.ref or None)[split])
+    encoding = source.encoding or "utf-8"
     if source.kind == "text":
-        return [Path(source.ref).read_text(encoding="utf-8")]
+        try:
+            return [Path(source.ref).read_text(encoding=encoding)]
+        except UnicodeDecodeError:
+            raise _decode_error(source.ref, encoding) from None
     if source.kind == "jsonl":
         docs = []
-        with open(source.ref, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    docs.append(_text_of(json.loads(line), text_field, f"{source.ref} line {n}"))
+        try:
+            with open(source.ref, encoding=encoding) as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        docs.append(_text_of(_json_row(line, source.ref, n), text_field, f"{source.ref} line {n}"))
+        except UnicodeDecodeError:
+            raise _decode_error(source.ref, encoding) from None
         return docs
     if source.kind == "parquet":
         import pyarrow.parquet as pq
@@ -126,6 +145,28 @@ def load_documents(source: DataSource, split: str | None, text_field: str = "tex
     return _hub_documents(source, split, text_field)
 
 
+def _decode_error(path: str, encoding: str) -> DataError:
+    """The error for a file whose bytes do not decode: the first bad byte's offset (bytes from the start) and line."""
+    raw = Path(path).read_bytes()
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        before = raw[: e.start].decode(encoding, errors="replace")  # the bytes before the first bad one
+        line = before.count("\n") + before.count("\r") - before.count("\r\n") + 1
+        return DataError(
+            f"data: {path} is not {encoding} text: byte 0x{raw[e.start]:02x} at offset {e.start} (line {line}) "
+            f"cannot be decoded ({e.reason}); give the file's encoding with --encoding (e.g. --encoding latin-1 or cp1252)"
+        )
+    return DataError(f"data: {path} does not decode as {encoding}; give the file's encoding with --encoding")
+
+
+def _json_row(line: str, path: str, n: int) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"data: {path} line {n} is not JSON ({e.msg} at column {e.colno}); JSON Lines hold one object per line") from None
+
+
 def _text_of(row: dict, text_field: str, where: str) -> str:
     if not isinstance(row, dict) or text_field not in row:
         raise DataError(f"data: {where} has no field {text_field!r} (text_field)")
@@ -133,16 +174,23 @@ def _text_of(row: dict, text_field: str, where: str) -> str:
 
 
 def _hub_documents(source: DataSource, split: str, text_field: str) -> list[str]:
+    """A hub dataset's split; with the hub unreachable (a quick probe, unless offline) from the local cache only."""
     import datasets
 
+    offline = datasets.config.HF_HUB_OFFLINE
+    unreachable = not offline and not hub_reachable()
     try:
+        datasets.config.HF_HUB_OFFLINE = offline or unreachable  # read at each call: the cache alone, no retries
         ds = datasets.load_dataset(source.ref, source.config_name, split=split, revision=source.revision)
     except Exception as e:
-        reason = error_reason(e)
+        reason = (f"the hub at {hub_endpoint()} cannot be reached (no answer within {HUB_PROBE_SECONDS:g} s) and the local "
+                  "datasets cache does not hold it") if unreachable else error_reason(e)
         raise DataError(
             f"data: cannot load split {split!r} of {source.describe()} from the Hugging Face hub: {reason}. "
             "Without the hub, use a local file (--data PATH: text, JSON Lines or Parquet) or --data tiny."
         ) from e
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
     if text_field not in ds.column_names:
         raise DataError(f"data: {source.describe()} has no column {text_field!r} (text_field); columns: {ds.column_names}")
     rows = ds[text_field]
@@ -152,8 +200,9 @@ def _hub_documents(source: DataSource, split: str, text_field: str) -> list[str]
 
 
 def source_fingerprint(source: DataSource, split: str | None, text_field: str) -> str:
-    """A digest that changes whenever the documents of this split would change."""
-    h = hashlib.sha256(json.dumps([source.kind, source.ref, source.config_name, source.revision, split, text_field]).encode())
+    """A digest that changes whenever the documents of this split would change (the file's encoding included)."""
+    key = [source.kind, source.ref, source.config_name, source.revision, split, text_field]
+    h = hashlib.sha256(json.dumps(key + ([source.encoding] if source.encoding is not None else [])).encode())
     if source.kind in ("text", "jsonl", "parquet"):
         with open(source.ref, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -284,38 +333,61 @@ def _check_enough(what: str, count, n: int, tokens: int, seq_len: int, where: st
         )
 
 
-def load_samples(cfg: DataCfg, tokenizer, *, log: Callable[[str], None] = print) -> Samples:
-    """Train and validation samples as DESIGN.md defines them, through the tokenized cache."""
+def _train_samples(ids: np.ndarray, n: int, tokens: int, cfg: DataCfg, used: int | None, where: str) -> np.ndarray:
+    """The train samples out of the train windows ``ids[:n]`` (``tokens`` tokens); see ``load_samples``."""
+    T = cfg.seq_len
+    if used is None:
+        _check_enough("train", cfg.train_samples, n, tokens, T, where)
+        return ids[select(n, cfg.train_samples, cfg.seed, 0)]
+    if n == 0:
+        raise DataError(f"data: {where} has no windows of {T} tokens, but calibrating the adapters takes up to {used:,} "
+                        "train samples; use a longer source, a shorter seq_len, or an init that needs no data")
+    count = n if cfg.train_samples == "all" else min(cfg.train_samples, n)
+    return ids[select(n, count, cfg.seed, 0)[:used]]  # the first of the samples a trained run selects
+
+
+def load_samples(cfg: DataCfg, tokenizer, *, log: Callable[[str], None] = print, train_used: int | None = None) -> Samples:
+    """Train and validation samples as DESIGN.md defines them, through the tokenized cache.
+
+    ``train_used``: for a trial that uses only the first train samples (one that evaluates without
+    training calibrates on at most this many), the same samples are selected as without it and the
+    first ``train_used`` kept: fewer when the source has fewer, none loaded when it is 0.
+
+    Raises:
+        DataError: the source has fewer windows than asked for (a single file: in its range), a file does
+            not decode, or a hub dataset cannot be loaded.
+        MissingFileError, ConfigError: from ``resolve_source``.
+    """
     source = resolve_source(cfg)
     T = cfg.seq_len
     info: dict = {"source": source.describe(), "seq_len": T, "seed": cfg.seed}
+    none = np.zeros((0, T), dtype=np.int32)
+    wants_train = cfg.train_samples != 0 and train_used != 0
     if source.has_splits:
         val_w = load_windows(source, cfg.val_split, cfg.text_field, tokenizer, T, log=log)
         _check_enough("validation", cfg.val_samples, len(val_w.ids), val_w.tokens, T, f"{source.describe()} [{cfg.val_split}]")
         val = val_w.ids[select(len(val_w.ids), cfg.val_samples, cfg.seed, 1)]
-        if cfg.train_samples == 0:
-            train = np.zeros((0, T), dtype=np.int32)
-            hits = [val_w.cache_hit]
-        else:
+        train, hits = none, [val_w.cache_hit]
+        if wants_train:
             train_w = load_windows(source, cfg.train_split, cfg.text_field, tokenizer, T, log=log)
-            _check_enough("train", cfg.train_samples, len(train_w.ids), train_w.tokens, T, f"{source.describe()} [{cfg.train_split}]")
-            train = train_w.ids[select(len(train_w.ids), cfg.train_samples, cfg.seed, 0)]
-            hits = [val_w.cache_hit, train_w.cache_hit]
+            train = _train_samples(train_w.ids, len(train_w.ids), train_w.tokens, cfg, train_used,
+                                   f"{source.describe()} [{cfg.train_split}]")
+            hits.append(train_w.cache_hit)
         info.update(val_split=cfg.val_split, train_split=cfg.train_split, val_windows=len(val_w.ids))
     else:
         w = load_windows(source, None, cfg.text_field, tokenizer, T, log=log)
         n = len(w.ids)
         n_val = min(n, max(1, round(n * cfg.val_fraction))) if n else 0
         lo = n - n_val  # windows [0, lo) train, [lo, n) validation
-        hint = " (or raise val_fraction)" if cfg.val_fraction < 1 else ""
-        _check_enough("validation", cfg.val_samples, n_val, n_val * T, T,
-                      f"the validation range (last {cfg.val_fraction:g} of the windows) of {source.describe()}", hint)
+        whole = cfg.val_fraction == 1
+        _check_enough("validation", cfg.val_samples, n_val, n_val * T, T, source.describe() if whole else
+                      f"the validation range (last {cfg.val_fraction:g} of the windows) of {source.describe()}",
+                      "" if whole else " (or raise val_fraction)")
         val = w.ids[lo + select(n_val, cfg.val_samples, cfg.seed, 1)]
-        if cfg.train_samples == 0:
-            train = np.zeros((0, T), dtype=np.int32)
-        else:
-            _check_enough("train", cfg.train_samples, lo, lo * T, T, f"the train range (first {1 - cfg.val_fraction:g} of the windows) of {source.describe()}")
-            train = w.ids[select(lo, cfg.train_samples, cfg.seed, 0)]
+        train = none
+        if wants_train:
+            train = _train_samples(w.ids, lo, lo * T, cfg, train_used,
+                                   f"the train range (first {1 - cfg.val_fraction:g} of the windows) of {source.describe()}")
         hits = [w.cache_hit]
         info.update(val_range=[lo, n], train_range=[0, lo], total_tokens=w.tokens)
     info.update(train_samples=len(train), val_samples=len(val), cache_hit=all(hits))

@@ -4,6 +4,9 @@ A base is any GPT-NeoX causal LM: a Pythia checkpoint from the hub (with ``revis
 saved with ``save_pretrained``, the offline ``tiny`` preset, or a Pythia architecture built with
 random weights (``random_init``) for structural checks and timing without a download. Nothing outside
 this module reaches into the model's internals.
+
+Hub models are loaded after a quick probe of the hub (``kvsweep.hub``): when it does not answer, they come
+from the local hub cache alone, or fail at once, instead of after half a minute of retries.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from .config import ConfigError, KvsweepError, MissingFileError, ModelCfg, error_reason
+from .hub import HUB_PROBE_SECONDS, hub_endpoint, hub_offline, hub_reachable
 
 # (layers, hidden, heads, intermediate, vocab) of the released Pythia models; all share rotary on 25% of
 # each head (base 10,000), parallel residual, untied embeddings, 2,048 positions and GELU.
@@ -34,6 +38,7 @@ PYTHIA_ARCHS: dict[str, tuple[int, int, int, int, int]] = {
 _PYTHIA_NAME = re.compile(r"(?:EleutherAI/)?pythia-(?P<size>[0-9.]+[mb])(?P<deduped>-deduped)?", re.IGNORECASE)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_Loaded = TypeVar("_Loaded")
 
 
 class HubUnavailableError(KvsweepError):
@@ -130,19 +135,27 @@ def model_config(source: ModelSource) -> GPTNeoXConfig:
     if source.kind == "local":
         config = AutoConfig.from_pretrained(source.ref, trust_remote_code=False)
     else:
-        config = _from_hub(lambda: AutoConfig.from_pretrained(source.ref, revision=source.revision, trust_remote_code=False), source, "config")
+        config = _from_hub(lambda local: AutoConfig.from_pretrained(source.ref, revision=source.revision, trust_remote_code=False,
+                                                                    local_files_only=local), source, "config")
     if config.model_type != "gpt_neox":
         raise ConfigError(f"model: {source.ref} is a {config.model_type!r} model; kvsweep works on GPT-NeoX models (Pythia)")
     return config
 
 
-def _from_hub(load: Callable, source: ModelSource, what: str):
-    """Run a hub load; turn any failure into one clear error that names the alternatives."""
+def _from_hub(load: Callable[[bool], _Loaded], source: ModelSource, what: str) -> _Loaded:
+    """Run a hub load, ``load(local_files_only)``: from the local hub cache alone when the hub does not answer
+    (a quick probe, unless HF_HUB_OFFLINE is set).
+
+    Raises:
+        HubUnavailableError: one clear line naming the alternatives, for any failure.
+    """
+    offline = hub_offline()
+    unreachable = not offline and not hub_reachable()
     try:
-        return load()
+        return load(unreachable)
     except Exception as e:  # transformers raises OSError, ValueError or hub errors, by version
-        reason = error_reason(e)
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        reason = (f"the hub at {hub_endpoint()} cannot be reached (no answer within {HUB_PROBE_SECONDS:g} s) and the local "
+                  "hub cache does not hold it") if unreachable else error_reason(e)
         raise HubUnavailableError(
             f"cannot load the {what} of {source.ref!r} (revision {source.revision}) from the Hugging Face hub"
             f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {reason}. Without the hub, use a local folder "
@@ -251,14 +264,16 @@ def load_base(cfg: ModelCfg, *, log: Callable[[str], None] = print) -> Base:
     else:
         model_config(source)
         model = _from_hub(
-            lambda: GPTNeoXForCausalLM.from_pretrained(source.ref, revision=source.revision, dtype=dtype, trust_remote_code=False),
+            lambda local: GPTNeoXForCausalLM.from_pretrained(source.ref, revision=source.revision, dtype=dtype,
+                                                             trust_remote_code=False, local_files_only=local),
             source,
             "weights",
         )
         model_path = _hub_snapshot_folder(source) or source.ref
         if cfg.tokenizer is None:
             tokenizer = _from_hub(
-                lambda: AutoTokenizer.from_pretrained(source.ref, revision=source.revision, trust_remote_code=False),
+                lambda local: AutoTokenizer.from_pretrained(source.ref, revision=source.revision, trust_remote_code=False,
+                                                            local_files_only=local),
                 source,
                 "tokenizer",
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import DataCfg, ModelCfg, SweepCfg, TrainCfg
+from .config import DataCfg, ModelCfg, SweepCfg, TrainCfg, default_train_samples
 
 PACKED_LOSS_CHUNK = 4096  # a pack's stacked batch would otherwise hold float32 logits for all its trials' tokens
 SMOKE = {"train_samples": 64, "val_samples": 16, "epochs": 2}
@@ -15,6 +15,8 @@ def sweep_parser(description: str, default_name: str) -> argparse.ArgumentParser
     p.add_argument("--smoke-test", action="store_true", help="the tiny preset, a handful of trials, 2 epochs: minutes on 2 CPU cores")
     p.add_argument("--name", default=None, help=f"experiment name; running the same name again continues it (default: {default_name}, {default_name}-smoke)")
     p.add_argument("--storage", default="~/kvsweep_results", help="results folder, or s3://bucket/path, gs://bucket/path (default: ~/kvsweep_results)")
+    p.add_argument("--grow", action="store_true", help="add the configurations the search space gained (more --seeds, ranks, "
+                   "--num-samples) to the sweep of this --name; only the new ones run, the results hold old and new")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else Ray starts in-process)")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None, help="preset, hub id or local folder (default: tiny; pythia-70m for a full sweep on the hub)")
@@ -23,6 +25,7 @@ def sweep_parser(description: str, default_name: str) -> argparse.ArgumentParser
     g.add_argument("--tokenizer", default=None)
     g.add_argument("--dtype", default="float32")
     g.add_argument("--data", default=None, help="tiny, wikitext-2, a hub dataset or a local file (default: tiny)")
+    g.add_argument("--encoding", default="utf-8", help="encoding of a text or JSON Lines file, e.g. latin-1 (default: utf-8)")
     g.add_argument("--seq-len", type=int, default=128)
     g.add_argument("--train-samples", default=None, help="train samples or 'all' (default: 10000; 'all' on tiny)")
     g.add_argument("--val-samples", default=None, help="validation samples or 'all' (default: all)")
@@ -60,8 +63,8 @@ def sweep_cfg(a: argparse.Namespace, default_name: str) -> SweepCfg:
     smoke = a.smoke_test
     model = ModelCfg(name=a.model or "tiny", revision=a.revision, random_init=a.random_init, tokenizer=a.tokenizer, dtype=a.dtype)
     data = DataCfg(
-        source=a.data or "tiny", seq_len=a.seq_len,
-        train_samples=a.train_samples or (SMOKE["train_samples"] if smoke else ("all" if (a.data or "tiny") == "tiny" else 10_000)),
+        source=a.data or "tiny", seq_len=a.seq_len, encoding=a.encoding,
+        train_samples=a.train_samples or (SMOKE["train_samples"] if smoke else default_train_samples(a.data or "tiny")),
         val_samples=a.val_samples or (SMOKE["val_samples"] if smoke else "all"),
     )
     train = TrainCfg(lr=a.lr, batch_size=a.batch_size, epochs=a.epochs if a.epochs is not None else (SMOKE["epochs"] if smoke else 30), patience=a.patience,
@@ -93,7 +96,7 @@ def sweep_main(doc: str, default_name: str, search_space, argv=None) -> int:
 
     try:
         sweep = sweep_cfg(args, default_name)
-        run_sweep(sweep, search_space(model_dims(sweep), args.smoke_test, seeds(args)))
+        run_sweep(sweep, search_space(model_dims(sweep), args.smoke_test, seeds(args)), grow=args.grow)
     except KvsweepError as e:
         print(f"kvsweep: error: {e}", file=sys.stderr)
         return 2

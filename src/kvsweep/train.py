@@ -11,6 +11,7 @@ sees the same batches.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 import weakref
 from contextlib import AbstractContextManager, nullcontext
@@ -23,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import Adapter, AdapterSpec, attached, check_combination, disabled, make_adapter
-from .atomic import atomic_path
-from .config import ConfigError, DataCfg, KvsweepError, ModelCfg, TrainCfg, position_buckets
+from .checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
+from .config import ConfigError, DataCfg, KvsweepError, ModelCfg, TrainCfg, calibration_samples, position_buckets
 from .data import Samples, load_samples, resolve_source
 from .evaluate import PositionStats, evaluate, token_nll
 from .kvcache import base_layout, bytes_per_token, layer_bytes
@@ -34,7 +35,6 @@ from .chunked import linear_nll
 from .models import Base, check_seq_len, dims, final_hidden, load_base, model_config, output_weight, resolve_model
 
 Report = Callable[[dict, "Path | None"], None]
-STATE_FILE = "state.pt"
 
 
 class TrialError(KvsweepError):
@@ -67,6 +67,10 @@ class TrialCfg:
             if isinstance(self.data.train_samples, int) and self.train.batch_size > self.data.train_samples:
                 raise ConfigError(f"batch_size {self.train.batch_size} is larger than train_samples "
                                   f"{self.data.train_samples}; valid range 1..{self.data.train_samples}")
+        calib = calibration_samples(s.options for s in self.adapters)
+        if calib > 0 and self.data.train_samples == 0:  # epochs 0: the adapters are still initialised from data
+            raise ConfigError(f"train_samples is 0, but the adapters calibrate on up to {calib} train samples (calib_samples) "
+                              "before the first evaluation; give train_samples >= 1 or 'all', or an init that needs no data")
 
     def to_dict(self) -> dict:
         return {
@@ -115,34 +119,17 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tenso
     return list(order.split(batch_size))
 
 
-def _save_checkpoint(path: Path, adapters: list[Adapter], opt: torch.optim.Optimizer, state: _State, best: dict | None,
-                     previous: Path | None = None) -> None:
-    """Write the checkpoint folder atomically; the best weights come from ``best`` or the previous checkpoint."""
-    with atomic_path(path) as tmp:
-        tmp.mkdir()
-        torch.save({
-            "adapters": [a.state_dict() for a in adapters],
-            "optimizer": opt.state_dict(),
-            "state": asdict(state),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-        }, tmp / STATE_FILE)
-        if best is not None:
-            torch.save(best, tmp / "best_adapters.pt")
-        else:
-            for folder in (path, previous):  # a restarted trial writes into a new folder: carry them over
-                if folder is not None and (Path(folder) / "best_adapters.pt").is_file():
-                    (tmp / "best_adapters.pt").write_bytes((Path(folder) / "best_adapters.pt").read_bytes())
-                    break
+def _load_checkpoint(path: Path, adapters: list[Adapter], opt: torch.optim.Optimizer | None) -> _State:
+    """Restore the adapters, optimizer and RNG states from the checkpoint folder ``path``; its trial state.
 
-
-def _load_checkpoint(path: Path, adapters: list[Adapter], opt: torch.optim.Optimizer) -> _State:
-    ckpt = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
-    for a, sd in zip(adapters, ckpt["adapters"], strict=True):
-        a.load_state_dict(sd)
-    opt.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    np.random.set_state(ckpt["rng"]["numpy"])
-    return _State(**ckpt["state"])
+    Raises:
+        CheckpointError: the checkpoint is missing, damaged, pickled by an older kvsweep, or not this trial's.
+    """
+    trial = load_checkpoint(path, adapters, opt)
+    try:
+        return _State(**trial)
+    except TypeError as e:
+        raise CheckpointError(f"{path}: the trial state does not fit this kvsweep ({e})") from None
 
 
 def prepare(cfg: TrialCfg, *, base: Base | None = None, samples: Samples | None = None,
@@ -160,8 +147,9 @@ def prepare(cfg: TrialCfg, *, base: Base | None = None, samples: Samples | None 
         base = load_base(cfg.model, log=log)
     if base.tokenizer is None and samples is None:
         raise ConfigError(f"model {cfg.model.name} has no tokenizer; give one with --tokenizer")
-    if samples is None:
-        samples = load_samples(cfg.data, base.tokenizer, log=log)
+    if samples is None:  # evaluating only: no train samples but those the adapters calibrate on
+        used = calibration_samples(s.options for s in cfg.adapters) if cfg.train.epochs == 0 else None
+        samples = load_samples(cfg.data, base.tokenizer, log=log, train_used=used)
     if cfg.train.epochs > 0 and cfg.train.batch_size > len(samples.train):
         raise ConfigError(f"batch_size {cfg.train.batch_size} is larger than the {len(samples.train)} train samples; "
                           f"valid range 1..{len(samples.train)}")
@@ -407,7 +395,7 @@ class TrialRun:
             self.status = "completed"
         if self.ckpt_path is not None:
             best = [a.state_dict() for a in self.adapters] if improved else None
-            _save_checkpoint(self.ckpt_path, self.adapters, self.opt, state, best, previous=self.resume_from)
+            save_checkpoint(self.ckpt_path, self.adapters, self.opt, asdict(state), best, previous=self.resume_from)
         first = {} if self._reported else {"first_step_at": self.first_step_at}  # for start-up times
         self._reported = True
         self.report({**metrics, **first}, self.ckpt_path)
@@ -533,19 +521,48 @@ def position_rows(trial_id: str, positions: list[dict]) -> list[dict]:
     } for p in positions]
 
 
-def run_trial_to_folder(cfg: TrialCfg, out: str | Path, *, resume: bool = False, log: Callable[[str], None] = print) -> dict:
-    """``kvsweep train``: one trial with a progress bar; writes trial.json, epochs.parquet, positions.parquet."""
+def run_trial_to_folder(cfg: TrialCfg, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                        log: Callable[[str], None] = print) -> dict:
+    """``kvsweep train``: one trial with a progress bar; writes trial.json, epochs.parquet, positions.parquet.
+
+    ``out`` may be new or empty. One that holds an earlier trial (trial.json or checkpoint/) needs
+    ``resume`` (continue from its checkpoint) or ``overwrite`` (replace it: its results and checkpoint are
+    deleted once this trial's base and samples have loaded).
+
+    Raises:
+        ConfigError: ``out`` holds an earlier trial and neither ``resume`` nor ``overwrite`` is given (checked
+            before any model loads), both are given, or ``out`` is a file.
+        KvsweepError: whatever the trial raises (a bad model or data, TrialError, CheckpointError).
+    """
     from .atomic import write_json
     from .results import EPOCH_SCHEMA, POSITION_SCHEMA, table, write_parquet
 
     out = Path(out)
     ckpt = out / "checkpoint"
-    resume_from = ckpt if resume and (ckpt / STATE_FILE).is_file() else None
+    outputs = ("trial.json", "epochs.parquet", "positions.parquet", "checkpoint")
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other: continue the trial in out, or replace it")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} is a file; give a folder for the trial's results")
+    earlier = [name for name in ("trial.json", "checkpoint") if (out / name).exists()]
+    if earlier and not (resume or overwrite):
+        raise ConfigError(f"out: {out} already holds a trial ({' and '.join(earlier)}); continue it with --resume, "
+                          "replace it with --overwrite, or give another --out")
+    resume_from = ckpt if resume and has_checkpoint(ckpt) else None
     if resume and resume_from is None:
         log(f"no checkpoint in {ckpt}; starting from the beginning")
     record = {"config": cfg.to_dict(), "git_revision": git_revision()}
+    base, samples = prepare(cfg, log=log)
+    if overwrite and earlier:  # the new trial is under way: nothing of the old one may be mistaken for its own
+        for name in outputs:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        log(f"replaced the earlier trial in {out}")
     try:
-        result = run_trial(cfg, checkpoint_dir=ckpt, resume_from=resume_from, progress=True, log=log)
+        result = run_trial(cfg, checkpoint_dir=ckpt, resume_from=resume_from, base=base, samples=samples, progress=True, log=log)
     except TrialError as e:
         write_json(out / "trial.json", {**record, "status": "error", "error": str(e)})
         raise

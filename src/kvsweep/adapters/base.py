@@ -78,6 +78,11 @@ class AdapterOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", parse_layers(self.layers))
 
+    @property
+    def calibration_samples(self) -> int:
+        """Train samples the adapter measures the base on before training (a data-aware init); 0: none."""
+        return 0
+
 
 class Adapter(torch.nn.Module):
     """A trainable addition to a frozen base. One subclass per file, registered with ``register_adapter``.

@@ -43,6 +43,11 @@ class VDProjOptions(AdapterOptions):
         if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
             raise ConfigError(f"calib_samples must be an integer >= 1, got {self.calib_samples!r}")
 
+    @property
+    def calibration_samples(self) -> int:
+        """The PCA init measures V on ``calib_samples`` train samples; the others need none."""
+        return self.calib_samples if self.init == "pca" else 0
+
 
 class Compressor(torch.nn.Module):
     """``x (B, T, d) -> up(down(x))``, keeping the relative reconstruction error of the last call."""

@@ -7,9 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from ..adapters import Adapter, AdapterSpec, check_combination, make_adapter
+from ..checkpoint import CheckpointError, has_checkpoint, load_best_adapter_states
 from ..config import ConfigError, MissingFileError, ModelCfg
 from ..models import Base, dims, load_base
 
@@ -26,9 +25,15 @@ def trial_specs(config: dict) -> tuple[ModelCfg, tuple[AdapterSpec, ...]]:
 
 
 def load_trial(folder: str | Path, *, device: str | None = None, log: Callable[[str], None] = print) -> tuple[Base, list[Adapter], dict]:
-    """The frozen base, the trial's adapters with their best weights (``checkpoint/best_adapters.pt``, else the
-    last epoch's in ``checkpoint/state.pt``) in eval mode, and the trial's config. ``device`` overrides the
-    trial's."""
+    """The frozen base, the trial's adapters with their best epoch's weights (else the last epoch's) from its
+    ``checkpoint`` folder, in eval mode, and the trial's config. ``device`` overrides the trial's.
+
+    Raises:
+        MissingFileError: no ``trial.json``, or no checkpoint (the trial was never trained).
+        CheckpointError: the checkpoint is damaged, does not fit the trial's adapters, or is an older
+            kvsweep's pickle (refused unread: unpickling can run code).
+        ConfigError: ``trial.json`` is not one ``kvsweep train`` wrote.
+    """
     folder = Path(folder).expanduser()
     record_path = folder / "trial.json"
     if not record_path.is_file():
@@ -40,20 +45,18 @@ def load_trial(folder: str | Path, *, device: str | None = None, log: Callable[[
     if device is not None:
         model_cfg = replace(model_cfg, device=device)
     ckpt = folder / "checkpoint"
-    if (ckpt / "best_adapters.pt").is_file():
-        states = torch.load(ckpt / "best_adapters.pt", map_location="cpu", weights_only=False)
-        which = "best epoch"
-    elif (ckpt / "state.pt").is_file():
-        states = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)["adapters"]
-        which = "last epoch"
-    else:
-        raise MissingFileError(f"trial: no checkpoint/best_adapters.pt or checkpoint/state.pt in {folder} (was it trained?)")
+    if not has_checkpoint(ckpt):
+        raise MissingFileError(f"trial: no checkpoint in {ckpt} (was it trained?)")
+    states, which = load_best_adapter_states(ckpt)
     base = load_base(model_cfg, log=log)
     adapters = [make_adapter(spec, dims(base.config)) for spec in specs]
     if len(states) != len(adapters):
         raise ConfigError(f"trial {folder}: the checkpoint holds {len(states)} adapters, the config {len(adapters)}")
-    for a, sd in zip(adapters, states):
-        a.load_state_dict(sd)
+    for a, spec, sd in zip(adapters, specs, states):
+        try:
+            a.load_state_dict(sd)
+        except RuntimeError as e:  # missing, unexpected or differently shaped weights
+            raise CheckpointError(f"trial {folder}: the checkpoint's weights do not fit {spec.name}: {e}") from None
         a.to(base.device).eval()
     log(f"loaded the {which}'s weights of {', '.join(s.name for s in specs)} from {ckpt}")
     return base, adapters, config

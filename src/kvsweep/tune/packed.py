@@ -29,14 +29,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import ray
+import torch
 from ray import tune
+from transformers.utils import logging as hf_logging
 
+from ..checkpoint import saved_epoch
 from ..config import SweepCfg
 from ..data import Samples
 from ..evaluate import PositionStats
 from ..models import load_base
 from ..pack import Pack
-from ..train import STATE_FILE, TrialRun
+from ..train import TrialRun
+from .space import trial_cfg
+from .trainable import resumed_report
 
 CLIENT_CPUS = 0.01  # a packed trial's own process only waits on its pack
 PARK_SECONDS = 120.0  # a trial between epochs keeps its state in its pack this long (then it resends its checkpoint)
@@ -47,9 +52,6 @@ class PackServer:
     calls wait concurrently while a single thread does all the work on the model."""
 
     def __init__(self, sweep: SweepCfg, samples: Samples, base_stats: PositionStats, slots: int):
-        import torch
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
         torch.set_num_threads(max(1, int(sweep.cpus_per_trial)))
         self.sweep, self.base_stats, self.slots = sweep, base_stats, slots
@@ -163,8 +165,6 @@ class PackServer:
     def _admit(self, trial_id: str, config: dict, epoch: int, files: dict[str, bytes] | None, reply: Future,
                joining: dict[str, tuple[Future, dict]]) -> None:
         """Queue the trial's next epoch, or (into ``joining``) the trial itself when this pack does not hold it."""
-        from . import trial_cfg
-
         superseded = RuntimeError("superseded by a restart of the trial")
         if trial_id in self._waiting:  # the trial's earlier process died waiting; this is its restart
             self._fail(trial_id, superseded)
@@ -249,8 +249,6 @@ def start_servers(sweep: SweepCfg, samples: Samples, base_stats: PositionStats, 
 
 def packed_trainable(config: dict, *, sweep: SweepCfg, servers: list) -> None:
     """One configuration of a packed sweep: asks a pack for epochs, reports each to Tune with its checkpoint."""
-    import torch
-
     t_start = time.time()
     trial_id = tune.get_context().get_trial_id()
     loads = {}
@@ -270,7 +268,8 @@ def packed_trainable(config: dict, *, sweep: SweepCfg, servers: list) -> None:
             folder = Path(work) / "resume"
             checkpoint.to_directory(str(folder))
             files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-            epoch = int(torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)["state"]["epoch"])
+            epoch = saved_epoch(folder)
+            resumed_report(folder)
         restarted = checkpoint is not None
         previous: Path | None = None
         while True:

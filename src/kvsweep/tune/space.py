@@ -1,0 +1,129 @@
+"""The search space: its fields, their translation into typed trial configs, and its validation.
+
+A search space maps field names (``SPACE_FIELDS``) to lists of values; a point of it (one value per
+field) is one trial's configuration, Ray's flat ``config`` dict. ``trial_cfg`` is the one place where
+such a dict becomes a typed ``TrialCfg``. No Ray here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import replace
+from typing import Any
+
+from ..adapters import AdapterSpec, make_adapter
+from ..config import ConfigError, SweepCfg
+from ..data import resolve_source
+from ..losses import LossCfg
+from ..models import check_seq_len, dims, model_config, resolve_model
+from ..train import TrialCfg
+
+SPACE_FIELDS = {
+    "rank": "V-DProj rank (None: no V-DProj)",
+    "target": "V-DProj target: v, k or kv",
+    "init": "V-DProj init: random, pca or identity",
+    "layers": "V-DProj layers: 'all' or indices",
+    "ka": "KA variant: none, ka_residual, ka_replace or ka_gated",
+    "ka_layers": "KA layers: 'last' or indices",
+    "schedule": "named loss schedule",
+    "kl_weight": "constant KL weight",
+    "seed": "adapter init and batch order",
+    "lr": "learning rate",
+}
+DEFAULT_POINT: dict[str, Any] = {"rank": None, "target": "v", "init": "random", "layers": None, "ka": "none",
+                                 "ka_layers": None, "schedule": "lm", "kl_weight": 0.0, "seed": 0, "lr": None}
+RUN_ONLY_TRAIN = ("compile", "loss_chunk", "eval_batch_size")
+"""Training settings that change how a trial runs, not what it computes: not part of its identity."""
+
+
+def trial_cfg(point: dict, sweep: SweepCfg) -> TrialCfg:
+    """The typed trial config of one point of the search space (Ray's flat config dict).
+
+    Raises:
+        ConfigError: a field outside ``SPACE_FIELDS`` or a value its adapter or schedule rejects.
+    """
+    unknown = sorted(k for k in point if k not in SPACE_FIELDS)
+    if unknown:
+        raise ConfigError(f"search space: unknown field {unknown[0]!r}; valid fields: {', '.join(SPACE_FIELDS)}")
+    p = {**DEFAULT_POINT, **point}
+    specs = []
+    if p["rank"] is not None:
+        specs.append(AdapterSpec.parse("vdproj", rank=p["rank"], target=p["target"], init=p["init"], layers=p["layers"]))
+    if p["ka"] not in (None, "none"):
+        specs.append(AdapterSpec.parse(p["ka"], layers=p["ka_layers"]))
+    train = replace(sweep.train, seed=p["seed"], lr=p["lr"] if p["lr"] is not None else sweep.train.lr)
+    return TrialCfg(model=sweep.model, data=sweep.data, adapters=tuple(specs),
+                    loss=LossCfg.named(p["schedule"], kl=p["kl_weight"]), train=train)
+
+
+def point_key(point: dict, sweep: SweepCfg) -> str:
+    """The identity of a configuration: its trial config as canonical JSON, without the run-only settings.
+
+    Two points that train the same trial (``{"lr": None}`` and ``{"lr": 1e-4}`` when 1e-4 is the sweep's
+    learning rate, or a point with and without a field at its default) have the same key.
+    """
+    cfg = trial_cfg(point, sweep).to_dict()
+    for name in RUN_ONLY_TRAIN:
+        cfg["train"].pop(name, None)
+    cfg["model"].pop("device", None)
+    return json.dumps(cfg, sort_keys=True)
+
+
+def grid_points(space: dict[str, list]) -> list[dict]:
+    """Every combination of the space's values, in the order of its fields (the last one fastest)."""
+    keys = list(space)
+    return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
+
+
+def check_space_shape(space: dict[str, list]) -> None:
+    """Every field known and given as a non-empty list of values.
+
+    Raises:
+        ConfigError: naming the first bad field.
+    """
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(f"search space: a dict of field -> list of values, got {space!r}")
+    for key, values in space.items():
+        if key not in SPACE_FIELDS:
+            raise ConfigError(f"search space: unknown field {key!r}; valid fields: {', '.join(SPACE_FIELDS)}")
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(f"search space: {key} must be a non-empty list of values, got {values!r}")
+
+
+def validate_space(space: dict[str, list], sweep: SweepCfg) -> list[TrialCfg]:
+    """Check every value of every field, then every combination, against the model; before Ray starts.
+
+    Raises:
+        ConfigError: naming the field and value, or the combination, that cannot run.
+    """
+    check_space_shape(space)
+    source = resolve_model(sweep.model)
+    resolve_source(sweep.data)
+    config = model_config(source)
+    check_seq_len(config, sweep.data.seq_len, sweep.model.name)
+    d = dims(config)
+    first = {k: v[0] for k, v in space.items()}
+    for key, values in space.items():
+        for value in values:
+            try:
+                for spec in trial_cfg({**first, key: value}, sweep).adapters:
+                    make_adapter(spec, d)
+            except ConfigError as e:
+                raise ConfigError(f"search space: {key}={value!r}: {e}") from None
+    cfgs = []
+    for point in grid_points(space):
+        try:
+            cfgs.append(trial_cfg(point, sweep))
+        except ConfigError as e:
+            raise ConfigError(f"search space: the combination {point}: {e}") from None
+    return cfgs
+
+
+def variant_name(cfg: TrialCfg) -> str:
+    """Adapters and schedule, without rank and seed: the colour of a trial in the report."""
+    parts = []
+    for s in cfg.adapters:
+        o = s.options
+        parts.append(f"vdproj[{o.target},{o.init}]" if s.name == "vdproj" else s.name)
+    return f"{'+'.join(parts) or 'base'} / {cfg.loss.name}"

@@ -1,0 +1,305 @@
+"""A sweep's folder on its storage: small files written atomically, free space, and the one-driver lock.
+
+The storage is a local folder (a shared mount on a cluster) or an object store (``s3://``, ``gs://``),
+all through pyarrow filesystems. No Ray here.
+
+One driver per sweep: on a local folder the driver holds an ``flock`` on ``<sweep>/.driver.lock`` for as
+long as it runs (the kernel releases it when the driver dies, SIGKILL included) and writes who it is
+into that file. On an object store, which has no locks, the driver holds a lease: ``driver.json`` names
+it and an expiry it renews every ``LEASE_SECONDS / 3``; another driver takes a lease that expired, or at
+once one whose holder is a dead process on its own host. Two drivers starting within a second of
+each other on an object store both write, wait ``LEASE_SETTLE`` seconds and read back: the one whose
+lease is not there steps back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow.fs as pafs
+
+from ..config import KvsweepError, error_reason
+
+LOCK_FILE = ".driver.lock"
+LEASE_FILE = "driver.json"
+LEASE_SECONDS = 60.0
+LEASE_SETTLE = 2.0
+
+
+class StorageError(KvsweepError):
+    """The sweep's storage cannot be read or written."""
+
+
+class StorageFullError(StorageError):
+    """The sweep's storage has no room for what the sweep must write next."""
+
+
+class SweepBusyError(KvsweepError):
+    """Another driver holds the sweep."""
+
+
+def is_storage_full(e: BaseException) -> bool:
+    """Whether ``e`` is a write that failed for want of space (ENOSPC, EDQUOT), as Python or pyarrow raise it."""
+    return isinstance(e, OSError) and (e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e))
+
+
+class SweepStore:
+    """``<storage>/<name>`` on a pyarrow filesystem.
+
+    Args:
+        storage_uri: an absolute local path, or an ``s3://`` / ``gs://`` URI.
+        name: the sweep's name (its folder).
+    """
+
+    def __init__(self, storage_uri: str, name: str):
+        try:
+            self.fs, base = pafs.FileSystem.from_uri(storage_uri)
+        except (OSError, ValueError) as e:  # pyarrow's errors are OSError / ValueError subclasses
+            raise StorageError(f"--storage {storage_uri}: {error_reason(e)}") from None
+        self.storage_uri, self.name = storage_uri.rstrip("/"), name
+        self.root = f"{base.rstrip('/')}/{name}"
+        self.uri = join_uri(self.storage_uri, name)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def check_writable(self) -> None:
+        """Create the sweep's folder and write and remove a file in it.
+
+        Raises:
+            StorageError: naming the storage and the reason (permissions, a missing bucket, a full disk).
+        """
+        probe = self.path(f".write-test-{socket.gethostname()}-{os.getpid()}")
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            with self.fs.open_output_stream(probe) as f:
+                f.write(b"kvsweep")
+            self.fs.delete_file(probe)
+        except (OSError, ValueError) as e:
+            full = " (the disk is full)" if is_storage_full(e) else ""
+            raise StorageError(f"cannot write to --storage {self.storage_uri}{full}: {error_reason(e)}") from None
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self.path(name)).type != pafs.FileType.NotFound
+
+    def names(self, folder: str = "") -> list[str]:
+        """What the sweep's folder (or its subfolder ``folder``) holds: names, not paths; empty when it does not exist."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path(folder) if folder else self.root, allow_not_found=True))
+        except OSError:
+            return []
+        return [i.base_name for i in infos]
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """The file's bytes; ``None`` when it does not exist.
+
+        Raises:
+            StorageError: it exists but cannot be read.
+        """
+        try:
+            with self.fs.open_input_stream(self.path(name)) as f:
+                return f.readall()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if self.fs.get_file_info(self.path(name)).type == pafs.FileType.NotFound:
+                return None
+            raise StorageError(f"cannot read {self.uri}/{name}: {error_reason(e)}") from None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Replace the file atomically: readers see the old content or the new one (local: a rename;
+        object stores replace an object in one PUT). Raises ``OSError`` as the filesystem does."""
+        final = self.path(name)
+        if not self.local:
+            with self.fs.open_output_stream(final) as f:
+                f.write(data)
+            return
+        self.fs.create_dir(self.root, recursive=True)
+        tmp = self.path(f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, final)
+        except BaseException:
+            try:
+                self.fs.delete_file(tmp)
+            except OSError:
+                pass
+            raise
+
+    def read_json(self, name: str) -> Any | None:
+        data = self.read_bytes(name)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise StorageError(f"{self.uri}/{name} is not valid JSON ({e})") from None
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, json.dumps(obj, indent=1).encode())
+
+    def delete(self, name: str) -> None:
+        try:
+            self.fs.delete_file(self.path(name))
+        except (FileNotFoundError, OSError):
+            pass
+
+    def free_bytes(self) -> int | None:
+        """Free bytes on the local disk that holds the sweep; ``None`` for object stores."""
+        if not self.local:
+            return None
+        folder = Path(self.root)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        return shutil.disk_usage(folder).free
+
+    def lock(self, log: Callable[[str], None] = print) -> "DriverLock":
+        return DriverLock(self, log=log)
+
+
+def join_uri(uri: str, name: str) -> str:
+    """``uri`` with ``name`` appended to its path; a query (``s3://b/p?endpoint_override=...``) stays at the end."""
+    base, sep, query = uri.partition("?")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (Linux: clock ticks since boot), to tell it from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return started is None or _process_start(pid) in (None, started)
+
+
+def _holder() -> dict:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "pid_started": _process_start(pid),
+            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv) or sys.executable, "token": uuid.uuid4().hex}
+
+
+def _describe(info: dict | None) -> str:
+    if not info:
+        return "another driver"
+    return (f"the driver pid {info.get('pid')} on {info.get('host')}, running since {info.get('started_at')} "
+            f"({info.get('command')})")
+
+
+class DriverLock:
+    """One driver per (storage, sweep): a context manager held for the driver's whole run.
+
+    Raises (on enter):
+        SweepBusyError: another live driver holds the sweep, named in the message.
+        StorageError: the lock cannot be written.
+    """
+
+    def __init__(self, store: SweepStore, *, lease_seconds: float = LEASE_SECONDS, settle: float = LEASE_SETTLE,
+                 use_lease: bool | None = None, log: Callable[[str], None] = print):
+        self.store, self.lease_seconds, self.settle, self.log = store, lease_seconds, settle, log
+        self.use_lease = (not store.local) if use_lease is None else use_lease
+        self.info = _holder()
+        self._fd: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _busy(self, holder: dict | None) -> SweepBusyError:
+        return SweepBusyError(f"the sweep {self.store.name} in {self.store.storage_uri} is held by {_describe(holder)}; "
+                              "wait for it to end, or use another --name")
+
+    # -- local folders: flock
+    def _acquire_flock(self) -> None:
+        path = Path(self.store.root) / LOCK_FILE
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StorageError(f"cannot create the sweep's lock {path}: {error_reason(e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = json.loads(os.pread(fd, 65536, 0) or b"null")
+            except ValueError:
+                holder = None
+            os.close(fd)
+            raise self._busy(holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(self.info).encode(), 0)
+        self._fd = fd
+
+    # -- object stores: a lease
+    def _stale(self, lease: dict) -> bool:
+        if time.time() > float(lease.get("expires_at", 0)):
+            return True
+        return lease.get("host") == socket.gethostname() and not _alive(int(lease.get("pid", -1)), lease.get("pid_started"))
+
+    def _write_lease(self) -> None:
+        self.store.write_json(LEASE_FILE, {**self.info, "expires_at": time.time() + self.lease_seconds})
+
+    def _acquire_lease(self) -> None:
+        try:
+            lease = self.store.read_json(LEASE_FILE)
+        except StorageError:
+            lease = None  # unreadable: treat as absent, the read-back below settles it
+        if lease and lease.get("token") != self.info["token"] and not self._stale(lease):
+            raise self._busy(lease)
+        self._write_lease()
+        time.sleep(self.settle)
+        lease = self.store.read_json(LEASE_FILE)
+        if not lease or lease.get("token") != self.info["token"]:
+            raise self._busy(lease)
+        self._thread = threading.Thread(target=self._renew, name="kvsweep-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                self._write_lease()
+            except Exception as e:  # the storage may be briefly unreachable; the lease lasts a while longer
+                self.log(f"kvsweep: warning: could not renew the sweep's lease: {error_reason(e)}")
+
+    def __enter__(self) -> "DriverLock":
+        if self.use_lease:
+            self._acquire_lease()
+        else:
+            self._acquire_flock()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
+            try:
+                lease = self.store.read_json(LEASE_FILE)
+                if lease and lease.get("token") == self.info["token"]:
+                    self.store.delete(LEASE_FILE)
+            except (StorageError, OSError):
+                pass

@@ -1,0 +1,74 @@
+"""The trainable of an unpacked sweep: one ``run_trial`` in a Ray Tune trial, reporting each epoch with its
+checkpoint; a restarted trial resumes from its last checkpoint."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from ray import tune
+from transformers.utils import logging as hf_logging
+
+from ..checkpoint import saved_epoch, saved_metrics
+from ..config import SweepCfg
+from ..data import Samples
+from ..evaluate import PositionStats
+from ..models import Base, load_base
+from ..train import TrialError, run_trial
+from .space import trial_cfg
+
+_BASES: dict = {}  # a reused worker keeps its base
+
+
+def resumed_report(checkpoint: Path) -> None:
+    """Report the checkpoint's epoch again before a resumed trial trains on.
+
+    A driver killed after a trial's checkpoint but before Tune saved the trial's result would otherwise lose that
+    result, and with it the scheduler's decision on it: the scheduler sees the epoch again (a trial it had stopped is
+    stopped here, before it trains) and the result tables count each epoch once.
+    """
+    metrics = saved_metrics(checkpoint)
+    if metrics is not None:
+        tune.report(metrics)
+
+
+def trainable(config: dict, *, sweep: SweepCfg, samples: Samples, base_stats: PositionStats) -> None:
+    """Train the configuration ``config`` (a point of the search space) as one Tune trial."""
+    t_start = time.time()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(max(1, int(sweep.cpus_per_trial)))
+    cfg = trial_cfg(config, sweep)
+    key = repr(sweep.model)
+    if key not in _BASES:
+        _BASES[key] = load_base(replace(sweep.model, device="auto"), log=print)
+    base: Base = _BASES[key]
+    checkpoint = tune.get_checkpoint()
+    fail_at = sweep.fail_once_at_epoch
+    last_epoch = {"n": 0}
+    with tempfile.TemporaryDirectory(prefix="kvsweep-trial-") as work:
+        resume_from = None
+        if checkpoint is not None:
+            resume_from = Path(work) / "resume"
+            checkpoint.to_directory(str(resume_from))
+            last_epoch["n"] = saved_epoch(resume_from)
+            resumed_report(resume_from)
+
+        def report(metrics: dict, ckpt_dir: Path | None) -> None:
+            first_step_at = metrics.pop("first_step_at", None)
+            if first_step_at is not None and resume_from is None:
+                metrics["startup_seconds"] = first_step_at - t_start
+            last_epoch["n"] = metrics["epoch"]
+            ckpt = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
+            tune.report(dict(metrics), checkpoint=ckpt)
+            if fail_at is not None and resume_from is None and metrics["epoch"] == fail_at:
+                raise RuntimeError(f"injected fault after epoch {fail_at} (--inject-fault-at-epoch)")
+
+        try:
+            run_trial(cfg, report, checkpoint_dir=Path(work) / "checkpoint", resume_from=resume_from, base=base,
+                      samples=samples, base_stats=base_stats, log=print)
+        except TrialError as e:  # deterministic: end the trial as an error instead of retrying it
+            tune.report({"epoch": last_epoch["n"] + 1, "val_ppl": math.inf, "trial_error": str(e)})

@@ -1,0 +1,229 @@
+"""A sweep's result tables: built from what Tune knows of each trial, kept current while the sweep runs.
+
+``build_tables`` turns trial records (a trial's config, every result it reported, its error) into
+``trials``, ``epochs`` and ``positions`` tables of DESIGN.md's schema, each trial exactly once.
+``ResultsWriter`` (a Tune callback) rewrites them atomically as results arrive; ``records_from`` reads
+the records of a Tune experiment back from its folder (the trials' own result files), which is how a
+continued or grown sweep gets the trials of its earlier runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray import tune
+from ray.tune import ExperimentAnalysis
+
+from ..config import SweepCfg, position_buckets
+from ..evaluate import PositionStats
+from ..results import EPOCH_SCHEMA, POSITION_SCHEMA, SCHEMA_VERSION, TRIAL_SCHEMA, table
+from ..train import bucket_key, epoch_rows, git_revision
+from .guard import StorageGuard, error_text
+from .space import trial_cfg, variant_name
+from .store import SweepStore, is_storage_full
+
+TABLES = ("trials", "epochs", "positions")
+
+
+@dataclass
+class TrialRecord:
+    """What Tune knows of one trial: its config, every result it reported, and its error, if any."""
+
+    trial_id: str
+    config: dict
+    results: list[dict] = field(default_factory=list)
+    error: str | None = None
+    finished: bool = True  # False while Tune still runs (or may resume) the trial
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _status(rec: TrialRecord, max_epochs: int) -> tuple[str, str | None]:
+    last = rec.results[-1] if rec.results else {}
+    if _text(last.get("trial_error")):
+        return "error", str(last["trial_error"])
+    if rec.error:
+        return "error", rec.error
+    if not rec.finished:
+        return "running", None
+    if last.get("early_stopped") is True:
+        return "early_stopped", None
+    if last.get("epoch", 0) >= max_epochs:
+        return "completed", None
+    return "asha_stopped", None
+
+
+def _finished_at(rec: TrialRecord) -> str | None:
+    """When the trial last reported (ISO 8601, UTC), from Tune's ``timestamp``; ``None`` if it never did."""
+    stamps = [r["timestamp"] for r in rec.results if isinstance(r.get("timestamp"), (int, float)) and r["timestamp"] == r["timestamp"]]
+    if not stamps:
+        return None
+    return dt.datetime.fromtimestamp(max(stamps), dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: PositionStats) -> dict[str, pa.Table]:
+    """trials, epochs and positions tables of DESIGN.md's schema; each trial exactly once."""
+    ranges = position_buckets(sweep.data.seq_len, None)
+    base_buckets = base_stats.buckets(ranges)
+    trials, epochs, positions = [], [], []
+    revision = git_revision()
+    seen: set[str] = set()
+    for rec in sorted(records, key=lambda r: r.trial_id):  # a stable order, whatever order Tune gives
+        if rec.trial_id in seen:
+            continue
+        seen.add(rec.trial_id)
+        cfg = trial_cfg(rec.config, sweep)
+        by_epoch: dict[int, dict] = {}
+        for r in rec.results:
+            e = r.get("epoch")
+            if _text(r.get("trial_error")) or not isinstance(e, (int, float)) or e != e:
+                continue
+            by_epoch[int(e)] = r  # a restarted trial's repeated epoch counts once
+        history = [by_epoch[e] for e in sorted(by_epoch)]
+        status, error = _status(rec, sweep.train.epochs)
+        best = min(history, key=lambda m: m["val_ppl"]) if history else None
+        vd = next((s.options for s in cfg.adapters if s.name == "vdproj"), None)
+        ka = next((s.name for s in cfg.adapters if s.name != "vdproj"), None)
+        last = history[-1] if history else {}
+        trials.append({
+            "trial_id": rec.trial_id, "sweep": sweep.name, "variant": variant_name(cfg),
+            "adapters": "+".join(s.name for s in cfg.adapters) or "base",
+            "rank": vd.rank if vd else None, "target": vd.target if vd else None, "init": vd.init if vd else None,
+            "ka": ka, "schedule": cfg.loss.name, "seed": cfg.train.seed,
+            "config": _config_json(cfg), "status": status, "error": error,
+            "epochs_run": len(history), "max_epochs": sweep.train.epochs,
+            "best_epoch": int(best["epoch"]) if best else None,
+            "best_val_ppl": best["val_ppl"] if best else math.nan,
+            "base_val_ppl": base_stats.ppl,
+            "init_val_ppl": last.get("init_val_ppl", math.nan),
+            "degradation_pct": 100 * (best["val_ppl"] - base_stats.ppl) / base_stats.ppl if best else math.nan,
+            "kv_bytes_per_token": last.get("kv_bytes_per_token_measured", last.get("kv_bytes_per_token")),
+            "kv_bytes_per_token_accounted": last.get("kv_bytes_per_token"),
+            "kv_bytes_per_token_base": round(last["kv_bytes_per_token"] / last["kv_ratio"]) if last else None,
+            "kv_ratio": last.get("kv_ratio"),
+            "trainable_params": last.get("trainable_params"),
+            "total_params": last.get("total_params"),
+            "wall_seconds": float(sum(m.get("seconds", 0.0) for m in history)),
+            "git_revision": revision,
+            "finished_at": _finished_at(rec),
+        })
+        epochs += epoch_rows(rec.trial_id, history)
+        if best:
+            for b in base_buckets:
+                ppl = best.get(bucket_key(b["lo"], b["hi"]), math.nan)
+                positions.append({"trial_id": rec.trial_id, "lo": b["lo"], "hi": b["hi"], "tokens": b["tokens"], "ppl": ppl,
+                                  "base_ppl": b["ppl"], "diff": ppl - b["ppl"], "degradation_pct": 100 * (ppl - b["ppl"]) / b["ppl"]})
+    return {"trials": table(trials, TRIAL_SCHEMA), "epochs": table(epochs, EPOCH_SCHEMA), "positions": table(positions, POSITION_SCHEMA)}
+
+
+def _config_json(cfg) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+def parquet_bytes(tbl: pa.Table) -> bytes:
+    """``tbl`` as a Parquet file, with the schema version in its metadata."""
+    tbl = tbl.replace_schema_metadata({**(tbl.schema.metadata or {}), b"kvsweep_schema": SCHEMA_VERSION.encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(tbl, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def write_tables(tables: dict[str, pa.Table], store: SweepStore) -> int:
+    """Write each table as ``<name>.parquet`` in the sweep's folder, each atomically; the bytes written."""
+    total = 0
+    for name, tbl in tables.items():
+        data = parquet_bytes(tbl)
+        store.write_bytes(f"{name}.parquet", data)
+        total += len(data)
+    return total
+
+
+class ResultsWriter(tune.Callback):
+    """Keeps the Parquet results current while the sweep runs (at most every ``every`` seconds, and at
+    every trial's end). ``records`` are the trials of the sweep's earlier runs (and of this run's
+    experiment before it continued). A write that fails for want of space stops the sweep through ``guard``."""
+
+    def __init__(self, sweep: SweepCfg, base_stats: PositionStats, store: SweepStore, *, guard: StorageGuard | None = None,
+                 records: list[TrialRecord] | None = None, every: float = 10.0, log=print):
+        self.sweep, self.base_stats, self.store, self.guard, self.every, self.log = sweep, base_stats, store, guard, every, log
+        self.records: dict[str, TrialRecord] = {r.trial_id: r for r in records or []}
+        self._last = 0.0
+
+    def _record(self, trial) -> TrialRecord:
+        rec = self.records.get(trial.trial_id)
+        if rec is None:
+            rec = self.records[trial.trial_id] = TrialRecord(trial.trial_id, dict(trial.config), finished=False)
+        return rec
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        rec = self._record(trial)
+        rec.error, rec.finished = None, False  # a restarted or resumed trial runs again
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._record(trial).results.append(dict(result))
+        self._flush()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        rec = self._record(trial)
+        rec.error, rec.finished = "trial failed; see its error file", True
+        self._flush(force=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._record(trial).finished = True
+        self._flush(force=True)
+
+    def _flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.every:
+            return
+        self._last = now
+        try:
+            written = write_tables(build_tables(list(self.records.values()), self.sweep, self.base_stats), self.store)
+            if self.guard is not None:
+                self.guard.tables_bytes = written
+        except Exception as e:  # never let bookkeeping stop the sweep, except a full disk; the final gather writes again
+            if is_storage_full(e) and self.guard is not None:
+                self.guard.stop(f"writing the results to {self.store.uri} failed: {e}")
+            else:
+                self.log(f"kvsweep: could not update partial results: {e}")
+
+
+def records_from(analysis: ExperimentAnalysis) -> list[TrialRecord]:
+    """The records of a Tune experiment's trials: configs, every reported result, errors, and whether
+    Tune finished them (TERMINATED or ERROR) or may still resume them."""
+    out = []
+    for trial in analysis.trials:
+        df = analysis.trial_dataframes.get(trial.trial_id)
+        rows = df.to_dict("records") if df is not None and len(df) else ([dict(trial.last_result)] if trial.last_result else [])
+        error = None
+        if trial.status == "ERROR":
+            error = _error_line(trial)
+        out.append(TrialRecord(str(trial.trial_id), dict(trial.config), rows, error, trial.status in ("TERMINATED", "ERROR")))
+    return out
+
+
+def _error_line(trial) -> str:
+    """The last line of the error Tune recorded for a failed trial."""
+    lines = error_text(trial).strip().splitlines()
+    return lines[-1] if lines else "trial failed; see its error file"
+
+
+def load_records(store: SweepStore, folder: str) -> list[TrialRecord]:
+    """The trial records of the Tune experiment in ``<sweep>/<folder>``; none when it has no state yet."""
+    if not has_experiment(store, folder):
+        return []
+    analysis = ExperimentAnalysis(store.path(folder), storage_filesystem=store.fs)
+    return records_from(analysis)
+
+
+def has_experiment(store: SweepStore, folder: str) -> bool:
+    """Whether ``<sweep>/<folder>`` holds a Tune experiment's state (a run that can be resumed or read)."""
+    return any(n.startswith("experiment_state-") and n.endswith(".json") for n in store.names(folder))

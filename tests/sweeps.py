@@ -1,0 +1,97 @@
+"""Running sweeps as users run them, in their own processes, and reading their results (for the sweep tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = ("trials", "epochs", "positions")
+
+
+def env() -> dict:
+    e = os.environ.copy()
+    e.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
+    return e
+
+
+def sweep_cmd(*args: str, storage: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "sweeps" / "vdproj.py"), "--smoke-test", "--storage", str(storage),
+            "--report-dir", str(storage / "reports"), *args]
+
+
+def run(*args: str, storage: Path, timeout: int = 600, expect: int = 0) -> subprocess.CompletedProcess:
+    """``python sweeps/vdproj.py --smoke-test ARGS`` in a subprocess; asserts its exit code."""
+    proc = subprocess.run(sweep_cmd(*args, storage=storage), capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT)
+    assert proc.returncode == expect, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def script(code: str, *, cwd: Path, timeout: int = 600, expect: int = 0) -> subprocess.CompletedProcess:
+    """``python -c CODE`` in a subprocess (for sweeps with a search space of the test's own)."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), timeout=timeout, cwd=cwd)
+    assert proc.returncode == expect, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def tables(folder: Path) -> dict[str, list[dict]]:
+    return {n: pq.read_table(folder / f"{n}.parquet").to_pylist() for n in TABLES}
+
+
+def check_once(t: dict, n_trials: int) -> None:
+    """Every trial exactly once, every (trial, epoch) once, epochs 1..epochs_run for each trial."""
+    ids = [r["trial_id"] for r in t["trials"]]
+    assert len(ids) == len(set(ids)) == n_trials
+    pairs = [(r["trial_id"], r["epoch"]) for r in t["epochs"]]
+    assert len(pairs) == len(set(pairs))
+    for r in t["trials"]:
+        assert r["status"] in ("completed", "early_stopped", "asha_stopped", "error")
+        epochs = sorted(e["epoch"] for e in t["epochs"] if e["trial_id"] == r["trial_id"])
+        assert epochs == list(range(1, r["epochs_run"] + 1))
+
+
+def outcome(t: dict) -> dict:
+    """(configuration without its trial id) -> (status, epochs run, best epoch, best val PPL): what the sweep decided."""
+    def key(config: str) -> str:
+        c = json.loads(config)
+        c["train"].pop("loss_chunk", None)
+        return json.dumps(c, sort_keys=True)
+
+    return {key(r["config"]): (r["status"], r["epochs_run"], r["best_epoch"], round(r["best_val_ppl"], 6)) for r in t["trials"]}
+
+
+def result_lines(experiment: Path) -> dict[str, int]:
+    """Trial folder name -> lines of its result.json (one per reported epoch)."""
+    return {p.parent.name: len(p.read_text().splitlines()) for p in experiment.glob("*/result.json")}
+
+
+def start(cmd: list[str], **kw) -> subprocess.Popen:
+    """A driver in its own process group (so that it and the Ray it starts can be killed together)."""
+    return subprocess.Popen(cmd, env=env(), start_new_session=True, **{"cwd": ROOT, **kw})
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and everything in its process group (only what this test started)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        assert proc is None or proc.poll() is None, f"the driver exited before {what}"
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")

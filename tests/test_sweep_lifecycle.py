@@ -1,0 +1,228 @@
+"""A sweep's life beyond one clean run: continued with another specification (refused), grown, killed and
+continued (the same scheduler decisions), two drivers at once (one refused), unwritable and full storage.
+
+Each sweep runs as users run it, in its own process with its own in-process Ray; a test kills only the
+processes it started.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from kvsweep.tune.spec import SpecificationError
+
+from .sweeps import check_once, kill, outcome, result_lines, run, script, start, sweep_cmd, tables, wait_for
+
+pytestmark = pytest.mark.slow
+
+SMOKE_SPACE = {"rank": [32, 64], "init": ["random", "pca"], "schedule": ["rec_to_lm"], "seed": [0]}  # sweeps/vdproj.py's
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_folder, tmp_path_factory) -> Path:
+    """The folder of a finished smoke sweep; tests copy it before they change anything."""
+    storage = tmp_path_factory.mktemp("finished")
+    run(storage=storage)
+    return storage / "vdproj-smoke"
+
+
+def _copy(finished: Path, storage: Path) -> Path:
+    shutil.copytree(finished, storage / "vdproj-smoke")
+    return storage / "vdproj-smoke"
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name != ".driver.lock"}
+
+
+def test_a_continued_sweep_with_another_specification_is_refused_before_any_work(finished, tmp_path):
+    folder = _copy(finished, tmp_path)
+    before = _files(folder)
+    cases = [  # arguments, one line per differing field (stored -> now), what the last line suggests
+        (["--epochs", "3"], ["  train.epochs: 2 -> 3"], "--name"),
+        (["--seeds", "0,1"], ["  space.seed: [0] -> [0, 1]"], "--grow"),
+        (["--train-samples", "32"], ["  data.digest: ", "  data.train_samples: 64 -> 32"], "--name"),
+        (["--lr", "0.001", "--no-asha"], ['  scheduler: "asha" -> "fifo"', "  scheduler.grace_period: 1 -> (not set)",
+                                          "  scheduler.reduction_factor: 2.0 -> (not set)", "  train.lr: 0.0001 -> 0.001"], "--name"),
+    ]
+    for args, lines, hint in cases:
+        proc = run(*args, storage=tmp_path, expect=2)
+        err = proc.stderr.strip().splitlines()
+        assert err[0].startswith("kvsweep: error: the sweep vdproj-smoke") and "another specification" in err[0]
+        fields = [e for e in err if e.startswith("  ")]
+        assert len(fields) == len(lines) and all(f.startswith(line) for f, line in zip(fields, lines)), (lines, err)
+        assert "--name" in err[-1] and hint in err[-1] and "Traceback" not in proc.stderr
+        assert "Ray instance" not in proc.stdout + proc.stderr  # refused before Ray started
+    assert _files(folder) == before  # nothing written, nothing run
+
+
+def test_another_set_of_search_space_fields_is_refused_in_process(finished, tmp_path):
+    import ray
+
+    from kvsweep.sweepargs import sweep_cfg, sweep_parser
+    from kvsweep.tune import run_sweep
+
+    _copy(finished, tmp_path)
+    sweep = sweep_cfg(sweep_parser("x", "vdproj").parse_args(["--smoke-test", "--storage", str(tmp_path)]), "vdproj")
+    with pytest.raises(SpecificationError) as e:
+        run_sweep(sweep, {**SMOKE_SPACE, "kl_weight": [0.0, 1.0]}, log=lambda m: None)
+    assert "  space.kl_weight: (not set) -> [0.0, 1.0]" in str(e.value).splitlines()
+    with pytest.raises(SpecificationError, match="only adds configurations"):  # growing cannot drop what ran
+        run_sweep(sweep, {**SMOKE_SPACE, "rank": [32]}, grow=True, log=lambda m: None)
+    with pytest.raises(SpecificationError, match="everything but the search space"):
+        run_sweep(sweep_cfg(sweep_parser("x", "vdproj").parse_args(["--smoke-test", "--storage", str(tmp_path), "--epochs", "3"]),
+                            "vdproj"), SMOKE_SPACE, grow=True, log=lambda m: None)
+    assert not ray.is_initialized()
+
+
+def test_growing_a_sweep_runs_only_the_new_configurations(finished, tmp_path):
+    folder = _copy(finished, tmp_path)
+    old = tables(folder)
+    old_lines = result_lines(folder / "tune-0")
+    proc = run("--seeds", "0,1", "--grow", storage=tmp_path)
+    assert "growing the sweep" in proc.stdout and "by 4 configuration(s)" in proc.stdout
+    t = tables(folder)
+    check_once(t, 8)
+    assert result_lines(folder / "tune-0") == old_lines  # the old trials did not run again
+    by_id = {r["trial_id"]: r for r in t["trials"]}
+    for r in old["trials"]:  # and their rows are what they were
+        assert by_id[r["trial_id"]] == r
+    new = [r for r in t["trials"] if r["trial_id"] not in {o["trial_id"] for o in old["trials"]}]
+    assert sorted((r["rank"], r["init"], r["seed"]) for r in new) == [(32, "pca", 1), (32, "random", 1), (64, "pca", 1), (64, "random", 1)]
+    assert len(result_lines(folder / "tune-1")) == 4
+    report = (tmp_path / "reports" / "vdproj-smoke" / "report.md").read_text()
+    assert re.search(r"\| vdproj-smoke \| +8 \|", report)  # the report covers old and new trials
+    again = run("--seeds", "0,1", storage=tmp_path)  # the grown sweep, continued as it now is: nothing to run
+    assert "it is finished, nothing to run" in again.stdout and tables(folder) == t
+
+
+def _asha_script(storage: Path, name: str) -> str:
+    return f"""
+from kvsweep.config import DataCfg, SweepCfg, TrainCfg
+from kvsweep.tune import run_sweep
+sweep = SweepCfg(name={name!r}, storage={str(storage)!r}, report_dir=None, max_concurrent=1, grace_period=1, reduction_factor=2,
+                 data=DataCfg(train_samples=64, val_samples=16), train=TrainCfg(epochs=3))
+run_sweep(sweep, {{"rank": [32], "init": ["pca", "random"], "schedule": ["rec_to_lm"]}})
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_folder, tmp_path_factory) -> dict:
+    """The 2-trial ASHA sweep of ``_asha_script`` run without interruption: the decisions to match."""
+    storage = tmp_path_factory.mktemp("uninterrupted")
+    script(_asha_script(storage, "whole"), cwd=storage)
+    t = tables(storage / "whole")
+    assert sorted((r["status"], r["epochs_run"]) for r in t["trials"]) == [("asha_stopped", 1), ("completed", 3)]
+    return t
+
+
+def _first_trial_finished(folder: Path) -> bool:
+    try:
+        return any(r["status"] == "completed" for r in pq.read_table(folder / "trials.parquet").to_pylist())
+    except OSError:
+        return False
+
+
+def _second_trial_stopped(folder: Path) -> bool:
+    state = folder / "scheduler.json"
+    return state.is_file() and '"stopped": {}' not in state.read_text() and '"stopped"' in state.read_text()
+
+
+@pytest.mark.parametrize("kill_when", [_first_trial_finished, _second_trial_stopped], ids=["rungs", "decision"])
+def test_a_killed_driver_continues_with_the_scheduler_decisions_of_an_uninterrupted_run(uninterrupted, tmp_path, kill_when):
+    """ASHA stops the random-init trial at its first rung (the PCA-init trial before it is far better). The driver
+    is killed as soon as the first trial finished (Ray Tune keeps ASHA's rung records in memory only: they were lost)
+    or right after the stop decision (Tune may not have saved it yet); the continued sweep must decide the same."""
+    driver = start([sys.executable, "-c", _asha_script(tmp_path, "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   cwd=tmp_path)
+    folder = tmp_path / "killed"
+    try:
+        wait_for(lambda: kill_when(folder), 400, kill_when.__name__, proc=driver, every=0.05)
+    finally:
+        kill(driver)
+    script(_asha_script(tmp_path, "killed"), cwd=tmp_path)
+    t = tables(folder)
+    check_once(t, 2)
+    assert outcome(t) == outcome(uninterrupted)  # the same statuses, epochs and best PPL as without the kill
+    assert [e["epoch"] for e in t["epochs"] if e["trial_id"] != next(r["trial_id"] for r in t["trials"] if r["status"] == "completed")] == [1]
+
+
+def test_one_driver_per_sweep_and_a_killed_one_leaves_no_lock(tiny_folder, tmp_path):
+    first = start(sweep_cmd("--name", "X", "--max-concurrent", "1", storage=tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = tmp_path / "X" / ".driver.lock"
+    try:
+        wait_for(lambda: lock.is_file() and lock.read_text().strip(), 120, "the first driver's lock", proc=first)
+        t0 = time.monotonic()
+        second = run("--name", "X", storage=tmp_path, expect=2)
+        assert time.monotonic() - t0 < 60
+        err = second.stderr.strip().splitlines()
+        assert len(err) == 1 and f"held by the driver pid {first.pid} " in err[0] and "--name" in err[0], err
+        wait_for(lambda: list((tmp_path / "X").rglob("result.json")), 300, "a first result", proc=first)
+    finally:
+        kill(first)  # SIGKILL: no chance to release anything
+    third = run("--name", "X", "--max-concurrent", "1", storage=tmp_path)  # the same command continues at once
+    assert "resuming" in third.stdout
+    check_once(tables(tmp_path / "X"), 4)
+    assert all(r["status"] != "running" for r in tables(tmp_path / "X")["trials"])
+
+
+def test_unwritable_storage_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    t0 = time.monotonic()
+    proc = run(storage=blocker / "results", expect=2)
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"kvsweep: error: cannot write to --storage {blocker / 'results'}"), err
+    assert "Ray instance" not in proc.stdout + proc.stderr and "tokenized" not in proc.stdout
+    assert time.monotonic() - t0 < 60
+
+
+def _mount_tmpfs(path: Path, size: str, *options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    opts = ",".join((f"size={size}", *options))
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+def test_read_only_storage_is_refused_before_any_work(tmp_path):
+    storage = tmp_path / "ro"
+    if not _mount_tmpfs(storage, "1m", "ro"):
+        pytest.skip("mounting a file system needs root")
+    try:
+        proc = run(storage=storage, expect=2)
+        err = proc.stderr.strip().splitlines()
+        assert len(err) == 1 and "cannot write to --storage" in err[0] and "Read-only file system" in err[0], err
+    finally:
+        subprocess.run(["umount", str(storage)], check=True)
+
+
+def test_a_full_disk_stops_the_sweep_cleanly_and_the_same_command_continues(tiny_folder, tmp_path):
+    storage = tmp_path / "small"
+    if not _mount_tmpfs(storage, "48m"):
+        pytest.skip("mounting a file system needs root")
+    try:
+        filler = storage / "filler"
+        free = shutil.disk_usage(storage).free
+        filler.write_bytes(b"\0" * (free - (12 << 20)))  # 12 MiB left: room to start, not to finish
+        proc = run("--max-concurrent", "1", storage=storage, expect=2)
+        out = proc.stdout + proc.stderr
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("kvsweep: error:")]
+        assert len(errors) == 1 and "free" in errors[0] and "run the same command" in errors[0], proc.stderr[-3000:]
+        assert "Traceback" not in out and "No space left on device" not in out and "EOFError" not in out
+        assert "trials:" in proc.stdout  # the summary of what ran
+        partial = pq.read_table(storage / "vdproj-smoke" / "trials.parquet").to_pylist()  # readable
+        assert len(partial) < 4 or any(r["status"] == "running" for r in partial)  # stopped before the end
+        filler.unlink()  # free the space; the same command continues
+        again = run("--max-concurrent", "1", storage=storage)
+        t = tables(storage / "vdproj-smoke")
+        check_once(t, 4)
+        assert "resuming" in again.stdout and all(r["status"] != "running" for r in t["trials"])
+    finally:
+        subprocess.run(["umount", "-l", str(storage)])

@@ -1,0 +1,196 @@
+"""The sweep driver's parts, in this process and without Ray workers: the stored specification and what
+continuing or growing may change, ASHA's state across drivers, the results writer's state, the summary."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from ray.tune.schedulers import ASHAScheduler
+
+from kvsweep.config import DataCfg, SweepCfg, TrainCfg
+from kvsweep.data import Samples
+from kvsweep.evaluate import PositionStats
+from kvsweep.results import TRIAL_SCHEMA
+from kvsweep.tune.driver import summarize
+from kvsweep.tune.scheduler import SCHEDULER_FILE, DurableASHA
+from kvsweep.tune.spec import SpecificationError, SweepRecord, data_digest, plan, round_points, specification
+from kvsweep.tune.store import SweepStore
+from kvsweep.tune.writer import ResultsWriter
+
+SPACE = {"rank": [32, 64], "init": ["random", "pca"], "seed": [0]}
+
+
+def _sweep(**kw) -> SweepCfg:
+    return SweepCfg(name="s", data=DataCfg(train_samples=64, val_samples=16), train=TrainCfg(epochs=kw.pop("epochs", 2)), **kw)
+
+
+def _spec(sweep: SweepCfg, space: dict, digest: str = "d") -> dict:
+    return specification(sweep, space, digest)
+
+
+def _stored(sweep: SweepCfg, space: dict) -> SweepRecord:
+    p = plan(None, _spec(sweep, space), space, sweep)
+    p.record.rounds[0].finished = True
+    return SweepRecord.from_json(p.record.to_json(), "sweep.json")  # as read back from the storage
+
+
+def test_a_new_sweep_is_one_round_of_the_whole_grid():
+    sweep = _sweep()
+    p = plan(None, _spec(sweep, SPACE), SPACE, sweep)
+    assert p.todo == [0] and [r.tune for r in p.record.rounds] == ["tune-0"]
+    assert len(round_points(p.record, 0, sweep)) == 4
+
+
+def test_the_same_specification_continues_and_a_finished_sweep_has_nothing_to_run():
+    sweep = _sweep()
+    stored = _stored(sweep, SPACE)
+    p = plan(stored, _spec(sweep, SPACE), SPACE, sweep, where="W")
+    assert p.todo == [] and "nothing to run" in p.message
+    stored.rounds[0].finished = False
+    assert plan(stored, _spec(sweep, SPACE), SPACE, sweep).todo == [0]
+
+
+def test_every_differing_field_is_named_once_with_old_and_new_value():
+    sweep = _sweep()
+    stored = _stored(sweep, SPACE)
+    other = _sweep(epochs=3, grace_period=2)
+    with pytest.raises(SpecificationError) as e:
+        plan(stored, _spec(other, {**SPACE, "seed": [0, 1]}, "e"), {**SPACE, "seed": [0, 1]}, other, where="W")
+    fields = [ln for ln in str(e.value).splitlines() if ln.startswith("  ")]
+    assert fields == ['  data.digest: "d" -> "e"', "  scheduler.grace_period: 1 -> 2", "  space.seed: [0] -> [0, 1]",
+                      "  train.epochs: 2 -> 3"]
+    assert "--name" in str(e.value).splitlines()[-1]
+
+
+def test_run_only_settings_are_not_part_of_the_specification():
+    a = _sweep()
+    b = SweepCfg(name="s", data=DataCfg(train_samples=64, val_samples=16), storage="/elsewhere", cpus_per_trial=2, pack=4,
+                 max_concurrent=3, train=TrainCfg(epochs=2, loss_chunk=4096, eval_batch_size=64))
+    assert _spec(a, SPACE) == _spec(b, SPACE)
+
+
+def test_grow_adds_only_the_new_grid_points():
+    sweep = _sweep()
+    stored = _stored(sweep, SPACE)
+    grown = {**SPACE, "seed": [0, 1], "rank": [32, 64, 96]}
+    p = plan(stored, _spec(sweep, grown), grown, sweep, grow=True)
+    assert p.todo == [1] and "by 8 configuration(s)" in p.message
+    new = round_points(p.record, 1, sweep)
+    assert len(new) == 8 and all(q["seed"] == 1 or q["rank"] == 96 for q in new)
+    # a field at its default value adds nothing: the same configurations
+    same = {**SPACE, "lr": [None]}
+    assert plan(stored, _spec(sweep, same), same, sweep, grow=True).todo == []
+
+
+def test_grow_refuses_to_drop_configurations_or_change_anything_else():
+    sweep = _sweep()
+    stored = _stored(sweep, SPACE)
+    fewer = {**SPACE, "rank": [32]}
+    with pytest.raises(SpecificationError, match="only adds configurations: 2 configuration"):
+        plan(stored, _spec(sweep, fewer), fewer, sweep, grow=True)
+    with pytest.raises(SpecificationError, match="train.epochs: 2 -> 3"):
+        plan(stored, _spec(_sweep(epochs=3), SPACE), SPACE, _sweep(epochs=3), grow=True)
+
+
+def test_grow_of_a_random_search_raises_num_samples():
+    sweep = _sweep(num_samples=4)
+    stored = _stored(sweep, SPACE)
+    more = _sweep(num_samples=10)
+    p = plan(stored, _spec(more, SPACE), SPACE, more, grow=True)
+    assert p.todo == [1] and p.record.rounds[1].num_samples == 6 and round_points(p.record, 1, more) is None
+    with pytest.raises(SpecificationError, match="cannot lower"):
+        plan(stored, _spec(_sweep(num_samples=2), SPACE), SPACE, _sweep(num_samples=2), grow=True)
+    with pytest.raises(SpecificationError, match="random search"):
+        plan(stored, _spec(_sweep(), SPACE), SPACE, _sweep(), grow=True)
+
+
+def test_a_damaged_sweep_json_is_refused_naming_it():
+    with pytest.raises(SpecificationError, match="sweep.json is not a sweep specification"):
+        SweepRecord.from_json('{"format": 1, "name": "s"', "sweep.json")
+    with pytest.raises(SpecificationError, match="format 7"):
+        SweepRecord.from_json('{"format": 7}', "sweep.json")
+
+
+def test_the_base_statistics_round_trip_bit_for_bit():
+    stats = PositionStats(np.array([1 / 3, 2.5e-17, 7.0]), np.array([3, 4, 5]))
+    r = SweepRecord("s", {})
+    r.set_base_stats(stats)
+    back = SweepRecord.from_json(r.to_json(), "x").base_stats()
+    assert back.nll_sum.tolist() == stats.nll_sum.tolist() and back.tokens.tolist() == stats.tokens.tolist()
+
+
+def test_the_data_digest_sees_any_change_of_the_samples():
+    ids = np.arange(64, dtype=np.int32).reshape(4, 16)
+    a = data_digest(Samples(train=ids[:3], val=ids[3:]))
+    assert a == data_digest(Samples(train=ids[:3].copy(), val=ids[3:].copy()))
+    changed = ids.copy()
+    changed[0, 0] = 99
+    assert a != data_digest(Samples(train=changed[:3], val=changed[3:]))
+    assert a != data_digest(Samples(train=ids[:2], val=ids[2:]))
+
+
+def _trial(tid: str):
+    return SimpleNamespace(trial_id=tid)
+
+
+def _asha(store: SweepStore) -> DurableASHA:
+    s = DurableASHA(store, max_t=4, grace_period=1, reduction_factor=2)
+    s.set_search_properties("val_ppl", "min")
+    return s
+
+
+def test_asha_decides_after_a_new_driver_as_it_would_have_without_one(tmp_path):
+    """A trial reaches rung 1; a worse one arrives after the driver changed. Ray Tune's plain ASHA starts the new
+    driver with empty rungs and lets it go on; the durable one stops it, as one driver throughout would."""
+    store = SweepStore(str(tmp_path), "s")
+    first = _asha(store)
+    first.on_trial_add(None, _trial("a"))
+    assert first.on_trial_result(None, _trial("a"), {"epoch": 1, "val_ppl": 40.0}) == "CONTINUE"
+    whole = _asha(SweepStore(str(tmp_path), "other"))  # the same trials, one driver throughout
+    for tid, ppl in (("a", 40.0), ("c", 60.0)):
+        whole.on_trial_add(None, _trial(tid))
+        decision = whole.on_trial_result(None, _trial(tid), {"epoch": 1, "val_ppl": ppl})
+    assert decision == "STOP"
+    plain = ASHAScheduler(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2, metric="val_ppl", mode="min")
+    plain.on_trial_add(None, _trial("c"))
+    assert plain.on_trial_result(None, _trial("c"), {"epoch": 1, "val_ppl": 60.0}) == "CONTINUE"  # what was lost
+    second = _asha(store)  # the continued driver
+    second.on_trial_add(None, _trial("c"))
+    assert second.on_trial_result(None, _trial("c"), {"epoch": 1, "val_ppl": 60.0}) == "STOP"
+    third = _asha(store)  # a stopped trial that resumes is stopped at its first result, whatever it is
+    third.on_trial_add(None, _trial("c"))
+    assert third.on_trial_result(None, _trial("c"), {"epoch": 1, "val_ppl": 1.0}) == "STOP"
+    state = json.loads((tmp_path / "s" / SCHEDULER_FILE).read_text())
+    assert state["stopped"] == {"c": 1}
+
+
+def test_asha_state_of_other_rungs_is_refused(tmp_path):
+    store = SweepStore(str(tmp_path), "s")
+    a = _asha(store)
+    a.on_trial_add(None, _trial("a"))
+    a.on_trial_result(None, _trial("a"), {"epoch": 1, "val_ppl": 40.0})
+    with pytest.raises(Exception, match="other ASHA rungs"):
+        DurableASHA(store, max_t=30, grace_period=1, reduction_factor=3)
+
+
+def test_the_results_writer_keeps_no_state_in_tunes_pickled_files(tmp_path):
+    writer = ResultsWriter(_sweep(), PositionStats(np.ones(127), np.ones(127, dtype=np.int64)), SweepStore(str(tmp_path), "s"))
+    writer.records["x"] = object()
+    assert writer.get_state() is None  # Ray Tune pickles what get_state returns with the experiment
+
+
+def _rows(*trials) -> pa.Table:
+    rows = [{"trial_id": str(i), "status": s, "epochs_run": run, "max_epochs": 4, "best_val_ppl": 50.0, "base_val_ppl": 45.0,
+             "variant": "v", "rank": 32} for i, (s, run) in enumerate(trials)]
+    return pa.Table.from_pylist([{n: r.get(n) for n in TRIAL_SCHEMA.names} for r in rows], schema=TRIAL_SCHEMA)
+
+
+def test_the_summary_counts_only_the_schedulers_stops_as_saved():
+    text = summarize(_rows(("completed", 4), ("error", 1), ("early_stopped", 2)), "/r", None)
+    assert "the scheduler stopped no trial" in text and "saved" not in text
+    text = summarize(_rows(("completed", 4), ("asha_stopped", 1), ("error", 1)), "/r", None)
+    assert "epochs run 6 of the 9 these trials would have run without the scheduler: it saved 3 (33%)" in text
