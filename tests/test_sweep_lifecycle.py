@@ -49,7 +49,7 @@ def test_a_continued_sweep_with_another_specification_is_refused_before_any_work
     cases = [  # arguments, one line per differing field (stored -> now), what the last line suggests
         (["--epochs", "3"], ["  train.epochs: 2 -> 3"], "--name"),
         (["--seeds", "0,1"], ["  space.seed: [0] -> [0, 1]"], "--grow"),
-        (["--train-samples", "32"], ["  data.digest: ", "  data.train_samples: 64 -> 32"], "--name"),
+        (["--train-samples", "32"], ["  data.train_samples: 64 -> 32"], "--name"),  # refused before tokenizing
         (["--lr", "0.001", "--no-asha"], ['  scheduler: "asha" -> "fifo"', "  scheduler.grace_period: 1 -> (not set)",
                                           "  scheduler.reduction_factor: 2.0 -> (not set)", "  train.lr: 0.0001 -> 0.001"], "--name"),
     ]
@@ -168,8 +168,9 @@ def test_one_driver_per_sweep_and_a_killed_one_leaves_no_lock(tiny_folder, tmp_p
         wait_for(lambda: list((tmp_path / "X").rglob("result.json")), 300, "a first result", proc=first)
     finally:
         kill(first)  # SIGKILL: no chance to release anything
-    third = run("--name", "X", "--max-concurrent", "1", storage=tmp_path)  # the same command continues at once
-    assert "resuming" in third.stdout
+    # the same command continues at once; packed now (how trials run is not the sweep's specification)
+    third = run("--name", "X", "--max-concurrent", "1", "--pack", "2", storage=tmp_path)
+    assert "resuming" in third.stdout and "packed: 1 pack process(es)" in third.stdout
     check_once(tables(tmp_path / "X"), 4)
     assert all(r["status"] != "running" for r in tables(tmp_path / "X")["trials"])
 

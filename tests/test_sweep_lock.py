@@ -140,3 +140,14 @@ def test_one_driver_per_sweep_on_an_object_store(tiny_folder, s3, tmp_path):
     tables = {n: pq.read_table(store.path(f"{n}.parquet"), filesystem=store.fs).to_pylist() for n in ("trials", "epochs", "positions")}
     check_once(tables, 4)
     assert store.read_json(LEASE_FILE) is None  # released at the end
+
+
+def test_a_lease_taken_while_held_stops_the_holder(tmp_path):
+    store = SweepStore(str(tmp_path), "s")
+    lost: list[str] = []
+    with DriverLock(store, use_lease=True, settle=0.05, lease_seconds=0.6) as lock:
+        lock.on_lost = lost.append
+        _lease(store, token="theirs", host="elsewhere", pid=1)  # this driver stalled; another took the sweep
+        time.sleep(0.6)
+    assert len(lost) == 1 and "taken by the driver pid 1 on elsewhere" in lost[0]
+    assert json.loads((tmp_path / "s" / LEASE_FILE).read_text())["token"] == "theirs"  # not removed on exit

@@ -114,7 +114,7 @@ from kvsweep.config import DataCfg, SweepCfg, TrainCfg
 from kvsweep.tune import run_sweep
 sweep = SweepCfg(name="nan", storage={str(tmp_path)!r}, report_dir={str(tmp_path / "reports")!r}, asha=False, max_failures=0,
                  data=DataCfg(train_samples=32, val_samples=8), train=TrainCfg(epochs=2))
-run_sweep(sweep, {{"rank": [32], "ka": ["ka_replace"], "lr": [1e-3, 1e30]}})
+run_sweep(sweep, {{"rank": [32], "layers": [[0, 1]], "ka": ["ka_replace"], "lr": [1e-3, 1e30]}})
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

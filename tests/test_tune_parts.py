@@ -11,10 +11,11 @@ import pyarrow as pa
 import pytest
 from ray.tune.schedulers import ASHAScheduler
 
-from kvsweep.config import DataCfg, SweepCfg, TrainCfg
+from kvsweep.config import ConfigError, DataCfg, SweepCfg, TrainCfg
 from kvsweep.data import Samples
 from kvsweep.evaluate import PositionStats
 from kvsweep.results import TRIAL_SCHEMA
+from kvsweep.sweepargs import sweep_cfg, sweep_parser
 from kvsweep.tune.driver import summarize
 from kvsweep.tune.scheduler import SCHEDULER_FILE, DurableASHA
 from kvsweep.tune.spec import SpecificationError, SweepRecord, data_digest, plan, round_points, specification
@@ -71,6 +72,22 @@ def test_run_only_settings_are_not_part_of_the_specification():
     b = SweepCfg(name="s", data=DataCfg(train_samples=64, val_samples=16), storage="/elsewhere", cpus_per_trial=2, pack=4,
                  max_concurrent=3, train=TrainCfg(epochs=2, loss_chunk=4096, eval_batch_size=64))
     assert _spec(a, SPACE) == _spec(b, SPACE)
+
+
+def test_the_order_of_a_fields_values_is_not_part_of_the_specification():
+    sweep = _sweep()
+    assert _spec(sweep, {**SPACE, "rank": [64, 32]}) == _spec(sweep, SPACE)
+
+
+def test_local_files_are_known_by_name_and_content_not_path(tmp_path):
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "corpus.txt").write_text("the same text")
+    spec = {w: _spec(SweepCfg(name="s", data=DataCfg(source=str(tmp_path / w / "corpus.txt"), train_samples=8)), SPACE) for w in "ab"}
+    assert spec["a"] == spec["b"] and spec["a"]["data.source"] == "corpus.txt"
+    (tmp_path / "b" / "corpus.txt").write_text("other text")
+    changed = _spec(SweepCfg(name="s", data=DataCfg(source=str(tmp_path / "b" / "corpus.txt"), train_samples=8)), SPACE)
+    assert changed["data.source.digest"] != spec["a"]["data.source.digest"]
 
 
 def test_grow_adds_only_the_new_grid_points():
@@ -194,3 +211,10 @@ def test_the_summary_counts_only_the_schedulers_stops_as_saved():
     assert "the scheduler stopped no trial" in text and "saved" not in text
     text = summarize(_rows(("completed", 4), ("asha_stopped", 1), ("error", 1)), "/r", None)
     assert "epochs run 6 of the 9 these trials would have run without the scheduler: it saved 3 (33%)" in text
+
+
+def test_metrics_export_is_asked_for_with_a_port():
+    assert sweep_cfg(sweep_parser("x", "v").parse_args(["--smoke-test"]), "v").metrics_port is None  # none by default
+    assert sweep_cfg(sweep_parser("x", "v").parse_args(["--smoke-test", "--metrics-port", "0"]), "v").metrics_port == 0
+    with pytest.raises(ConfigError, match="metrics_port"):
+        SweepCfg(metrics_port=70000)

@@ -17,6 +17,8 @@ def sweep_parser(description: str, default_name: str) -> argparse.ArgumentParser
     p.add_argument("--storage", default="~/kvsweep_results", help="results folder, or s3://bucket/path, gs://bucket/path (default: ~/kvsweep_results)")
     p.add_argument("--grow", action="store_true", help="add the configurations the search space gained (more --seeds, ranks, "
                    "--num-samples) to the sweep of this --name; only the new ones run, the results hold old and new")
+    p.add_argument("--metrics-port", type=int, default=None, help="a local sweep's Ray exports Prometheus metrics on "
+                   "127.0.0.1:PORT (0: a free port; default: no metrics export)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else Ray starts in-process)")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None, help="preset, hub id or local folder (default: tiny; pythia-70m for a full sweep on the hub)")
@@ -74,7 +76,7 @@ def sweep_cfg(a: argparse.Namespace, default_name: str) -> SweepCfg:
         storage=a.storage, address=a.address, cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial,
         max_concurrent=a.max_concurrent, pack=a.pack, packs=a.packs, num_samples=a.num_samples, grace_period=a.grace_period,
         reduction_factor=a.reduction_factor, asha=not a.no_asha, max_failures=a.max_failures, report_dir=a.report_dir,
-        fail_once_at_epoch=a.inject_fault_at_epoch,
+        fail_once_at_epoch=a.inject_fault_at_epoch, metrics_port=a.metrics_port,
     )
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import Adapter, AdapterSpec, attached, check_combination, disabled, make_adapter
+from .atomic import write_json
 from .checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, DataCfg, KvsweepError, ModelCfg, TrainCfg, calibration_samples, position_buckets
 from .data import Samples, load_samples, resolve_source
@@ -33,6 +34,7 @@ from .latent import measure_bytes
 from .losses import LossCfg, kl_divergence
 from .chunked import linear_nll
 from .models import Base, check_seq_len, dims, final_hidden, load_base, model_config, output_weight, resolve_model
+from .results import EPOCH_SCHEMA, POSITION_SCHEMA, table, write_parquet
 
 Report = Callable[[dict, "Path | None"], None]
 
@@ -509,8 +511,6 @@ def git_revision() -> str | None:
 
 
 def epoch_rows(trial_id: str, history: list[dict]) -> list[dict]:
-    from .results import EPOCH_SCHEMA
-
     return [{"trial_id": trial_id, **{k: m.get(k) for k in EPOCH_SCHEMA.names if k != "trial_id"}} for m in history]
 
 
@@ -534,9 +534,6 @@ def run_trial_to_folder(cfg: TrialCfg, out: str | Path, *, resume: bool = False,
             before any model loads), both are given, or ``out`` is a file.
         KvsweepError: whatever the trial raises (a bad model or data, TrialError, CheckpointError).
     """
-    from .atomic import write_json
-    from .results import EPOCH_SCHEMA, POSITION_SCHEMA, table, write_parquet
-
     out = Path(out)
     ckpt = out / "checkpoint"
     outputs = ("trial.json", "epochs.parquet", "positions.parquet", "checkpoint")

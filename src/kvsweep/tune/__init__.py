@@ -10,15 +10,17 @@ adds the configurations its search space gained.
 Modules: ``space`` (search space -> typed trial configs), ``spec`` (the stored specification),
 ``store`` (the sweep's folder, its lock), ``scheduler`` (ASHA that survives a killed driver), ``guard``
 (a full disk stops the sweep cleanly), ``trainable`` and ``packed`` (the trials), ``writer`` (the result
-tables), ``local`` (the in-process Ray of a local sweep), ``driver`` (``run_sweep``).
+tables), ``summary`` (what the driver prints at its end), ``local`` (the in-process Ray of a local sweep),
+``driver`` (``run_sweep``).
 """
 
-from .driver import SweepOutcome, absolute_paths, evaluate_base, model_dims, prepare_samples, run_sweep, summarize
-from .space import DEFAULT_POINT, SPACE_FIELDS, grid_points, point_key, trial_cfg, validate_space, variant_name
+from .driver import SweepInterrupted, SweepOutcome, evaluate_base, prepare_samples, run_sweep
+from .space import DEFAULT_POINT, SPACE_FIELDS, absolute_paths, grid_points, model_dims, point_key, trial_cfg, validate_space, variant_name
+from .summary import summarize
 from .writer import TrialRecord, build_tables, write_tables
 
 __all__ = [
-    "DEFAULT_POINT", "SPACE_FIELDS", "SweepOutcome", "TrialRecord", "absolute_paths", "build_tables", "evaluate_base",
+    "DEFAULT_POINT", "SPACE_FIELDS", "SweepInterrupted", "SweepOutcome", "TrialRecord", "absolute_paths", "build_tables", "evaluate_base",
     "grid_points", "model_dims", "point_key", "prepare_samples", "run_sweep", "summarize", "trial_cfg", "validate_space",
     "variant_name", "write_tables",
 ]

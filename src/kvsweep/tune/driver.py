@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,22 +28,28 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 from transformers.utils import logging as hf_logging
 
-from ..config import ConfigError, SweepCfg
+from ..config import ConfigError, KvsweepError, SweepCfg
 from ..data import Samples, load_samples
 from ..evaluate import PositionStats, evaluate
-from ..models import dims, load_base, model_config, resolve_model
-from ..results import scheduler_savings
+from ..models import load_base
 from ..train import autocast
 from .guard import StorageGuard
 from .local import start_local_ray
+from .packed import CLIENT_CPUS, packed_trainable, start_servers
 from .scheduler import DurableASHA
-from .space import validate_space
+from .space import absolute_paths, model_dims, validate_space
 from .spec import SWEEP_FILE, Plan, SpecificationError, SweepRecord, data_digest, plan, round_points, specification
-from .store import StorageFullError, SweepStore, is_storage_full, join_uri
+from .store import StorageFullError, SweepBusyError, SweepStore, is_storage_full, join_uri
+from .summary import summarize, throughput
 from .trainable import trainable
 from .writer import ResultsWriter, TrialRecord, build_tables, has_experiment, load_records, records_from, write_tables
 
 TUNE_FILES = ("experiment_state-", "tuner.pkl", "trials.parquet")  # what an older kvsweep left in a sweep folder
+TRAINABLE = "trial"  # one name for unpacked and packed trials: a sweep continued with another --pack resumes its trials
+
+
+class SweepInterrupted(KvsweepError):
+    """The sweep was stopped before its end (Ctrl+C, SIGUSR1): running the same command continues it."""
 
 
 @dataclass
@@ -104,12 +112,16 @@ def run_sweep(sweep: SweepCfg, space: dict[str, list], *, grow: bool = False, lo
     validate_space(space, sweep)
     store = SweepStore(sweep.storage_uri, sweep.name)
     store.check_writable()
-    with store.lock(log=log):
+    with store.lock(log=log) as lock:
         guard = StorageGuard(store)
+        lock.on_lost = lambda why: guard.stop(why, SweepBusyError)  # an object store's lease taken by another driver
         short = guard.shortage()
         if short:
             raise StorageFullError(f"{short}; free some space and run the command again")
         stored = _stored_record(store)
+        if stored is not None:  # every field but the data's digest, before the base loads and the data is tokenized
+            plan(stored, specification(sweep, space, stored.specification.get("data.digest")), space, sweep, grow=grow,
+                 where=store.uri)
         samples = prepare_samples(sweep, log=log)
         the_plan = plan(stored, specification(sweep, space, data_digest(samples)), space, sweep, grow=grow, where=store.uri)
         return _run(sweep, space, store, guard, samples, the_plan, log, callbacks or [])
@@ -122,13 +134,15 @@ def _run(sweep: SweepCfg, space: dict, store: SweepStore, guard: StorageGuard, s
     base_stats = record.base_stats()
     this_run: list[TrialRecord] = []
     pack_stats: list[dict] = []
-    fit_seconds = 0.0
+    fit_seconds, since, interrupted = 0.0, 0.0, False
+    if not the_plan.todo and base_stats is not None and the_plan.changed:
+        store.write_bytes(SWEEP_FILE, record.to_json().encode())  # a grown specification with nothing new to run
     if the_plan.todo or base_stats is None:
         started_ray = not ray.is_initialized()
         if started_ray:
             address = sweep.address or os.environ.get("RAY_ADDRESS")
             if address is None:
-                start_local_ray()
+                start_local_ray(metrics=sweep.metrics_port is not None, metrics_port=sweep.metrics_port or None)
             else:
                 ray.init(address=address, log_to_driver=True)
         servers: list = []
@@ -142,18 +156,19 @@ def _run(sweep: SweepCfg, space: dict, store: SweepStore, guard: StorageGuard, s
             store.write_bytes(SWEEP_FILE, record.to_json().encode())
             _warn_scattered(sweep, store, log)
             earlier = [rec for r in record.rounds for rec in load_records(store, r.tune)]
+            guard.seed(store)
             writer = ResultsWriter(sweep, base_stats, store, guard=guard, records=earlier, log=log)
-            trainable_fn, max_concurrent, servers = _trainable(sweep, samples, base_stats, record, the_plan.todo, log)
-            t_fit = time.perf_counter()
+            resources, max_concurrent, servers = _trainable(sweep, samples, base_stats, record, the_plan.todo, log)
+            t_fit, since = time.perf_counter(), time.time()
             for index in the_plan.todo:
-                analysis = _fit_round(sweep, store, record, index, trainable_fn, max_concurrent, [writer, guard, *callbacks], log)
+                analysis = _fit_round(sweep, store, record, index, resources, max_concurrent, [writer, guard, *callbacks], log)
                 this_run += records_from(analysis)
                 record.rounds[index].finished = guard.full is None and all(t.status == "TERMINATED" for t in analysis.trials)
                 store.write_bytes(SWEEP_FILE, record.to_json().encode())
                 if guard.full is not None:
                     break
                 if any(t.status not in ("TERMINATED", "ERROR") for t in analysis.trials):  # Ctrl+C: Tune stopped early
-                    log("kvsweep: the sweep was interrupted; run the same command to continue it")
+                    interrupted = True
                     break
             fit_seconds = time.perf_counter() - t_fit
             pack_stats = _pack_stats(servers)
@@ -175,11 +190,15 @@ def _run(sweep: SweepCfg, space: dict, store: SweepStore, guard: StorageGuard, s
             raise
         guard.full = guard.full or f"writing the results to {store.uri} failed: {e}"
     report = _write_report(sweep, store.uri, log) if guard.full is None else None
-    summary = summarize(tables["trials"], store.uri, report, throughput(this_run, fit_seconds, pack_stats) if this_run else "")
+    summary = summarize(tables["trials"], store.uri, report, throughput(this_run, fit_seconds, pack_stats, since) if this_run else "")
     log(summary)
-    if guard.full is not None:
+    if guard.full is not None and guard.error is StorageFullError:
         raise StorageFullError(f"{guard.full}. The sweep stopped; the results written so far are in {store.uri}. "
                                "Free some space and run the same command to continue it")
+    if guard.full is not None:
+        raise guard.error(f"{guard.full}. The sweep stopped; the results written so far are in {store.uri}")
+    if interrupted:
+        raise SweepInterrupted(f"the sweep was interrupted; the results so far are in {store.uri}: run the same command to continue it")
     return SweepOutcome(store.uri, join_uri(store.uri, record.rounds[-1].tune), tables, report, summary)
 
 
@@ -189,32 +208,39 @@ def _warn_scattered(sweep: SweepCfg, store: SweepStore, log: Callable[[str], Non
             "node mounts it, checkpoints and results end up scattered: use s3://..., gs://... or a shared mount")
 
 
-def _trainable(sweep: SweepCfg, samples: Samples, base_stats: PositionStats, record: SweepRecord, todo: list[int], log):
-    """The Tune trainable with its resources, the concurrency limit, and the pack processes (packed sweeps)."""
+def _trainable(sweep: SweepCfg, samples: Samples, base_stats: PositionStats, record: SweepRecord, todo: list[int],
+               log: Callable[[str], None]) -> tuple[dict, int | None, list]:
+    """Register the trials' trainable as ``TRAINABLE``; its resources per trial, the concurrency limit, and the
+    pack processes (packed sweeps)."""
     if sweep.pack <= 1:
-        resources = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
-        fn = tune.with_resources(tune.with_parameters(trainable, sweep=sweep, samples=samples, base_stats=base_stats), resources)
-        return fn, sweep.max_concurrent, []
-    from .packed import CLIENT_CPUS, packed_trainable, start_servers
-
+        tune.register_trainable(TRAINABLE, tune.with_parameters(trainable, sweep=sweep, samples=samples, base_stats=base_stats))
+        return {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}, sweep.max_concurrent, []
     n_trials = sum(len(round_points(record, i, sweep) or []) or (record.rounds[i].num_samples or 0) for i in todo)
     n_packs = sweep.packs or _default_packs(sweep, max(1, n_trials))
     servers = start_servers(sweep, samples, base_stats, n_packs)
     max_concurrent = min(sweep.max_concurrent or n_packs * sweep.pack, n_packs * sweep.pack)
     log(f"packed: {n_packs} pack process(es) x up to {sweep.pack} trials, each pack with one copy of the base "
         f"({sweep.cpus_per_trial:g} CPU, {sweep.gpus_per_trial:g} GPU)")
-    fn = tune.with_resources(tune.with_parameters(packed_trainable, sweep=sweep, servers=servers), {"cpu": CLIENT_CPUS})
-    return fn, max_concurrent, servers
+    tune.register_trainable(TRAINABLE, tune.with_parameters(packed_trainable, sweep=sweep, servers=servers))
+    return {"cpu": CLIENT_CPUS, "gpu": 0}, max_concurrent, servers
 
 
-def _fit_round(sweep: SweepCfg, store: SweepStore, record: SweepRecord, index: int, trainable_fn, max_concurrent: int | None,
+def _tune_value(value):
+    """A search-space value as Tune's config holds it: a list of layer indices as ``"0,1,2"`` (Tune's variant
+    generator takes lists in a config for nested search spaces)."""
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _fit_round(sweep: SweepCfg, store: SweepStore, record: SweepRecord, index: int, resources: dict, max_concurrent: int | None,
                callbacks: list, log: Callable[[str], None]):
     """Run (or resume) round ``index`` as one Tune experiment in ``<sweep>/tune-<index>``; its analysis."""
     r = record.rounds[index]
     points = round_points(record, index, sweep)
-    config = {k: (tune.choice(list(v)) if len(v) > 1 else v[0]) for k, v in r.space.items()}
+    space = {k: [_tune_value(v) for v in values] for k, values in r.space.items()}
+    config = {k: (tune.choice(v) if len(v) > 1 else v[0]) for k, v in space.items()}
     if points is not None:  # a grid: exactly these configurations
-        search = BasicVariantGenerator(points_to_evaluate=[dict(p) for p in points], max_concurrent=max_concurrent or 0)
+        search = BasicVariantGenerator(points_to_evaluate=[{k: _tune_value(v) for k, v in p.items()} for p in points],
+                                       max_concurrent=max_concurrent or 0)
         num_samples = len(points)
     else:  # random search: this many random picks
         search = BasicVariantGenerator(max_concurrent=max_concurrent or 0)
@@ -226,19 +252,35 @@ def _fit_round(sweep: SweepCfg, store: SweepStore, record: SweepRecord, index: i
         log(f"round {index} ({r.tune}): {num_samples} trials x up to {sweep.train.epochs} epochs")
     scheduler = (DurableASHA(store, max_t=sweep.train.epochs, grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
                  if sweep.asha else FIFOScheduler())
-    return tune.run(
-        trainable_fn, name=r.tune, storage_path=store.root, storage_filesystem=store.fs,
-        config=config, num_samples=max(1, num_samples or 0) if not resume else num_samples or 1, search_alg=search,
-        scheduler=scheduler, metric="val_ppl", mode="min", checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        max_failures=sweep.max_failures, callbacks=callbacks, raise_on_failed_trial=False, verbose=1,
-        trial_dirname_creator=lambda trial: trial_dirname(trial, r.space),
-        resume_config=ResumeConfig(unfinished=ResumeConfig.ResumeType.RESUME, errored=ResumeConfig.ResumeType.RESUME,
-                                   finished=ResumeConfig.ResumeType.SKIP) if resume else None,
-    )
+    handlers = _signal_handlers()  # Tune installs its own for the run (Ctrl+C, SIGUSR1: stop and save); put ours back
+    try:
+        return tune.run(
+            TRAINABLE, name=r.tune, storage_path=store.root, storage_filesystem=store.fs, resources_per_trial=resources,
+            config=config, num_samples=max(1, num_samples or 0), search_alg=search,
+            scheduler=scheduler, metric="val_ppl", mode="min", checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            max_failures=sweep.max_failures, callbacks=callbacks, raise_on_failed_trial=False, verbose=1,
+            trial_dirname_creator=lambda trial: trial_dirname(trial, r.space),
+            resume_config=ResumeConfig(unfinished=ResumeConfig.ResumeType.RESUME, errored=ResumeConfig.ResumeType.RESUME,
+                                       finished=ResumeConfig.ResumeType.SKIP) if resume else None,
+        )
+    finally:
+        _restore_signal_handlers(handlers)
+
+
+def _signal_handlers() -> dict:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def trial_dirname(trial, space: dict[str, list]) -> str:
-    """``<trainable>_<trial id>_<the searched values>``, e.g. ``trainable_4d383_00002_init=random,rank=64``."""
+    """``<trainable>_<trial id>_<the searched values>``, e.g. ``trial_4d383_00002_init=random,rank=64``."""
     searched = ",".join(f"{k}={trial.config.get(k)}" for k in sorted(space) if len(space[k]) > 1)
     name = f"{trial.trainable_name}_{trial.trial_id}" + (f"_{searched}" if searched else "")
     return "".join(c if c.isalnum() or c in "._=,-" else "_" for c in name)[:120]
@@ -262,41 +304,6 @@ def _default_packs(sweep: SweepCfg, n_trials: int) -> int:
     return max(1, min(n, math.ceil(n_trials / sweep.pack)))
 
 
-def throughput(records: list[TrialRecord], fit_seconds: float, pack_stats: list[dict]) -> str:
-    """Trials per hour of this run, the trials' start-up times and, for packs, their training tokens/s."""
-    epochs = sum(len({r.get("epoch") for r in rec.results if not isinstance(r.get("trial_error"), str)}) for rec in records)
-    startups = sorted(r["startup_seconds"] for rec in records for r in rec.results
-                      if isinstance(r.get("startup_seconds"), (int, float)) and r["startup_seconds"] == r["startup_seconds"])
-    parts = [f"this run: {fit_seconds:.0f} s for {len(records)} trials ({3600 * len(records) / max(fit_seconds, 1e-9):.0f} trials/h, "
-             f"{epochs} epochs)"]
-    if startups:
-        parts.append(f"trial start-up (start to first training step): median {startups[len(startups) // 2]:.1f} s, "
-                     f"max {startups[-1]:.1f} s")
-    for i, st in enumerate(pack_stats):
-        if st["step_seconds"] > 0:
-            parts.append(f"pack {i} on {st['device']}: {st['trial_steps']} trial-steps in {st['steps']} steps "
-                         f"({st['trial_steps'] / max(st['steps'], 1):.1f} trials per step), "
-                         f"{st['tokens'] / st['step_seconds']:,.0f} training tokens/s in its steps")
-    return "\n".join(parts)
-
-
-def summarize(trials: pa.Table, results_uri: str, report: Path | None, timing: str = "") -> str:
-    """Trials by status, what the scheduler saved, the best trial, where the results are."""
-    rows = trials.to_pylist()
-    by_status = {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "asha_stopped", "error", "running")}
-    savings = scheduler_savings(rows)
-    ok = [r for r in rows if r["status"] != "error" and r["best_val_ppl"] == r["best_val_ppl"]]
-    best = min(ok, key=lambda r: r["best_val_ppl"]) if ok else None
-    saved = (f"epochs run {savings.run} of the {savings.without_scheduler} these trials would have run without the scheduler: "
-             f"it saved {savings.saved} ({savings.saved_pct:.0f}%)" if savings.saved else
-             f"epochs run {savings.run}; the scheduler stopped no trial")
-    parts = [f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in by_status.items() if n), saved,
-             f"best val PPL {best['best_val_ppl']:.4f} ({best['variant']}, rank {best['rank']}) vs base {best['base_val_ppl']:.4f}" if best else "",
-             f"results: {join_uri(results_uri, 'trials.parquet')}, epochs.parquet, positions.parquet",
-             f"report: {report}" if report else "", timing]
-    return "\n".join(p for p in parts if p)
-
-
 def _write_report(sweep: SweepCfg, results_uri: str, log) -> Path | None:
     if not sweep.report_dir:
         return None
@@ -310,22 +317,3 @@ def _write_report(sweep: SweepCfg, results_uri: str, log) -> Path | None:
     except Exception as e:  # the results are safe; a report can be rebuilt with `kvsweep report`
         log(f"kvsweep: the report could not be built ({e}); the results are complete, rebuild it with: kvsweep report {results_uri} -o {out}")
         return None
-
-
-def absolute_paths(sweep: SweepCfg) -> SweepCfg:
-    """Local model, tokenizer, corpus and data paths made absolute: Ray runs each trial in its own folder."""
-
-    def absolute(value: str | None) -> str | None:
-        if value is None:
-            return None
-        prefix = "tiny:" if value.startswith("tiny:") else ""
-        path = Path(value[len(prefix):]).expanduser()
-        return prefix + str(path.resolve()) if value[len(prefix):] and path.exists() else value
-
-    model = replace(sweep.model, name=absolute(sweep.model.name), tokenizer=absolute(sweep.model.tokenizer))
-    return replace(sweep, model=model, data=replace(sweep.data, source=absolute(sweep.data.source)))
-
-
-def model_dims(sweep: SweepCfg):
-    """Layers, width and heads of the sweep's base, read from its config (no weights loaded)."""
-    return dims(model_config(resolve_model(sweep.model)))

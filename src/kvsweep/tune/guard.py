@@ -15,11 +15,12 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 import pyarrow.fs as pafs
 from ray import tune
 
-from .store import SweepStore
+from .store import StorageFullError, SweepStore
 
 MIN_FREE_BYTES = 8 << 20  # what a stop itself writes (experiment state, tables, sweep files), with a margin
 CHECKPOINTS_IN_FLIGHT = 2  # per running trial: the checkpoint being uploaded and the one after it
@@ -42,6 +43,7 @@ class StorageGuard(tune.Callback):
         self.tables_bytes = 0
         self.running = 0
         self.full: str | None = None  # why the sweep stopped, once it did
+        self.error: type[Exception] = StorageFullError  # what the driver raises then
         self._last = 0.0
 
     @property
@@ -56,12 +58,32 @@ class StorageGuard(tune.Callback):
         return (f"the storage {self.store.storage_uri} has {free / 2**20:.1f} MiB free, less than the {self.reserve / 2**20:.1f} MiB "
                 "the sweep needs to write its next checkpoints and results")
 
-    def stop(self, reason: str) -> None:
-        """Stop the sweep gracefully (once): Tune finishes its step, saves its state and returns."""
-        if self.full is None:
-            self.full = reason
-            logging.getLogger("ray.tune.tune").addFilter(_TuneStopMessages())  # kvsweep says how to continue
-            os.kill(os.getpid(), signal.SIGUSR1)  # Tune's handler: end the run, keep unfinished trials resumable
+    def stop(self, reason: str, error: type[Exception] = StorageFullError) -> None:
+        """Stop the sweep gracefully (once): Tune finishes its step, saves its state and returns; the driver then
+        raises ``error(reason)`` (any thread may call this).
+
+        Raises:
+            error: at once, when Tune's stop handler is not there to signal (Tune installs it only when the sweep
+                runs on the main thread): the run ends as after a crash; the same command continues it.
+        """
+        if self.full is not None:
+            return
+        self.full, self.error = reason, error
+        if not callable(signal.getsignal(signal.SIGUSR1)):
+            raise error(reason)
+        logging.getLogger("ray.tune.tune").addFilter(_TuneStopMessages())  # kvsweep says how to continue
+        os.kill(os.getpid(), signal.SIGUSR1)  # Tune's handler: end the run, keep unfinished trials resumable
+
+    def seed(self, store: SweepStore, most: int = 50) -> None:
+        """Start from what the sweep wrote before (a continued sweep): its largest checkpoint among the last
+        ``most`` trials' (local storage only) and its result tables."""
+        if not store.local:
+            return
+        root = Path(store.root)
+        self.tables_bytes = sum(p.stat().st_size for p in root.glob("*.parquet"))
+        trials = sorted(root.glob("tune-*/*/"), key=lambda p: p.stat().st_mtime)[-most:]
+        for folder in (c for t in trials for c in t.glob("checkpoint_*")):
+            self.largest_checkpoint = max(self.largest_checkpoint, sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
 
     def check(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -110,13 +132,20 @@ class _TuneStopMessages(logging.Filter):
 
 
 def error_text(trial) -> str:
-    """The error Tune recorded for the trial's last failure ('' when there is none or it cannot be read)."""
+    """The error Tune recorded for the trial's last failure ('' when there is none or it cannot be read): from
+    the driver's staging folder while the sweep runs (Tune copies it to the storage at its next snapshot),
+    else from the storage."""
+    name = getattr(getattr(trial, "run_metadata", None), "error_filename", None)
+    if not name:
+        return ""
     try:
-        name = trial.run_metadata.error_filename
-        if not name:
-            return ""
-        fs = trial.storage.storage_filesystem
-        with fs.open_input_stream(f"{trial.storage.trial_fs_path}/{name}") as f:
+        local = Path(trial.local_path) / name
+        if local.is_file():
+            return local.read_text(errors="replace")
+    except (RuntimeError, AttributeError, TypeError, OSError):  # no staging folder: a trial read back from the storage
+        pass
+    try:
+        with trial.storage.storage_filesystem.open_input_stream(f"{trial.storage.trial_fs_path}/{name}") as f:
             return f.readall().decode(errors="replace")
-    except (AttributeError, OSError):
+    except (AttributeError, RuntimeError, OSError):
         return ""

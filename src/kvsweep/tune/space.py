@@ -10,13 +10,14 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from ..adapters import AdapterSpec, make_adapter
 from ..config import ConfigError, SweepCfg
 from ..data import resolve_source
 from ..losses import LossCfg
-from ..models import check_seq_len, dims, model_config, resolve_model
+from ..models import Dims, check_seq_len, dims, model_config, resolve_model
 from ..train import TrialCfg
 
 SPACE_FIELDS = {
@@ -127,3 +128,22 @@ def variant_name(cfg: TrialCfg) -> str:
         o = s.options
         parts.append(f"vdproj[{o.target},{o.init}]" if s.name == "vdproj" else s.name)
     return f"{'+'.join(parts) or 'base'} / {cfg.loss.name}"
+
+
+def absolute_paths(sweep: SweepCfg) -> SweepCfg:
+    """Local model, tokenizer, corpus and data paths made absolute: Ray runs each trial in its own folder."""
+
+    def absolute(value: str | None) -> str | None:
+        if value is None:
+            return None
+        prefix = "tiny:" if value.startswith("tiny:") else ""
+        path = Path(value[len(prefix):]).expanduser()
+        return prefix + str(path.resolve()) if value[len(prefix):] and path.exists() else value
+
+    model = replace(sweep.model, name=absolute(sweep.model.name), tokenizer=absolute(sweep.model.tokenizer))
+    return replace(sweep, model=model, data=replace(sweep.data, source=absolute(sweep.data.source)))
+
+
+def model_dims(sweep: SweepCfg) -> Dims:
+    """Layers, width and heads of the sweep's base, read from its config (no weights loaded)."""
+    return dims(model_config(resolve_model(sweep.model)))

@@ -15,6 +15,7 @@ import datetime as dt
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,9 +66,42 @@ def specification(sweep: SweepCfg, space: dict[str, list], digest: str) -> dict[
         spec["scheduler.grace_period"] = sweep.grace_period
         spec["scheduler.reduction_factor"] = sweep.reduction_factor
     spec["search.num_samples"] = sweep.num_samples
-    for key in sorted(space):
-        spec[f"space.{key}"] = _plain(list(space[key]))
+    for key in sorted(space):  # a space is a set of values per field: their order changes no configuration
+        spec[f"space.{key}"] = sorted(_plain(list(space[key])), key=lambda v: json.dumps(v, sort_keys=True))
+    for key, value in list(spec.items()):
+        local = _local_identity(key, value)
+        if local is not None:
+            spec[key], spec[f"{key}.digest"] = local
     return spec
+
+
+def _local_identity(key: str, value: Any) -> tuple[str, str] | None:
+    """A local file or folder named by an absolute path (model, tokenizer, data; ``tiny:PATH`` too) as its name
+    and a digest of its content, so that the same files elsewhere (another checkout, a job's working dir) are
+    the same sweep; ``None`` for anything else."""
+    if key not in ("model.name", "model.tokenizer", "data.source") or not isinstance(value, str):
+        return None
+    prefix = "tiny:" if value.startswith("tiny:") else ""
+    path = Path(value[len(prefix):])
+    if not path.is_absolute() or not path.exists():
+        return None
+    return prefix + path.name, content_digest(path)
+
+
+def content_digest(path: Path, edge: int = 1 << 20) -> str:
+    """A digest of a file, or of a folder's files (not recursing): names, sizes and their first and last
+    ``edge`` bytes each: cheap for model weights of many GB, and different for any other checkpoint."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(edge))
+            if size > 2 * edge:
+                fh.seek(size - edge)
+            h.update(fh.read(edge))
+    return h.hexdigest()
 
 
 def _space_of(spec: dict[str, Any]) -> dict[str, list]:
@@ -146,6 +180,7 @@ class Plan:
     record: SweepRecord
     todo: list[int]  # indices into record.rounds: unfinished rounds, then a new one
     message: str
+    changed: bool = False  # the record differs from the stored one (a grown specification): store it even with nothing to run
 
 
 def round_points(record: SweepRecord, index: int, sweep: SweepCfg) -> list[dict] | None:
@@ -226,4 +261,4 @@ def plan(stored: SweepRecord | None, spec: dict[str, Any], space: dict[str, list
     record = SweepRecord(stored.name, spec, rounds, stored.base)
     todo = unfinished + ([len(rounds) - 1] if new_round else [])
     return Plan(record, todo, f"growing the sweep in {where} by {added} configuration(s)" if added else
-                f"the grown search space adds no configuration to the sweep in {where}")
+                f"the grown search space adds no configuration to the sweep in {where}", changed=True)

@@ -36,6 +36,7 @@ LOCK_FILE = ".driver.lock"
 LEASE_FILE = "driver.json"
 LEASE_SECONDS = 60.0
 LEASE_SETTLE = 2.0
+RETRIES = 4  # PUTs to an object store, 1 + 2 + 4 s apart
 
 
 class StorageError(KvsweepError):
@@ -121,12 +122,23 @@ class SweepStore:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Replace the file atomically: readers see the old content or the new one (local: a rename;
-        object stores replace an object in one PUT). Raises ``OSError`` as the filesystem does."""
+        object stores replace an object in one PUT, retried ``RETRIES`` times over a few seconds).
+
+        Raises:
+            OSError: a local write failed (a full disk: ``is_storage_full``).
+            StorageError: an object store refused the PUT every time.
+        """
         final = self.path(name)
         if not self.local:
-            with self.fs.open_output_stream(final) as f:
-                f.write(data)
-            return
+            for attempt in range(RETRIES):
+                try:
+                    with self.fs.open_output_stream(final) as f:
+                        f.write(data)
+                    return
+                except OSError as e:
+                    if attempt == RETRIES - 1:
+                        raise StorageError(f"cannot write {join_uri(self.uri, name)}: {error_reason(e)}") from None
+                    time.sleep(2 ** attempt)
         self.fs.create_dir(self.root, recursive=True)
         tmp = self.path(f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
@@ -141,6 +153,11 @@ class SweepStore:
             raise
 
     def read_json(self, name: str) -> Any | None:
+        """The file's JSON; ``None`` when it does not exist.
+
+        Raises:
+            StorageError: it cannot be read, or is not JSON.
+        """
         data = self.read_bytes(name)
         if data is None:
             return None
@@ -223,6 +240,8 @@ class DriverLock:
         self.store, self.lease_seconds, self.settle, self.log = store, lease_seconds, settle, log
         self.use_lease = (not store.local) if use_lease is None else use_lease
         self.info = _holder()
+        self.on_lost: Callable[[str], None] = lambda why: self.log(f"kvsweep: warning: {why}")
+        self._renewed = 0.0
         self._fd: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -259,7 +278,9 @@ class DriverLock:
         return lease.get("host") == socket.gethostname() and not _alive(int(lease.get("pid", -1)), lease.get("pid_started"))
 
     def _write_lease(self) -> None:
-        self.store.write_json(LEASE_FILE, {**self.info, "expires_at": time.time() + self.lease_seconds})
+        now = time.time()
+        self.store.write_json(LEASE_FILE, {**self.info, "expires_at": now + self.lease_seconds})
+        self._renewed = now
 
     def _acquire_lease(self) -> None:
         try:
@@ -277,10 +298,19 @@ class DriverLock:
         self._thread.start()
 
     def _renew(self) -> None:
+        """Renew the lease every third of its time; if another driver holds it now (this one stalled past its
+        expiry), or it could not be renewed before it expired, tell ``on_lost`` (the driver stops the sweep)."""
         while not self._stop.wait(self.lease_seconds / 3):
             try:
+                lease = self.store.read_json(LEASE_FILE)
+                if lease is not None and lease.get("token") != self.info["token"]:
+                    self.on_lost(f"the sweep's lease was taken by {_describe(lease)} while this driver held it")
+                    return
                 self._write_lease()
             except Exception as e:  # the storage may be briefly unreachable; the lease lasts a while longer
+                if time.time() > self._renewed + self.lease_seconds:
+                    self.on_lost(f"the sweep's lease expired: it could not be renewed ({error_reason(e)})")
+                    return
                 self.log(f"kvsweep: warning: could not renew the sweep's lease: {error_reason(e)}")
 
     def __enter__(self) -> "DriverLock":

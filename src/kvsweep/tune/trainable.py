@@ -33,7 +33,7 @@ def resumed_report(checkpoint: Path) -> None:
     """
     metrics = saved_metrics(checkpoint)
     if metrics is not None:
-        tune.report(metrics)
+        tune.report({**metrics, "resumed": True})
 
 
 def trainable(config: dict, *, sweep: SweepCfg, samples: Samples, base_stats: PositionStats) -> None:

@@ -46,6 +46,12 @@ def _text(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def is_true(value) -> bool:
+    """``True`` for a reported flag that is set: a bool or numpy's; ``False`` for anything else (NaN where a
+    result lacks the key, as results read back from Tune's files have it)."""
+    return value is True or (type(value).__name__ == "bool_" and bool(value))
+
+
 def _status(rec: TrialRecord, max_epochs: int) -> tuple[str, str | None]:
     last = rec.results[-1] if rec.results else {}
     if _text(last.get("trial_error")):
@@ -54,7 +60,7 @@ def _status(rec: TrialRecord, max_epochs: int) -> tuple[str, str | None]:
         return "error", rec.error
     if not rec.finished:
         return "running", None
-    if last.get("early_stopped") is True:
+    if is_true(last.get("early_stopped")):
         return "early_stopped", None
     if last.get("epoch", 0) >= max_epochs:
         return "completed", None
@@ -86,7 +92,8 @@ def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: Positi
             e = r.get("epoch")
             if _text(r.get("trial_error")) or not isinstance(e, (int, float)) or e != e:
                 continue
-            by_epoch[int(e)] = r  # a restarted trial's repeated epoch counts once
+            if not (is_true(r.get("resumed")) and int(e) in by_epoch):
+                by_epoch[int(e)] = r  # a restarted trial's repeated epoch counts once
         history = [by_epoch[e] for e in sorted(by_epoch)]
         status, error = _status(rec, sweep.train.epochs)
         best = min(history, key=lambda m: m["val_ppl"]) if history else None
