@@ -156,14 +156,16 @@ def saved_epoch(folder: str | os.PathLike) -> int:
     return _read_state(Path(folder))["trial"]["epoch"]
 
 
-def saved_metrics(folder: str | os.PathLike) -> dict | None:
-    """The metrics the trial reported for the checkpoint's epoch (the last of its history); ``None`` before the first.
+def saved_progress(folder: str | os.PathLike) -> tuple[int, dict | None]:
+    """The checkpoint's epoch (as ``saved_epoch``) and the metrics the trial reported for it (the last of its
+    history; ``None`` before the first), from one read of ``state.json``.
 
     Raises:
         CheckpointError: the folder holds no checkpoint, a pickled one, or a damaged ``state.json``.
     """
-    history = _read_state(Path(folder))["trial"].get("history") or []
-    return dict(history[-1]) if history and isinstance(history[-1], dict) else None
+    trial = _read_state(Path(folder))["trial"]
+    history = trial.get("history") or []
+    return trial["epoch"], (dict(history[-1]) if history and isinstance(history[-1], dict) else None)
 
 
 def load_checkpoint(folder: str | os.PathLike, adapters: Sequence[torch.nn.Module],

@@ -128,8 +128,12 @@ def scheduler_savings(rows: pa.Table | Iterable[Mapping[str, object]]) -> Schedu
     return SchedulerSavings(run=run, without_scheduler=run + saved, saved=saved)
 
 
+def with_schema_version(tbl: pa.Table) -> pa.Table:
+    """``tbl`` with ``kvsweep_schema`` (``SCHEMA_VERSION``) in its metadata, which readers check."""
+    return tbl.replace_schema_metadata({**(tbl.schema.metadata or {}), b"kvsweep_schema": SCHEMA_VERSION.encode()})
+
+
 def write_parquet(tbl: pa.Table, path: str | Path) -> None:
     """Write ``tbl`` with the schema version in its metadata, atomically."""
-    meta = {**(tbl.schema.metadata or {}), b"kvsweep_schema": SCHEMA_VERSION.encode()}
     with atomic_path(path) as tmp:
-        pq.write_table(tbl.replace_schema_metadata(meta), tmp)
+        pq.write_table(with_schema_version(tbl), tmp)

@@ -37,7 +37,7 @@ from .guard import StorageGuard
 from .local import start_local_ray
 from .packed import CLIENT_CPUS, packed_trainable, start_servers
 from .scheduler import DurableASHA
-from .space import absolute_paths, model_dims, validate_space
+from .space import absolute_paths, validate_space
 from .spec import SWEEP_FILE, Plan, SpecificationError, SweepRecord, data_digest, plan, round_points, specification
 from .store import StorageFullError, SweepBusyError, SweepStore, is_storage_full, join_uri
 from .summary import summarize, throughput
@@ -96,6 +96,10 @@ def _stored_record(store: SweepStore) -> SweepRecord | None:
     return None
 
 
+def _store_record(store: SweepStore, record: SweepRecord) -> None:
+    store.write_bytes(SWEEP_FILE, record.to_json().encode())
+
+
 def run_sweep(sweep: SweepCfg, space: dict[str, list], *, grow: bool = False, log: Callable[[str], None] = print,
               callbacks: list | None = None) -> SweepOutcome:
     """Run, continue or (``grow``) grow a sweep; return where its results are and the gathered tables.
@@ -132,11 +136,12 @@ def _run(sweep: SweepCfg, space: dict, store: SweepStore, guard: StorageGuard, s
     record = the_plan.record
     log(f"sweep {sweep.name}: {the_plan.message}")
     base_stats = record.base_stats()
+    by_round = {r.tune: load_records(store, r.tune) for r in record.rounds}  # read once; a round run here is replaced
     this_run: list[TrialRecord] = []
     pack_stats: list[dict] = []
     fit_seconds, since, interrupted = 0.0, 0.0, False
     if not the_plan.todo and base_stats is not None and the_plan.changed:
-        store.write_bytes(SWEEP_FILE, record.to_json().encode())  # a grown specification with nothing new to run
+        _store_record(store, record)  # a grown specification with nothing new to run
     if the_plan.todo or base_stats is None:
         started_ray = not ray.is_initialized()
         if started_ray:
@@ -153,18 +158,19 @@ def _run(sweep: SweepCfg, space: dict, store: SweepStore, guard: StorageGuard, s
                 record.set_base_stats(base_stats)
             log(f"base {sweep.model.name}: val PPL {base_stats.ppl:.4f} on {len(samples.val):,} samples "
                 f"({samples.info['source']}); {len(samples.train):,} train samples")
-            store.write_bytes(SWEEP_FILE, record.to_json().encode())
+            _store_record(store, record)
             _warn_scattered(sweep, store, log)
-            earlier = [rec for r in record.rounds for rec in load_records(store, r.tune)]
             guard.seed(store)
-            writer = ResultsWriter(sweep, base_stats, store, guard=guard, records=earlier, log=log)
+            writer = ResultsWriter(sweep, base_stats, store, guard=guard, records=[rec for rs in by_round.values() for rec in rs],
+                                   log=log)
             resources, max_concurrent, servers = _trainable(sweep, samples, base_stats, record, the_plan.todo, log)
             t_fit, since = time.perf_counter(), time.time()
             for index in the_plan.todo:
                 analysis = _fit_round(sweep, store, record, index, resources, max_concurrent, [writer, guard, *callbacks], log)
-                this_run += records_from(analysis)
+                by_round[record.rounds[index].tune] = ran = records_from(analysis)
+                this_run += ran
                 record.rounds[index].finished = guard.full is None and all(t.status == "TERMINATED" for t in analysis.trials)
-                store.write_bytes(SWEEP_FILE, record.to_json().encode())
+                _store_record(store, record)
                 if guard.full is not None:
                     break
                 if any(t.status not in ("TERMINATED", "ERROR") for t in analysis.trials):  # Ctrl+C: Tune stopped early
@@ -176,13 +182,13 @@ def _run(sweep: SweepCfg, space: dict, store: SweepStore, guard: StorageGuard, s
             if not is_storage_full(e):
                 raise
             guard.full = guard.full or f"a write to {store.uri} failed: {e}"
+            by_round.update({record.rounds[i].tune: load_records(store, record.rounds[i].tune) for i in the_plan.todo})
         finally:
             for s in servers:
                 ray.kill(s)
             if started_ray:
                 ray.shutdown()  # also lets the trials' last log lines arrive before the summary
-    records = [rec for r in record.rounds for rec in load_records(store, r.tune)]
-    tables = build_tables(records, sweep, base_stats)
+    tables = build_tables([rec for rs in by_round.values() for rec in rs], sweep, base_stats)
     try:
         write_tables(tables, store)
     except OSError as e:
@@ -192,11 +198,9 @@ def _run(sweep: SweepCfg, space: dict, store: SweepStore, guard: StorageGuard, s
     report = _write_report(sweep, store.uri, log) if guard.full is None else None
     summary = summarize(tables["trials"], store.uri, report, throughput(this_run, fit_seconds, pack_stats, since) if this_run else "")
     log(summary)
-    if guard.full is not None and guard.error is StorageFullError:
-        raise StorageFullError(f"{guard.full}. The sweep stopped; the results written so far are in {store.uri}. "
-                               "Free some space and run the same command to continue it")
     if guard.full is not None:
-        raise guard.error(f"{guard.full}. The sweep stopped; the results written so far are in {store.uri}")
+        hint = ". Free some space and run the same command to continue it" if guard.error is StorageFullError else ""
+        raise guard.error(f"{guard.full}. The sweep stopped; the results written so far are in {store.uri}{hint}")
     if interrupted:
         raise SweepInterrupted(f"the sweep was interrupted; the results so far are in {store.uri}: run the same command to continue it")
     return SweepOutcome(store.uri, join_uri(store.uri, record.rounds[-1].tune), tables, report, summary)

@@ -33,7 +33,6 @@ import torch
 from ray import tune
 from transformers.utils import logging as hf_logging
 
-from ..checkpoint import saved_epoch
 from ..config import SweepCfg
 from ..data import Samples
 from ..evaluate import PositionStats
@@ -268,8 +267,7 @@ def packed_trainable(config: dict, *, sweep: SweepCfg, servers: list) -> None:
             folder = Path(work) / "resume"
             checkpoint.to_directory(str(folder))
             files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-            epoch = saved_epoch(folder)
-            resumed_report(folder)
+            epoch = resumed_report(folder)
         restarted = checkpoint is not None
         previous: Path | None = None
         while True:

@@ -93,9 +93,6 @@ class SweepStore:
             full = " (the disk is full)" if is_storage_full(e) else ""
             raise StorageError(f"cannot write to --storage {self.storage_uri}{full}: {error_reason(e)}") from None
 
-    def exists(self, name: str) -> bool:
-        return self.fs.get_file_info(self.path(name)).type != pafs.FileType.NotFound
-
     def names(self, folder: str = "") -> list[str]:
         """What the sweep's folder (or its subfolder ``folder``) holds: names, not paths; empty when it does not exist."""
         try:

@@ -13,7 +13,7 @@ import torch
 from ray import tune
 from transformers.utils import logging as hf_logging
 
-from ..checkpoint import saved_epoch, saved_metrics
+from ..checkpoint import saved_progress
 from ..config import SweepCfg
 from ..data import Samples
 from ..evaluate import PositionStats
@@ -24,16 +24,17 @@ from .space import trial_cfg
 _BASES: dict = {}  # a reused worker keeps its base
 
 
-def resumed_report(checkpoint: Path) -> None:
-    """Report the checkpoint's epoch again before a resumed trial trains on.
+def resumed_report(checkpoint: Path) -> int:
+    """Report the checkpoint's epoch again before a resumed trial trains on; return that epoch.
 
     A driver killed after a trial's checkpoint but before Tune saved the trial's result would otherwise lose that
     result, and with it the scheduler's decision on it: the scheduler sees the epoch again (a trial it had stopped is
     stopped here, before it trains) and the result tables count each epoch once.
     """
-    metrics = saved_metrics(checkpoint)
+    epoch, metrics = saved_progress(checkpoint)
     if metrics is not None:
         tune.report({**metrics, "resumed": True})
+    return epoch
 
 
 def trainable(config: dict, *, sweep: SweepCfg, samples: Samples, base_stats: PositionStats) -> None:
@@ -54,8 +55,7 @@ def trainable(config: dict, *, sweep: SweepCfg, samples: Samples, base_stats: Po
         if checkpoint is not None:
             resume_from = Path(work) / "resume"
             checkpoint.to_directory(str(resume_from))
-            last_epoch["n"] = saved_epoch(resume_from)
-            resumed_report(resume_from)
+            last_epoch["n"] = resumed_report(resume_from)
 
         def report(metrics: dict, ckpt_dir: Path | None) -> None:
             first_step_at = metrics.pop("first_step_at", None)

@@ -22,14 +22,11 @@ from ray.tune import ExperimentAnalysis
 
 from ..config import SweepCfg, position_buckets
 from ..evaluate import PositionStats
-from ..results import EPOCH_SCHEMA, POSITION_SCHEMA, SCHEMA_VERSION, TRIAL_SCHEMA, table
+from ..results import EPOCH_SCHEMA, POSITION_SCHEMA, TRIAL_SCHEMA, table, with_schema_version
 from ..train import bucket_key, epoch_rows, git_revision
 from .guard import StorageGuard, error_text
 from .space import trial_cfg, variant_name
 from .store import SweepStore, is_storage_full
-
-TABLES = ("trials", "epochs", "positions")
-
 
 @dataclass
 class TrialRecord:
@@ -137,9 +134,8 @@ def _config_json(cfg) -> str:
 
 def parquet_bytes(tbl: pa.Table) -> bytes:
     """``tbl`` as a Parquet file, with the schema version in its metadata."""
-    tbl = tbl.replace_schema_metadata({**(tbl.schema.metadata or {}), b"kvsweep_schema": SCHEMA_VERSION.encode()})
     sink = pa.BufferOutputStream()
-    pq.write_table(tbl, sink)
+    pq.write_table(with_schema_version(tbl), sink)
     return sink.getvalue().to_pybytes()
 
 
