@@ -76,7 +76,7 @@ def test_selection_is_deterministic_and_seeded(text_file, small_tokenizer):
 def test_train_and_val_come_from_different_splits(small_tokenizer):
     cfg = DataCfg(source="tiny", seq_len=32, train_samples=50, val_samples=20)
     s = load_samples(cfg, small_tokenizer, log=lambda m: None)
-    from kvsweep.tiny import tiny_corpus
+    from kvsweep.corpus import tiny_corpus
 
     corpus = tiny_corpus()
     val_windows = to_windows(tokenize_stream(corpus["validation"], small_tokenizer), 32)
@@ -87,7 +87,7 @@ def test_train_and_val_come_from_different_splits(small_tokenizer):
 
 
 def test_tiny_corpus_splits_hold_disjoint_documents():
-    from kvsweep.tiny import tiny_corpus
+    from kvsweep.corpus import tiny_corpus
 
     c = tiny_corpus()
     assert c["train"] and c["validation"]

@@ -9,6 +9,7 @@ import torch
 
 from kvsweep import tiny as ktiny
 from kvsweep.config import DataCfg
+from kvsweep.corpus import tiny_corpus
 from kvsweep.data import load_samples, tokenize_stream
 from kvsweep.evaluate import evaluate, unigram_ppl
 
@@ -26,7 +27,7 @@ def test_tiny_builds_and_beats_the_unigram_bound(tiny_folder):
     tok = AutoTokenizer.from_pretrained(str(tiny_folder))
     s = load_samples(DataCfg(source="tiny", seq_len=128), tok, log=lambda m: None)
     ppl = evaluate(model, s.val).ppl
-    train_stream = tokenize_stream(ktiny.tiny_corpus()["train"], tok)
+    train_stream = tokenize_stream(tiny_corpus()["train"], tok)
     uni = unigram_ppl(train_stream, s.val[:, 1:], model.config.vocab_size)
     assert ppl == pytest.approx(meta["heldout_ppl"], rel=1e-4)
     assert uni == pytest.approx(meta["unigram_ppl"], rel=1e-9)
@@ -54,7 +55,7 @@ def test_second_use_loads_from_the_cache(tiny_folder, monkeypatch):
 
 def test_build_is_deterministic(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(ktiny.tiny_corpus()["train"][:12]))
+    corpus.write_text("".join(tiny_corpus()["train"][:12]))
     monkeypatch.setattr(ktiny, "RECIPE", {**ktiny.RECIPE, "epochs": 1, "vocab_size": 512})
     monkeypatch.setattr(ktiny, "MIN_GAIN_OVER_UNIGRAM", 0.0)  # one epoch is a determinism check, not a model
     a = ktiny.build_tiny(tmp_path / "a", str(corpus), log=lambda m: None)
@@ -73,7 +74,7 @@ def test_user_corpus_has_a_held_out_tail(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"line {i}\n" for i in range(100)))
     text = corpus.read_text()
-    parts = ktiny.tiny_corpus(str(corpus))
+    parts = tiny_corpus(str(corpus))
     train, val = parts["train"][0], parts["validation"][0]
     assert train + val == text and train.endswith("\n") and val.startswith("line ")
     assert 0.05 < len(val) / len(text) <= 0.1

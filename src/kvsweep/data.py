@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from .atomic import atomic_path
 from .config import ConfigError, DataCfg, KvsweepError, error_reason, MissingFileError, cache_dir
+from .corpus import tiny_corpus
 from .hub import HUB_PROBE_SECONDS, hub_endpoint, hub_reachable
 
 CACHE_FORMAT = 1
@@ -116,8 +117,6 @@ def load_documents(source: DataSource, split: str | None, text_field: str = "tex
             ``text_field``, or a hub dataset cannot be loaded.
     """
     if source.kind == "tiny":
-        from .tiny import tiny_corpus
-
         return list(tiny_corpus(source.ref or None)[split])
     encoding = source.encoding or "utf-8"
     if source.kind == "text":
@@ -208,8 +207,6 @@ def source_fingerprint(source: DataSource, split: str | None, text_field: str) -
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     elif source.kind == "tiny":
-        from .tiny import tiny_corpus
-
         for doc in tiny_corpus(source.ref or None)[split]:
             h.update(doc.encode())
             h.update(b"\0")

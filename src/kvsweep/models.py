@@ -1,9 +1,9 @@
 """The frozen base model: loading, freezing, and every GPT-NeoX-specific path.
 
 A base is any GPT-NeoX causal LM: a Pythia checkpoint from the hub (with ``revision``), a local folder
-saved with ``save_pretrained``, the offline ``tiny`` preset, or a Pythia architecture built with
-random weights (``random_init``) for structural checks and timing without a download. Nothing outside
-this module reaches into the model's internals.
+saved with ``save_pretrained``, the offline ``tiny`` preset (``kvsweep.tiny`` builds it on first use),
+or a Pythia architecture (``kvsweep.archs``) built with random weights (``random_init``) for structural
+checks and timing without a download. Nothing outside this module reaches into the model's internals.
 
 Hub models are loaded after a quick probe of the hub (``kvsweep.hub``): when it does not answer, they come
 from the local hub cache alone, or fail at once, instead of after half a minute of retries.
@@ -20,21 +20,11 @@ from typing import Callable, TypeVar
 import torch
 from transformers import AutoConfig, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
+from .archs import PYTHIA_ARCHS, neox_config, pythia_config  # noqa: F401  (neox_config: part of this module's API)
 from .config import ConfigError, KvsweepError, MissingFileError, ModelCfg, error_reason
 from .hub import HUB_PROBE_SECONDS, hub_endpoint, hub_offline, hub_reachable
+from .tiny import ensure_tiny, tiny_config
 
-# (layers, hidden, heads, intermediate, vocab) of the released Pythia models; all share rotary on 25% of
-# each head (base 10,000), parallel residual, untied embeddings, 2,048 positions and GELU.
-PYTHIA_ARCHS: dict[str, tuple[int, int, int, int, int]] = {
-    "70m": (6, 512, 8, 2048, 50304),
-    "160m": (12, 768, 12, 3072, 50304),
-    "410m": (24, 1024, 16, 4096, 50304),
-    "1b": (16, 2048, 8, 8192, 50304),
-    "1.4b": (24, 2048, 16, 8192, 50304),
-    "2.8b": (32, 2560, 32, 10240, 50304),
-    "6.9b": (32, 4096, 32, 16384, 50432),
-    "12b": (36, 5120, 40, 20480, 50688),
-}
 _PYTHIA_NAME = re.compile(r"(?:EleutherAI/)?pythia-(?P<size>[0-9.]+[mb])(?P<deduped>-deduped)?", re.IGNORECASE)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,35 +33,6 @@ _Loaded = TypeVar("_Loaded")
 
 class HubUnavailableError(KvsweepError):
     """The Hugging Face hub could not give a model, tokenizer or dataset."""
-
-
-def pythia_config(size: str) -> GPTNeoXConfig:
-    """The ``GPTNeoXConfig`` of a released Pythia size (``"70m"`` ... ``"12b"``), built without a download."""
-    if size not in PYTHIA_ARCHS:
-        raise ConfigError(f"model: unknown Pythia size {size!r}; valid sizes: {', '.join(PYTHIA_ARCHS)}")
-    layers, hidden, heads, inter, vocab = PYTHIA_ARCHS[size]
-    return neox_config(layers=layers, hidden=hidden, heads=heads, intermediate=inter, vocab=vocab, positions=2048)
-
-
-def neox_config(*, layers: int, hidden: int, heads: int, intermediate: int, vocab: int, positions: int) -> GPTNeoXConfig:
-    """A GPT-NeoX config of Pythia's family: partial rotary 0.25, parallel residual, untied embeddings."""
-    return GPTNeoXConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=intermediate,
-        hidden_act="gelu",
-        max_position_embeddings=positions,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
-        layer_norm_eps=1e-5,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
 
 
 @dataclass(frozen=True)
@@ -127,8 +88,6 @@ def resolve_model(cfg: ModelCfg) -> ModelSource:
 def model_config(source: ModelSource) -> GPTNeoXConfig:
     """The base's config, read without loading weights (a small hub request for hub models)."""
     if source.kind == "tiny":
-        from .tiny import tiny_config
-
         return tiny_config()
     if source.kind == "pythia-random":
         return pythia_config(source.ref)
@@ -245,8 +204,6 @@ def load_base(cfg: ModelCfg, *, log: Callable[[str], None] = print) -> Base:
     model_path: str | None
     tokenizer: PreTrainedTokenizerFast | None = None
     if source.kind == "tiny":
-        from .tiny import ensure_tiny
-
         folder = ensure_tiny(source.ref or None, log=log)
         model = GPTNeoXForCausalLM.from_pretrained(str(folder), dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))

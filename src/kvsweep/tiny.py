@@ -1,7 +1,7 @@
 """The offline ``tiny`` preset: a small GPT-NeoX of Pythia's family, pretrained by kvsweep itself.
 
-Its corpus is the documentation that ships with Python's standard library (``pydoc_data.topics``, one
-document per topic) or a text file the user names (``tiny:PATH``). The corpus has a fixed train /
+Its corpus (``kvsweep.corpus``) is the documentation that ships with Python's standard library
+(``pydoc_data.topics``, one document per topic) or a text file the user names (``tiny:PATH``). The corpus has a fixed train /
 validation split; the byte-level BPE tokenizer and the model see only the train split, so the
 validation split is held out for the model and for every evaluation of it (``--data tiny``).
 
@@ -16,15 +16,18 @@ import hashlib
 import json
 import math
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from .archs import neox_config
 from .atomic import atomic_path
 from .config import KvsweepError, cache_dir
+from .corpus import tiny_corpus
+from .data import to_windows, tokenize_stream
+from .evaluate import evaluate, unigram_ppl
 
 TINY_TOKENS = ("<|endoftext|>", "<|padding|>")  # ids 0 and 1, as in Pythia's tokenizer
 RECIPE = {
@@ -47,51 +50,9 @@ MIN_GAIN_OVER_UNIGRAM = 3.0
 
 def tiny_config():
     """The tiny model's ``GPTNeoXConfig``: 4 layers, width 128, 4 heads of 32, Pythia's family."""
-    from .models import neox_config
-
     r = RECIPE
     return neox_config(layers=r["layers"], hidden=r["hidden"], heads=r["heads"], intermediate=r["intermediate"],
                        vocab=r["vocab_size"], positions=r["positions"])
-
-
-@lru_cache(maxsize=4)
-def tiny_corpus(path: str | None = None) -> dict[str, tuple[str, ...]]:
-    """``{"train": [...], "validation": [...]}`` documents of the tiny corpus.
-
-    Built-in: the standard library's documentation topics, one document each; about a tenth of the
-    characters, whole topics picked by a fixed hash of their names, is validation. A user's text file: its lines, cut at a line boundary so that the last
-    tenth of the characters is validation; each part is one document.
-    """
-    if path:
-        text = Path(path).read_text(encoding="utf-8")
-        lines = text.splitlines(keepends=True)
-        if len(lines) < 2:
-            raise KvsweepError(f"tiny corpus {path} needs at least two lines (train and validation text)")
-        cut, seen, target = len(lines) - 1, 0, 0.9 * len(text)
-        for i, line in enumerate(lines):
-            seen += len(line)
-            if seen >= target:
-                cut = min(max(i + 1, 1), len(lines) - 1)
-                break
-        return {"train": ("".join(lines[:cut]),), "validation": ("".join(lines[cut:]),)}
-    try:
-        from pydoc_data.topics import topics
-    except ImportError as e:  # some distributions split pydoc_data off the standard library
-        raise KvsweepError("the tiny corpus needs pydoc_data (part of CPython's standard library); "
-                           "install your distribution's full Python, or use tiny:PATH with a text file") from e
-    # Topics in a fixed pseudo-random order (by the SHA-256 of their names); the first ones, up to a
-    # tenth of the characters, are validation.
-    names = sorted(topics, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
-    total, held, val = sum(len(t) for t in topics.values()), 0, set()
-    for n in names:
-        if held >= 0.1 * total:
-            break
-        val.add(n)
-        held += len(topics[n])
-    return {
-        "train": tuple(topics[n] for n in sorted(topics) if n not in val),
-        "validation": tuple(topics[n] for n in sorted(topics) if n in val),
-    }
 
 
 def tiny_dir(corpus_path: str | None = None) -> Path:
@@ -144,9 +105,6 @@ def train_tokenizer(documents, vocab_size: int):
 def build_tiny(out: Path, corpus_path: str | None = None, *, log: Callable[[str], None] = print) -> dict:
     """Train the tokenizer and pretrain the model on the corpus's train split; save both into ``out``."""
     from transformers import GPTNeoXForCausalLM
-
-    from .data import to_windows, tokenize_stream
-    from .evaluate import evaluate, unigram_ppl
 
     r = RECIPE
     t0 = time.perf_counter()
