@@ -24,7 +24,7 @@ def main() -> None:
     p.add_argument("--storage", default=None)
     a = p.parse_args()
     storage = a.storage or tempfile.mkdtemp(prefix="kvsweep-asha-")
-    space = {"rank": [16, 32, 64], "init": ["random", "pca"], "schedule": ["lm", "rec_to_lm"], "lr": [1e-3]}
+    space = {"vdproj.rank": [16, 32, 64], "vdproj.init": ["random", "pca"], "schedule": ["lm", "rec_to_lm"], "lr": [1e-3]}
     runs = {}
     for mode, asha in (("asha", True), ("full", False)):
         sweep = SweepCfg(name=f"bench-{mode}", storage=storage, report_dir=None, asha=asha, grace_period=1, reduction_factor=2,
@@ -44,8 +44,8 @@ def main() -> None:
         print(f"| {mode:>5} | {epochs:>6} | {secs:>13.1f} | {wall:>7.1f} | {statuses}")
     print(f"ASHA / full: epochs {stats['asha'][0] / stats['full'][0]:.2f}, trial-seconds {stats['asha'][1] / stats['full'][1]:.2f}")
     print(f"\n| {'rank':>4} | {'best PPL, ASHA':>14} | {'best PPL, full':>14} | agree")
-    for rank in space["rank"]:
-        best = {m: min((r for r in rows if r["rank"] == rank), key=lambda r: r["best_val_ppl"]) for m, (rows, _) in runs.items()}
+    for rank in space["vdproj.rank"]:
+        best = {m: min((r for r in rows if r["vdproj.rank"] == rank), key=lambda r: r["best_val_ppl"]) for m, (rows, _) in runs.items()}
         same = best["asha"]["variant"] == best["full"]["variant"]
         close = abs(best["asha"]["best_val_ppl"] - best["full"]["best_val_ppl"]) / best["full"]["best_val_ppl"] < 0.005
         print(f"| {rank:>4} | {best['asha']['best_val_ppl']:>14.4f} | {best['full']['best_val_ppl']:>14.4f} | "

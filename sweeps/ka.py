@@ -13,7 +13,7 @@ from kvsweep.sweepargs import sweep_main
 def search_space(dims, smoke: bool, seed_list: list[int]) -> dict:
     variants = ["ka_residual", "ka_gated"] if smoke else ["ka_replace", "ka_residual", "ka_gated"]
     where = ["last"] if smoke else ["last", *[str(i) for i in range(dims.layers - 1)]]
-    return {"ka": variants, "ka_layers": where, "schedule": ["lm"], "seed": seed_list}
+    return {"ka": variants, "ka.layers": where, "schedule": ["lm"], "seed": seed_list}
 
 
 if __name__ == "__main__":

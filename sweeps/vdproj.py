@@ -13,13 +13,13 @@ from kvsweep.sweepargs import sweep_main
 def search_space(dims, smoke: bool, seed_list: list[int]) -> dict:
     hidden = dims.hidden
     if smoke:
-        return {"rank": [hidden // 4, hidden // 2], "init": ["random", "pca"], "schedule": ["rec_to_lm"], "seed": seed_list}
+        return {"vdproj.rank": [hidden // 4, hidden // 2], "vdproj.init": ["random", "pca"], "schedule": ["rec_to_lm"], "seed": seed_list}
     step = max(1, hidden // 8)  # Pythia-70M: 64, 128, ..., 512
     return {
-        "rank": list(range(step, hidden + 1, step)),
+        "vdproj.rank": list(range(step, hidden + 1, step)),
         "schedule": ["lm", "rec_to_lm", "rec_to_lm_cosine", "rec_to_lm_step"],
         "kl_weight": [0.0, 1.0],
-        "init": ["random", "pca"],
+        "vdproj.init": ["random", "pca"],
         "ka": ["none", "ka_residual", "ka_gated", "ka_replace"],
         "seed": seed_list,
     }

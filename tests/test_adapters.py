@@ -34,9 +34,6 @@ from .conftest import neox_model
 
 HIDDEN, LAYERS, HEADS, VOCAB = 64, 3, 4, 320
 
-# Options that make an adapter valid on the test models; an adapter not listed is built from its defaults.
-TEST_OPTIONS: dict[str, dict] = {"vdproj": {"rank": 8}}
-
 NAMES = sorted(ADAPTERS)
 KA_NAMES = sorted(n for n, cls in ADAPTERS.items() if cls.family == "ka")
 
@@ -49,7 +46,9 @@ def model_(layers: int = LAYERS, seed: int = 0) -> GPTNeoXForCausalLM:
 
 
 def spec(name: str, **options) -> AdapterSpec:
-    return AdapterSpec.parse(name, **{**TEST_OPTIONS.get(name, {}), **options})
+    """The method with its ``example_options`` on the test models (a valid setting every method declares)."""
+    d = dims(model_().config)
+    return AdapterSpec.parse(name, **{**ADAPTERS[name].example_options(d), **options})
 
 
 def build(model, name: str, **options) -> Adapter:
@@ -237,6 +236,47 @@ def test_layer_index_out_of_range_is_rejected(name):
 def test_malformed_layers_are_rejected(name, bad):
     with pytest.raises(ConfigError, match="layers"):
         spec(name, layers=bad)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_op_setting_reproduces_the_base(name):
+    model, ids = model_(), input_ids()
+    noop = ADAPTERS[name].noop_options(dims(model.config))
+    if noop is None:
+        pytest.skip(f"{name} declares no no-op setting")
+    ref = logits(model, ids)
+    adapter = make_adapter(AdapterSpec.parse(name, **noop), dims(model.config))
+    with attached(model, [adapter]):
+        out = logits(model, ids)
+    assert max_diff(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declared_layout_is_what_the_latent_cache_holds(name):
+    from kvsweep.latent import measure_bytes
+
+    model = model_()
+    d = dims(model.config)
+    adapter = build(model, name)
+    declared = adapter.kv_layout(base_layout(d.layers, d.hidden))
+    for dtype in ("float16", "float32"):
+        got = measure_bytes(model, [adapter], dtype)  # raises CacheMismatchError where the tensors differ
+        assert got["measured_bytes_per_token"] == bytes_per_token(declared, dtype)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_option_has_a_flag_a_space_key_and_a_column(name):
+    from kvsweep.adapters.options import option_columns, option_fields, space_keys
+    from kvsweep.cli import build_parser
+
+    cls = ADAPTERS[name]
+    flags = build_parser()._subparsers._group_actions[0].choices["train"]._option_string_actions
+    columns = dict(option_columns())
+    for f in option_fields(cls):
+        assert f"--{name}.{f.name.replace('_', '-')}" in flags
+        assert f"{name}.{f.name}" in space_keys()
+        assert f"{name}.{f.name}" in columns
+    assert cls.family in space_keys()
 
 
 # ----------------------------------------------------------------------------- no-op settings and KA variants

@@ -19,13 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-# A cycle being removed elsewhere: it may exist (and must not grow) until then.
-KNOWN_CYCLE = frozenset({"kvsweep.cli", "kvsweep.latent.cli"})
-KNOWN_CYCLE_REASON = "cli <-> latent.cli: shared CLI arguments move to one module"
 
 
 def module_name(path: Path, root: Path = SRC) -> str:
@@ -88,10 +82,6 @@ def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     return out
 
 
-def without_known_cycle(graph: dict[str, set[str]]) -> dict[str, set[str]]:
-    return {a: {b for b in targets if not {a, b} <= KNOWN_CYCLE} for a, targets in graph.items()}
-
-
 def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
     """The strongly connected components of more than one module (or a module importing itself): Tarjan's algorithm."""
     index: dict[str, int] = {}
@@ -152,18 +142,11 @@ def test_graph_sees_imports_inside_functions(tmp_path) -> None:
 
 def test_no_import_cycles() -> None:
     graph = import_graph()
-    unexpected = [describe(c, graph) for c in cycles(graph) if c != KNOWN_CYCLE]
-    assert not unexpected, "import cycles between modules (imports inside functions included):\n" + "\n".join(unexpected)
-    packages = package_graph(without_known_cycle(graph))
-    unexpected = [describe(c, packages) for c in cycles(packages)]
-    assert not unexpected, "import cycles between packages (imports inside functions included):\n" + "\n".join(unexpected)
-
-
-@pytest.mark.xfail(strict=True, reason=KNOWN_CYCLE_REASON)
-def test_no_import_cycles_at_all() -> None:
-    graph = import_graph()
-    assert not cycles(graph)
-    assert not cycles(package_graph(graph))
+    found = [describe(c, graph) for c in cycles(graph)]
+    assert not found, "import cycles between modules (imports inside functions included):\n" + "\n".join(found)
+    packages = package_graph(graph)
+    found = [describe(c, packages) for c in cycles(packages)]
+    assert not found, "import cycles between packages (imports inside functions included):\n" + "\n".join(found)
 
 
 def test_every_module_imports_alone() -> None:

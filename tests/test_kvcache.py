@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvsweep.kvcache import LayerKV, base_layout, bytes_per_token, layer_bytes, with_ka, with_vdproj
+from kvsweep.kvcache import CacheEntry, LayerKV, base_layout, bytes_per_token, layer_bytes, with_layers
 
 # Pythia-70M: 6 layers, hidden 512.
 L, D = 6, 512
@@ -14,57 +14,57 @@ ALL = tuple(range(L))
 def test_base_pythia_70m_is_12288_bytes_per_token():
     layout = base_layout(L, D)
     assert len(layout) == L
-    assert all(layer == LayerKV(k=D, v=D) for layer in layout)
+    assert all(layer == LayerKV.of(k=D, v=D) for layer in layout)
     assert bytes_per_token(layout) == 6 * (512 + 512) * 2 == 12_288
 
 
 def test_vdproj_r320_on_all_layers_is_9984():
-    layout = with_vdproj(base_layout(L, D), ALL, 320, "v")
-    assert all(layer == LayerKV(k=512, v=320) for layer in layout)
+    layout = with_layers(base_layout(L, D), ALL, v=320)
+    assert all(layer == LayerKV.of(k=512, v=320) for layer in layout)
     assert bytes_per_token(layout) == 6 * (512 + 320) * 2 == 9_984
 
 
 def test_vdproj_target_k_compresses_keys_only():
-    layout = with_vdproj(base_layout(L, D), ALL, 320, "k")
-    assert all(layer == LayerKV(k=320, v=512) for layer in layout)
+    layout = with_layers(base_layout(L, D), ALL, k=320)
+    assert all(layer == LayerKV.of(k=320, v=512) for layer in layout)
     assert bytes_per_token(layout) == 6 * (320 + 512) * 2
 
 
 def test_vdproj_target_kv_compresses_both():
-    layout = with_vdproj(base_layout(L, D), ALL, 320, "kv")
-    assert all(layer == LayerKV(k=320, v=320) for layer in layout)
+    layout = with_layers(base_layout(L, D), ALL, k=320, v=320)
+    assert all(layer == LayerKV.of(k=320, v=320) for layer in layout)
     assert bytes_per_token(layout) == 6 * (320 + 320) * 2 == 7_680
 
 
 def test_vdproj_on_a_subset_of_layers_leaves_the_others_alone():
-    layout = with_vdproj(base_layout(L, D), (0, 5), 128, "v")
-    assert [layer.v for layer in layout] == [128, 512, 512, 512, 512, 128]
-    assert [layer.k for layer in layout] == [512] * 6
+    layout = with_layers(base_layout(L, D), (0, 5), v=128)
+    assert [layer["v"].values for layer in layout] == [128, 512, 512, 512, 512, 128]
+    assert [layer["k"].values for layer in layout] == [512] * 6
     assert bytes_per_token(layout) == 12_288 - 2 * (512 - 128) * 2
 
 
 def test_with_ka_adds_k_and_v_prime_on_its_layers():
-    layout = with_ka(base_layout(L, D), (5,), D)
-    assert layout[5] == LayerKV(k=512, v=512, ka_k=512, ka_v=512)
-    assert all(layer == LayerKV(k=512, v=512) for layer in layout[:5])
+    layout = with_layers(base_layout(L, D), (5,), ka_k=D, ka_v=D)
+    assert layout[5] == LayerKV.of(k=512, v=512, ka_k=512, ka_v=512)
+    assert all(layer == LayerKV.of(k=512, v=512) for layer in layout[:5])
     assert bytes_per_token(layout) == 12_288 + 2 * 512 * 2 == 14_336
 
 
 def test_vdproj_and_ka_compose():
-    layout = with_ka(with_vdproj(base_layout(L, D), ALL, 320, "v"), (5,), D)
+    layout = with_layers(with_layers(base_layout(L, D), ALL, v=320), (5,), ka_k=D, ka_v=D)
     assert bytes_per_token(layout) == 9_984 + 2 * 512 * 2
 
 
 def test_layouts_are_not_modified_in_place():
     base = base_layout(L, D)
-    with_vdproj(base, ALL, 320, "kv")
-    with_ka(base, ALL, D)
+    with_layers(base, ALL, k=320, v=320)
+    with_layers(base, ALL, ka_k=D, ka_v=D)
     assert bytes_per_token(base) == 12_288
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_layer_bytes_sum_to_bytes_per_token(dtype):
-    layout = with_ka(with_vdproj(base_layout(L, D), (1, 2, 3), 200, "kv"), (4,), D)
+    layout = with_layers(with_layers(base_layout(L, D), (1, 2, 3), k=200, v=200), (4,), ka_k=D, ka_v=D)
     per_layer = layer_bytes(layout, dtype)
     assert len(per_layer) == L
     assert sum(per_layer) == bytes_per_token(layout, dtype)
@@ -75,7 +75,7 @@ def test_layer_bytes_sum_to_bytes_per_token(dtype):
 
 
 def test_float32_doubles_the_bytes():
-    layout = with_vdproj(base_layout(L, D), ALL, 320, "v")
+    layout = with_layers(base_layout(L, D), ALL, v=320)
     assert bytes_per_token(layout, "float32") == 2 * bytes_per_token(layout, "float16") == 19_968
     assert bytes_per_token(layout, "bfloat16") == bytes_per_token(layout, "float16")
 
@@ -91,3 +91,25 @@ def test_unknown_cache_dtype_raises(dtype):
         bytes_per_token(base_layout(L, D), dtype)
     with pytest.raises(ValueError, match="cache_dtype"):
         layer_bytes(base_layout(L, D), dtype)
+
+
+def test_an_entry_at_its_own_dtype_counts_its_own_bytes():
+    layout = with_layers(base_layout(L, D), (0,), v=CacheEntry(256, "uint8"), v_scale=CacheEntry(8, "float16"))
+    assert layer_bytes(layout, "float32")[0] == 512 * 4 + 256 * 1 + 8 * 2
+    assert layout[0].names == ("k", "v", "v_scale")
+
+
+def test_a_replaced_entry_keeps_its_place_and_a_new_one_is_appended():
+    layer = LayerKV.of(k=D, v=D).replaced(v=64, extra=3)
+    assert layer == LayerKV.of(k=D, v=64, extra=3) and layer.values == D + 67
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_an_entry_needs_a_whole_number_of_values(bad):
+    with pytest.raises(ValueError, match="whole number"):
+        CacheEntry(bad)
+
+
+def test_an_entry_dtype_must_be_known():
+    with pytest.raises(ValueError, match="dtype"):
+        CacheEntry(4, "float64")

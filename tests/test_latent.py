@@ -181,8 +181,18 @@ def test_decoding_never_rebuilds_v(model, monkeypatch):
         gen = generate(LatentDecoder(model, [vd], cache_dtype="float32", restore_prefill=restore), prompt, 6)
         assert len(calls) == expected, calls  # restored at most once per layer, in the prefill, never per token
         assert all(shape[1] == 12 for shape in calls)
-        assert all(set(layer) == {"k", "v_c"} for layer in gen.cache.describe())  # V itself is never cached
-        assert gen.cache.describe()[0]["v_c"] == [1, 12 + 6 - 1, 16]
+        assert all(set(layer) == {"k", "v"} for layer in gen.cache.describe())  # V itself is never cached: its code is
+        assert all(layer["v"] == [1, 12 + 6 - 1, 16] for layer in gen.cache.describe())
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_every_method_decodes_as_the_training_time_forward(model, name):
+    """Registry-wide: each method alone, with its example options and random weights, on the latent cache."""
+    (adapter,) = build(model, ((name, ADAPTERS[name].example_options(dims(model.config))),))
+    prompt = random_prompt(VOCAB, 2, 12, seed=5)
+    assert (reference_logits(model, [adapter], prompt, 12) - reference_logits(model, [], prompt, 12)).abs().max() > 1e-2
+    for fold, restore in MODES:
+        check_equivalence(model, [adapter], prompt, 6, fold=fold, restore_prefill=restore)
 
 
 def test_no_op_adapters_reproduce_the_base(model):

@@ -19,6 +19,7 @@ import pytest
 from matplotlib.collections import PathCollection
 from matplotlib.colors import to_rgba
 
+from kvsweep.cli import main as cli_main
 from kvsweep.config import KvsweepError
 from kvsweep.results import SCHEMA_VERSION
 from kvsweep.report import (NoResultsError, NotResultsError, ReportError, SchemaError, analyze, build_report,
@@ -31,7 +32,7 @@ from kvsweep.report.tables import (DASH, asha_table, curve_epochs, history_table
                                    position_table)
 from kvsweep.results import TRIAL_SCHEMA, SchedulerSavings, scheduler_savings, table, write_parquet
 
-from .test_report_helpers import (HAND_FRONT, HAND_TRIALS, buckets, curve, hand_results, trial,  # noqa: F401
+from .test_report_helpers import (HAND_FRONT, HAND_TRIALS, TRIALS, buckets, curve, hand_results, trial,  # noqa: F401
                                   write_results)
 
 
@@ -412,23 +413,23 @@ def _bad(tmp_path: Path, make) -> Path:
 
 def _no_metadata(src: Path) -> None:
     src.mkdir()
-    pq.write_table(table([trial("a", 1, 1.0)], TRIAL_SCHEMA), src / "trials.parquet")
+    pq.write_table(table([trial("a", 1, 1.0)], TRIALS), src / "trials.parquet")
 
 
 def _other_version(src: Path) -> None:
     src.mkdir()
-    tbl = table([trial("a", 1, 1.0)], TRIAL_SCHEMA)
+    tbl = table([trial("a", 1, 1.0)], TRIALS)
     pq.write_table(tbl.replace_schema_metadata({b"kvsweep_schema": b"0"}), src / "trials.parquet")
 
 
 def _missing_column(src: Path) -> None:
     src.mkdir()
-    write_parquet(table([trial("a", 1, 1.0)], TRIAL_SCHEMA).drop_columns(["kv_bytes_per_token"]), src / "trials.parquet")
+    write_parquet(table([trial("a", 1, 1.0)], TRIALS).drop_columns(["kv_bytes_per_token"]), src / "trials.parquet")
 
 
 def _wrong_type(src: Path) -> None:
     src.mkdir()
-    tbl = table([trial("a", 1, 1.0)], TRIAL_SCHEMA)
+    tbl = table([trial("a", 1, 1.0)], TRIALS)
     tbl = tbl.set_column(tbl.schema.get_field_index("best_val_ppl"), "best_val_ppl", pa.array(["sixty"]))
     write_parquet(tbl, src / "trials.parquet")
 
@@ -471,7 +472,7 @@ def _a_file(src: Path) -> None:
     (_other_files, NotResultsError, r"not a kvsweep results folder: it has no trials.parquet \(it holds README.md, data.csv\)"),
     (_not_parquet, NotResultsError, "trials.parquet is not kvsweep results: not a Parquet file"),
     (_no_metadata, NotResultsError, "metadata has no kvsweep_schema"),
-    (_other_version, SchemaError, f"schema version '0', but this kvsweep reads version '{SCHEMA_VERSION}'"),
+    (_other_version, SchemaError, f"schema version '0', but this kvsweep reads versions '2', '{SCHEMA_VERSION}'"),
     (_epochs_other_version, SchemaError, "epochs.parquet has results schema version '99'"),
     (_missing_column, SchemaError, "lacks column.* kv_bytes_per_token"),
     (_wrong_type, SchemaError, "column types differ"),
@@ -568,3 +569,40 @@ def test_synthetic_sweep_of_many_trials(tmp_path):
     assert np.all(np.diff(kv) >= 0) and np.all(np.diff(ppl) <= 0)
     assert all(r["status"] != "error" for r in rows)
     assert "5 trials have epochs but no result" in (out / "report.md").read_text()
+
+
+# The trials schema of results version 2 (b43f62f and before): V-DProj's options and the KA variant as fixed columns.
+V2_TRIALS = pa.schema([
+    ("trial_id", pa.string()), ("sweep", pa.string()), ("variant", pa.string()), ("adapters", pa.string()), ("rank", pa.int32()),
+    ("target", pa.string()), ("init", pa.string()), ("ka", pa.string()), ("schedule", pa.string()), ("seed", pa.int64()),
+    ("config", pa.string()), ("status", pa.string()), ("error", pa.string()), ("epochs_run", pa.int32()), ("max_epochs", pa.int32()),
+    ("best_epoch", pa.int32()), ("best_val_ppl", pa.float64()), ("base_val_ppl", pa.float64()), ("init_val_ppl", pa.float64()),
+    ("degradation_pct", pa.float64()), ("kv_bytes_per_token", pa.int64()), ("kv_bytes_per_token_accounted", pa.int64()),
+    ("kv_bytes_per_token_base", pa.int64()), ("kv_ratio", pa.float64()), ("trainable_params", pa.int64()), ("total_params", pa.int64()),
+    ("wall_seconds", pa.float64()), ("git_revision", pa.string()), ("finished_at", pa.string()),
+])
+
+
+def test_results_of_schema_version_2_still_make_a_report(tmp_path):
+    src = tmp_path / "old"
+    src.mkdir()
+    rows = []
+    for t in HAND_TRIALS:
+        r = {k: v for k, v in t.items() if k in V2_TRIALS.names}
+        r.update(rank=t["vdproj.rank"], target=t["vdproj.target"], init=t["vdproj.init"],
+                 ka="ka_gated" if t["variant"].startswith("ka_gated") else None)
+        rows.append(r)
+    tbl = pa.Table.from_pylist(rows, schema=V2_TRIALS).replace_schema_metadata({b"kvsweep_schema": b"2"})
+    pq.write_table(tbl, src / "trials.parquet")
+    out = tmp_path / "reports" / "old"
+    assert cli_main(["report", str(src), "-o", str(out)]) == 0
+    with open(out / "frontier.csv", newline="") as f:
+        front = list(csv.DictReader(f))
+    assert [r["trial_id"] for r in front] == HAND_FRONT
+    by_id = {r["trial_id"]: r for r in front}
+    for t in HAND_TRIALS:
+        if t["trial_id"] in by_id:
+            row = by_id[t["trial_id"]]
+            assert row["vdproj.rank"] == ("" if t["vdproj.rank"] is None else str(t["vdproj.rank"]))
+            assert row["family"] == ("ka" if t["vdproj.rank"] is None else "vdproj")
+    assert "vdproj rank=8 init=pca" in (out / "report.md").read_text()

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from kvsweep.results import EPOCH_SCHEMA, POSITION_SCHEMA, TRIAL_SCHEMA, table, write_parquet
+import pyarrow as pa
+
+from kvsweep.results import EPOCH_SCHEMA, POSITION_SCHEMA, table, trial_schema, write_parquet
 
 BASE_PPL = 50.0
+TRIALS = trial_schema([("vdproj.rank", pa.int64()), ("vdproj.target", pa.string()), ("vdproj.init", pa.string())])
 KV_BASE = 1000
 
 
@@ -18,8 +21,10 @@ def trial(trial_id: str, kv: int | None, ppl: float | None, *, variant: str = "v
           epochs_run: int = 20, max_epochs: int = 20, best_epoch: int | None = None, sweep: str = "hand",
           finished_at: str = "2025-11-20T10:00:00+00:00", error: str | None = None, rank: int | None = 8) -> dict:
     return {
-        "trial_id": trial_id, "sweep": sweep, "variant": variant, "adapters": variant.split(" / ")[0], "rank": rank,
-        "target": "v", "init": "pca", "ka": None, "schedule": "lm", "seed": 0,
+        "trial_id": trial_id, "sweep": sweep, "variant": variant, "adapters": variant.split(" / ")[0],
+        "family": variant.split(" / ")[0], "options": f"vdproj rank={rank} init=pca" if rank is not None else variant.split(" / ")[0],
+        "vdproj.rank": rank, "vdproj.target": "v" if rank is not None else None, "vdproj.init": "pca" if rank is not None else None,
+        "schedule": "lm", "seed": 0,
         "config": json.dumps({"trial": trial_id, "rank": rank, "lr": 1e-4}), "status": status, "error": error,
         "epochs_run": epochs_run, "max_epochs": max_epochs, "best_epoch": best_epoch if best_epoch is not None else epochs_run,
         "best_val_ppl": ppl, "base_val_ppl": BASE_PPL, "init_val_ppl": 2 * BASE_PPL,
@@ -51,7 +56,7 @@ def buckets(trial_id: str, ppl: float) -> list[dict]:
 
 def write_results(folder: Path, trials: list[dict], epochs: list[dict] | None = None, positions: list[dict] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    write_parquet(table(trials, TRIAL_SCHEMA), folder / "trials.parquet")
+    write_parquet(table(trials, TRIALS), folder / "trials.parquet")
     if epochs is not None:
         write_parquet(table(epochs, EPOCH_SCHEMA), folder / "epochs.parquet")
     if positions is not None:

@@ -96,7 +96,7 @@ def test_growing_a_sweep_runs_only_the_new_configurations(finished, tmp_path):
     for r in old["trials"]:  # and their rows are what they were
         assert by_id[r["trial_id"]] == r
     new = [r for r in t["trials"] if r["trial_id"] not in {o["trial_id"] for o in old["trials"]}]
-    assert sorted((r["rank"], r["init"], r["seed"]) for r in new) == [(32, "pca", 1), (32, "random", 1), (64, "pca", 1), (64, "random", 1)]
+    assert sorted((r["vdproj.rank"], r["vdproj.init"], r["seed"]) for r in new) == [(32, "pca", 1), (32, "random", 1), (64, "pca", 1), (64, "random", 1)]
     assert len(result_lines(folder / "tune-1")) == 4
     report = (tmp_path / "reports" / "vdproj-smoke" / "report.md").read_text()
     assert re.search(r"\| vdproj-smoke \| +8 \|", report)  # the report covers old and new trials

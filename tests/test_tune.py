@@ -33,9 +33,9 @@ def test_smoke_sweep_runs_and_a_second_run_continues_it(tiny_folder, tmp_path):
     folder = tmp_path / "vdproj-smoke"
     t = _tables(folder)
     _check_once(t, 4)
-    assert {r["rank"] for r in t["trials"]} == {32, 64} and {r["init"] for r in t["trials"]} == {"random", "pca"}
+    assert {r["vdproj.rank"] for r in t["trials"]} == {32, 64} and {r["vdproj.init"] for r in t["trials"]} == {"random", "pca"}
     for r in t["trials"]:
-        assert r["kv_bytes_per_token"] == 4 * (128 + r["rank"]) * 2 and r["kv_bytes_per_token_base"] == 4 * 256 * 2
+        assert r["kv_bytes_per_token"] == 4 * (128 + r["vdproj.rank"]) * 2 and r["kv_bytes_per_token_base"] == 4 * 256 * 2
         assert r["best_val_ppl"] > 0 and r["base_val_ppl"] > 0 and r["trainable_params"] > 0
     assert len({r["base_val_ppl"] for r in t["trials"]}) == 1  # evaluated once, on the driver
     assert len(t["positions"]) == 4 * 5

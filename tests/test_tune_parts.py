@@ -218,3 +218,21 @@ def test_metrics_export_is_asked_for_with_a_port():
     assert sweep_cfg(sweep_parser("x", "v").parse_args(["--smoke-test", "--metrics-port", "0"]), "v").metrics_port == 0
     with pytest.raises(ConfigError, match="metrics_port"):
         SweepCfg(metrics_port=70000)
+
+
+def test_a_methods_older_space_keys_are_the_same_fields_as_its_own():
+    from kvsweep.adapters.options import canonical_space
+    from kvsweep.config import ConfigError
+    from kvsweep.tune.spec import canonical_specification
+
+    sweep = _sweep()
+    new = {"vdproj.rank": [32, 64], "vdproj.init": ["random", "pca"], "seed": [0]}
+    assert canonical_space(SPACE) == new
+    assert canonical_space({"ka": ["ka_gated"], "ka_layers": ["last"]}) == {"ka": ["ka_gated"], "ka.layers": ["last"]}
+    stored = _stored(sweep, SPACE)  # a sweep.json written with the older keys
+    stored.specification = canonical_specification(stored.specification)
+    assert "space.vdproj.rank" in stored.specification and "space.rank" not in stored.specification
+    p = plan(stored, _spec(sweep, new), new, sweep, where="W")
+    assert p.todo == [] and "nothing to run" in p.message  # not refused: the same specification
+    with pytest.raises(ConfigError, match="given twice"):
+        canonical_space({"rank": [32], "vdproj.rank": [64]})

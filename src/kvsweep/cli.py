@@ -3,7 +3,8 @@
     kvsweep eval --model tiny --data tiny                 # baseline perplexity, overall and by position
     kvsweep eval --model EleutherAI/pythia-70m --revision step143000 --data wikitext-2 --out runs/base
     kvsweep eval --model pythia-70m --random-init --tokenizer tokenizer.json --data wiki.valid.raw   # the whole file
-    kvsweep train --model tiny --data tiny --adapter vdproj --rank 32 --out runs/r32  # --overwrite / --resume an earlier one
+    kvsweep train --model tiny --data tiny --vdproj.rank 32 --out runs/r32      # --overwrite / --resume an earlier one
+    kvsweep train --adapter ka_gated --ka_gated.layers 1 --vdproj.rank 32 --vdproj.init pca --out runs/both
     kvsweep tiny                                          # build (or show) the offline tiny preset
 """
 
@@ -13,52 +14,8 @@ import argparse
 import json
 import sys
 
-from .config import DTYPES, Count, DataCfg, EvalCfg, KvsweepError, ModelCfg, calibration_samples, default_train_samples, parse_bounds
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", help="preset (tiny, tiny:PATH, pythia-70m ... pythia-12b), hub id or local folder (default: tiny)")
-    g.add_argument("--revision", default=None, help="hub revision: branch, tag, commit or training step such as step143000")
-    g.add_argument("--random-init", action="store_true", help="build a Pythia architecture with random weights, no download")
-    g.add_argument("--tokenizer", default=None, help="a tokenizer.json or a folder, for a model that has none")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    g.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the frozen base (default: float32)")
-
-
-def add_data_args(p: argparse.ArgumentParser, *, train: bool) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="tiny", help="tiny, tiny:PATH, wikitext-2, wikitext-103, a hub dataset id, or a local .txt/.jsonl/.parquet file (default: tiny)")
-    g.add_argument("--data-config", default=None, help="hub dataset config name (e.g. wikitext-2-raw-v1)")
-    g.add_argument("--data-revision", default=None, help="hub dataset revision")
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--val-split", default="validation")
-    g.add_argument("--text-field", default="text", help="text column of JSON Lines, Parquet and hub rows (default: text)")
-    g.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default: 128)")
-    g.add_argument("--encoding", default="utf-8", help="encoding of a text or JSON Lines file, e.g. latin-1, cp1252 (default: utf-8)")
-    if train:
-        g.add_argument("--train-samples", default=None, help="number of train samples or 'all' (default: all on tiny, else "
-                       "10000; with --epochs 0 only what calibration uses)")
-        g.add_argument("--val-fraction", type=float, default=0.1, help="for a single file: the last fraction of its windows is validation (default: 0.1)")
-    else:
-        g.add_argument("--val-fraction", type=float, default=None, help="for a single file: evaluate only the last fraction of its "
-                       "windows, the validation range of a trial (default: the whole file)")
-    g.add_argument("--val-samples", default="all", help="number of validation samples or 'all' (default: all)")
-    g.add_argument("--data-seed", type=int, default=0, help="picks the samples when fewer than all are asked for (default: 0)")
-
-
-def model_cfg(a: argparse.Namespace) -> ModelCfg:
-    return ModelCfg(name=a.model, revision=a.revision, random_init=a.random_init, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype)
-
-
-def data_cfg(a: argparse.Namespace, train_samples: Count = 0) -> DataCfg:
-    """The data arguments as a ``DataCfg``; ``--val-fraction`` left out (``kvsweep eval``) is the whole file."""
-    return DataCfg(
-        source=a.data, config_name=a.data_config, revision=a.data_revision, train_split=a.train_split,
-        val_split=a.val_split, text_field=a.text_field, seq_len=a.seq_len, train_samples=train_samples,
-        val_samples=a.val_samples, val_fraction=1.0 if a.val_fraction is None else a.val_fraction, seed=a.data_seed,
-        encoding=a.encoding,
-    )
+from .args import add_adapter_args, add_data_args, add_model_args, adapter_specs, data_cfg, model_cfg
+from .config import EvalCfg, KvsweepError, calibration_samples, default_train_samples, parse_bounds
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -71,15 +28,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def add_trial_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("adapters")
-    g.add_argument("--adapter", action="append", default=[], help="vdproj, ka_residual, ka_replace or ka_gated; repeat to combine vdproj with one KA variant")
-    g.add_argument("--rank", type=int, default=None, help="vdproj: compressed width r (1..hidden size)")
-    g.add_argument("--layers", default=None, help="vdproj: 'all' (default) or comma-separated layer indices")
-    g.add_argument("--target", default="v", help="vdproj: v, k or kv (keys are compressed before the rotary embedding)")
-    g.add_argument("--init", default="random", help="vdproj: random, pca or identity")
-    g.add_argument("--no-bias", action="store_true", help="vdproj: down and up without bias")
-    g.add_argument("--calib-samples", type=int, default=64, help="vdproj init pca: train samples to measure V on")
-    g.add_argument("--ka-layers", default=None, help="KA variants: 'last' (default) or comma-separated layer indices")
+    add_adapter_args(p)
     g = p.add_argument_group("loss")
     g.add_argument("--schedule", default="lm", help="lm, rec_to_lm (the seed's), rec_to_lm_cosine, rec_to_lm_step, rec")
     g.add_argument("--kl-weight", type=float, default=0.0, help="constant weight of KL(base || adapted)")
@@ -95,23 +44,6 @@ def add_trial_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dtype", default="float16", help="dtype the KV cache is accounted at: float16, bfloat16, float32")
     g.add_argument("--amp", default="auto", help="auto (bf16 autocast on CUDA), bf16 or off")
     g.add_argument("--buckets", default=None, help="position bucket bounds (default: the seed's)")
-
-
-def adapter_specs(a: argparse.Namespace) -> tuple:
-    """The adapters named by ``--adapter`` (with their options), checked as a combination."""
-    from .adapters import AdapterSpec, check_combination
-
-    specs = []
-    for name in a.adapter:
-        if name == "vdproj":
-            if a.rank is None:
-                raise KvsweepError("vdproj needs --rank (the compressed width, 1..hidden size)")
-            specs.append(AdapterSpec.parse("vdproj", rank=a.rank, layers=a.layers, target=a.target, init=a.init,
-                                           bias=not a.no_bias, calib_samples=getattr(a, "calib_samples", 64)))
-        else:
-            specs.append(AdapterSpec.parse(name, layers=a.ka_layers))
-    check_combination(tuple(specs))
-    return tuple(specs)
 
 
 def trial_cfg(a: argparse.Namespace):

@@ -1,8 +1,11 @@
 """KV-cache accounting: what an inference cache holds per token, per layer and in total.
 
-Pure functions over cache layouts; no torch. The base caches K and V of width d (hidden size) on every
-layer. V-DProj caches its rank-r code instead of V (and of K for ``target`` k/kv) on its layers; a KA
-adapter adds its own K' and V' (d each) on its layers. Bytes are values times the cache dtype's size.
+Pure functions over cache layouts; no torch. A layout has one ``LayerKV`` per layer: the tensors that
+layer caches per token, by name, each with its values per token and its dtype (``None``: the cache's
+dtype). The base caches ``k`` and ``v`` of width d (hidden size) on every layer; a method's file
+declares how it changes that (``Adapter.kv_layout``), e.g. V-DProj caches its rank-r code as ``v``,
+a KA variant adds ``ka_k`` and ``ka_v``, a quantized cache holds packed integers (``uint8``) and
+their scales. Bytes are values times their dtype's size.
 
 Pythia-70M at fp16: base 6 x (512 + 512) x 2 = 12,288 bytes/token; V-DProj r=320 on all layers
 6 x (512 + 320) x 2 = 9,984.
@@ -10,53 +13,96 @@ Pythia-70M at fp16: base 6 x (512 + 512) x 2 = 12,288 bytes/token; V-DProj r=320
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+"""The dtypes a whole cache may be held at (``cache_dtype``)."""
+ENTRY_DTYPE_BYTES = {**DTYPE_BYTES, "uint8": 1, "int8": 1, "int16": 2, "int32": 4}
+"""The dtypes one cached tensor may have of its own (packed integers, metadata)."""
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One tensor a layer caches: ``values`` per token, at ``dtype`` (``None``: the cache's dtype)."""
+
+    values: int
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.values, bool) or not isinstance(self.values, int) or self.values < 0:
+            raise ValueError(f"a cache entry holds a whole number >= 0 of values per token; got {self.values!r}")
+        if self.dtype is not None and self.dtype not in ENTRY_DTYPE_BYTES:
+            raise ValueError(f"a cache entry's dtype must be one of {', '.join(ENTRY_DTYPE_BYTES)}; got {self.dtype!r}")
+
+    def bytes(self, cache_dtype: str) -> int:
+        """Bytes per token at ``cache_dtype`` (unless the entry has its own dtype)."""
+        return self.values * ENTRY_DTYPE_BYTES[self.dtype or cache_dtype]
 
 
 @dataclass(frozen=True)
 class LayerKV:
-    """Values cached per token by one layer: base K and V (possibly compressed) and KA's K' and V'."""
+    """The tensors one layer caches per token, by name, in the order they were declared."""
 
-    k: int
-    v: int
-    ka_k: int = 0
-    ka_v: int = 0
+    entries: tuple[tuple[str, CacheEntry], ...]
+
+    @classmethod
+    def of(cls, **entries: int | CacheEntry) -> "LayerKV":
+        """``LayerKV.of(k=512, v=320)``: entries by name, a number being values at the cache's dtype."""
+        return cls(tuple((name, e if isinstance(e, CacheEntry) else CacheEntry(e)) for name, e in entries.items()))
+
+    def __getitem__(self, name: str) -> CacheEntry:
+        for n, e in self.entries:
+            if n == name:
+                return e
+        raise KeyError(name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.entries)
+
+    def replaced(self, **entries: int | CacheEntry) -> "LayerKV":
+        """A copy with ``entries`` set: an existing name keeps its place, a new one is appended."""
+        new = {n: e if isinstance(e, CacheEntry) else CacheEntry(e) for n, e in entries.items()}
+        kept = tuple((n, new.pop(n, e)) for n, e in self.entries)
+        return LayerKV(kept + tuple(new.items()))
 
     @property
     def values(self) -> int:
-        return self.k + self.v + self.ka_k + self.ka_v
+        """Values per token over all entries (whatever their dtype)."""
+        return sum(e.values for _, e in self.entries)
+
+    def bytes(self, cache_dtype: str = "float16") -> int:
+        return sum(e.bytes(cache_dtype) for _, e in self.entries)
+
+    def __repr__(self) -> str:
+        return "LayerKV(" + ", ".join(f"{n}={e.values}" + (f":{e.dtype}" if e.dtype else "") for n, e in self.entries) + ")"
 
 
 Layout = tuple[LayerKV, ...]
 
 
 def base_layout(n_layers: int, hidden: int) -> Layout:
-    return tuple(LayerKV(k=hidden, v=hidden) for _ in range(n_layers))
+    """The base's cache: rotated keys ``k`` and values ``v``, ``hidden`` values each, on every layer."""
+    return tuple(LayerKV.of(k=hidden, v=hidden) for _ in range(n_layers))
 
 
-def with_vdproj(layout: Layout, layers: tuple[int, ...], rank: int, target: str) -> Layout:
-    """V-DProj on ``layers``: the rank-r code replaces V (``v``), K (``k``) or both (``kv``)."""
+def with_layers(layout: Layout, layers: tuple[int, ...], **entries: int | CacheEntry) -> Layout:
+    """``layout`` with ``entries`` set on ``layers`` (replacing entries of the same name, adding new ones)."""
     out = list(layout)
     for i in layers:
-        out[i] = replace(out[i], k=rank if "k" in target else out[i].k, v=rank if "v" in target else out[i].v)
+        out[i] = out[i].replaced(**entries)
     return tuple(out)
 
 
-def with_ka(layout: Layout, layers: tuple[int, ...], hidden: int) -> Layout:
-    """A KA attention on ``layers`` caches its K' and V' (``hidden`` each) beside the base's K and V."""
-    out = list(layout)
-    for i in layers:
-        out[i] = replace(out[i], ka_k=hidden, ka_v=hidden)
-    return tuple(out)
+def _check_dtype(cache_dtype: str) -> None:
+    if cache_dtype not in DTYPE_BYTES:
+        raise ValueError(f"cache_dtype must be one of {', '.join(DTYPE_BYTES)}; got {cache_dtype!r}")
 
 
 def layer_bytes(layout: Layout, cache_dtype: str = "float16") -> list[int]:
     """Bytes per token of each layer."""
-    if cache_dtype not in DTYPE_BYTES:
-        raise ValueError(f"cache_dtype must be one of {', '.join(DTYPE_BYTES)}; got {cache_dtype!r}")
-    return [layer.values * DTYPE_BYTES[cache_dtype] for layer in layout]
+    _check_dtype(cache_dtype)
+    return [layer.bytes(cache_dtype) for layer in layout]
 
 
 def bytes_per_token(layout: Layout, cache_dtype: str = "float16") -> int:

@@ -16,18 +16,20 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_path
 
-SCHEMA_VERSION = "2"
-"""Stored in each file's metadata as ``kvsweep_schema``; readers reject files of another version."""
+SCHEMA_VERSION = "3"
+"""Stored in each file's metadata as ``kvsweep_schema``. Readers take this version and, through
+``upgrade``, the older ones they know (``READABLE_VERSIONS``); any other is rejected."""
+READABLE_VERSIONS = ("2", SCHEMA_VERSION)
 
 TRIAL_SCHEMA = pa.schema([
     ("trial_id", pa.string()),
     ("sweep", pa.string()),
-    ("variant", pa.string()),  # adapters and schedule, e.g. "vdproj+ka_gated / rec_to_lm"; rank and seed are separate
-    ("adapters", pa.string()),  # "vdproj", "vdproj+ka_gated", "ka_residual", or "base"
-    ("rank", pa.int32()),  # V-DProj rank; null without vdproj
-    ("target", pa.string()),
-    ("init", pa.string()),
-    ("ka", pa.string()),  # the KA variant; null without one
+    ("variant", pa.string()),  # the methods' report labels and the schedule, e.g. "vdproj[v,pca]+ka_gated / rec_to_lm"
+    ("adapters", pa.string()),  # the methods by name, e.g. "vdproj+ka_gated", or "base"
+    ("family", pa.string()),  # their families, e.g. "vdproj+ka", or "base"
+    ("options", pa.string()),  # the methods with the options that differ from their defaults: "vdproj rank=64 init=pca + ka_gated"
+    # then one column "<method>.<option>" per option of every registered method (null where the trial does not
+    # use the method), e.g. "vdproj.rank"; see ``trial_schema``
     ("schedule", pa.string()),
     ("seed", pa.int64()),
     ("config", pa.string()),  # the full trial config as JSON
@@ -51,6 +53,54 @@ TRIAL_SCHEMA = pa.schema([
     ("finished_at", pa.string()),  # ISO 8601, UTC
 ])
 TRIAL_STATUSES = ("completed", "early_stopped", "asha_stopped", "error")
+
+
+def trial_schema(option_columns: list[tuple[str, pa.DataType]]) -> pa.Schema:
+    """``TRIAL_SCHEMA`` with the methods' option columns (``kvsweep.adapters.options.option_columns``) after ``options``."""
+    at = TRIAL_SCHEMA.get_field_index("options") + 1
+    fields = list(TRIAL_SCHEMA)
+    return pa.schema(fields[:at] + [pa.field(n, t) for n, t in option_columns] + fields[at:])
+
+
+def option_column_names(tbl: pa.Table | pa.Schema) -> list[str]:
+    """The method option columns of a trials table: ``<method>.<option>``."""
+    return [n for n in tbl.names if "." in n]
+
+
+_V2_OPTIONS = {"rank": ("vdproj.rank", pa.int64()), "target": ("vdproj.target", pa.string()), "init": ("vdproj.init", pa.string())}
+
+
+def upgrade(name: str, tbl: pa.Table, version: str) -> pa.Table:
+    """A table of schema ``version`` (one of ``READABLE_VERSIONS``) in this version's columns.
+
+    Version 2 (before methods declared their own columns) had V-DProj's ``rank``, ``target`` and ``init`` and
+    the KA variant as ``ka``: they become ``vdproj.rank``, ``vdproj.target``, ``vdproj.init``, and ``family``
+    and ``options`` are made from them. Epochs and positions did not change.
+    """
+    if version == SCHEMA_VERSION or name != "trials":
+        return tbl
+    if version != "2":
+        raise ValueError(f"results schema version {version!r} cannot be read")
+    rows = tbl.to_pylist()
+    for r in rows:
+        rank, ka = r.pop("rank", None), r.pop("ka", None)
+        target, init = r.pop("target", None), r.pop("init", None)
+        fams, desc = [], []
+        if rank is not None:
+            fams.append("vdproj")
+            desc.append(" ".join(["vdproj", f"rank={rank}"] + ([f"target={target}"] if target not in (None, "v") else [])
+                                 + ([f"init={init}"] if init not in (None, "random") else [])))
+            r.update({"vdproj.rank": rank, "vdproj.target": target, "vdproj.init": init})
+        if ka:
+            fams.append("ka")
+            desc.append(ka)
+        r["family"], r["options"] = "+".join(fams) or "base", " + ".join(desc) or "base"
+    names = [n for n in TRIAL_SCHEMA.names]
+    extra = [(v[0], v[1]) for v in _V2_OPTIONS.values()]
+    schema = trial_schema(extra)
+    kept = [f for f in tbl.schema if f.name not in names and f.name not in ("rank", "target", "init", "ka")]
+    schema = pa.schema(list(schema) + kept)
+    return pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
 
 EPOCH_SCHEMA = pa.schema([
     ("trial_id", pa.string()),

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapters import Adapter, AdapterSpec, attached, check_combination, disabled, make_adapter
+from .adapters import ADAPTERS, Adapter, AdapterSpec, adapter_class, attached, check_combination, disabled, make_adapter
 from .atomic import write_json
 from .checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, DataCfg, KvsweepError, ModelCfg, TrainCfg, calibration_samples, position_buckets
@@ -58,9 +58,11 @@ class TrialCfg:
         object.__setattr__(self, "adapters", tuple(self.adapters))
         check_combination(self.adapters)
         position_buckets(self.data.seq_len, self.buckets)
-        has_rec = any(s.name == "vdproj" for s in self.adapters)
+        has_rec = any("rec" in adapter_class(s.name).loss_terms for s in self.adapters)
         if self.loss.rec.peak > 0 and not has_rec and self.loss.lm.peak == 0 and self.loss.kl.peak == 0:
-            raise ConfigError("loss schedule: only the reconstruction weight is > 0, but no adapter reconstructs anything (add vdproj)")
+            rec = [n for n, cls in ADAPTERS.items() if "rec" in cls.loss_terms]
+            raise ConfigError("loss schedule: only the reconstruction weight is > 0, but no adapter reconstructs anything "
+                              f"(add one of {', '.join(rec)})")
         if self.train.epochs > 0:
             if not self.adapters:
                 raise ConfigError("adapters: a trial needs at least one adapter to train (epochs 0 evaluates the base alone)")

@@ -1,6 +1,11 @@
-"""Adapters: one file each, registered by name. Importing this package registers them all."""
+"""Compression methods (adapters): one file each, registered by name. Importing this package registers them all.
+
+``base`` holds the method contract and the registry; ``options`` what the registry gives every method (flags,
+search-space keys, result columns, labels)."""
 
 from . import ka_gated, ka_replace, ka_residual, vdproj  # noqa: F401  (registration)
-from .base import ADAPTERS, TAPS, Adapter, AdapterOptions, AdapterSpec, adapter_class, attached, check_combination, disabled, make_adapter, register_adapter
+from .base import (ADAPTERS, TAPS, Adapter, AdapterOptions, AdapterSpec, adapter_class, attached, check_combination, disabled,
+                   ensure_registered, external_methods, make_adapter, option, register_adapter)
 
-__all__ = ["ADAPTERS", "TAPS", "Adapter", "AdapterOptions", "AdapterSpec", "adapter_class", "attached", "check_combination", "disabled", "make_adapter", "register_adapter"]
+__all__ = ["ADAPTERS", "TAPS", "Adapter", "AdapterOptions", "AdapterSpec", "adapter_class", "attached", "check_combination", "disabled",
+           "ensure_registered", "external_methods", "make_adapter", "option", "register_adapter"]

@@ -1,10 +1,19 @@
-"""The adapter base class, the registry every adapter joins, and attach/detach as context managers."""
+"""The method contract: the adapter base class, the registry every method joins, attach/detach as context managers.
+
+A method is one file under ``adapters/``: a frozen ``Options`` dataclass (validated; each field an option,
+with ``option(default, help, choices)`` metadata), an ``Adapter`` subclass registered with
+``@register_adapter(name)`` that declares its ``family``, its ``tap``, its modules (``build``), its loss
+terms, its cache layout (``kv_layout``) and its decode step (the per-layer modules' ``codecs`` or
+``decode_step``, see ``Adapter``). From the registry alone come the ``kvsweep train``/``cache`` flags
+(``--vdproj.rank 64``), the search-space keys (``"vdproj.rank"``), the result columns and the report
+labels (``kvsweep.adapters.options``), and the registry-wide invariant tests.
+"""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
-from typing import Callable, ClassVar, Iterator
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -28,6 +37,20 @@ def register_adapter(name: str) -> Callable[[type["Adapter"]], type["Adapter"]]:
         return cls
 
     return add
+
+
+def external_methods() -> dict[str, type["Adapter"]]:
+    """The registered methods defined outside kvsweep (a researcher's own file): a sweep sends them to its trial
+    processes, which register them with ``ensure_registered``."""
+    return {n: c for n, c in ADAPTERS.items() if not c.__module__.startswith("kvsweep.")}
+
+
+def ensure_registered(methods: dict[str, type["Adapter"]]) -> None:
+    """Register each of ``methods`` this process does not know yet (a trial process of a sweep whose driver
+    registered them)."""
+    for name, cls in methods.items():
+        if name not in ADAPTERS:
+            register_adapter(name)(cls)
 
 
 def adapter_class(name: str) -> type["Adapter"]:
@@ -69,11 +92,17 @@ def resolve_layers(layers, dims: Dims, default: str, field: str = "layers") -> t
     return tuple(layers)
 
 
+def option(default: Any = MISSING, help: str = "", choices: tuple | None = None, *, required: bool = False) -> Any:
+    """A field of a method's ``Options``: its default, the help its flag shows, its valid values (if a fixed set),
+    and whether it must be given (its default then only stands for "not given" and fails validation)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "required": required})
+
+
 @dataclass(frozen=True)
 class AdapterOptions:
-    """Options every adapter has. Subclasses add their own and validate them in ``__post_init__``."""
+    """Options every adapter has. Subclasses add their own (``option(...)``) and validate them in ``__post_init__``."""
 
-    layers: tuple[int, ...] | str | None = None
+    layers: tuple[int, ...] | str | None = option(None, "'all', 'last' or comma-separated layer indices (default: the method's)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", parse_layers(self.layers))
@@ -85,13 +114,26 @@ class AdapterOptions:
 
 
 class Adapter(torch.nn.Module):
-    """A trainable addition to a frozen base. One subclass per file, registered with ``register_adapter``.
+    """A compression method (trained or training-free) on a frozen base. One subclass per file, registered
+    with ``register_adapter``.
 
-    Subclasses set ``Options`` (their options dataclass), ``family`` (a trial combines at most one adapter
-    per family), ``tap`` (the point of a layer they act on: ``"qkv"``, K and V before rotary, or
-    ``"attention_output"``, A before ``dense``), ``default_layers`` and implement ``build`` (with one
-    module per layer in ``per_layer``, keyed by the layer index as a string), ``kv_layout`` and
-    ``param_formula``.
+    Subclasses set ``Options`` (their options dataclass), ``family`` (a trial combines at most one method
+    per family; the report groups by it), ``tap`` (the point of a layer they act on: ``"qkv"``, K and V
+    before rotary, or ``"attention_output"``, A before ``dense``), ``default_layers``, ``loss_terms``
+    (``("rec",)`` when ``reconstruction_loss`` contributes), and implement ``build`` (with one module per
+    layer in ``per_layer``, keyed by the layer index as a string), ``kv_layout`` and ``param_formula``.
+
+    Decode step (``kvsweep.latent``), declared by the per-layer modules:
+
+    - ``qkv`` tap: a module with ``codecs() -> {"k"|"v": codec}`` caches, for each of K (pre-rotary) and V
+      it compresses, ``codec.encode(x)`` (B, n, d) -> (B, n, ``codec.width``) at ``codec.dtype`` (None: the
+      cache's) and reads back ``codec.decode(code)`` (B, T, width) -> (B, T, d); a codec whose
+      ``linear`` is an ``nn.Linear`` (decode = that linear map) lets the decoder attend over the code
+      and fold the map into ``dense``. A module without ``codecs`` is applied to (k, v) as a position-wise
+      map before the base's cache.
+    - ``attention_output`` tap: a module with ``cache_shapes() -> {name: (H, hs) | (w,)}`` and
+      ``decode_step(cache, a, start) -> a`` keeps its own cache tensors (``cache.write(name, x, start)``,
+      ``cache.read(name, end, dtype)``); one without is applied to A as a position-wise map.
     """
 
     name: ClassVar[str]
@@ -99,6 +141,10 @@ class Adapter(torch.nn.Module):
     family: ClassVar[str]
     tap: ClassVar[str]
     default_layers: ClassVar[str] = "all"
+    loss_terms: ClassVar[tuple[str, ...]] = ()
+    aliases: ClassVar[dict[str, str]] = {}
+    """Older flags and search-space keys of this method's options: ``{"rank": "rank"}`` makes ``--rank`` and the
+    space key ``"rank"`` mean ``vdproj.rank``; a flag ``no-X`` sets the boolean option X to False."""
     per_layer: torch.nn.ModuleDict
 
     def __init__(self, options: AdapterOptions, dims: Dims):
@@ -120,6 +166,21 @@ class Adapter(torch.nn.Module):
         raise NotImplementedError
 
     # -- optional
+    @classmethod
+    def label(cls, options: AdapterOptions) -> str:
+        """The method in a report's variant (its options that are not the front's axis): the name by default."""
+        return cls.name
+
+    @classmethod
+    def example_options(cls, dims: Dims) -> dict:
+        """Options valid on a model of ``dims``, for the registry-wide tests and examples; the defaults by default."""
+        return {}
+
+    @classmethod
+    def noop_options(cls, dims: Dims) -> dict | None:
+        """Options with which the adapted model is exactly the base at init; None: the method has no such setting."""
+        return None
+
     def calibrate(self, model, samples: np.ndarray) -> None:
         """Initialise from the base's activations on calibration samples (N, T); default: nothing to do."""
 
@@ -128,6 +189,10 @@ class Adapter(torch.nn.Module):
         return None
 
     # -- shared
+    @property
+    def spec(self) -> "AdapterSpec":
+        return AdapterSpec(self.name, self.options)
+
     def layer_module(self, layer: int) -> torch.nn.Module:
         """What the tap of ``layer`` calls: ``(k, v) -> (k, v)`` for ``qkv``, ``a -> a`` for ``attention_output``."""
         return self.per_layer[str(layer)]
@@ -189,13 +254,13 @@ def make_adapter(spec: AdapterSpec, dims: Dims) -> Adapter:
 
 
 def check_combination(specs: tuple[AdapterSpec, ...]) -> None:
-    """At most one adapter of each family: V-DProj with at most one KA variant."""
+    """At most one adapter of each family (e.g. V-DProj with at most one KA variant)."""
     seen: dict[str, str] = {}
     for spec in specs:
         family = adapter_class(spec.name).family
         if family in seen:
             raise ConfigError(f"adapters {seen[family]} and {spec.name} cannot be combined: at most one "
-                              f"{family} adapter per trial (V-DProj with at most one KA variant)")
+                              f"{family} adapter per trial")
         seen[family] = spec.name
 
 

@@ -5,6 +5,8 @@
 with the base's head count and no output projection. The variants differ only in how ``ka`` meets
 ``A`` before the layer's ``dense`` projection (``combine``). A KA layer caches K' and V' (d each) on
 top of the base's K and V.
+
+Source: the seed's KA-Attention and PretrainedMKA V2.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kvcache import Layout, with_ka
+from ..kvcache import Layout, with_layers
 from .base import Adapter, AdapterOptions
 
 
@@ -50,6 +52,33 @@ class KALayer(torch.nn.Module):
             return a
         return self.combine(self, a, self.ka(a))
 
+    # -- the latent cache's decode step
+    def cache_shapes(self) -> dict[str, tuple[int, int]]:
+        """K' and V' of every head: (H, hs) each per token."""
+        hs = self.q.out_features // self.heads
+        return {"ka_k": (self.heads, hs), "ka_v": (self.heads, hs)}
+
+    def decode_step(self, cache, a: torch.Tensor, start: int) -> torch.Tensor:
+        """``combine(A, attention(LN(A)))`` for A (B, n, d) at positions ``start..``, with K', V' cached."""
+        B, n, d = a.shape
+        H, hs, end = self.heads, d // self.heads, start + n
+        wdt = self.q.weight.dtype
+        a_in = a.to(wdt)
+        x = self.norm(a_in)
+        q, k, v = (proj(x).view(B, n, H, hs).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, H, n, hs)
+        cache.write("ka_k", k, start)
+        cache.write("ka_v", v, start)
+        keys, values = cache.read("ka_k", end, wdt), cache.read("ka_v", end, wdt)  # (B, H, end, hs)
+        if n == 1:
+            ka = F.scaled_dot_product_attention(q, keys, values)
+        elif start == 0:
+            ka = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        else:
+            allowed = torch.ones(n, end, dtype=torch.bool, device=a.device).tril(start)
+            ka = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+        ka = ka.transpose(1, 2).reshape(B, n, d)
+        return self.combine(self, a_in, ka).to(a.dtype)
+
 
 class KAAdapter(Adapter):
     """Base of the KA variants; a subclass sets ``gated`` and implements ``combine``."""
@@ -59,6 +88,7 @@ class KAAdapter(Adapter):
     tap = "attention_output"
     default_layers = "last"
     gated = False
+    aliases = {"ka-layers": "layers"}
 
     def build(self) -> None:
         d, heads = self.dims.hidden, self.dims.heads
@@ -69,7 +99,8 @@ class KAAdapter(Adapter):
         raise NotImplementedError
 
     def kv_layout(self, layout: Layout) -> Layout:
-        return with_ka(layout, self.layers, self.dims.hidden)
+        """K' and V' (hidden size each) beside the base's K and V on the adapter's layers."""
+        return with_layers(layout, self.layers, ka_k=self.dims.hidden, ka_v=self.dims.hidden)
 
     def param_formula(self) -> int:
         d = self.dims.hidden

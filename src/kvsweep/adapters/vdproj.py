@@ -6,6 +6,9 @@
 (PyTorch's default), ``pca`` (the top-r principal directions and the mean of V on calibration samples:
 the best linear rank-r reconstruction before any training) or ``identity`` (the first r coordinates;
 at r = d an exact no-op).
+
+Source: the seed's V-DProj; the joint (all heads at once) case of Palu's low-rank projection (J-LRD;
+Chang et al., ICLR 2025, github.com/shadowpa0327/Palu).
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..kvcache import Layout, with_vdproj
+from ..kvcache import Layout, with_layers
+from ..models import Dims
 from ..losses import relative_reconstruction
-from .base import Adapter, AdapterOptions, register_adapter
+from .base import Adapter, AdapterOptions, option, register_adapter
 
 TARGETS = ("v", "k", "kv")
 INITS = ("random", "pca", "identity")
@@ -26,11 +30,11 @@ INITS = ("random", "pca", "identity")
 
 @dataclass(frozen=True)
 class VDProjOptions(AdapterOptions):
-    rank: int = 0
-    target: str = "v"
-    init: str = "random"
-    bias: bool = True
-    calib_samples: int = 64
+    rank: int = option(0, "compressed width r, 1..hidden size", required=True)
+    target: str = option("v", "what is compressed: v, k (the keys before rotary) or kv", TARGETS)
+    init: str = option("random", "random, pca (top-r principal directions of V on calib_samples train samples) or identity", INITS)
+    bias: bool = option(True, "down and up with bias")
+    calib_samples: int = option(64, "init pca: train samples to measure V on")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,13 +54,33 @@ class VDProjOptions(AdapterOptions):
 
 
 class Compressor(torch.nn.Module):
-    """``x (B, T, d) -> up(down(x))``, keeping the relative reconstruction error of the last call."""
+    """``x (B, T, d) -> up(down(x))``, keeping the relative reconstruction error of the last call.
+
+    Its codec for the latent cache: ``encode = down`` (B, n, d) -> (B, n, r), ``decode = up``, and ``linear``
+    (``up``, an affine map: the decoder attends over the code and folds ``up`` into ``dense``).
+    """
+
+    dtype = None  # the code is cached at the cache's dtype
 
     def __init__(self, d: int, r: int, bias: bool):
         super().__init__()
         self.down = torch.nn.Linear(d, r, bias=bias)
         self.up = torch.nn.Linear(r, d, bias=bias)
         self.last_rec: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return self.down.out_features
+
+    @property
+    def linear(self) -> torch.nn.Linear:
+        return self.up
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(x)
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        return self.up(code)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_hat = self.up(self.down(x))
@@ -117,6 +141,10 @@ class LayerVDProj(torch.nn.Module):
         self.active = True
         self.moments: dict[str, list] | None = None  # set while calibrating
 
+    def codecs(self) -> dict[str, Compressor]:
+        """What the latent cache holds compressed: ``"k"`` and/or ``"v"``."""
+        return {name: c for name, c in (("k", self.k), ("v", self.v)) if c is not None}
+
     def stack_key(self) -> tuple | None:
         """Modules with equal keys can run as one batched computation (``forward_stacked``); ``None``: not now."""
         if self.moments is not None or not self.active:
@@ -153,6 +181,20 @@ class VDProj(Adapter):
     family = "vdproj"
     tap = "qkv"
     default_layers = "all"
+    loss_terms = ("rec",)
+    aliases = {"rank": "rank", "target": "target", "init": "init", "layers": "layers", "no-bias": "bias", "calib-samples": "calib_samples"}
+
+    @classmethod
+    def label(cls, options: VDProjOptions) -> str:
+        return f"vdproj[{options.target},{options.init}]"
+
+    @classmethod
+    def example_options(cls, dims: Dims) -> dict:
+        return {"rank": max(1, dims.hidden // 8)}
+
+    @classmethod
+    def noop_options(cls, dims: Dims) -> dict:
+        return {"rank": dims.hidden, "init": "identity", "target": "kv"}
 
     def build(self) -> None:
         o, d = self.options, self.dims.hidden
@@ -167,7 +209,8 @@ class VDProj(Adapter):
         return [c for m in self.per_layer.values() for c in (m.k, m.v) if c is not None]
 
     def kv_layout(self, layout: Layout) -> Layout:
-        return with_vdproj(layout, self.layers, self.options.rank, self.options.target)
+        """The rank-r code replaces V (target ``v``), the keys (``k``) or both (``kv``) on the adapter's layers."""
+        return with_layers(layout, self.layers, **{name: self.options.rank for name in self.options.target})
 
     def param_formula(self) -> int:
         d, r = self.dims.hidden, self.options.rank

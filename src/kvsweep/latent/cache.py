@@ -1,13 +1,10 @@
 """The latent KV cache: per layer, preallocated tensors that hold exactly what decoding needs.
 
-A layer holds some of these tensors (``(B, ...)`` with ``C`` = the capacity in tokens):
-
-    k      (B, H, C, hs)  rotated keys of the base                       accounting field ``k``
-    k_c    (B, C, r)      V-DProj code of the pre-rotary keys (target k/kv), restored and rotated at use
-    v      (B, H, C, hs)  values of the base                             accounting field ``v``
-    v_c    (B, C, r)      V-DProj code of the values, V_c = down(V) (target v/kv); V is never rebuilt
-    ka_k   (B, H, C, hs)  a KA adapter's K'                              accounting field ``ka_k``
-    ka_v   (B, H, C, hs)  a KA adapter's V'                              accounting field ``ka_v``
+A layer holds its tensors by the names of its accounting entries (``kvsweep.kvcache.LayerKV``), with
+``C`` = the capacity in tokens: per head ``(B, H, C, hs)`` for a per-token shape (H, hs), e.g. the
+base's rotated keys ``k`` and values ``v`` or a KA variant's ``ka_k``/``ka_v``; ``(B, C, w)`` for a
+per-token shape (w,), e.g. a codec's code in place of ``k`` or ``v`` (V-DProj's ``down(V)``). A tensor
+is at the cache's dtype unless its method gives it one of its own (packed integers, metadata).
 
 Each tensor is allocated once, for exactly ``capacity`` tokens, so the bytes its storage holds divided
 by ``batch * capacity`` are the bytes per token: that is what ``measured_layer_bytes`` reports, and what
@@ -19,11 +16,10 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError, KvsweepError
-from ..kvcache import DTYPE_BYTES, Layout, layer_bytes
+from ..kvcache import Layout, layer_bytes
 
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-FIELD = {"k": "k", "k_c": "k", "v": "v", "v_c": "v", "ka_k": "ka_k", "ka_v": "ka_v"}  # tensor -> accounting field
-_HEADS = ("k", "v", "ka_k", "ka_v")  # (B, H, C, hs); the codes are (B, C, r)
+ENTRY_DTYPES = {**CACHE_DTYPES, "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32}
 
 
 class CacheMismatchError(KvsweepError):
@@ -39,18 +35,24 @@ def cache_dtype_of(name: str) -> torch.dtype:
 class LayerCache:
     """One layer's cache tensors by name; written in place at the running position, read as a prefix."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], batch: int, capacity: int, dtype: torch.dtype, device):
+    def __init__(self, shapes: dict[str, tuple], batch: int, capacity: int, dtype: torch.dtype, device):
+        """``shapes``: name -> (per-token shape (H, hs) or (w,), dtype name or None for ``dtype``)."""
         self.tensors: dict[str, torch.Tensor] = {}
-        for name, shape in shapes.items():
-            if name not in FIELD:
-                raise ValueError(f"unknown cache tensor {name!r}")
-            full = (batch, shape[0], capacity, shape[1]) if name in _HEADS else (batch, capacity, shape[0])
-            self.tensors[name] = torch.empty(full, dtype=dtype, device=device)
+        self._heads: set[str] = set()
+        for name, (shape, own) in shapes.items():
+            if len(shape) == 2:
+                full = (batch, shape[0], capacity, shape[1])
+                self._heads.add(name)
+            elif len(shape) == 1:
+                full = (batch, capacity, shape[0])
+            else:
+                raise ValueError(f"cache tensor {name!r}: a per-token shape (H, hs) or (w,); got {shape}")
+            self.tensors[name] = torch.empty(full, dtype=ENTRY_DTYPES[own] if own else dtype, device=device)
 
     def write(self, name: str, x: torch.Tensor, start: int) -> None:
         """Store ``x`` ((B, H, n, hs) or (B, n, r)) at positions ``start .. start+n-1``."""
         t = self.tensors[name]
-        if name in _HEADS:
+        if name in self._heads:
             t[:, :, start : start + x.shape[2]] = x
         else:
             t[:, start : start + x.shape[1]] = x
@@ -58,7 +60,7 @@ class LayerCache:
     def read(self, name: str, end: int, dtype: torch.dtype) -> torch.Tensor:
         """Positions ``0 .. end-1`` in the compute dtype (a view when the dtypes agree)."""
         t = self.tensors[name]
-        t = t[:, :, :end] if name in _HEADS else t[:, :end]
+        t = t[:, :, :end] if name in self._heads else t[:, :end]
         return t.to(dtype)
 
     def nbytes(self) -> int:
@@ -73,7 +75,7 @@ class LayerCache:
 class LatentCache:
     """The whole model's cache: one ``LayerCache`` per layer, ``length`` tokens of ``capacity`` written."""
 
-    def __init__(self, layers: list[dict[str, tuple[int, ...]]], batch: int, capacity: int, dtype: torch.dtype, device):
+    def __init__(self, layers: list[dict[str, tuple]], batch: int, capacity: int, dtype: torch.dtype, device):
         if capacity < 1 or batch < 1:
             raise ConfigError(f"a cache needs batch >= 1 and capacity >= 1 tokens; got batch {batch}, capacity {capacity}")
         self.batch, self.capacity, self.dtype, self.length = batch, capacity, dtype, 0
@@ -110,11 +112,10 @@ def check_bytes(cache: LatentCache, layout: Layout, cache_dtype: str) -> dict:
     measured = cache.measured_layer_bytes()
     accounted = layer_bytes(layout, cache_dtype)
     if len(measured) != len(accounted) or measured != accounted:
-        size = DTYPE_BYTES[cache_dtype]
         lines = []
         for i, (m, a) in enumerate(zip(measured, accounted)):
             if m != a:
-                lines.append(f"  layer {i}: measured {m} bytes/token ({m // size} values: {cache.describe()[i]}), "
+                lines.append(f"  layer {i}: measured {m} bytes/token (tensors {cache.describe()[i]}), "
                              f"accounted {a} ({layout[i]})")
         if len(measured) != len(accounted):
             lines.append(f"  {len(measured)} cached layers against {len(accounted)} accounted")

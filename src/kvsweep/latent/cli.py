@@ -1,8 +1,8 @@
 """The ``kvsweep cache`` subcommand: decode with the latent cache and measure it.
 
-    kvsweep cache --model pythia-70m --random-init --adapter vdproj --rank 320 --context 2048 --new-tokens 128
+    kvsweep cache --model pythia-70m --random-init --vdproj.rank 320 --context 2048 --new-tokens 128
     kvsweep cache --trial runs/vdproj-r64 --context 512 --new-tokens 64 --out runs/vdproj-r64/cache
-    kvsweep cache --model tiny --adapter vdproj --rank 64 --adapter ka_gated --text notes.txt --cache-dtype bfloat16
+    kvsweep cache --model tiny --vdproj.rank 64 --adapter ka_gated --text notes.txt --cache-dtype bfloat16
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..adapters.options import describe
+from ..args import add_adapter_args, add_model_args, adapter_specs, model_cfg
 from ..config import KvsweepError
 
 DESCRIPTION = (
@@ -24,20 +26,11 @@ DESCRIPTION = (
 
 def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """Add ``cache`` to the ``kvsweep`` command's subparsers; its ``func`` is ``cmd_cache``."""
-    from ..cli import add_model_args
-
     p = subparsers.add_parser("cache", help="decode with the latent KV cache: bytes measured against the accounting, "
                                             "logits against the training-time model, tokens/s", description=DESCRIPTION)
     add_model_args(p)
-    g = p.add_argument_group("adapters (or --trial)")
+    g = add_adapter_args(p, "adapters (or --trial)")
     g.add_argument("--trial", default=None, help="a kvsweep train --out folder: its base, adapters and trained weights")
-    g.add_argument("--adapter", action="append", default=[], help="vdproj, ka_residual, ka_replace or ka_gated; repeat to combine vdproj with one KA variant")
-    g.add_argument("--rank", type=int, default=None, help="vdproj: compressed width r (1..hidden size)")
-    g.add_argument("--layers", default=None, help="vdproj: 'all' (default) or comma-separated layer indices")
-    g.add_argument("--target", default="v", help="vdproj: v, k or kv")
-    g.add_argument("--init", default="random", help="vdproj without --trial: random or identity (pca needs a trained trial)")
-    g.add_argument("--no-bias", action="store_true", help="vdproj: down and up without bias")
-    g.add_argument("--ka-layers", default=None, help="KA variants: 'last' (default) or comma-separated layer indices")
     g = p.add_argument_group("decoding")
     g.add_argument("--context", type=int, default=2048, help="prompt tokens to prefill (default: 2048)")
     g.add_argument("--new-tokens", type=int, default=128, help="decode steps after the prefill (default: 128)")
@@ -45,7 +38,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     g.add_argument("--cache-dtype", default="float16", choices=("float16", "bfloat16", "float32"), help="dtype the cache stores (default: float16)")
     g.add_argument("--text", default=None, help="a text file whose tokens (repeated as needed) are the prompt; default: random tokens")
     g.add_argument("--seed", type=int, default=0, help="random prompt and adapter init (default: 0)")
-    g.add_argument("--no-fold", action="store_true", help="V-DProj: compute A per head and then dense, instead of folding up into dense")
+    g.add_argument("--no-fold", action="store_true", help="a method whose cached code V decodes linearly (V-DProj): compute A per head and then dense, "
+                                                            "instead of folding the decode into dense")
     g.add_argument("--no-check", action="store_true", help="skip the logits check against the training-time forward")
     g.add_argument("--repeats", type=int, default=5, help="timed runs of the base and of the adapted model, interleaved; "
                                                           "speeds are their medians (default: 5)")
@@ -55,12 +49,12 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
 
 
 def _adapters_from_args(a: argparse.Namespace):
-    from ..cli import adapter_specs
-
-    if "vdproj" in a.adapter and a.init == "pca":
-        raise KvsweepError("init pca needs calibration samples: train the adapters (kvsweep train --init pca "
-                           "--epochs 0 at least) and pass the trial folder with --trial")
-    return adapter_specs(a)
+    specs = adapter_specs(a)
+    for s in specs:
+        if s.options.calibration_samples > 0:
+            raise KvsweepError(f"{describe([s])} initialises from calibration samples: train the adapters (kvsweep train "
+                               "with the same options, --epochs 0 at least) and pass the trial folder with --trial")
+    return specs
 
 
 def _prompt(a: argparse.Namespace, base):
@@ -90,7 +84,6 @@ def cmd_cache(a: argparse.Namespace) -> int:
 
     from ..adapters import make_adapter
     from ..atomic import write_json
-    from ..cli import model_cfg
     from ..models import dims, load_base
     from .measure import measure_cache
     from .trial import load_trial
@@ -100,9 +93,10 @@ def cmd_cache(a: argparse.Namespace) -> int:
             raise KvsweepError("give either --trial (the trial's own adapters) or --adapter options, not both")
         base, adapters, config = load_trial(a.trial, device=a.device)
         specs = config["adapters"]
+        spec_objs = tuple(ad.spec for ad in adapters)
     else:
         if not a.adapter:
-            raise KvsweepError("name the adapters with --adapter (vdproj --rank R, ka_residual, ka_replace, ka_gated) or give --trial")
+            raise KvsweepError("name the adapters with --adapter NAME and their --<method>.<option> flags, or give --trial")
         spec_objs = _adapters_from_args(a)
         base = load_base(model_cfg(a))
         torch.manual_seed(a.seed)
@@ -117,7 +111,7 @@ def cmd_cache(a: argparse.Namespace) -> int:
     result = measure_cache(base.model, adapters, context=a.context, new_tokens=a.new_tokens, cache_dtype=a.cache_dtype,
                            prompt=prompt, check_logits=not a.no_check, fold=not a.no_fold, repeats=a.repeats,
                            log=print)
-    result = {"model": base.name, "trial": a.trial, "adapters": specs, **result}
+    result = {"model": base.name, "trial": a.trial, "adapters": specs, "methods": describe(spec_objs), **result}
     print(format_cache(result))
     if base.tokenizer is not None and a.text is not None:
         print("greedy continuation (adapted): " + repr(base.tokenizer.decode(result["generated"][0])))
@@ -131,7 +125,7 @@ def cmd_cache(a: argparse.Namespace) -> int:
 def format_cache(r: dict) -> str:
     """A short human summary of a ``measure_cache`` result."""
     t = r["timings"]
-    names = " + ".join(s["name"] + (f" r={s['rank']}" if "rank" in s else "") for s in r["adapters"])
+    names = r["methods"]
     lines = [
         f"{r['model']} with {names}: context {r['context']} + {r['new_tokens']} decode steps, batch {r['batch']}, "
         f"cache {r['cache_dtype']}, compute {r['compute_dtype']} on {r['device']}",

@@ -1,21 +1,25 @@
-"""A GPT-NeoX decoding step of our own that applies a trial's adapters to a latent cache.
+"""A GPT-NeoX decoding step of our own that applies a trial's methods to a latent cache.
 
 ``LatentDecoder(model, adapters)`` reads the frozen base's modules (``kvsweep.models.neox_parts``) and
-the adapters' own modules (no copies of their parameters; the adapters need not be attached) and runs
-prefill and token-by-token decoding with a ``LatentCache``. Per layer, with H heads of hs = d / H:
+the methods' own per-layer modules (no copies of their parameters; the adapters need not be attached)
+and runs prefill and token-by-token decoding with a ``LatentCache``. What a method caches and how it
+reads it back is the method's own (its decode step, see ``kvsweep.adapters.Adapter``); the decoder
+knows no method by name. Per layer, with H heads of hs = d / H:
 
 - base:               cache rotated K and V; ``A_h = P_h V_h``; ``out = dense(A)``.
-- V-DProj on V:       cache only ``V_c = down(V)`` (r per token). Rows of P sum to 1, so
-                      ``P_h (V_c W_up^T + b_up)_h = (P_h V_c) W_up,h^T + b_up,h``; with no KA on the layer
-                      each head's slice of ``up`` is folded into ``dense`` once
-                      (``F_h = W_up,h^T W_dense[:, h]^T``, (r, d); bias ``W_dense b_up + b_dense``), so
-                      ``out = sum_h (P_h V_c) F_h + b``; the full V is never rebuilt.
-- V-DProj + KA:       KA needs A, so ``A_h = (P_h V_c) W_up,h^T + b_up,h`` per head (still no full V),
-                      then the KA module, then ``dense``.
-- V-DProj on K:       cache ``K_c = down(K)`` of the pre-rotary keys; at use ``up(K_c)`` and the rotary
-                      embedding at positions 0..T-1, as the training-time forward does.
-- KA adapter:         LayerNorm(A) -> Q', K', V'; cache K' and V' (d each); causal attention; the
-                      variant's ``combine``.
+- a codec on V:       cache only ``code = encode(V)`` (``width`` per token). With a linear decode
+                      ``V = code W^T + b`` (V-DProj's ``up``): rows of P sum to 1, so
+                      ``P_h (code W^T + b)_h = (P_h code) W_h^T + b_h``; with nothing at the layer's
+                      attention output, each head's slice of ``W`` is folded into ``dense`` once
+                      (``F_h = W_h^T W_dense[:, h]^T``, (width, d); bias ``W_dense b + b_dense``), so
+                      ``out = sum_h (P_h code) F_h + b``; the full V is never rebuilt. Otherwise (or with a
+                      method at the attention output) ``A_h = (P_h code) W_h^T + b_h`` per head; a codec
+                      whose decode is not linear restores V from the cached code at every step.
+- a codec on K:       cache ``code = encode(K)`` of the pre-rotary keys; at use ``decode(code)`` and the
+                      rotary embedding at positions 0..T-1, as the training-time forward does.
+- a qkv module without codecs: applied to (K, V) before the base's cache (a position-wise map).
+- at the attention output: a module's ``decode_step`` with its own cache tensors (KA's K' and V'), or
+                      the module itself (a position-wise map).
 
 The attention reproduces ``transformers``' GPT-NeoX: partial rotary on the first ``rotary_ndims`` of
 each head, scores scaled by ``hs ** -0.5``, causal mask, softmax in float32, and the parallel residual
@@ -24,14 +28,12 @@ each head, scores scaled by ``hs ** -0.5``, causal mask, softmax in float32, and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..adapters import Adapter
-from ..adapters.ka import KALayer
-from ..adapters.vdproj import Compressor
 from ..config import ConfigError
 from ..kvcache import Layout, base_layout
 from ..models import LayerParts, apply_rotary, neox_parts, split_qkv
@@ -41,11 +43,17 @@ from .cache import CACHE_DTYPES, LatentCache, cache_dtype_of
 @dataclass
 class _LayerPlan:
     parts: LayerParts
-    k_comp: Compressor | None = None  # V-DProj on the pre-rotary keys
-    v_comp: Compressor | None = None  # V-DProj on the values
-    ka: KALayer | None = None
-    fold_w: torch.Tensor | None = None  # (H*r, d): per head W_up,h^T @ W_dense[:, h]^T, heads stacked
-    fold_b: torch.Tensor | None = None  # (d,): W_dense @ b_up + b_dense
+    qkv: list = field(default_factory=list)  # position-wise (k, v) -> (k, v) modules, in attach order
+    k_codec: object | None = None  # what caches the pre-rotary keys compressed
+    v_codec: object | None = None  # what caches the values compressed
+    out: list = field(default_factory=list)  # attention-output modules, in attach order
+    fold_w: torch.Tensor | None = None  # (H*w, d): per head W_h^T @ W_dense[:, h]^T, heads stacked
+    fold_b: torch.Tensor | None = None  # (d,): W_dense @ b + b_dense
+
+
+def _linear(codec) -> torch.nn.Linear | None:
+    lin = getattr(codec, "linear", None)
+    return lin if isinstance(lin, torch.nn.Linear) else None
 
 
 class LatentDecoder:
@@ -76,23 +84,32 @@ class LatentDecoder:
         for a in self.adapters:
             if a.dims != self.dims:
                 raise ConfigError(f"adapter {a.name} was built for {a.dims}, the model is {self.dims}")
-            if a.family == "vdproj":
-                for i in a.layers:
-                    m = a.per_layer[str(i)]
-                    if m.active:
-                        self.plans[i].k_comp, self.plans[i].v_comp = m.k, m.v
-            elif a.family == "ka":
-                for i in a.layers:
-                    m = a.per_layer[str(i)]
-                    if m.active:
-                        self.plans[i].ka = m
-            else:
-                raise ConfigError(f"the latent cache does not know adapter family {a.family!r} (adapter {a.name})")
+            for i in a.layers:
+                m = a.layer_module(i)
+                if getattr(m, "active", True):
+                    self._plan_module(self.plans[i], a, i, m)
         if fold:
             for plan in self.plans:
-                if plan.v_comp is not None and plan.ka is None:
+                if _linear(plan.v_codec) is not None and not plan.out:
                     plan.fold_w, plan.fold_b = self._fold(plan)
         self._cos = self._sin = None  # rotary tables (1, N, rot) for positions 0..N-1, grown on demand
+
+    @staticmethod
+    def _plan_module(plan: _LayerPlan, a: Adapter, layer: int, m: torch.nn.Module) -> None:
+        if a.tap == "attention_output":
+            plan.out.append(m)
+            return
+        codecs = m.codecs() if hasattr(m, "codecs") else None
+        if codecs is None:
+            if plan.k_codec is not None or plan.v_codec is not None:
+                raise ConfigError(f"adapter {a.name} on layer {layer} maps K and V after another method compressed "
+                                  "them: attach it first")
+            plan.qkv.append(m)
+            return
+        for name, codec in codecs.items():
+            if getattr(plan, f"{name}_codec") is not None:
+                raise ConfigError(f"layer {layer}: two methods compress {name.upper()} (adapter {a.name} and another)")
+            setattr(plan, f"{name}_codec", codec)
 
     # ------------------------------------------------------------------ accounting and cache
     def layout(self) -> Layout:
@@ -107,11 +124,16 @@ class LatentDecoder:
         H, hs = self.dims.heads, self.dims.head_size
         layers = []
         for plan in self.plans:
-            shapes: dict[str, tuple[int, ...]] = {}
-            shapes.update({"k_c": (plan.k_comp.down.out_features,)} if plan.k_comp is not None else {"k": (H, hs)})
-            shapes.update({"v_c": (plan.v_comp.down.out_features,)} if plan.v_comp is not None else {"v": (H, hs)})
-            if plan.ka is not None:
-                shapes.update(ka_k=(H, hs), ka_v=(H, hs))
+            shapes: dict[str, tuple] = {}
+            for name in ("k", "v"):
+                codec = getattr(plan, f"{name}_codec")
+                shapes[name] = ((H, hs), None) if codec is None else ((codec.width,), getattr(codec, "dtype", None))
+            for m in plan.out:
+                if hasattr(m, "cache_shapes"):
+                    for name, shape in m.cache_shapes().items():
+                        if name in shapes:
+                            raise ConfigError(f"two methods cache a tensor named {name!r} on one layer")
+                        shapes[name] = (tuple(shape), None)
             layers.append(shapes)
         return LatentCache(layers, batch, capacity, self.cache_dtype, self.device)
 
@@ -144,42 +166,44 @@ class LatentDecoder:
         end = start + n
         heads = lambda t: t.view(B, -1, H, hs).transpose(1, 2)  # (B, T, d) -> (B, H, T, hs)  # noqa: E731
         q, k, v = split_qkv(parts.qkv(parts.input_norm(x)), H)  # (B, n, d) each, K and V pre-rotary
+        for m in plan.qkv:
+            k, v = _run(m, k, v)
         q = apply_rotary(heads(q), cos[:, start:end], sin[:, start:end])  # (B, H, n, hs)
-        if plan.k_comp is not None:
-            lc.write("k_c", _run(plan.k_comp.down, k), start)  # (B, n, r)
-            k_all = _run(plan.k_comp.up, lc.read("k_c", end, self.dtype))  # (B, end, d) restored
+        if plan.k_codec is not None:
+            lc.write("k", _run(plan.k_codec.encode, k), start)  # (B, n, w)
+            k_all = _run(plan.k_codec.decode, lc.read("k", end, self.dtype))  # (B, end, d) restored
             keys = apply_rotary(heads(k_all), cos[:, :end], sin[:, :end])  # (B, H, end, hs)
         else:
             lc.write("k", apply_rotary(heads(k), cos[:, start:end], sin[:, start:end]), start)
             keys = lc.read("k", end, self.dtype)  # (B, H, end, hs)
         out = None
-        if plan.v_comp is None:
+        codec, lin = plan.v_codec, _linear(plan.v_codec)
+        if codec is None:
             lc.write("v", heads(v), start)
             a = self._attend(q, keys, lc.read("v", end, self.dtype), start)  # (B, n, d)
         else:
-            lc.write("v_c", _run(plan.v_comp.down, v), start)  # (B, n, r)
-            v_c = lc.read("v_c", end, self.dtype)  # (B, end, r)
-            if self._restore_values(n, end, v_c.shape[-1], plan):
-                # prefill: restoring V for this call (never cached) costs less than attending over the code per head
-                a = self._attend(q, keys, heads(_run(plan.v_comp.up, v_c)), start)
+            lc.write("v", _run(codec.encode, v), start)  # (B, n, w)
+            code = lc.read("v", end, self.dtype)  # (B, end, w)
+            if lin is None or self._restore_values(n, end, code.shape[-1], plan):
+                # a decode that is not linear, or a prefill where restoring V for this call (never cached) costs less
+                a = self._attend(q, keys, heads(_run(codec.decode, code)), start)
             else:
                 scores = torch.matmul(q, keys.transpose(2, 3)) * self.parts.scaling  # (B, H, n, end)
                 if n > 1:  # query i sits at position start+i and sees keys 0..start+i
                     allowed = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(start)
                     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
                 p = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # rows sum to 1
-                pv = torch.matmul(p, v_c.unsqueeze(1))  # (B, H, n, r): P_h V_c
+                pv = torch.matmul(p, code.unsqueeze(1))  # (B, H, n, w): P_h code
                 if plan.fold_w is not None:
                     out = pv.transpose(1, 2).reshape(B, n, -1) @ plan.fold_w + plan.fold_b  # (B, n, d) = dense(A)
                 else:
-                    up = plan.v_comp.up
-                    w = up.weight.view(H, hs, -1).to(pv.dtype)  # (H, hs, r): W_up,h, a view of up's own weight
-                    a = torch.einsum("bhnr,hsr->bnhs", pv, w).reshape(B, n, d)  # (B, n, d): A without b_up
-                    if up.bias is not None:
-                        a = a + up.bias.to(a.dtype)
+                    w = lin.weight.view(H, hs, -1).to(pv.dtype)  # (H, hs, w): W_h, a view of the method's own weight
+                    a = torch.einsum("bhnr,hsr->bnhs", pv, w).reshape(B, n, d)  # (B, n, d): A without the bias
+                    if lin.bias is not None:
+                        a = a + lin.bias.to(a.dtype)
         if out is None:
-            if plan.ka is not None:
-                a = self._ka(plan.ka, lc, a, start)
+            for m in plan.out:
+                a = m.decode_step(lc, a, start) if hasattr(m, "decode_step") else _run(m, a)
             out = parts.dense(a)
         if parts.parallel_residual:
             return x + out + parts.mlp(parts.post_attention_norm(x))
@@ -211,27 +235,6 @@ class LatentDecoder:
         restore = end * r * d + H * n * end * hs + n * d * d
         return restore < latent
 
-    def _ka(self, layer: KALayer, lc, a: torch.Tensor, start: int) -> torch.Tensor:
-        """The KA variant on A (B, n, d) with its K', V' cached: ``combine(A, attention(LN(A)))``."""
-        B, n, d = a.shape
-        H, hs, end = self.dims.heads, self.dims.head_size, start + a.shape[1]
-        wdt = layer.q.weight.dtype
-        a_in = a.to(wdt)
-        x = layer.norm(a_in)
-        q, k, v = (proj(x).view(B, n, H, hs).transpose(1, 2) for proj in (layer.q, layer.k, layer.v))  # (B, H, n, hs)
-        lc.write("ka_k", k, start)
-        lc.write("ka_v", v, start)
-        keys, values = lc.read("ka_k", end, wdt), lc.read("ka_v", end, wdt)  # (B, H, end, hs)
-        if n == 1:
-            ka = F.scaled_dot_product_attention(q, keys, values)
-        elif start == 0:
-            ka = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
-        else:
-            allowed = torch.ones(n, end, dtype=torch.bool, device=a.device).tril(start)
-            ka = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
-        ka = ka.transpose(1, 2).reshape(B, n, d)
-        return layer.combine(layer, a_in, ka).to(a.dtype)
-
     # ------------------------------------------------------------------ precomputation
     def _rotary(self, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (1, >=end, rot) of positions 0.., from the model's own rotary module."""
@@ -243,9 +246,9 @@ class LatentDecoder:
 
     @torch.no_grad()
     def _fold(self, plan: _LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold each head's slice of V-DProj's ``up`` into ``dense``: (H*r, d) and a bias (d,)."""
+        """Fold each head's slice of the V codec's linear decode into ``dense``: (H*w, d) and a bias (d,)."""
         H, hs, d = self.dims.heads, self.dims.head_size, self.dims.hidden
-        up, dense = plan.v_comp.up, plan.parts.dense
+        up, dense = _linear(plan.v_codec), plan.parts.dense
         r = up.in_features
         w_up = up.weight.double().view(H, hs, r)  # (H, hs, r): rows of head h
         w_dense = dense.weight.double().view(d, H, hs)  # (d, H, hs): columns of head h
@@ -258,6 +261,18 @@ class LatentDecoder:
         return fold_w.to(self.dtype), fold_b.to(self.dtype)
 
 
-def _run(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """An adapter's Linear on ``x``, in the adapter's dtype, back in ``x``'s."""
-    return linear(x.to(linear.weight.dtype)).to(x.dtype)
+def _param_dtype(fn) -> torch.dtype | None:
+    owner = getattr(fn, "__self__", fn)  # a bound method's module, or the module itself
+    if isinstance(owner, torch.nn.Module):
+        p = next(owner.parameters(), None)
+        return p.dtype if p is not None else None
+    return None
+
+
+def _run(fn, *xs: torch.Tensor):
+    """A method's module (or a module's method) on ``xs``, in the module's dtype, back in the inputs' dtype."""
+    dt = _param_dtype(fn)
+    out = fn(*(x.to(dt) for x in xs)) if dt is not None else fn(*xs)
+    if isinstance(out, tuple):
+        return tuple(o.to(x.dtype) for o, x in zip(out, xs))
+    return out.to(xs[0].dtype)

@@ -98,7 +98,7 @@ def analyze(results: list[Results]) -> Analysis:
     parts = []
     for s, r in enumerate(results):
         parts.append(r.trials.append_column("source", pa.array([r.label] * r.trials.num_rows, pa.string())))
-    trials = pa.concat_tables(parts)
+    trials = pa.concat_tables(parts, promote_options="permissive")  # sources may differ in their methods' option columns
     source_index = np.concatenate([np.full(r.trials.num_rows, s, dtype=np.intp) for s, r in enumerate(results)])
     ids = np.array(trials.column("trial_id").to_pylist(), dtype=object)
     labels = np.array([results[s].label for s in source_index], dtype=object)

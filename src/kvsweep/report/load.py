@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from ..config import error_reason
-from ..results import EPOCH_SCHEMA, POSITION_SCHEMA, SCHEMA_VERSION, TRIAL_SCHEMA
+from ..results import EPOCH_SCHEMA, POSITION_SCHEMA, READABLE_VERSIONS, SCHEMA_VERSION, TRIAL_SCHEMA, option_column_names, upgrade
 from .errors import NoResultsError, NotResultsError, ReportError, SchemaError
 
 TRIALS, EPOCHS, POSITIONS = "trials.parquet", "epochs.parquet", "positions.parquet"
@@ -31,7 +31,7 @@ class Results:
 
     source: str  # as the user gave it
     label: str  # a short name, unique among the sources of one report (the sweep's name if it has one)
-    trials: pa.Table  # TRIAL_SCHEMA; one row per trial_id (the last one where a folder repeats an id)
+    trials: pa.Table  # TRIAL_SCHEMA and the methods' option columns; one row per trial_id (the last one where a folder repeats an id)
     epochs: pa.Table | None  # EPOCH_SCHEMA, or None when the file is missing
     positions: pa.Table | None  # POSITION_SCHEMA, or None when the file is missing
     notes: tuple[str, ...] = ()
@@ -48,8 +48,9 @@ def open_source(source: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(source))
 
 
-def read_table(filesystem: pafs.FileSystem, path: str, schema: pa.Schema, shown: str) -> pa.Table:
-    """A Parquet file of kvsweep's ``schema``, checked for version and columns, cast to the schema."""
+def read_table(filesystem: pafs.FileSystem, path: str, schema: pa.Schema, shown: str, name: str = "") -> pa.Table:
+    """A Parquet file of kvsweep's ``schema``, checked for version and columns, upgraded from an older version this
+    kvsweep reads, cast to the schema; a trials table keeps its method option columns (``<method>.<option>``)."""
     try:
         with filesystem.open_input_file(path) as f:
             tbl = pq.read_table(f)
@@ -61,9 +62,16 @@ def read_table(filesystem: pafs.FileSystem, path: str, schema: pa.Schema, shown:
     if version is None:
         raise NotResultsError(f"{shown} is not kvsweep results: its metadata has no kvsweep_schema version")
     version = version.decode(errors="replace")
-    if version != SCHEMA_VERSION:
-        raise SchemaError(f"{shown} has results schema version {version!r}, but this kvsweep reads version "
-                          f"{SCHEMA_VERSION!r}: make the report with the kvsweep version that wrote the results")
+    if version not in READABLE_VERSIONS:
+        raise SchemaError(f"{shown} has results schema version {version!r}, but this kvsweep reads versions "
+                          f"{', '.join(repr(v) for v in READABLE_VERSIONS)}: make the report with the kvsweep version that wrote the results")
+    try:
+        tbl = upgrade(name, tbl, version)
+    except (pa.ArrowException, ValueError, KeyError) as e:
+        raise SchemaError(f"{shown}: cannot read results schema version {version} ({error_reason(e)})") from None
+    if name == "trials":
+        options = [tbl.schema.field(n) for n in option_column_names(tbl.schema) if n not in schema.names]
+        schema = pa.schema(list(schema) + options)
     missing = [n for n in schema.names if n not in tbl.column_names]
     if missing:
         raise SchemaError(f"{shown} lacks column(s) {', '.join(missing)} of results schema version {SCHEMA_VERSION}")
@@ -113,7 +121,7 @@ def load_results(source: str) -> Results:
     notes: list[str] = []
     for name, schema in ((TRIALS, TRIAL_SCHEMA), (EPOCHS, EPOCH_SCHEMA), (POSITIONS, POSITION_SCHEMA)):
         if name in entries:
-            tables[name] = read_table(filesystem, f"{path}/{name}", schema, f"{shown}/{name}")
+            tables[name] = read_table(filesystem, f"{path}/{name}", schema, f"{shown}/{name}", name.removesuffix(".parquet"))
         else:
             tables[name] = None
             notes.append(f"{name} is missing")

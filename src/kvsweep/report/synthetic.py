@@ -14,7 +14,9 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import SEED_BUCKETS
-from ..results import EPOCH_SCHEMA, POSITION_SCHEMA, TRIAL_SCHEMA, write_parquet
+from ..results import EPOCH_SCHEMA, POSITION_SCHEMA, trial_schema, write_parquet
+
+OPTION_COLUMNS = [("vdproj.rank", pa.int64()), ("vdproj.target", pa.string()), ("vdproj.init", pa.string())]
 
 VARIANTS = (
     ("vdproj", None, "rec_to_lm"),
@@ -65,11 +67,15 @@ def synthetic_tables(
     config = [f'{{"adapters": "{a}", "rank": {int(r) if h else "null"}, "schedule": "{s}", "lr": 0.0001, "seed": {k % 3}}}'
               for a, r, h, s, k in zip(adapters, rank, has_vd, schedule, range(n))]
     deg = 100.0 * (best - base_ppl) / base_ppl
+    init = [("pca" if k % 2 else "random") if h else None for k, h in enumerate(has_vd)]
     trials = pa.table({
         "trial_id": ids, "sweep": [sweep] * n, "variant": variant, "adapters": adapters.tolist(),
-        "rank": [int(r) if h else None for r, h in zip(rank, has_vd)],
-        "target": ["v" if h else None for h in has_vd], "init": [("pca" if k % 2 else "random") if h else None for k, h in enumerate(has_vd)],
-        "ka": ka.tolist(), "schedule": schedule.tolist(), "seed": [k % 3 for k in range(n)], "config": config,
+        "family": ["+".join((["vdproj"] if h else []) + (["ka"] if k else [])) for h, k in zip(has_vd, ka)],
+        "options": [" + ".join(([f"vdproj rank={int(r)}" + (" init=pca" if i == "pca" else "")] if h else []) + ([k] if k else []))
+                    for r, h, i, k in zip(rank, has_vd, init, ka)],
+        "vdproj.rank": [int(r) if h else None for r, h in zip(rank, has_vd)],
+        "vdproj.target": ["v" if h else None for h in has_vd], "vdproj.init": init,
+        "schedule": schedule.tolist(), "seed": [k % 3 for k in range(n)], "config": config,
         "status": status.tolist(), "error": ["CUDA out of memory (synthetic)" if e else None for e in is_err],
         "epochs_run": epochs_run.tolist(), "max_epochs": [max_epochs] * n, "best_epoch": [None if e else int(b) for e, b in zip(is_err, best_epoch)],
         "best_val_ppl": best.tolist(), "base_val_ppl": [base_ppl] * n, "init_val_ppl": (best * 3.0).tolist(),
@@ -78,7 +84,7 @@ def synthetic_tables(
         "kv_ratio": (kv / kv_base).tolist(), "trainable_params": (2 * rank * hidden * layers + 800_000 * (ka != None)).tolist(),  # noqa: E711
         "total_params": [70_426_624] * n, "wall_seconds": (epochs_run * 95.0).tolist(), "git_revision": ["0" * 40] * n,
         "finished_at": finished,
-    }, schema=TRIAL_SCHEMA)
+    }, schema=trial_schema(OPTION_COLUMNS))
 
     ep_tbl = pos_tbl = None
     if epochs:

@@ -14,7 +14,7 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
-from ..results import TRIAL_SCHEMA, TRIAL_STATUSES, scheduler_savings
+from ..results import TRIAL_SCHEMA, TRIAL_STATUSES, option_column_names, scheduler_savings
 from .analysis import Analysis
 
 DASH = "—"
@@ -114,15 +114,15 @@ def _trial_cells(an: Analysis, i: int) -> list[str]:
 
 def frontier_table(an: Analysis, idx: np.ndarray) -> Table:
     """The front's trials by KV bytes/token: cache size, PPL against the base, status, epochs."""
-    rank, init = an.column("rank"), an.column("init")
+    options = an.column("options")
     epochs_run, best_epoch = an.column("epochs_run"), an.column("best_epoch")
-    cols = [("#", True)] + _trial_cols(an) + [("rank", True), ("init", False), ("KV bytes/token", True), ("% of base", True),
+    cols = [("#", True)] + _trial_cols(an) + [("methods", False), ("KV bytes/token", True), ("% of base", True),
                                              ("val PPL", True), ("degradation", True), ("status", False), ("epochs (best)", True)]
     rows = []
     for n, i in enumerate(idx, 1):
         share = share_of_base(an.kv_bytes[i], an.kv_base[i])
         rows.append([str(n)] + _trial_cells(an, i) + [
-            count(rank[i]), text(init[i]), count(an.kv_bytes[i]), f"{share:.1f}%" if _finite(share) else DASH,
+            text(options[i]), count(an.kv_bytes[i]), f"{share:.1f}%" if _finite(share) else DASH,
             ppl(an.val_ppl[i]), pct(degradation(an.val_ppl[i], an.base_ppl[i])), str(an.status[i]),
             f"{count(epochs_run[i])} ({count(best_epoch[i])})",
         ])
@@ -251,13 +251,14 @@ def history_table(an: Analysis) -> Table:
 
 def frontier_csv(an: Analysis, idx: np.ndarray) -> str:
     """The front's trials with their full configs, raw values: one CSV row per trial, by KV bytes/token."""
-    names = ["front_rank", "source"] + TRIAL_SCHEMA.names + ["kv_pct_of_base"]
+    columns = [n for n in an.trials.column_names if n in TRIAL_SCHEMA.names or n in option_column_names(an.trials.schema)]
+    names = ["front_rank", "source"] + columns + ["kv_pct_of_base"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(names)
-    cols = {n: an.column(n) for n in TRIAL_SCHEMA.names}
+    cols = {n: an.column(n) for n in columns}
     for n, i in enumerate(idx, 1):
         share = share_of_base(an.kv_bytes[i], an.kv_base[i])
-        row = [n, an.results[an.source_index[i]].label] + [cols[c][i] for c in TRIAL_SCHEMA.names] + [share if _finite(share) else None]
+        row = [n, an.results[an.source_index[i]].label] + [cols[c][i] for c in columns] + [share if _finite(share) else None]
         w.writerow(["" if v is None else repr(float(v)) if isinstance(v, float) else v for v in row])
     return buf.getvalue()

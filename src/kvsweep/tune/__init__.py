@@ -15,12 +15,12 @@ tables), ``summary`` (what the driver prints at its end), ``local`` (the in-proc
 """
 
 from .driver import SweepInterrupted, SweepOutcome, evaluate_base, prepare_samples, run_sweep
-from .space import DEFAULT_POINT, SPACE_FIELDS, absolute_paths, grid_points, model_dims, point_key, trial_cfg, validate_space, variant_name
+from .space import DEFAULT_POINT, absolute_paths, grid_points, model_dims, point_key, trial_cfg, space_fields, validate_space, variant_name
 from .summary import summarize
 from .writer import TrialRecord, build_tables, write_tables
 
 __all__ = [
-    "DEFAULT_POINT", "SPACE_FIELDS", "SweepInterrupted", "SweepOutcome", "TrialRecord", "absolute_paths", "build_tables", "evaluate_base",
-    "grid_points", "model_dims", "point_key", "prepare_samples", "run_sweep", "summarize", "trial_cfg", "validate_space",
+    "DEFAULT_POINT", "SweepInterrupted", "SweepOutcome", "TrialRecord", "absolute_paths", "build_tables", "evaluate_base",
+    "grid_points", "model_dims", "point_key", "prepare_samples", "run_sweep", "space_fields", "summarize", "trial_cfg", "validate_space",
     "variant_name", "write_tables",
 ]

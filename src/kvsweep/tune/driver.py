@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -22,12 +23,14 @@ from typing import Callable
 
 import pyarrow as pa
 import ray
-from ray import tune
+from ray import cloudpickle, tune
 from ray.tune import ResumeConfig
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 from transformers.utils import logging as hf_logging
 
+from ..adapters import external_methods
+from ..adapters.options import canonical_space
 from ..config import ConfigError, KvsweepError, SweepCfg
 from ..data import Samples, load_samples
 from ..evaluate import PositionStats, evaluate
@@ -38,7 +41,7 @@ from .local import start_local_ray
 from .packed import CLIENT_CPUS, packed_trainable, start_servers
 from .scheduler import DurableASHA
 from .space import absolute_paths, validate_space
-from .spec import SWEEP_FILE, Plan, SpecificationError, SweepRecord, data_digest, plan, round_points, specification
+from .spec import SWEEP_FILE, Plan, SpecificationError, SweepRecord, canonical_specification, data_digest, plan, round_points, specification
 from .store import StorageFullError, SweepBusyError, SweepStore, is_storage_full, join_uri
 from .summary import summarize, throughput
 from .trainable import trainable
@@ -88,7 +91,9 @@ def _stored_record(store: SweepStore) -> SweepRecord | None:
     """
     data = store.read_bytes(SWEEP_FILE)
     if data is not None:
-        return SweepRecord.from_json(data.decode(errors="replace"), f"{store.uri}/{SWEEP_FILE}")
+        record = SweepRecord.from_json(data.decode(errors="replace"), f"{store.uri}/{SWEEP_FILE}")
+        record.specification = canonical_specification(record.specification)  # its rounds keep the keys they ran with
+        return record
     older = [n for n in store.names() if n.startswith(TUNE_FILES)]
     if older:
         raise SpecificationError(f"{store.uri} holds the results of a sweep without a stored specification ({SWEEP_FILE}: "
@@ -114,6 +119,7 @@ def run_sweep(sweep: SweepCfg, space: dict[str, list], *, grow: bool = False, lo
     hf_logging.disable_progress_bar()
     sweep = absolute_paths(sweep)
     validate_space(space, sweep)
+    space = canonical_space(space)  # "rank" and "vdproj.rank" are one field, of one specification
     store = SweepStore(sweep.storage_uri, sweep.name)
     store.check_writable()
     with store.lock(log=log) as lock:
@@ -216,17 +222,30 @@ def _trainable(sweep: SweepCfg, samples: Samples, base_stats: PositionStats, rec
                log: Callable[[str], None]) -> tuple[dict, int | None, list]:
     """Register the trials' trainable as ``TRAINABLE``; its resources per trial, the concurrency limit, and the
     pack processes (packed sweeps)."""
+    methods = shipped_methods()
     if sweep.pack <= 1:
-        tune.register_trainable(TRAINABLE, tune.with_parameters(trainable, sweep=sweep, samples=samples, base_stats=base_stats))
+        tune.register_trainable(TRAINABLE, tune.with_parameters(trainable, sweep=sweep, samples=samples, base_stats=base_stats,
+                                                                methods=methods))
         return {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}, sweep.max_concurrent, []
     n_trials = sum(len(round_points(record, i, sweep) or []) or (record.rounds[i].num_samples or 0) for i in todo)
     n_packs = sweep.packs or _default_packs(sweep, max(1, n_trials))
-    servers = start_servers(sweep, samples, base_stats, n_packs)
+    servers = start_servers(sweep, samples, base_stats, n_packs, methods)
     max_concurrent = min(sweep.max_concurrent or n_packs * sweep.pack, n_packs * sweep.pack)
     log(f"packed: {n_packs} pack process(es) x up to {sweep.pack} trials, each pack with one copy of the base "
         f"({sweep.cpus_per_trial:g} CPU, {sweep.gpus_per_trial:g} GPU)")
     tune.register_trainable(TRAINABLE, tune.with_parameters(packed_trainable, sweep=sweep, servers=servers))
     return {"cpu": CLIENT_CPUS, "gpu": 0}, max_concurrent, servers
+
+
+def shipped_methods() -> dict:
+    """The methods registered here but defined outside kvsweep, pickled by value so that trial processes that
+    cannot import their module still get them (the trials register them with ``ensure_registered``)."""
+    methods = external_methods()
+    for cls in methods.values():
+        module = sys.modules.get(cls.__module__)
+        if module is not None and cls.__module__ != "__main__":
+            cloudpickle.register_pickle_by_value(module)
+    return methods
 
 
 def _tune_value(value):

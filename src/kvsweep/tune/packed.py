@@ -33,6 +33,7 @@ import torch
 from ray import tune
 from transformers.utils import logging as hf_logging
 
+from ..adapters import ensure_registered
 from ..config import SweepCfg
 from ..data import Samples
 from ..evaluate import PositionStats
@@ -50,7 +51,8 @@ class PackServer:
     """One base on one device, and the trials training on it. Runs as a threaded Ray actor: ``epoch``
     calls wait concurrently while a single thread does all the work on the model."""
 
-    def __init__(self, sweep: SweepCfg, samples: Samples, base_stats: PositionStats, slots: int):
+    def __init__(self, sweep: SweepCfg, samples: Samples, base_stats: PositionStats, slots: int, methods: dict | None = None):
+        ensure_registered(methods or {})  # the sweep's methods defined outside kvsweep
         hf_logging.disable_progress_bar()
         torch.set_num_threads(max(1, int(sweep.cpus_per_trial)))
         self.sweep, self.base_stats, self.slots = sweep, base_stats, slots
@@ -236,14 +238,14 @@ class PackServer:
                 self._drop(t)
 
 
-def start_servers(sweep: SweepCfg, samples: Samples, base_stats: PositionStats, n: int) -> list:
+def start_servers(sweep: SweepCfg, samples: Samples, base_stats: PositionStats, n: int, methods: dict | None = None) -> list:
     """``n`` pack processes, each with a trial's resources (``--cpus-per-trial``, ``--gpus-per-trial``), the CPU
     share of its K trial processes included (so that they fit wherever the pack fits)."""
     cpus = max(CLIENT_CPUS, sweep.cpus_per_trial - sweep.pack * CLIENT_CPUS)
     actor = ray.remote(num_cpus=cpus, num_gpus=sweep.gpus_per_trial, max_concurrency=sweep.pack + 8,
                        max_restarts=0)(PackServer)
     samples_ref = ray.put(samples)
-    return [actor.remote(sweep, samples_ref, base_stats, sweep.pack) for _ in range(n)]
+    return [actor.remote(sweep, samples_ref, base_stats, sweep.pack, methods) for _ in range(n)]
 
 
 def packed_trainable(config: dict, *, sweep: SweepCfg, servers: list) -> None:

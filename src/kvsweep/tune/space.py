@@ -1,8 +1,10 @@
 """The search space: its fields, their translation into typed trial configs, and its validation.
 
-A search space maps field names (``SPACE_FIELDS``) to lists of values; a point of it (one value per
+A search space maps field names (``space_fields()``) to lists of values; a point of it (one value per
 field) is one trial's configuration, Ray's flat ``config`` dict. ``trial_cfg`` is the one place where
-such a dict becomes a typed ``TrialCfg``. No Ray here.
+such a dict becomes a typed ``TrialCfg``. The methods' fields come from the registry
+(``kvsweep.adapters.options``): a family's key picks its method (``"ka": "ka_gated"``), and
+``"<method>.<option>"`` (``"vdproj.rank": 64``) or ``"<family>.<option>"`` sets an option. No Ray here.
 """
 
 from __future__ import annotations
@@ -13,27 +15,27 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..adapters import AdapterSpec, make_adapter
+from ..adapters import make_adapter
+from ..adapters.options import space_keys, specs_from_point, variant_label
 from ..config import ConfigError, SweepCfg
 from ..data import resolve_source
 from ..losses import LossCfg
 from ..models import Dims, check_seq_len, dims, model_config, resolve_model
 from ..train import TrialCfg
 
-SPACE_FIELDS = {
-    "rank": "V-DProj rank (None: no V-DProj)",
-    "target": "V-DProj target: v, k or kv",
-    "init": "V-DProj init: random, pca or identity",
-    "layers": "V-DProj layers: 'all' or indices",
-    "ka": "KA variant: none, ka_residual, ka_replace or ka_gated",
-    "ka_layers": "KA layers: 'last' or indices",
+TRAINING_FIELDS = {
     "schedule": "named loss schedule",
     "kl_weight": "constant KL weight",
     "seed": "adapter init and batch order",
     "lr": "learning rate",
 }
-DEFAULT_POINT: dict[str, Any] = {"rank": None, "target": "v", "init": "random", "layers": None, "ka": "none",
-                                 "ka_layers": None, "schedule": "lm", "kl_weight": 0.0, "seed": 0, "lr": None}
+DEFAULT_POINT: dict[str, Any] = {"schedule": "lm", "kl_weight": 0.0, "seed": 0, "lr": None}
+"""The training fields' values where a point does not give them; a method's options default to its own."""
+
+
+def space_fields() -> dict[str, str]:
+    """Every field a search space may have, with what it means: the registered methods' and the training fields."""
+    return {**space_keys(), **TRAINING_FIELDS}
 RUN_ONLY_TRAIN = ("compile", "loss_chunk", "eval_batch_size")
 """Training settings that change how a trial runs, not what it computes: not part of its identity."""
 
@@ -42,19 +44,16 @@ def trial_cfg(point: dict, sweep: SweepCfg) -> TrialCfg:
     """The typed trial config of one point of the search space (Ray's flat config dict).
 
     Raises:
-        ConfigError: a field outside ``SPACE_FIELDS`` or a value its adapter or schedule rejects.
+        ConfigError: a field outside ``space_fields()`` or a value its method or schedule rejects.
     """
-    unknown = sorted(k for k in point if k not in SPACE_FIELDS)
+    fields = space_fields()
+    unknown = sorted(k for k in point if k not in fields)
     if unknown:
-        raise ConfigError(f"search space: unknown field {unknown[0]!r}; valid fields: {', '.join(SPACE_FIELDS)}")
+        raise ConfigError(f"search space: unknown field {unknown[0]!r}; valid fields: {', '.join(fields)}")
     p = {**DEFAULT_POINT, **point}
-    specs = []
-    if p["rank"] is not None:
-        specs.append(AdapterSpec.parse("vdproj", rank=p["rank"], target=p["target"], init=p["init"], layers=p["layers"]))
-    if p["ka"] not in (None, "none"):
-        specs.append(AdapterSpec.parse(p["ka"], layers=p["ka_layers"]))
+    specs = specs_from_point(p)
     train = replace(sweep.train, seed=p["seed"], lr=p["lr"] if p["lr"] is not None else sweep.train.lr)
-    return TrialCfg(model=sweep.model, data=sweep.data, adapters=tuple(specs),
+    return TrialCfg(model=sweep.model, data=sweep.data, adapters=specs,
                     loss=LossCfg.named(p["schedule"], kl=p["kl_weight"]), train=train)
 
 
@@ -85,9 +84,10 @@ def check_space_shape(space: dict[str, list]) -> None:
     """
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"search space: a dict of field -> list of values, got {space!r}")
+    fields = space_fields()
     for key, values in space.items():
-        if key not in SPACE_FIELDS:
-            raise ConfigError(f"search space: unknown field {key!r}; valid fields: {', '.join(SPACE_FIELDS)}")
+        if key not in fields:
+            raise ConfigError(f"search space: unknown field {key!r}; valid fields: {', '.join(fields)}")
         if not isinstance(values, (list, tuple)) or not values:
             raise ConfigError(f"search space: {key} must be a non-empty list of values, got {values!r}")
 
@@ -112,22 +112,23 @@ def validate_space(space: dict[str, list], sweep: SweepCfg) -> list[TrialCfg]:
                     make_adapter(spec, d)
             except ConfigError as e:
                 raise ConfigError(f"search space: {key}={value!r}: {e}") from None
-    cfgs = []
+    cfgs, built = [], set()
     for point in grid_points(space):
         try:
-            cfgs.append(trial_cfg(point, sweep))
+            cfg = trial_cfg(point, sweep)
+            for spec in cfg.adapters:  # each distinct method setting built once, against the model
+                if spec not in built:
+                    make_adapter(spec, d)
+                    built.add(spec)
+            cfgs.append(cfg)
         except ConfigError as e:
             raise ConfigError(f"search space: the combination {point}: {e}") from None
     return cfgs
 
 
 def variant_name(cfg: TrialCfg) -> str:
-    """Adapters and schedule, without rank and seed: the colour of a trial in the report."""
-    parts = []
-    for s in cfg.adapters:
-        o = s.options
-        parts.append(f"vdproj[{o.target},{o.init}]" if s.name == "vdproj" else s.name)
-    return f"{'+'.join(parts) or 'base'} / {cfg.loss.name}"
+    """The methods' labels and the schedule, without rank and seed: the colour of a trial in the report."""
+    return variant_label(cfg.adapters, cfg.loss.name)
 
 
 def absolute_paths(sweep: SweepCfg) -> SweepCfg:

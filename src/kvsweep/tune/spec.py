@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..adapters.options import canonical_key
 from ..config import KvsweepError, SweepCfg
 from ..data import Samples
 from ..evaluate import PositionStats
@@ -102,6 +103,15 @@ def content_digest(path: Path, edge: int = 1 << 20) -> str:
                 fh.seek(size - edge)
             h.update(fh.read(edge))
     return h.hexdigest()
+
+
+def canonical_specification(spec: dict[str, Any]) -> dict[str, Any]:
+    """A stored specification with its search-space fields under the methods' own keys (``space.rank`` ->
+    ``space.vdproj.rank``), as ``specification`` writes them for a space of ``canonical_space``."""
+    out: dict[str, Any] = {}
+    for key, value in spec.items():
+        out[f"space.{canonical_key(key[len('space.'):])}" if key.startswith("space.") else key] = value
+    return out
 
 
 def _space_of(spec: dict[str, Any]) -> dict[str, list]:

@@ -53,7 +53,7 @@ def summarize(trials: pa.Table, results_uri: str, report: Path | None, timing: s
              f"it saved {savings.saved} ({savings.saved_pct:.0f}%)" if savings.saved else
              f"epochs run {savings.run}; the scheduler stopped no trial")
     parts = [f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in by_status.items() if n), saved,
-             f"best val PPL {best['best_val_ppl']:.4f} ({best['variant']}, rank {best['rank']}) vs base {best['base_val_ppl']:.4f}" if best else "",
+             f"best val PPL {best['best_val_ppl']:.4f} ({best['options']}, {best['variant'].split(' / ')[-1]}) vs base {best['base_val_ppl']:.4f}" if best else "",
              f"results: {join_uri(results_uri, 'trials.parquet')}, epochs.parquet, positions.parquet",
              f"report: {report}" if report else "", timing]
     return "\n".join(p for p in parts if p)

@@ -13,6 +13,7 @@ import torch
 from ray import tune
 from transformers.utils import logging as hf_logging
 
+from ..adapters import ensure_registered
 from ..checkpoint import saved_progress
 from ..config import SweepCfg
 from ..data import Samples
@@ -37,9 +38,11 @@ def resumed_report(checkpoint: Path) -> int:
     return epoch
 
 
-def trainable(config: dict, *, sweep: SweepCfg, samples: Samples, base_stats: PositionStats) -> None:
-    """Train the configuration ``config`` (a point of the search space) as one Tune trial."""
+def trainable(config: dict, *, sweep: SweepCfg, samples: Samples, base_stats: PositionStats, methods: dict | None = None) -> None:
+    """Train the configuration ``config`` (a point of the search space) as one Tune trial; ``methods``: the
+    sweep's methods defined outside kvsweep, registered here first."""
     t_start = time.time()
+    ensure_registered(methods or {})
     hf_logging.disable_progress_bar()
     torch.set_num_threads(max(1, int(sweep.cpus_per_trial)))
     cfg = trial_cfg(config, sweep)

@@ -22,10 +22,11 @@ from ray.tune import ExperimentAnalysis
 
 from ..config import SweepCfg, position_buckets
 from ..evaluate import PositionStats
-from ..results import EPOCH_SCHEMA, POSITION_SCHEMA, TRIAL_SCHEMA, table, with_schema_version
+from ..adapters.options import method_columns, option_columns
+from ..results import EPOCH_SCHEMA, POSITION_SCHEMA, table, trial_schema, with_schema_version
 from ..train import bucket_key, epoch_rows, git_revision
 from .guard import StorageGuard, error_text
-from .space import trial_cfg, variant_name
+from .space import trial_cfg
 from .store import SweepStore, is_storage_full
 
 @dataclass
@@ -94,14 +95,10 @@ def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: Positi
         history = [by_epoch[e] for e in sorted(by_epoch)]
         status, error = _status(rec, sweep.train.epochs)
         best = min(history, key=lambda m: m["val_ppl"]) if history else None
-        vd = next((s.options for s in cfg.adapters if s.name == "vdproj"), None)
-        ka = next((s.name for s in cfg.adapters if s.name != "vdproj"), None)
         last = history[-1] if history else {}
         trials.append({
-            "trial_id": rec.trial_id, "sweep": sweep.name, "variant": variant_name(cfg),
-            "adapters": "+".join(s.name for s in cfg.adapters) or "base",
-            "rank": vd.rank if vd else None, "target": vd.target if vd else None, "init": vd.init if vd else None,
-            "ka": ka, "schedule": cfg.loss.name, "seed": cfg.train.seed,
+            "trial_id": rec.trial_id, "sweep": sweep.name, **method_columns(cfg.adapters, cfg.loss.name),
+            "schedule": cfg.loss.name, "seed": cfg.train.seed,
             "config": _config_json(cfg), "status": status, "error": error,
             "epochs_run": len(history), "max_epochs": sweep.train.epochs,
             "best_epoch": int(best["epoch"]) if best else None,
@@ -125,7 +122,7 @@ def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: Positi
                 ppl = best.get(bucket_key(b["lo"], b["hi"]), math.nan)
                 positions.append({"trial_id": rec.trial_id, "lo": b["lo"], "hi": b["hi"], "tokens": b["tokens"], "ppl": ppl,
                                   "base_ppl": b["ppl"], "diff": ppl - b["ppl"], "degradation_pct": 100 * (ppl - b["ppl"]) / b["ppl"]})
-    return {"trials": table(trials, TRIAL_SCHEMA), "epochs": table(epochs, EPOCH_SCHEMA), "positions": table(positions, POSITION_SCHEMA)}
+    return {"trials": table(trials, trial_schema(option_columns())), "epochs": table(epochs, EPOCH_SCHEMA), "positions": table(positions, POSITION_SCHEMA)}
 
 
 def _config_json(cfg) -> str:
