@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from kvsweep.cli import main
+from kvsweep.config import KvsweepError
 
 
 @pytest.mark.slow
@@ -121,3 +122,27 @@ def test_eval_of_a_source_with_splits_evaluates_its_validation_split(tiny_folder
     n = rec["evaluated"]["total_windows"]
     assert rec["evaluated"]["split"] == "validation" and rec["evaluated"]["windows"] == [0, n]
     assert f"evaluated 8 samples of windows 0..{n - 1} of {n} (the validation split of tiny)" in capsys.readouterr().out
+
+
+def test_method_flags_come_from_the_registry_and_the_older_flags_are_aliases():
+    from kvsweep.args import adapter_specs
+    from kvsweep.cli import build_parser
+
+    def specs(*argv):
+        return adapter_specs(build_parser().parse_args(["train", "--out", "x", *argv]))
+
+    new = specs("--vdproj.rank", "16", "--vdproj.init", "pca", "--no-vdproj.bias", "--vdproj.calib-samples", "5",
+                "--ka_gated.layers", "0,1")
+    old = specs("--adapter", "vdproj", "--rank", "16", "--init", "pca", "--no-bias", "--calib-samples", "5",
+                "--adapter", "ka_gated", "--ka-layers", "0,1")
+    assert new == old and [s.name for s in new] == ["vdproj", "ka_gated"]
+    assert new[0].options.bias is False and new[0].options.calib_samples == 5 and new[1].options.layers == (0, 1)
+    # methods in registry order unless --adapter names several in an order of its own
+    assert [s.name for s in specs("--adapter", "ka_gated", "--vdproj.rank", "8")] == ["vdproj", "ka_gated"]
+    assert [s.name for s in specs("--adapter", "ka_gated", "--adapter", "vdproj", "--rank", "8")] == ["ka_gated", "vdproj"]
+    with pytest.raises(KvsweepError, match="--vdproj.rank or --rank"):
+        specs("--adapter", "vdproj")
+    with pytest.raises(KvsweepError, match="cannot be combined"):
+        specs("--ka_gated.layers", "0", "--ka_residual.layers", "1")
+    with pytest.raises(SystemExit):
+        specs("--vdproj.init", "svd")  # not one of its choices

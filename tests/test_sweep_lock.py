@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from kvsweep.tune.store import LEASE_FILE, DriverLock, StorageError, SweepBusyError, SweepStore, join_uri
+from kvsweep.tune.lock import LEASE_FILE, DriverLock
+from kvsweep.tune.store import StorageError, SweepBusyError, SweepStore, join_uri
 
 from .sweeps import check_once, env, kill, start, sweep_cmd, wait_for
 
@@ -34,7 +35,7 @@ def test_a_second_lock_on_a_local_folder_is_refused_naming_the_holder(tmp_path):
 
 
 def test_a_killed_holder_leaves_no_local_lock(tmp_path):
-    code = (f"import os, time\nfrom kvsweep.tune.store import DriverLock, SweepStore\n"
+    code = (f"import os, time\nfrom kvsweep.tune.lock import DriverLock\nfrom kvsweep.tune.store import SweepStore\n"
             f"DriverLock(SweepStore({str(tmp_path)!r}, 's')).__enter__()\nprint('held', flush=True)\ntime.sleep(600)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

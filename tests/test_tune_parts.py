@@ -236,3 +236,21 @@ def test_a_methods_older_space_keys_are_the_same_fields_as_its_own():
     assert p.todo == [] and "nothing to run" in p.message  # not refused: the same specification
     with pytest.raises(ConfigError, match="given twice"):
         canonical_space({"rank": [32], "vdproj.rank": [64]})
+
+
+def test_methods_of_a_point_come_from_their_family_key_or_their_own_options():
+    from kvsweep.adapters.options import specs_from_point
+    from kvsweep.config import ConfigError
+
+    assert [s.name for s in specs_from_point({"vdproj.rank": 8})] == ["vdproj"]
+    # in registration order, V-DProj first: the order their inits are drawn in, as before methods came from the registry
+    assert [s.name for s in specs_from_point({"ka": "ka_gated", "rank": 8})] == ["vdproj", "ka_gated"]
+    assert specs_from_point({"rank": None, "ka": "none", "ka.layers": "0"}) == ()  # a family's options alone pick none of it
+    (ka,) = specs_from_point({"ka": "ka_replace", "ka.layers": "0", "ka_replace.layers": "1"})
+    assert ka.options.layers == (1,)  # the method's own key wins over its family's
+    (ka,) = specs_from_point({"ka_gated.layers": "0"})
+    assert ka.name == "ka_gated" and ka.options.layers == (0,)
+    with pytest.raises(ConfigError, match="name it with the key 'ka'"):
+        specs_from_point({"ka_gated.layers": "0", "ka_residual.layers": "1"})
+    with pytest.raises(ConfigError, match="ka must be one of"):
+        specs_from_point({"ka": "vdproj"})

@@ -94,12 +94,14 @@ def specs_from_args(a: argparse.Namespace) -> tuple[AdapterSpec, ...]:
         ConfigError: an unknown method or option value, or methods that cannot be combined.
     """
     given = vars(a)
-    names = list(dict.fromkeys(a.adapter))
-    for name in names:
+    named = list(dict.fromkeys(a.adapter))
+    for name in named:
         adapter_class(name)
-    for method, cls in ADAPTERS.items():
-        if method not in names and any(given.get(f"{method}.{f.name}") is not None for f in option_fields(cls)):
-            names.append(method)
+    implied = [m for m, cls in ADAPTERS.items()
+               if m not in named and any(given.get(f"{m}.{f.name}") is not None for f in option_fields(cls))]
+    # registry order (the order a search-space point's methods come in, and their seeded inits are drawn in),
+    # unless --adapter names several methods in an order of its own
+    names = named + implied if len(named) > 1 else [m for m in ADAPTERS if m in named or m in implied]
     specs = []
     for name in names:
         cls = ADAPTERS[name]
@@ -156,7 +158,11 @@ def specs_from_point(point: dict) -> tuple[AdapterSpec, ...]:
             if chosen is not None and chosen not in members:
                 raise ConfigError(f"{family} must be one of none, {', '.join(members)}; got {value!r}")
         else:
-            chosen = next((m for m in members if _options_in(point, ADAPTERS[m])), None)
+            given = [m for m in members if _options_in(point, ADAPTERS[m])]
+            if len(given) > 1:
+                raise ConfigError(f"options of {' and '.join(given)} are given, but a trial uses one {family} method: "
+                                  f"name it with the key {family!r}")
+            chosen = given[0] if given else None
         if chosen is None:
             continue
         cls = ADAPTERS[chosen]

@@ -8,10 +8,10 @@ their last checkpoint), and gathers the results into ``trials.parquet``, ``epoch
 adds the configurations its search space gained.
 
 Modules: ``space`` (search space -> typed trial configs), ``spec`` (the stored specification),
-``store`` (the sweep's folder, its lock), ``scheduler`` (ASHA that survives a killed driver), ``guard``
-(a full disk stops the sweep cleanly), ``trainable`` and ``packed`` (the trials), ``writer`` (the result
-tables), ``summary`` (what the driver prints at its end), ``local`` (the in-process Ray of a local sweep),
-``driver`` (``run_sweep``).
+``store`` (the sweep's folder), ``lock`` (one driver per sweep), ``scheduler`` (ASHA that survives a killed
+driver), ``guard`` (a full disk stops the sweep cleanly), ``trainable`` and ``packed`` (the trials),
+``rounds`` (one round as one Tune experiment), ``writer`` (the result tables), ``summary`` (what the driver
+prints at its end), ``local`` (the in-process Ray of a local sweep), ``driver`` (``run_sweep``).
 """
 
 from .driver import SweepInterrupted, SweepOutcome, evaluate_base, prepare_samples, run_sweep

@@ -11,11 +11,7 @@ trials are not run again.
 
 from __future__ import annotations
 
-import math
 import os
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,13 +19,8 @@ from typing import Callable
 
 import pyarrow as pa
 import ray
-from ray import cloudpickle, tune
-from ray.tune import ResumeConfig
-from ray.tune.schedulers import FIFOScheduler
-from ray.tune.search import BasicVariantGenerator
 from transformers.utils import logging as hf_logging
 
-from ..adapters import external_methods
 from ..adapters.options import canonical_space
 from ..config import ConfigError, KvsweepError, SweepCfg
 from ..data import Samples, load_samples
@@ -37,18 +28,16 @@ from ..evaluate import PositionStats, evaluate
 from ..models import load_base
 from ..train import autocast
 from .guard import StorageGuard
+from .lock import DriverLock
 from .local import start_local_ray
-from .packed import CLIENT_CPUS, packed_trainable, start_servers
-from .scheduler import DurableASHA
+from .rounds import fit_round, pack_stats_of, register_trials
 from .space import absolute_paths, validate_space
-from .spec import SWEEP_FILE, Plan, SpecificationError, SweepRecord, canonical_specification, data_digest, plan, round_points, specification
+from .spec import SWEEP_FILE, Plan, SpecificationError, SweepRecord, canonical_specification, data_digest, plan, specification
 from .store import StorageFullError, SweepBusyError, SweepStore, is_storage_full, join_uri
 from .summary import summarize, throughput
-from .trainable import trainable
-from .writer import ResultsWriter, TrialRecord, build_tables, has_experiment, load_records, records_from, write_tables
+from .writer import ResultsWriter, TrialRecord, build_tables, load_records, records_from, write_tables
 
 TUNE_FILES = ("experiment_state-", "tuner.pkl", "trials.parquet")  # what an older kvsweep left in a sweep folder
-TRAINABLE = "trial"  # one name for unpacked and packed trials: a sweep continued with another --pack resumes its trials
 
 
 class SweepInterrupted(KvsweepError):
@@ -122,7 +111,7 @@ def run_sweep(sweep: SweepCfg, space: dict[str, list], *, grow: bool = False, lo
     space = canonical_space(space)  # "rank" and "vdproj.rank" are one field, of one specification
     store = SweepStore(sweep.storage_uri, sweep.name)
     store.check_writable()
-    with store.lock(log=log) as lock:
+    with DriverLock(store, log=log) as lock:
         guard = StorageGuard(store)
         lock.on_lost = lambda why: guard.stop(why, SweepBusyError)  # an object store's lease taken by another driver
         short = guard.shortage()
@@ -169,10 +158,10 @@ def _run(sweep: SweepCfg, space: dict, store: SweepStore, guard: StorageGuard, s
             guard.seed(store)
             writer = ResultsWriter(sweep, base_stats, store, guard=guard, records=[rec for rs in by_round.values() for rec in rs],
                                    log=log)
-            resources, max_concurrent, servers = _trainable(sweep, samples, base_stats, record, the_plan.todo, log)
+            resources, max_concurrent, servers = register_trials(sweep, samples, base_stats, record, the_plan.todo, log)
             t_fit, since = time.perf_counter(), time.time()
             for index in the_plan.todo:
-                analysis = _fit_round(sweep, store, record, index, resources, max_concurrent, [writer, guard, *callbacks], log)
+                analysis = fit_round(sweep, store, record, index, resources, max_concurrent, [writer, guard, *callbacks], log)
                 by_round[record.rounds[index].tune] = ran = records_from(analysis)
                 this_run += ran
                 record.rounds[index].finished = guard.full is None and all(t.status == "TERMINATED" for t in analysis.trials)
@@ -183,7 +172,7 @@ def _run(sweep: SweepCfg, space: dict, store: SweepStore, guard: StorageGuard, s
                     interrupted = True
                     break
             fit_seconds = time.perf_counter() - t_fit
-            pack_stats = _pack_stats(servers)
+            pack_stats = pack_stats_of(servers)
         except OSError as e:
             if not is_storage_full(e):
                 raise
@@ -216,115 +205,6 @@ def _warn_scattered(sweep: SweepCfg, store: SweepStore, log: Callable[[str], Non
     if store.local and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
         log(f"kvsweep: warning: --storage {sweep.storage} is a local path on a cluster of several nodes; unless every "
             "node mounts it, checkpoints and results end up scattered: use s3://..., gs://... or a shared mount")
-
-
-def _trainable(sweep: SweepCfg, samples: Samples, base_stats: PositionStats, record: SweepRecord, todo: list[int],
-               log: Callable[[str], None]) -> tuple[dict, int | None, list]:
-    """Register the trials' trainable as ``TRAINABLE``; its resources per trial, the concurrency limit, and the
-    pack processes (packed sweeps)."""
-    methods = shipped_methods()
-    if sweep.pack <= 1:
-        tune.register_trainable(TRAINABLE, tune.with_parameters(trainable, sweep=sweep, samples=samples, base_stats=base_stats,
-                                                                methods=methods))
-        return {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}, sweep.max_concurrent, []
-    n_trials = sum(len(round_points(record, i, sweep) or []) or (record.rounds[i].num_samples or 0) for i in todo)
-    n_packs = sweep.packs or _default_packs(sweep, max(1, n_trials))
-    servers = start_servers(sweep, samples, base_stats, n_packs, methods)
-    max_concurrent = min(sweep.max_concurrent or n_packs * sweep.pack, n_packs * sweep.pack)
-    log(f"packed: {n_packs} pack process(es) x up to {sweep.pack} trials, each pack with one copy of the base "
-        f"({sweep.cpus_per_trial:g} CPU, {sweep.gpus_per_trial:g} GPU)")
-    tune.register_trainable(TRAINABLE, tune.with_parameters(packed_trainable, sweep=sweep, servers=servers))
-    return {"cpu": CLIENT_CPUS, "gpu": 0}, max_concurrent, servers
-
-
-def shipped_methods() -> dict:
-    """The methods registered here but defined outside kvsweep, pickled by value so that trial processes that
-    cannot import their module still get them (the trials register them with ``ensure_registered``)."""
-    methods = external_methods()
-    for cls in methods.values():
-        module = sys.modules.get(cls.__module__)
-        if module is not None and cls.__module__ != "__main__":
-            cloudpickle.register_pickle_by_value(module)
-    return methods
-
-
-def _tune_value(value):
-    """A search-space value as Tune's config holds it: a list of layer indices as ``"0,1,2"`` (Tune's variant
-    generator takes lists in a config for nested search spaces)."""
-    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _fit_round(sweep: SweepCfg, store: SweepStore, record: SweepRecord, index: int, resources: dict, max_concurrent: int | None,
-               callbacks: list, log: Callable[[str], None]):
-    """Run (or resume) round ``index`` as one Tune experiment in ``<sweep>/tune-<index>``; its analysis."""
-    r = record.rounds[index]
-    points = round_points(record, index, sweep)
-    space = {k: [_tune_value(v) for v in values] for k, values in r.space.items()}
-    config = {k: (tune.choice(v) if len(v) > 1 else v[0]) for k, v in space.items()}
-    if points is not None:  # a grid: exactly these configurations
-        search = BasicVariantGenerator(points_to_evaluate=[{k: _tune_value(v) for k, v in p.items()} for p in points],
-                                       max_concurrent=max_concurrent or 0)
-        num_samples = len(points)
-    else:  # random search: this many random picks
-        search = BasicVariantGenerator(max_concurrent=max_concurrent or 0)
-        num_samples = r.num_samples
-    resume = has_experiment(store, r.tune)
-    if resume:
-        log(f"resuming {join_uri(store.uri, r.tune)} (finished trials are not run again)")
-    elif num_samples:
-        log(f"round {index} ({r.tune}): {num_samples} trials x up to {sweep.train.epochs} epochs")
-    scheduler = (DurableASHA(store, max_t=sweep.train.epochs, grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
-                 if sweep.asha else FIFOScheduler())
-    handlers = _signal_handlers()  # Tune installs its own for the run (Ctrl+C, SIGUSR1: stop and save); put ours back
-    try:
-        return tune.run(
-            TRAINABLE, name=r.tune, storage_path=store.root, storage_filesystem=store.fs, resources_per_trial=resources,
-            config=config, num_samples=max(1, num_samples or 0), search_alg=search,
-            scheduler=scheduler, metric="val_ppl", mode="min", checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            max_failures=sweep.max_failures, callbacks=callbacks, raise_on_failed_trial=False, verbose=1,
-            trial_dirname_creator=lambda trial: trial_dirname(trial, r.space),
-            resume_config=ResumeConfig(unfinished=ResumeConfig.ResumeType.RESUME, errored=ResumeConfig.ResumeType.RESUME,
-                                       finished=ResumeConfig.ResumeType.SKIP) if resume else None,
-        )
-    finally:
-        _restore_signal_handlers(handlers)
-
-
-def _signal_handlers() -> dict:
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}
-
-
-def _restore_signal_handlers(handlers: dict) -> None:
-    for sig, handler in handlers.items():
-        if handler is not None:
-            signal.signal(sig, handler)
-
-
-def trial_dirname(trial, space: dict[str, list]) -> str:
-    """``<trainable>_<trial id>_<the searched values>``, e.g. ``trial_4d383_00002_init=random,rank=64``."""
-    searched = ",".join(f"{k}={trial.config.get(k)}" for k in sorted(space) if len(space[k]) > 1)
-    name = f"{trial.trainable_name}_{trial.trial_id}" + (f"_{searched}" if searched else "")
-    return "".join(c if c.isalnum() or c in "._=,-" else "_" for c in name)[:120]
-
-
-def _pack_stats(servers: list) -> list[dict]:
-    out = []
-    for s in servers:
-        try:
-            out.append(ray.get(s.stats.remote(), timeout=60))
-        except (ray.exceptions.RayError, TimeoutError):  # figures only: never stop the results for them
-            pass
-    return out
-
-
-def _default_packs(sweep: SweepCfg, n_trials: int) -> int:
-    """One pack per ``--gpus-per-trial`` share of the cluster's GPUs (one on CPUs), at most one per K trials."""
-    n = 1
-    if sweep.gpus_per_trial > 0:
-        n = max(1, int(ray.cluster_resources().get("GPU", 0) // sweep.gpus_per_trial))
-    return max(1, min(n, math.ceil(n_trials / sweep.pack)))
 
 
 def _write_report(sweep: SweepCfg, results_uri: str, log) -> Path | None:
