@@ -481,6 +481,7 @@ class Driver:
         self.base, self.samples, self.log = base, samples, log
         self.runs: list[TrialRun] = []
         self.ending: list[TrialRun] = []  # the trials whose epochs the last ``advance`` ended (or was ending)
+        self.step_seconds = 0.0  # the last ``advance``'s step alone, without the end of epochs
 
     # -- what a way of running trials decides
     def _wire(self, run: TrialRun) -> None:
@@ -584,7 +585,9 @@ class Driver:
         trials whose epochs were ending (empty when the step itself failed, for all of ``runs``).
         """
         self.ending = []
+        t0 = time.perf_counter()
         self.step(runs)
+        self.step_seconds = time.perf_counter() - t0
         self.ending = [r for r in runs if not r.done and r.epoch_finished]
         self.finish_epochs(self.ending)
         return self.ending

@@ -127,7 +127,6 @@ class PackServer:
         if not ids:
             return
         runs = [self._runs[t] for t in ids]
-        t0 = time.perf_counter()
         try:  # the loop every trial's life goes through: one step, the end of the epochs it ended
             ended = self.pack.advance(runs)
         except Exception as e:
@@ -141,7 +140,7 @@ class PackServer:
                     self._fail(t, e)
         self.counters["steps"] += 1
         self.counters["trial_steps"] += len(runs)
-        self.counters["step_seconds"] += time.perf_counter() - t0
+        self.counters["step_seconds"] += self.pack.step_seconds
         self.counters["tokens"] += sum(r.cfg.train.batch_size * r.cfg.data.seq_len for r in runs)
         for t, run in zip(ids, runs, strict=True):
             if t not in self._waiting:  # failed above
