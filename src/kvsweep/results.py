@@ -64,6 +64,7 @@ TRIAL_SCHEMA = pa.schema([
 ])
 TRIAL_STATUSES = ("completed", "early_stopped", "asha_stopped", "error")
 
+
 def _column(arrow: pa.DataType) -> dict:
     """Field metadata: the Arrow type of the field's column where it is not its Python type's default."""
     return {"arrow": arrow}
@@ -176,7 +177,8 @@ def position_metrics(trial: Sequence[BucketPPL], base: Sequence[Mapping[str, Any
 class TrialConstants:
     """What a trial reports with every epoch, the same each time: the base's and the init's validation PPL, KV
     cache bytes per token (accounted by ``kvsweep.kvcache``, and measured in a latent-cache decode), their ratio
-    to the base's, and parameters (trainable: the adapters'; total: base and adapters)."""
+    to the base's, and parameters (trainable: the adapters'; total: base and adapters). Read back from results of an
+    older kvsweep (``EpochReport.from_report``), a field they lack is ``None``."""
 
     base_val_ppl: float
     init_val_ppl: float
