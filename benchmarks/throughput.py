@@ -46,7 +46,7 @@ from kvsweep.config import DataCfg, ModelCfg, TrainCfg
 from kvsweep.data import Samples
 from kvsweep.models import Base, dims, load_base, resolve_device
 from kvsweep.pack import Pack
-from kvsweep.train import TrialCfg, TrialRun, train_step
+from kvsweep.train import Driver, TrialCfg, TrialRun, train_step
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
@@ -82,8 +82,11 @@ def load(a, device: torch.device, dtype: str = "float32") -> Base:
     return load_base(ModelCfg(name=a.model, random_init=a.model != "tiny", dtype=dtype, device=str(device)), log=lambda m: None)
 
 
-def attached_run(cfg: TrialCfg, base: Base, samples: Samples) -> TrialRun:
-    """A trial alone, its adapters attached directly to the base, as ``run_trial`` does (no routers)."""
+def attached_run(cfg: TrialCfg, base: Base, samples: Samples, *, start: bool = False) -> TrialRun:
+    """A trial alone, its adapters attached directly to the base, as ``run_trial`` does (no routers); with ``start``,
+    also set up and evaluated at init, as ``run_trial``'s driver does."""
+    if start:
+        return Driver(base, samples, log=lambda m: None).add(cfg)
     run = TrialRun(cfg, base, samples, log=lambda m: None)
     for ad in run.adapters:
         ad.attach(base.model)
@@ -114,8 +117,7 @@ def run_row(a, device: torch.device, *, k: int = 1, dtype: str = "float32", amp:
     cfgs = [trial_cfg(a, seed=i, dtype=dtype, amp=amp, loss_chunk=loss_chunk, compile_mode=compile_mode) for i in range(k)]
     model = base.model  # train_step compiles it (TrainCfg.compile), as sweeps do
     if k == 1:  # alone: the trial's adapters attached directly, as run_trial does (no routers)
-        run = attached_run(cfgs[0], base, samples)
-        run.start()
+        run = attached_run(cfgs[0], base, samples, start=True)
         runs = [run]
         step = lambda: train_step(model, runs)  # noqa: E731
     else:
@@ -194,8 +196,7 @@ def startup(a, device: torch.device, k: int) -> dict:
         t0 = time.perf_counter()
         b = load_base(cfg.model, log=lambda m: None)
         t_load = time.perf_counter() - t0
-        run = attached_run(cfg, b, samples)
-        run.start()
+        run = attached_run(cfg, b, samples, start=True)
         train_step(b.model, [run])
         sync(device)
         out["alone"] = (time.perf_counter() - t0, t_load)

@@ -46,7 +46,8 @@ def tables(folder: Path) -> dict[str, list[dict]]:
 
 
 def check_once(t: dict, n_trials: int) -> None:
-    """Every trial exactly once, every (trial, epoch) once, epochs 1..epochs_run for each trial."""
+    """Every trial exactly once, every (trial, epoch) once, epochs 0 (the adapters at init) and 1..epochs_run for each
+    trial that trained an epoch."""
     ids = [r["trial_id"] for r in t["trials"]]
     assert len(ids) == len(set(ids)) == n_trials
     pairs = [(r["trial_id"], r["epoch"]) for r in t["epochs"]]
@@ -54,7 +55,7 @@ def check_once(t: dict, n_trials: int) -> None:
     for r in t["trials"]:
         assert r["status"] in ("completed", "early_stopped", "asha_stopped", "error")
         epochs = sorted(e["epoch"] for e in t["epochs"] if e["trial_id"] == r["trial_id"])
-        assert epochs == list(range(1, r["epochs_run"] + 1))
+        assert epochs == ([0] if r["epochs_run"] else []) + list(range(1, r["epochs_run"] + 1))
 
 
 def outcome(t: dict) -> dict:

@@ -13,6 +13,7 @@ from kvsweep.adapters import AdapterSpec
 from kvsweep.config import DataCfg, ModelCfg, TrainCfg
 from kvsweep.losses import LossCfg
 from kvsweep.pack import Pack, Router, run_packed
+from kvsweep.results import TrialResult
 from kvsweep.train import TrialCfg, run_trial
 
 from .conftest import pattern_samples as _samples, small_base as _base
@@ -44,16 +45,16 @@ def _strip(m: dict) -> dict:
     return {k: v for k, v in m.items() if k not in ("seconds", "first_step_at")}
 
 
-def _alone(cfg: TrialCfg) -> tuple[dict, list[dict]]:
+def _alone(cfg: TrialCfg) -> tuple[TrialResult, list[dict]]:
     reports: list[dict] = []
-    result = run_trial(cfg, lambda m, ckpt: reports.append(_strip(m)), base=_base(), samples=_samples(), log=lambda m: None)
+    result = run_trial(cfg, lambda m, ckpt: reports.append(_strip(m.to_report())), base=_base(), samples=_samples(), log=lambda m: None)
     return result, reports
 
 
-def _packed(cfgs: list[TrialCfg], **kw) -> tuple[list[dict], list[list[dict]]]:
+def _packed(cfgs: list[TrialCfg], **kw) -> tuple[list[TrialResult], list[list[dict]]]:
     reports: list[list[dict]] = [[] for _ in cfgs]
     results = run_packed(cfgs, base=_base(), samples=_samples(), log=lambda m: None,
-                         reports=[(lambda m, ckpt, i=i: reports[i].append(_strip(m))) for i in range(len(cfgs))], **kw)
+                         reports=[(lambda m, ckpt, i=i: reports[i].append(_strip(m.to_report()))) for i in range(len(cfgs))], **kw)
     return results, reports
 
 
@@ -89,9 +90,9 @@ def test_packed_trials_report_what_they_report_alone():
         assert len(rep) == len(alone_reports) == 3
         for m, ma in zip(rep, alone_reports, strict=True):
             _close(m, ma, rel=1e-5)
-        assert result["status"] == alone["status"] == "completed"
-        _close({k: v for k, v in result.items() if k not in ("history", "positions", "seconds")},
-               {k: v for k, v in alone.items() if k not in ("history", "positions", "seconds")}, rel=1e-5)
+        assert result.status == alone.status == "completed"
+        _close({k: v for k, v in result.to_json().items() if k not in ("positions", "seconds")},
+               {k: v for k, v in alone.to_json().items() if k not in ("positions", "seconds")}, rel=1e-5)
 
 
 def test_pack_of_identical_trials_matches_one_alone_exactly_in_float32():
@@ -109,9 +110,9 @@ def test_a_trial_that_stops_leaves_the_pack_and_the_others_go_on():
     keeper = _cfg([VD], epochs=4)
     results, reports = _packed([stopper, keeper])
     alone_stop, _ = _alone(stopper)
-    assert results[0]["status"] == alone_stop["status"] == "early_stopped"
-    assert results[0]["epochs_run"] == alone_stop["epochs_run"] == 2 and len(reports[0]) == 2
-    assert results[1]["status"] == "completed" and len(reports[1]) == 4
+    assert results[0].status == alone_stop.status == "early_stopped"
+    assert results[0].epochs_run == alone_stop.epochs_run == 2 and len(reports[0]) == 2
+    assert results[1].status == "completed" and len(reports[1]) == 4
     _, alone_keep = _alone(keeper)
     for m, ma in zip(reports[1], alone_keep, strict=True):
         _close(m, ma, rel=1e-5)
@@ -121,8 +122,8 @@ def test_a_trial_whose_loss_diverges_ends_in_error_and_the_others_go_on():
     bad = _cfg([VD], loss="lm", lr=1e30, grad_clip=0.0)
     good = _cfg([VD])
     results, reports = _packed([bad, good])
-    assert results[0]["status"] == "error" and "loss is" in results[0]["error"]
-    assert results[1]["status"] == "completed" and len(reports[1]) == 3
+    assert results[0].status == "error" and "loss is" in results[0].error
+    assert results[1].status == "completed" and len(reports[1]) == 3
 
 
 def test_checkpoints_of_a_packed_trial_resume_alone(tmp_path):
@@ -131,9 +132,9 @@ def test_checkpoints_of_a_packed_trial_resume_alone(tmp_path):
     # the packed trial's checkpoint after its last epoch is one the single-trial path reads
     extra = _cfg([VD], loss="lm", epochs=3)
     resumed: list[dict] = []
-    result = run_trial(extra, lambda m, c: resumed.append(_strip(m)), base=_base(), samples=_samples(), log=lambda m: None,
+    result = run_trial(extra, lambda m, c: resumed.append(_strip(m.to_report())), base=_base(), samples=_samples(), log=lambda m: None,
                        resume_from=tmp_path / "a")
-    assert [m["epoch"] for m in resumed] == [3] and result["epochs_run"] == 3
+    assert [m["epoch"] for m in resumed] == [3] and result.epochs_run == 3
     _, alone = _alone(extra)
     _close(resumed[0], alone[2], rel=1e-5)
 

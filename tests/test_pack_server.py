@@ -49,17 +49,17 @@ def _together(*calls):
 def test_epochs_on_request_and_resume_from_the_returned_checkpoint(setup):
     server = _server(setup)
     a1, b1 = _together(lambda: server.epoch("a", POINT_A, 0, None), lambda: server.epoch("b", POINT_B, 0, None))
-    assert a1["metrics"]["epoch"] == b1["metrics"]["epoch"] == 1 and not a1["done"]
+    assert a1["metrics"].epoch == b1["metrics"].epoch == 1 and not a1["done"]
     assert {STATE_FILE, BEST_ADAPTERS_FILE} <= set(a1["files"])
     a2 = server.epoch("a", POINT_A, 1, None)  # parked in the pack: goes on at once
-    assert a2["metrics"]["epoch"] == 2 and server.stats()["trials"] == 2
+    assert a2["metrics"].epoch == 2 and server.stats()["trials"] == 2
     # a fresh pack does not hold the trial: it asks for the checkpoint, then resumes from it
     other = _server(setup)
     assert other.epoch("a", POINT_A, 2, None) == {"need_checkpoint": True}
     a3 = other.epoch("a", POINT_A, 2, a2["files"])
     a3_here = server.epoch("a", POINT_A, 2, None)
-    assert a3["done"] and a3_here["done"] and a3["metrics"]["epoch"] == 3
-    assert a3["metrics"]["val_ppl"] == pytest.approx(a3_here["metrics"]["val_ppl"], rel=1e-6)
+    assert a3["done"] and a3_here["done"] and a3["metrics"].epoch == 3
+    assert a3["metrics"].val_ppl == pytest.approx(a3_here["metrics"].val_ppl, rel=1e-6)
     assert "a" not in server._runs  # a finished trial leaves its pack
 
 
@@ -71,7 +71,7 @@ def test_a_trial_that_stops_asking_is_forgotten_while_the_others_train(setup, mo
     reply = server.epoch("b", POINT_B, 1, None)
     if reply.get("need_checkpoint"):
         reply = server.epoch("b", POINT_B, 1, b1["files"])
-    assert reply["metrics"]["epoch"] == 2
+    assert reply["metrics"].epoch == 2
     assert "a" not in server._runs
     assert server.epoch("a", POINT_A, 1, None) == {"need_checkpoint": True}
 
@@ -81,7 +81,7 @@ def test_a_restarted_trial_supersedes_its_dead_caller(setup):
     first, second = _together(lambda: server.epoch("a", POINT_A, 0, None), lambda: server.epoch("a", POINT_A, 0, None))
     errors = [r for r in (first, second) if isinstance(r, Exception)]
     replies = [r for r in (first, second) if isinstance(r, dict)]
-    assert len(replies) == 1 and replies[0]["metrics"]["epoch"] == 1
+    assert len(replies) == 1 and replies[0]["metrics"].epoch == 1
     assert len(errors) == 1 and "superseded" in str(errors[0])
 
 

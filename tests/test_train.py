@@ -16,7 +16,7 @@ from kvsweep.cli import main
 from kvsweep.config import ConfigError, DataCfg, ModelCfg, TrainCfg
 from kvsweep.evaluate import PositionStats
 from kvsweep.losses import LossCfg, Schedule
-from kvsweep.results import EPOCH_SCHEMA, POSITION_SCHEMA
+from kvsweep.results import EPOCH_SCHEMA, POSITION_SCHEMA, TrialResult
 from kvsweep.train import TrialCfg, TrialError, run_trial
 
 from .conftest import SAMPLE_TEXT, neox_model, pattern_samples as _samples, small_base as _base
@@ -34,9 +34,9 @@ def _cfg(adapters=(AdapterSpec.parse("vdproj", rank=32),), epochs: int = 3, loss
     )
 
 
-def _run(cfg: TrialCfg, **kw) -> tuple[dict, list[dict]]:
+def _run(cfg: TrialCfg, **kw) -> tuple[TrialResult, list[dict]]:
     reports: list[dict] = []
-    result = run_trial(cfg, lambda m, ckpt: reports.append(dict(m)), base=_base(), samples=_samples(), log=lambda m: None, **kw)
+    result = run_trial(cfg, lambda m, ckpt: reports.append(m.to_report()), base=_base(), samples=_samples(), log=lambda m: None, **kw)
     return result, reports
 
 
@@ -55,11 +55,11 @@ def test_reports_every_epoch_with_the_metrics_a_sweep_needs():
     assert reports[0]["trainable_params"] == 2 * (2 * 64 * 32 + 32 + 64)
     assert reports[-1]["w_rec"] == pytest.approx(0.0) and reports[-1]["w_lm"] == pytest.approx(1.0)
     assert reports[0]["loss_kl"] > 0 and reports[0]["loss_rec"] > 0
-    assert result["status"] == "completed" and result["epochs_run"] == 3
-    assert result["best_val_ppl"] == min(m["val_ppl"] for m in reports)
+    assert result.status == "completed" and result.epochs_run == 3
+    assert result.best_val_ppl == min(m["val_ppl"] for m in reports)
     assert reports[-1]["loss_rec"] < 0.8 * reports[0]["loss_rec"]  # the compressor learned to reconstruct V
-    assert result["total_params"] == sum(p.numel() for p in neox_model().parameters()) + result["trainable_params"]
-    assert [p["lo"] for p in result["positions"]] == [0, 16] and all("base_ppl" in p for p in result["positions"])
+    assert result.total_params == sum(p.numel() for p in neox_model().parameters()) + result.trainable_params
+    assert [p.lo for p in result.positions] == [0, 16] and all(p.base_ppl > 0 for p in result.positions)
 
 
 def test_same_seed_same_metrics_on_cpu():
@@ -78,20 +78,21 @@ def test_resumed_trial_reports_what_an_uninterrupted_one_does(tmp_path):
     reports: list[dict] = []
 
     def crash_after_two(metrics, ckpt):
-        reports.append(dict(metrics))
-        if metrics["epoch"] == 2:
+        reports.append(metrics.to_report())
+        if metrics.epoch == 2:
             raise Crash
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Crash):
         run_trial(cfg, crash_after_two, checkpoint_dir=ckpt, base=_base(), samples=_samples(), log=lambda m: None)
     ckpt2 = tmp_path / "ckpt2"  # a restarted Ray trial resumes from a copy and checkpoints into a new folder
-    resumed = run_trial(cfg, lambda m, c: reports.append(dict(m)), checkpoint_dir=ckpt2, resume_from=ckpt,
+    resumed = run_trial(cfg, lambda m, c: reports.append(m.to_report()), checkpoint_dir=ckpt2, resume_from=ckpt,
                         base=_base(), samples=_samples(), log=lambda m: None)
     assert [m["epoch"] for m in reports] == [1, 2, 3, 4]
     assert [_strip(m) for m in reports] == [_strip(m) for m in full_reports]
-    assert resumed["best_val_ppl"] == full["best_val_ppl"] and resumed["epochs_run"] == 4
-    assert [_strip(m) for m in resumed["history"]] == [_strip(m) for m in full["history"]]
+    assert resumed.best_val_ppl == full.best_val_ppl and resumed.epochs_run == 4
+    assert [_strip(m.to_report()) for m in resumed.history] == [_strip(m.to_report()) for m in full.history]
+    assert [m.epoch for m in resumed.history] == [0, 1, 2, 3, 4]
     assert (ckpt2 / STATE_FILE).is_file() and (ckpt2 / BEST_ADAPTERS_FILE).is_file()
 
 
@@ -115,9 +116,9 @@ def test_early_stopping_after_patience_epochs_without_improvement(monkeypatch):
 
     monkeypatch.setattr(ktrain, "evaluate", worse_each_time)
     result, reports = _run(_cfg(epochs=10, patience=2))
-    assert result["status"] == "early_stopped"
+    assert result.status == "early_stopped"
     assert [m["epoch"] for m in reports] == [1, 2, 3] and reports[-1]["early_stopped"]
-    assert result["best_epoch"] == 1
+    assert result.best_epoch == 1
 
 
 def test_nan_loss_is_an_error_naming_epoch_and_step(monkeypatch):
@@ -137,7 +138,7 @@ def test_nan_loss_is_an_error_naming_epoch_and_step(monkeypatch):
 def test_epochs_zero_only_evaluates():
     result, reports = _run(_cfg(epochs=0, adapters=(AdapterSpec.parse("vdproj", rank=64, init="identity"),)))
     assert len(reports) == 1 and reports[0]["epoch"] == 0
-    assert result["init_val_ppl"] == pytest.approx(result["base_val_ppl"], rel=1e-6)  # identity at r = d is a no-op
+    assert result.init_val_ppl == pytest.approx(result.base_val_ppl, rel=1e-6)  # identity at r = d is a no-op
 
 
 @pytest.mark.parametrize(
@@ -191,13 +192,14 @@ def test_kvsweep_train_writes_trial_json_and_parquet(tmp_path, small_tokenizer, 
     epochs = pq.read_table(out / "epochs.parquet")
     positions = pq.read_table(out / "positions.parquet")
     assert epochs.schema.equals(EPOCH_SCHEMA) and positions.schema.equals(POSITION_SCHEMA)
-    assert epochs.column("epoch").to_pylist() == [1, 2]
+    assert epochs.column("epoch").to_pylist() == [0, 1, 2]  # epoch 0: the adapters at init
     assert positions.column("lo").to_pylist() == [0, 16]
-    assert math.isclose(min(epochs.column("val_ppl").to_pylist()), rec["best_val_ppl"])
+    trained = [row for row in epochs.to_pylist() if row["epoch"] >= 1]
+    assert math.isclose(min(row["val_ppl"] for row in trained), rec["best_val_ppl"])
     # --resume after completion continues from the checkpoint: nothing left to train, same result
     assert main([*args, "--resume", "--epochs", "3"]) == 0
     assert json.loads((out / "trial.json").read_text())["epochs_run"] == 3
-    assert pq.read_table(out / "epochs.parquet").column("epoch").to_pylist() == [1, 2, 3]
+    assert pq.read_table(out / "epochs.parquet").column("epoch").to_pylist() == [0, 1, 2, 3]
 
 
 def test_kvsweep_train_bad_input(capsys):
@@ -213,6 +215,53 @@ def test_a_half_precision_base_trains_float32_adapters_under_autocast(dtype):
     base.model.to(dtype)
     cfg = _cfg(epochs=1, adapters=(AdapterSpec.parse("vdproj", rank=32, init="pca"), AdapterSpec.parse("ka_residual")))
     result = run_trial(cfg, base=base, samples=_samples(), log=lambda m: None)
-    assert result["status"] == "completed" and math.isfinite(result["best_val_ppl"])
+    assert result.status == "completed" and math.isfinite(result.best_val_ppl)
     with pytest.raises(ConfigError, match="amp 'off' needs a float32 base"):
         run_trial(_cfg(epochs=1, amp="off"), base=base, samples=_samples(), log=lambda m: None)
+
+
+def test_epoch_0_is_the_adapters_at_init_in_the_history_but_no_report_of_its_own():
+    result, reports = _run(_cfg(epochs=2))
+    assert [m["epoch"] for m in reports] == [1, 2]  # a sweep's scheduler counts trained epochs only
+    init = result.history[0]
+    assert [h.epoch for h in result.history] == [0, 1, 2]
+    assert init.val_ppl == result.init_val_ppl == reports[0]["init_val_ppl"]
+    assert init.metrics.train_ppl is None and init.metrics.loss is None and init.metrics.steps == 0
+    assert [(b.lo, b.hi) for b in init.buckets] == [(0, 16), (16, 32)] and all(b.ppl > 0 for b in init.buckets)
+    assert result.best_epoch in (1, 2)  # the init is no candidate for the best epoch (yet)
+
+
+def test_one_loop_drives_a_trial_alone_and_trials_in_a_pack(monkeypatch):
+    from kvsweep.pack import Pack, run_packed
+
+    calls: list[tuple[str, int]] = []
+    real = ktrain.Driver.advance
+
+    def spy(self, runs):
+        calls.append((type(self).__name__, len(runs)))
+        return real(self, runs)
+
+    monkeypatch.setattr(ktrain.Driver, "advance", spy)
+    cfg = _cfg(epochs=2)
+    alone, _ = _run(cfg)
+    steps = 2 * 3  # epochs x steps per epoch (24 samples, batches of 8)
+    assert calls == [("Driver", 1)] * steps
+    calls.clear()
+    packed = run_packed([cfg, cfg], base=_base(), samples=_samples(), log=lambda m: None)
+    assert calls == [("Pack", 2)] * steps
+    assert [r.best_val_ppl for r in packed] == pytest.approx([alone.best_val_ppl] * 2, rel=1e-5)
+    for name in ("advance", "run", "add", "add_many", "finish_epochs", "remove"):  # a pack changes how, not what
+        assert getattr(Pack, name) is getattr(ktrain.Driver, name), name
+
+
+def test_a_trial_run_makes_every_attribute_in_its_constructor():
+    base, samples = _base(), _samples()
+    driver = ktrain.Driver(base, samples, log=lambda m: None)
+    run = ktrain.TrialRun(_cfg(epochs=1), base, samples, log=lambda m: None)
+    made = set(vars(run))
+    try:
+        run = driver.add(_cfg(epochs=1))
+        driver.run([run])
+    finally:
+        driver.close()
+    assert run.status == "completed" and set(vars(run)) == made

@@ -70,7 +70,7 @@ def test_packed_sweep_reports_what_unpacked_trials_report(tiny_folder, tmp_path)
     alone_t, t = _tables(tmp_path / "alone"), _tables(tmp_path / "packed")
     alone = _by_config(alone_t)
     _check_once(t, 4)
-    assert len(_by_config(t)) == sum(r["epochs_run"] for r in t["trials"])
+    assert len([k for k in _by_config(t) if k[1] >= 1]) == sum(r["epochs_run"] for r in t["trials"])
     for key, ppl in _by_config(t).items():
         assert ppl == pytest.approx(alone[key], rel=1e-5)  # the same computation up to float32 rounding
     # each packed trial's row is the unpacked trial's row over the epochs the packed one ran

@@ -13,13 +13,14 @@ unchanged. Each trial keeps its own adapters, optimizer, learning rate, loss sch
 early stopping and checkpoints (a ``TrialRun``), so its metrics are those it would have alone (to the
 last bit in float32 where the base's kernels compute a row independently of the batch's other rows,
 within rounding otherwise). Trials join and leave a pack between steps; a trial that has stopped costs
-nothing more.
+nothing more. A ``Pack`` is a ``kvsweep.train.Driver``: the same loop takes its trials through their life as
+takes a trial alone; only how adapters reach the base, how a step runs and how trials are evaluated differ.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from .chunked import linear_nll
 from .data import Samples
 from .evaluate import PositionStats
 from .models import Base, final_hidden, output_weight
-from .train import Report, TrialCfg, TrialRun, train_step
+from .results import TrialResult
+from .train import Driver, Report, TrialCfg, TrialRun, train_step
 
 EVAL_CHUNK = 4096  # tokens whose logits exist at once while a pack evaluates
 Rows = list[tuple[TrialRun, "int | None"]]  # (trial, its rows of the stacked batch; None: all of them)
@@ -85,77 +87,28 @@ class Router(torch.nn.Module):
         return cat[0] if single else cat
 
 
-class Pack:
-    """Trials sharing ``base``: add them, step them together, remove them when they stop."""
+class Pack(Driver):
+    """Trials sharing ``base``: add them, step them together, remove them when they stop (``Driver``'s life)."""
 
     def __init__(self, base: Base, samples: Samples, *, log: Callable[[str], None] = print):
-        self.base, self.samples, self.log = base, samples, log
+        super().__init__(base, samples, log=log)
         self.routers: dict[tuple[str, int], Router] = {}
         self._untap: list[Callable[[], None]] = []
-        self.runs: list[TrialRun] = []
 
-    def add(self, cfg: TrialCfg, *, base_stats: PositionStats | None = None, report: Report | None = None,
-            checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
-            log: Callable[[str], None] | None = None) -> TrialRun:
-        """A new trial in the pack: adapters built (seeded as alone), routed, calibrated or resumed."""
-        run = self.add_many([{"cfg": cfg, "base_stats": base_stats, "report": report, "checkpoint_dir": checkpoint_dir,
-                              "resume_from": resume_from, "log": log}])[0]
-        if isinstance(run, BaseException):
-            raise run
-        return run
-
-    def add_many(self, trials: list[dict]) -> list[TrialRun | Exception]:
-        """Several new trials (each ``add``'s arguments as a dict), their initial evaluations done together;
-        for a trial that cannot start, the exception instead of its run (the others start)."""
-        runs: list[TrialRun | Exception] = []
-        for kw in trials:
-            try:
-                runs.append(self._join(**kw))
-            except Exception as e:  # noqa: BLE001  (handed to the caller with the trial it belongs to)
-                runs.append(e)
-        fresh = [r for r in runs if isinstance(r, TrialRun) and r.resume_from is None]
-        try:
-            initial = dict(zip(fresh, self.evaluate(fresh), strict=True)) if fresh else {}
-        except Exception as e:  # noqa: BLE001
-            for r in fresh:
-                self.remove(r)
-            return [e if r in fresh else r for r in runs]
-        for i, r in enumerate(runs):
-            if isinstance(r, TrialRun):
-                try:
-                    r.begin(initial.get(r))
-                except Exception as e:  # noqa: BLE001
-                    self.remove(r)
-                    runs[i] = e
-        return runs
-
-    def _join(self, cfg: TrialCfg, *, base_stats: PositionStats | None = None, report: Report | None = None,
-              checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
-              log: Callable[[str], None] | None = None) -> TrialRun:
-        run = TrialRun(cfg, self.base, self.samples, report=report, checkpoint_dir=checkpoint_dir,
-                       resume_from=resume_from, log=log or self.log)
-        run.alone = partial(self.routing, [(run, None)])
+    def _wire(self, run: TrialRun) -> None:
+        """Each of ``run``'s adapters routed: its module at each of its layers gets ``run``'s rows there."""
         device = self.base.device
         for a in run.adapters:
             a.to(device)
-            for layer in a.layers:
-                router = self._router(a.tap, layer)
-                router.fns[run] = a.layer_module(layer)
-                a._undo.append(partial(router.fns.pop, run, None))  # detach() takes it out of the router
-        self.runs.append(run)
-        try:
-            run.setup(base_stats)
-        except BaseException:
-            self.remove(run)
-            raise
-        return run
+            a.route(partial(self._route, run, a.tap))  # detach() takes the modules out of the routers
 
-    def remove(self, run: TrialRun) -> None:
-        for a in run.adapters:
-            a.detach()
-        run.alone = nullcontext  # no cycle back to the run: its weights are freed with it
-        if run in self.runs:
-            self.runs.remove(run)
+    def _route(self, run: TrialRun, tap: str, layer: int, module: torch.nn.Module) -> Callable[[], None]:
+        router = self._router(tap, layer)
+        router.fns[run] = module
+        return partial(router.fns.pop, run, None)
+
+    def _alone(self, run: TrialRun):
+        return self.routing([(run, None)])
 
     def step(self, runs: list[TrialRun]) -> None:
         """One optimizer step for each of ``runs`` (a subset of the pack), in one forward and backward; trials
@@ -193,14 +146,6 @@ class Pack:
             model.train(was_training)
         return stats
 
-    def finish_epochs(self, runs: list[TrialRun]) -> None:
-        """End the epoch of each of ``runs`` (all at the end of one), evaluating them together (always through
-        ``evaluate``, so a trial's figures do not depend on which trials ended an epoch with it)."""
-        if not runs:
-            return
-        for run, val in zip(runs, self.evaluate(runs), strict=True):
-            run.finish_epoch(val)
-
     @contextmanager
     def routing(self, rows: Rows) -> Iterator[None]:
         """Inside the block the base computes the stacked batch laid out as ``rows`` (``[]``: the base alone)."""
@@ -214,8 +159,7 @@ class Pack:
                 r.rows = before.get(k, [])
 
     def close(self) -> None:
-        for run in list(self.runs):
-            self.remove(run)
+        super().close()
         while self._untap:
             self._untap.pop()()
         self.routers.clear()
@@ -231,7 +175,7 @@ class Pack:
 
 def run_packed(cfgs: list[TrialCfg], *, base: Base, samples: Samples, base_stats: PositionStats | None = None,
                reports: list[Report] | None = None, checkpoint_dirs: list[str | Path | None] | None = None,
-               log: Callable[[str], None] = print) -> list[dict]:
+               log: Callable[[str], None] = print) -> list[TrialResult]:
     """Train ``cfgs`` together on one base until each completes, stops early or fails; their results in order.
 
     A trial whose loss turns non-finite ends with status ``error`` (and ``error``, the message); the
@@ -244,12 +188,7 @@ def run_packed(cfgs: list[TrialCfg], *, base: Base, samples: Samples, base_stats
         for r in runs:
             if isinstance(r, BaseException):
                 raise r
-        while live := [r for r in runs if not r.done]:
-            pack.step(live)
-            pack.finish_epochs([r for r in live if not r.done and r.epoch_finished])
-            for r in live:
-                if r.done:
-                    pack.remove(r)
-        return [{**r.result(), **({"error": str(r.error)} if r.error is not None else {})} for r in runs]
+        pack.run(runs)
+        return [r.result() for r in runs]
     finally:
         pack.close()

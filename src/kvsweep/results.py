@@ -1,16 +1,28 @@
-"""Result tables in DESIGN.md's schema, written with pyarrow, atomically.
+"""The typed metrics train, pack and tune share, and the result tables in DESIGN.md's schema (pyarrow, atomic).
 
     trials.parquet     one row per trial: config, status, best/base PPL, KV bytes/token, parameters, time
-    epochs.parquet     one row per trial and epoch: train/val PPL, loss components and weights
-    positions.parquet  one row per trial and position bucket: PPL of the trial (best epoch) and of the base
+    epochs.parquet     one row per trial and epoch (epoch 0: the adapters at init): ``EpochMetrics``
+    positions.parquet  one row per trial and position bucket: ``PositionMetrics`` (the trial's best epoch against the base)
+
+A trial's life produces one ``EpochReport`` per epoch (its ``EpochMetrics``, its validation PPL per position
+bucket, the trial's ``TrialConstants``) and, at its end, a ``TrialResult``. Ray Tune needs flat dicts:
+``EpochReport.to_report`` and ``EpochReport.from_report`` are the one place where the flat names are spelled.
+``EPOCH_SCHEMA`` and ``POSITION_SCHEMA`` are derived from the fields of ``EpochMetrics`` and ``PositionMetrics``,
+so a renamed field changes the schema (and fails a test) instead of becoming a silent null.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import numbers
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -102,34 +114,299 @@ def upgrade(name: str, tbl: pa.Table, version: str) -> pa.Table:
     schema = pa.schema(list(schema) + kept)
     return pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
 
-EPOCH_SCHEMA = pa.schema([
-    ("trial_id", pa.string()),
-    ("epoch", pa.int32()),
-    ("train_ppl", pa.float64()),
-    ("val_ppl", pa.float64()),
-    ("loss", pa.float64()),
-    ("loss_lm", pa.float64()),
-    ("loss_rec", pa.float64()),
-    ("loss_kl", pa.float64()),
-    ("w_lm", pa.float64()),
-    ("w_rec", pa.float64()),
-    ("w_kl", pa.float64()),
-    ("lr", pa.float64()),
-    ("steps", pa.int64()),
-    ("seconds", pa.float64()),
-])
 
-POSITION_SCHEMA = pa.schema([
-    ("trial_id", pa.string()),
-    ("lo", pa.int32()),
-    ("hi", pa.int32()),
-    ("tokens", pa.int64()),
-    ("ppl", pa.float64()),
-    ("base_ppl", pa.float64()),
-    ("diff", pa.float64()),
-    ("degradation_pct", pa.float64()),
-])
+def _column(arrow: pa.DataType) -> dict:
+    """Field metadata: the Arrow type of the field's column where it is not its Python type's default."""
+    return {"arrow": arrow}
 
+
+_ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
+
+
+def _base_type(tp: Any) -> type:
+    """``int`` for ``int`` and ``int | None``; the one non-None type of an optional."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def arrow_schema(cls: type, leading: Sequence[tuple[str, pa.DataType]] = (("trial_id", pa.string()),)) -> pa.Schema:
+    """The Parquet schema of a dataclass of scalars: ``leading`` columns, then one column per field, in order.
+
+    A field's Arrow type is its metadata's ``arrow`` or that of its Python type (int: int64, float: float64,
+    str: string, bool: bool_), optional or not.
+
+    Raises:
+        TypeError: a field's type has no Arrow type (a list, say).
+    """
+    hints = typing.get_type_hints(cls)
+    cols = list(leading)
+    for f in fields(cls):
+        base = _base_type(hints[f.name])
+        if "arrow" in f.metadata:
+            cols.append((f.name, f.metadata["arrow"]))
+        elif base in _ARROW:
+            cols.append((f.name, _ARROW[base]))
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no Arrow type for {hints[f.name]}")
+    return pa.schema(cols)
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """One row of ``epochs.parquet``: a trial after an epoch (epoch 0: its adapters at init, before any step).
+
+    PPLs are per token (exp of the mean NLL); ``loss*`` are the epoch's means over its steps of the loss and its
+    components, ``w_*`` the loss weights at the epoch's end; ``None`` where there is nothing to measure
+    (no training at epoch 0).
+    """
+
+    epoch: int = field(metadata=_column(pa.int32()))
+    train_ppl: float | None = None
+    val_ppl: float | None = None
+    loss: float | None = None
+    loss_lm: float | None = None
+    loss_rec: float | None = None
+    loss_kl: float | None = None
+    w_lm: float | None = None
+    w_rec: float | None = None
+    w_kl: float | None = None
+    lr: float | None = None
+    steps: int | None = None  # optimizer steps so far
+    seconds: float | None = None  # wall time of the epoch (training and evaluation)
+
+
+@dataclass(frozen=True)
+class PositionMetrics:
+    """One row of ``positions.parquet``: validation PPL of the trial (its best epoch) and of the base in one
+    position bucket ``[lo, hi)`` of ``tokens`` predictions; ``diff = ppl - base_ppl``, ``degradation_pct`` in %."""
+
+    lo: int = field(metadata=_column(pa.int32()))
+    hi: int = field(metadata=_column(pa.int32()))
+    tokens: int
+    ppl: float
+    base_ppl: float
+    diff: float
+    degradation_pct: float
+
+    @classmethod
+    def of(cls, lo: int, hi: int, tokens: int, ppl: float, base_ppl: float) -> "PositionMetrics":
+        return cls(lo, hi, tokens, ppl, base_ppl, ppl - base_ppl, 100 * (ppl - base_ppl) / base_ppl)
+
+
+EPOCH_SCHEMA = arrow_schema(EpochMetrics)
+POSITION_SCHEMA = arrow_schema(PositionMetrics)
+
+
+@dataclass(frozen=True)
+class BucketPPL:
+    """A trial's validation PPL in the position bucket ``[lo, hi)``."""
+
+    lo: int
+    hi: int
+    ppl: float
+
+
+def bucket_key(lo: int, hi: int) -> str:
+    """The flat name of a bucket's PPL in a Tune result: ``ppl_pos_<lo>_<hi>``."""
+    return f"ppl_pos_{lo}_{hi}"
+
+
+_BUCKET_KEY = re.compile(r"ppl_pos_(\d+)_(\d+)", re.ASCII)
+
+
+def position_metrics(trial: Sequence[BucketPPL], base: Sequence[Mapping[str, Any]]) -> list[PositionMetrics]:
+    """The trial's PPL per bucket against the base's (``PositionStats.buckets``: ``lo``, ``hi``, ``tokens``, ``ppl``),
+    in the base's buckets; NaN where the trial has no PPL for one."""
+    ppl = {(b.lo, b.hi): b.ppl for b in trial}
+    return [PositionMetrics.of(b["lo"], b["hi"], b["tokens"], ppl.get((b["lo"], b["hi"]), math.nan), b["ppl"]) for b in base]
+
+
+@dataclass(frozen=True)
+class TrialConstants:
+    """What a trial reports with every epoch, the same each time: the base's and the init's validation PPL, KV
+    cache bytes per token (accounted by ``kvsweep.kvcache``, and measured in a latent-cache decode), their ratio
+    to the base's, and parameters (trainable: the adapters'; total: base and adapters). Read back from results of an
+    older kvsweep (``EpochReport.from_report``), a field they lack is ``None``."""
+
+    base_val_ppl: float
+    init_val_ppl: float
+    kv_bytes_per_token: int
+    kv_bytes_per_token_measured: int
+    kv_ratio: float
+    trainable_params: int
+    total_params: int
+
+
+def is_true(value: Any) -> bool:
+    """``True`` for a reported flag that is set: a bool or numpy's; ``False`` for anything else (NaN where a
+    result lacks the key, as results read back from Tune's files have it)."""
+    return isinstance(value, (bool, np.bool_)) and bool(value)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _number(value: Any, kind: type) -> Any:
+    """``value`` as ``kind`` (int or float); ``None`` for what is not a number (missing, None, a string), and for a
+    NaN or infinite int (pandas' NaN where a result lacks the key). Floats keep NaN and infinities."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if kind is int:
+        return int(value) if math.isfinite(value) else None
+    return float(value)
+
+
+def _parse(cls: type, flat: Mapping[str, Any]) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _number(flat.get(f.name), _base_type(hints[f.name])) for f in fields(cls)}
+
+
+def _flat(obj: Any) -> dict:
+    return {f.name: getattr(obj, f.name) for f in fields(obj) if getattr(obj, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """What a trial reports after an epoch: its metrics, its validation PPL per position bucket, its constants,
+    the best validation PPL so far, whether it stops early; in a sweep also its start-up time (first report) and
+    whether the report repeats a checkpoint's epoch (``resumed``). A trial that fails reports only ``epoch``,
+    ``val_ppl`` (inf) and ``error`` (``EpochReport.failed``).
+
+    ``to_report()`` is the flat dict given to ``ray.tune.report`` (and kept in checkpoints); ``from_report`` reads
+    one back, also from Tune's result files through pandas (NaN for missing keys, numpy bools).
+    """
+
+    metrics: EpochMetrics
+    buckets: tuple[BucketPPL, ...] = ()
+    trial: TrialConstants | None = None
+    best_val_ppl: float | None = None
+    early_stopped: bool | None = None
+    error: str | None = None
+    first_step_at: float | None = None  # time.time() of the trial's first training step
+    startup_seconds: float | None = None  # from the trial's start to its first training step
+    resumed: bool = False
+
+    @property
+    def epoch(self) -> int:
+        return self.metrics.epoch
+
+    @property
+    def val_ppl(self) -> float | None:
+        return self.metrics.val_ppl
+
+    @classmethod
+    def failed(cls, epoch: int, error: str) -> "EpochReport":
+        """The report of a trial that cannot go on at ``epoch`` (val PPL inf, so that no scheduler prefers it)."""
+        return cls(EpochMetrics(epoch=epoch, val_ppl=math.inf), error=error)
+
+    def to_report(self) -> dict:
+        """The flat dict of this report: the metrics' fields, ``ppl_pos_<lo>_<hi>`` per bucket, the constants'
+        fields, ``best_val_ppl``, ``early_stopped``, ``trial_error``, ``first_step_at``, ``startup_seconds``,
+        ``resumed`` (only when set); ``None`` values are left out."""
+        out = _flat(self.metrics)
+        out.update({bucket_key(b.lo, b.hi): b.ppl for b in self.buckets})
+        if self.trial is not None:
+            out.update(_flat(self.trial))
+        extra = {"best_val_ppl": self.best_val_ppl, "early_stopped": self.early_stopped, "trial_error": self.error,
+                 "first_step_at": self.first_step_at, "startup_seconds": self.startup_seconds,
+                 "resumed": True if self.resumed else None}
+        out.update({k: v for k, v in extra.items() if v is not None})
+        return out
+
+    @classmethod
+    def from_report(cls, flat: Mapping[str, Any]) -> "EpochReport":
+        """The report a flat dict holds (``to_report``'s, or a row of Tune's results); keys it lacks are ``None``.
+
+        Raises:
+            ValueError: the dict has no epoch (it is no report of a trial's epoch).
+        """
+        metrics = _parse(EpochMetrics, flat)
+        if metrics["epoch"] is None:
+            raise ValueError(f"no epoch in the result {dict(flat)!r:.200}")
+        buckets = sorted((int(m.group(1)), int(m.group(2)), float(v)) for k, v in flat.items()
+                         if (m := _BUCKET_KEY.fullmatch(k)) and _number(v, float) is not None)
+        constants = _parse(TrialConstants, flat)
+        trial = TrialConstants(**constants) if constants["base_val_ppl"] is not None and constants["base_val_ppl"] == constants["base_val_ppl"] else None
+        early = flat.get("early_stopped")
+        return cls(
+            metrics=EpochMetrics(**metrics),
+            buckets=tuple(BucketPPL(lo, hi, ppl) for lo, hi, ppl in buckets),
+            trial=trial,
+            best_val_ppl=_number(flat.get("best_val_ppl"), float),
+            early_stopped=None if early is None or (isinstance(early, float) and early != early) else is_true(early),
+            error=_text(flat.get("trial_error")),
+            first_step_at=_finite(flat.get("first_step_at")),
+            startup_seconds=_finite(flat.get("startup_seconds")),
+            resumed=is_true(flat.get("resumed")),
+        )
+
+
+def _finite(value: Any) -> float | None:
+    v = _number(value, float)
+    return v if v is not None and math.isfinite(v) else None
+
+
+def reports_of(results: Iterable[Mapping[str, Any]]) -> list[EpochReport]:
+    """The epoch reports among ``results`` (Tune's rows of a trial), in order; rows without an epoch are left out."""
+    out = []
+    for r in results:
+        try:
+            out.append(EpochReport.from_report(r))
+        except ValueError:
+            continue
+    return out
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """A trial at its end: status (``completed``, ``early_stopped`` or ``error`` with ``error``), epochs trained, best
+    epoch and its validation PPL, the base's and the init's, degradation in %, KV cache bytes (per token: accounted
+    and measured, and per layer; the base's), parameters, every epoch's report (``history``, epoch 0 first for a
+    trial that started afresh), the best epoch's PPL per position bucket against the base's, and wall seconds."""
+
+    status: str | None
+    epochs_run: int
+    best_epoch: int
+    best_val_ppl: float
+    base_val_ppl: float
+    init_val_ppl: float
+    degradation_pct: float
+    kv_bytes_per_token: int
+    kv_bytes_per_token_measured: int
+    kv_bytes_per_layer_measured: list[int]
+    kv_bytes_per_token_base: int
+    kv_ratio: float
+    kv_bytes_per_layer: list[int]
+    trainable_params: int
+    total_params: int
+    history: list[EpochReport]
+    positions: list[PositionMetrics]
+    seconds: float = math.nan
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        """The result as plain data (without ``history``), as ``trial.json`` holds it."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("history", "positions")}
+        out["positions"] = [_flat(p) for p in self.positions]
+        return out
+
+
+def epoch_table(rows: Iterable[tuple[str, EpochMetrics]]) -> pa.Table:
+    """``epochs.parquet``'s table of (trial id, metrics) rows."""
+    return _rows_table(rows, EPOCH_SCHEMA)
+
+
+def position_table(rows: Iterable[tuple[str, PositionMetrics]]) -> pa.Table:
+    """``positions.parquet``'s table of (trial id, metrics) rows."""
+    return _rows_table(rows, POSITION_SCHEMA)
+
+
+def _rows_table(rows: Iterable[tuple[str, Any]], schema: pa.Schema) -> pa.Table:
+    """The one row builder of the per-trial tables: a trial id, then a dataclass's fields, as ``schema``'s columns."""
+    return table([{"trial_id": trial_id, **{f.name: getattr(m, f.name) for f in fields(m)}} for trial_id, m in rows], schema)
 
 def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     """Rows to a table of ``schema``; missing values are null, extra keys are an error."""

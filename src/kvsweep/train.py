@@ -1,11 +1,15 @@
 """One trial: train adapters on a frozen base, report every epoch, checkpoint, resume. No Ray here.
 
-``run_trial(cfg, report)`` attaches the trial's adapters to the frozen base, trains them with AdamW
-under the loss schedules, and after each epoch evaluates, writes a checkpoint (adapter weights,
-optimizer, schedule position, early-stopping state, RNG state, the epochs so far) and calls
-``report(metrics, checkpoint_dir)``. Given a checkpoint it resumes where it stopped and reports what an
-uninterrupted run would have reported. Batches are shuffled from (seed, epoch), so a resumed trial
-sees the same batches.
+``run_trial(cfg, report)`` attaches the trial's adapters to the frozen base, evaluates them at init
+(epoch 0), trains them with AdamW under the loss schedules, and after each epoch evaluates, writes a
+checkpoint (adapter weights, optimizer, schedule position, early-stopping state, RNG state, the epochs so
+far) and calls ``report(epoch_report, checkpoint_dir)`` with a typed ``kvsweep.results.EpochReport``.
+Given a checkpoint it resumes where it stopped and reports what an uninterrupted run would have
+reported. Batches are shuffled from (seed, epoch), so a resumed trial sees the same batches.
+
+One loop drives a trial's life (``Driver``: add, step, finish the epochs that ended, remove), whether the
+trial runs alone (``run_trial``), in a pack (``kvsweep.pack.Pack``, a ``Driver`` that routes several
+trials through one base) or in a sweep's pack process (``kvsweep.tune.packed``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import shutil
 import time
 import weakref
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapters import ADAPTERS, Adapter, AdapterSpec, adapter_class, attached, check_combination, disabled, make_adapter
+from .adapters import ADAPTERS, Adapter, AdapterSpec, adapter_class, check_combination, disabled, make_adapter
 from .atomic import write_json
 from .checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, DataCfg, KvsweepError, ModelCfg, TrainCfg, calibration_samples, position_buckets
@@ -34,9 +38,10 @@ from .latent import measure_bytes
 from .losses import LossCfg, kl_divergence
 from .chunked import linear_nll
 from .models import Base, check_seq_len, dims, final_hidden, load_base, model_config, output_weight, resolve_model
-from .results import EPOCH_SCHEMA, POSITION_SCHEMA, table, write_parquet
+from .results import (BucketPPL, EpochMetrics, EpochReport, TrialConstants, TrialResult, epoch_table, position_metrics,
+                      position_table, write_parquet)
 
-Report = Callable[[dict, "Path | None"], None]
+Report = Callable[[EpochReport, "Path | None"], None]
 
 
 class TrialError(KvsweepError):
@@ -87,8 +92,15 @@ class TrialCfg:
         }
 
 
-def bucket_key(lo: int, hi: int) -> str:
-    return f"ppl_pos_{lo}_{hi}"
+def init_metrics(cfg: TrialCfg, val_ppl: float) -> EpochMetrics:
+    """Epoch 0 of a trial: its adapters at init (validation PPL ``val_ppl``), before any step; the loss weights
+    at the schedule's start; no training figures."""
+    w = cfg.loss.weights(0.0)
+    return EpochMetrics(epoch=0, val_ppl=val_ppl, w_lm=w["lm"], w_rec=w["rec"], w_kl=w["kl"], lr=cfg.train.lr, steps=0)
+
+
+def _buckets(stats: PositionStats, ranges: list[tuple[int, int]]) -> tuple[BucketPPL, ...]:
+    return tuple(BucketPPL(b["lo"], b["hi"], b["ppl"]) for b in stats.buckets(ranges))
 
 
 @dataclass
@@ -100,8 +112,32 @@ class _State:
     best_val_ppl: float = math.inf
     best_epoch: int = 0
     bad_epochs: int = 0
-    history: list = field(default_factory=list)
-    best_positions: list = field(default_factory=list)
+    history: list[EpochReport] = field(default_factory=list)
+    best_positions: list = field(default_factory=list)  # PositionStats.buckets of the best epoch
+
+    def to_dict(self) -> dict:
+        """Plain data for the checkpoint: the history as the flat dicts a trial reports."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "history": [h.to_report() for h in self.history]}
+
+    @classmethod
+    def from_dict(cls, trial: dict) -> "_State":
+        """Raises: TypeError or ValueError: ``trial`` is not what ``to_dict`` writes."""
+        history = trial.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise TypeError("history is not a list of reports")
+        return cls(**{**trial, "history": [EpochReport.from_report(h) for h in history]})
+
+
+@dataclass
+class _EpochSums:
+    """The current epoch's sums over its steps: loss and components (each a step's mean), NLL over its tokens."""
+
+    loss: float = 0.0
+    loss_lm: float = 0.0
+    loss_rec: float = 0.0
+    loss_kl: float = 0.0
+    nll: float = 0.0
+    tokens: int = 0
 
 
 def autocast(device: torch.device, amp: str, base_dtype: torch.dtype = torch.float32):
@@ -131,8 +167,8 @@ def _load_checkpoint(path: Path, adapters: list[Adapter], opt: torch.optim.Optim
     """
     trial = load_checkpoint(path, adapters, opt)
     try:
-        return _State(**trial)
-    except TypeError as e:
+        return _State.from_dict(trial)
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the trial state does not fit this kvsweep ({e})") from None
 
 
@@ -163,50 +199,48 @@ def prepare(cfg: TrialCfg, *, base: Base | None = None, samples: Samples | None 
 def run_trial(cfg: TrialCfg, report: Report | None = None, *, checkpoint_dir: str | Path | None = None,
               resume_from: str | Path | None = None, base: Base | None = None, samples: Samples | None = None,
               base_stats: PositionStats | None = None, progress: bool = False,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print) -> TrialResult:
     """Train one trial; return its result (status, best and base PPL, KV bytes, parameters, history).
 
     ``base``, ``samples`` and ``base_stats`` (the base's validation statistics) may be passed in when a
     sweep shares them between trials; otherwise they are loaded and computed here.
+
+    Raises:
+        TrialError: the trial's loss turned NaN or infinite.
+        KvsweepError: a bad model, data or checkpoint (``prepare``, ``CheckpointError``).
     """
     t_start = time.perf_counter()
     base, samples = prepare(cfg, base=base, samples=samples, log=log)
     if cfg.train.compile != "off":  # a new trial's adapters: compile afresh (and stay under dynamo's recompile limit)
         torch._dynamo.reset()
         _COMPILED.pop(base.model.gpt_neox, None)
-    run = TrialRun(cfg, base, samples, report=report, checkpoint_dir=checkpoint_dir, resume_from=resume_from, log=log)
-    with attached(base.model, run.adapters):
-        run.start(base_stats)
-        while not run.done:
-            bar = _progress(run.steps_per_epoch, run.state.epoch + 1, cfg.train.epochs) if progress else None
-            for _ in range(run.steps_per_epoch):
-                train_step(base.model, [run])
-                if bar is not None:
-                    bar.update(1)
-                if run.done:
-                    break
-            if bar is not None:
-                bar.close()
-            if not run.done:
-                run.finish_epoch()
+    driver = Driver(base, samples, log=log)
+    try:
+        run = driver.add(cfg, base_stats=base_stats, report=report, checkpoint_dir=checkpoint_dir, resume_from=resume_from)
+        driver.run([run], progress=progress)
+    finally:
+        driver.close()
     if run.error is not None:
         raise run.error
     return run.result(seconds=time.perf_counter() - t_start)
 
 
 class TrialRun:
-    """One trial's training on a frozen base that it may share with other trials (see ``kvsweep.pack``).
+    """One trial's training on a frozen base that it may share with other trials (see ``Driver``).
 
     Holds the trial's adapters, optimizer, loss schedule position, batch order, early-stopping state and
-    checkpoints. The adapters must be attached (directly, or routed to this trial's rows of a packed
-    batch) before ``start``; ``alone`` is the context in which the model computes for this trial alone
-    (for evaluation and calibration): nothing to do when the adapters are attached directly.
+    checkpoints. A driver wires the adapters to the base (attached directly, or routed to this trial's rows
+    of a packed batch), then calls ``setup``, evaluates the adapters at init and calls ``begin``; then
+    ``next_batch``/``loss``/``update`` per step (``train_step``) and ``finish_epoch`` with each epoch's
+    validation statistics. ``alone(run)`` is the context in which the model computes for this trial alone
+    (for calibration and evaluation): nothing to do when the adapters are attached directly.
     """
 
     def __init__(self, cfg: TrialCfg, base: Base, samples: Samples, *, report: Report | None = None,
                  checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
-                 alone: Callable[[], AbstractContextManager] = nullcontext, log: Callable[[str], None] = print):
-        self.cfg, self.base, self.samples, self.log, self.alone = cfg, base, samples, log, alone
+                 alone: Callable[[TrialRun], AbstractContextManager] | None = None, log: Callable[[str], None] = print):
+        self.cfg, self.base, self.samples, self.log = cfg, base, samples, log
+        self._alone = alone
         self.report = report or (lambda metrics, ckpt: None)
         self.model, self.device, tc = base.model, base.device, cfg.train
         self.base_dtype = next(self.model.parameters()).dtype  # the base's embedding comes first
@@ -233,18 +267,22 @@ class TrialRun:
         self.state = _State()
         self.status: str | None = None  # "completed" | "early_stopped" | "error" once done
         self.error: TrialError | None = None
+        self.measured: dict | None = None  # the cache a latent-cache decode holds (setup)
+        self.base_stats: PositionStats | None = None  # the base's validation statistics (setup)
+        self.constant: TrialConstants | None = None  # what every report carries (begin)
         self._batches: list[torch.Tensor] = []
         self._pos = 0  # steps taken in the current epoch
         self._t_epoch = 0.0
+        self._sums = _EpochSums()
+        self._last: tuple[torch.Tensor, ...] | None = None  # the last step's loss, its components and NLL (detached)
         self._reported = False
         self.first_step_at: float | None = None  # time.time() of the first training step (start-up ends there)
 
-    # -- set-up
-    def start(self, base_stats: PositionStats | None = None) -> None:
-        """Measure the cache, evaluate the base (unless given) and the initial adapters, or resume."""
-        self.setup(base_stats)
-        self.begin()
+    def alone(self) -> AbstractContextManager:
+        """The context in which the model computes for this trial alone."""
+        return self._alone(self) if self._alone is not None else nullcontext()
 
+    # -- set-up
     def setup(self, base_stats: PositionStats | None = None) -> None:
         """Measure the cache, evaluate the base (unless given), calibrate the adapters or load the checkpoint."""
         tc, model = self.cfg.train, self.model
@@ -264,33 +302,38 @@ class TrialRun:
         self.base_stats = base_stats
 
     def begin(self, init_stats: PositionStats | None = None) -> None:
-        """After ``setup``: the initial validation statistics (evaluated here unless given; none when resumed),
-        the constant metrics and, for a trial with nothing left to train, its status."""
+        """After ``setup``: the constant metrics and, for a trial that starts afresh, epoch 0 (its validation
+        statistics at init, ``init_stats``; ``None`` when resumed) in its history; for a trial with nothing left to
+        train, its status. Epoch 0 is reported only when the trial trains no epoch (``epochs`` 0); otherwise its
+        validation PPL goes with every report as ``init_val_ppl``."""
         tc, base_stats = self.cfg.train, self.base_stats
         if self.resume_from is not None:
-            init_val_ppl = self.state.history[0]["init_val_ppl"] if self.state.history else math.nan
+            init_val_ppl = self.state.history[0].trial.init_val_ppl if self.state.history and self.state.history[0].trial else math.nan
         else:
             if init_stats is None:
-                with self.alone(), self.autocast():
-                    init_stats = evaluate(self.model, self.samples.val, batch_size=tc.eval_batch_size)
+                raise ValueError("a trial that starts afresh needs its validation statistics at init")
             init_val_ppl = init_stats.ppl
-        self.constant = {
-            "base_val_ppl": base_stats.ppl,
-            "init_val_ppl": init_val_ppl,
-            "kv_bytes_per_token": self.kv_bytes,
-            "kv_bytes_per_token_measured": self.measured["measured_bytes_per_token"],
-            "kv_ratio": self.kv_bytes / self.kv_base,
-            "trainable_params": sum(p.numel() for p in self.trainable),
-            "total_params": self.base_params + sum(p.numel() for p in self.trainable),
-        }
-        if tc.epochs == 0 and self.resume_from is None:
-            metrics = {"epoch": 0, "train_ppl": math.nan, "val_ppl": init_val_ppl, **self.constant,
-                       **{bucket_key(b["lo"], b["hi"]): b["ppl"] for b in init_stats.buckets(self.ranges)}}
-            self.state.history.append(metrics)
-            self.state.best_val_ppl, self.state.best_positions = init_val_ppl, init_stats.buckets(self.ranges)
-            self.report(metrics, None)
-            self.status = "completed"
-        elif self.state.bad_epochs >= tc.patience:  # resumed from the checkpoint of an early-stopped trial
+        self.constant = TrialConstants(
+            base_val_ppl=base_stats.ppl,
+            init_val_ppl=init_val_ppl,
+            kv_bytes_per_token=self.kv_bytes,
+            kv_bytes_per_token_measured=self.measured["measured_bytes_per_token"],
+            kv_ratio=self.kv_bytes / self.kv_base,
+            trainable_params=sum(p.numel() for p in self.trainable),
+            total_params=self.base_params + sum(p.numel() for p in self.trainable),
+        )
+        if self.resume_from is None:
+            evaluate_only = tc.epochs == 0
+            if evaluate_only:  # the init is the trial's only epoch, so its best
+                self.state.best_val_ppl, self.state.best_positions = init_val_ppl, init_stats.buckets(self.ranges)
+            init = EpochReport(init_metrics(self.cfg, init_val_ppl), _buckets(init_stats, self.ranges), self.constant,
+                               best_val_ppl=init_val_ppl if evaluate_only else None, early_stopped=False if evaluate_only else None)
+            self.state.history.append(init)
+            if evaluate_only:
+                self.report(init, None)
+                self.status = "completed"
+                return
+        if self.state.bad_epochs >= tc.patience:  # resumed from the checkpoint of an early-stopped trial
             self.status = "early_stopped"
         elif self.state.epoch >= tc.epochs:
             self.status = "completed"
@@ -315,7 +358,7 @@ class TrialRun:
             epoch = self.state.epoch + 1
             self._batches = _batches(len(self.train_ids), self.cfg.train.batch_size, self.cfg.train.seed, epoch)
             self._pos, self._t_epoch = 0, time.perf_counter()
-            self._sums = {"loss": 0.0, "loss_lm": 0.0, "loss_rec": 0.0, "loss_kl": 0.0, "nll": 0.0, "tokens": 0}
+            self._sums = _EpochSums()
             for a in self.adapters:
                 a.train()
         return self.train_ids[self._batches[self._pos]].to(self.device)
@@ -348,39 +391,32 @@ class TrialRun:
         self._pos += 1
         loss, ce, rec, kl, nll = self._last
         s = self._sums
-        s["nll"] += float(nll.double().sum())
-        s["tokens"] += nll.numel()
-        for k, v in (("loss", loss), ("loss_lm", ce), ("loss_rec", rec), ("loss_kl", kl)):
-            s[k] += float(v)
+        s.nll += float(nll.double().sum())
+        s.tokens += nll.numel()
+        s.loss += float(loss)
+        s.loss_lm += float(ce)
+        s.loss_rec += float(rec)
+        s.loss_kl += float(kl)
 
     def zero_grad(self) -> None:
         if self.opt is not None:
             self.opt.zero_grad(set_to_none=True)
 
-    def finish_epoch(self, val: PositionStats | None = None) -> None:
-        """Evaluate (unless ``val``, this trial's validation statistics, is given), update early stopping,
-        write the checkpoint, report; sets ``status`` at the end."""
+    def finish_epoch(self, val: PositionStats) -> None:
+        """End the epoch with ``val``, this trial's validation statistics after it: update early stopping, write the
+        checkpoint, report; sets ``status`` at the end."""
         tc, state = self.cfg.train, self.state
         for a in self.adapters:
             a.eval()
-        if val is None:
-            with self.alone(), self.autocast():
-                val = evaluate(self.model, self.samples.val, batch_size=tc.eval_batch_size)
         epoch = state.epoch = state.epoch + 1
         w_end = self.cfg.loss.weights(state.step / self.total_steps)
-        s = self._sums
-        metrics = {
-            "epoch": epoch,
-            "train_ppl": math.exp(s["nll"] / s["tokens"]),
-            "val_ppl": val.ppl,
-            **{k: s[k] / self.steps_per_epoch for k in ("loss", "loss_lm", "loss_rec", "loss_kl")},
-            **{f"w_{k}": v for k, v in w_end.items()},
-            **self.constant,
-            **{bucket_key(b["lo"], b["hi"]): b["ppl"] for b in val.buckets(self.ranges)},
-            "lr": tc.lr,
-            "steps": state.step,
-            "seconds": time.perf_counter() - self._t_epoch,
-        }
+        s, n = self._sums, self.steps_per_epoch
+        metrics = EpochMetrics(
+            epoch=epoch, train_ppl=math.exp(s.nll / s.tokens), val_ppl=val.ppl,
+            loss=s.loss / n, loss_lm=s.loss_lm / n, loss_rec=s.loss_rec / n, loss_kl=s.loss_kl / n,
+            w_lm=w_end["lm"], w_rec=w_end["rec"], w_kl=w_end["kl"],
+            lr=tc.lr, steps=state.step, seconds=time.perf_counter() - self._t_epoch,
+        )
         self._batches, self._pos = [], 0
         improved = val.ppl < state.best_val_ppl
         if improved:
@@ -389,46 +425,204 @@ class TrialRun:
         else:
             state.bad_epochs += 1
         stop = state.bad_epochs >= tc.patience
-        metrics.update(best_val_ppl=state.best_val_ppl, early_stopped=stop)
-        state.history.append(metrics)
-        self.log(f"epoch {epoch}/{tc.epochs}: train PPL {metrics['train_ppl']:.3f}  val PPL {val.ppl:.3f}  "
-                 f"(base {self.constant['base_val_ppl']:.3f}, best {state.best_val_ppl:.3f})  {metrics['seconds']:.1f} s")
+        report = EpochReport(metrics, _buckets(val, self.ranges), self.constant, best_val_ppl=state.best_val_ppl, early_stopped=stop)
+        state.history.append(report)
+        self.log(f"epoch {epoch}/{tc.epochs}: train PPL {metrics.train_ppl:.3f}  val PPL {val.ppl:.3f}  "
+                 f"(base {self.constant.base_val_ppl:.3f}, best {state.best_val_ppl:.3f})  {metrics.seconds:.1f} s")
         if stop:
             self.status = "early_stopped"
         elif epoch >= tc.epochs:
             self.status = "completed"
         if self.ckpt_path is not None:
             best = [a.state_dict() for a in self.adapters] if improved else None
-            save_checkpoint(self.ckpt_path, self.adapters, self.opt, asdict(state), best, previous=self.resume_from)
-        first = {} if self._reported else {"first_step_at": self.first_step_at}  # for start-up times
+            save_checkpoint(self.ckpt_path, self.adapters, self.opt, state.to_dict(), best, previous=self.resume_from)
+        first = not self._reported  # the first report carries the first step's time, for start-up times
         self._reported = True
-        self.report({**metrics, **first}, self.ckpt_path)
+        self.report(replace(report, first_step_at=self.first_step_at) if first else report, self.ckpt_path)
         if stop:
             self.log(f"early stop: no better val PPL for {tc.patience} epochs (best {state.best_val_ppl:.3f} at epoch {state.best_epoch})")
 
-    def result(self, seconds: float = math.nan) -> dict:
+    def result(self, seconds: float = math.nan) -> TrialResult:
         state, c = self.state, self.constant
-        best, base_ppl = state.best_positions, self.base_stats.ppl
-        return {
-            "status": self.status,
-            "epochs_run": state.epoch,
-            "best_epoch": state.best_epoch,
-            "best_val_ppl": state.best_val_ppl,
-            "base_val_ppl": base_ppl,
-            "init_val_ppl": c["init_val_ppl"],
-            "degradation_pct": 100.0 * (state.best_val_ppl - base_ppl) / base_ppl,
-            "kv_bytes_per_token": self.kv_bytes,
-            "kv_bytes_per_token_measured": self.measured["measured_bytes_per_token"],
-            "kv_bytes_per_layer_measured": self.measured["measured_bytes_per_layer"],
-            "kv_bytes_per_token_base": self.kv_base,
-            "kv_ratio": self.kv_bytes / self.kv_base,
-            "kv_bytes_per_layer": layer_bytes(self.layout, self.cfg.train.cache_dtype),
-            "trainable_params": c["trainable_params"],
-            "total_params": c["total_params"],
-            "history": state.history,
-            "positions": [{**b, "base_ppl": bb["ppl"]} for b, bb in zip(best, self.base_stats.buckets(self.ranges))],
-            "seconds": seconds,
-        }
+        base_ppl = self.base_stats.ppl
+        best = [BucketPPL(b["lo"], b["hi"], b["ppl"]) for b in state.best_positions]
+        return TrialResult(
+            status=self.status,
+            epochs_run=state.epoch,
+            best_epoch=state.best_epoch,
+            best_val_ppl=state.best_val_ppl,
+            base_val_ppl=base_ppl,
+            init_val_ppl=c.init_val_ppl,
+            degradation_pct=100.0 * (state.best_val_ppl - base_ppl) / base_ppl,
+            kv_bytes_per_token=self.kv_bytes,
+            kv_bytes_per_token_measured=self.measured["measured_bytes_per_token"],
+            kv_bytes_per_layer_measured=self.measured["measured_bytes_per_layer"],
+            kv_bytes_per_token_base=self.kv_base,
+            kv_ratio=self.kv_bytes / self.kv_base,
+            kv_bytes_per_layer=layer_bytes(self.layout, self.cfg.train.cache_dtype),
+            trainable_params=c.trainable_params,
+            total_params=c.total_params,
+            history=list(state.history),
+            positions=position_metrics(best, self.base_stats.buckets(self.ranges)) if best else [],
+            seconds=seconds,
+            error=str(self.error) if self.error is not None else None,
+        )
+
+
+class Driver:
+    """The one loop of a trial's life, for one trial or several on one base: ``add`` (adapters wired to the base,
+    set up, evaluated at init or resumed), ``step`` (one optimizer step for each given trial, in one forward
+    and backward), ``finish_epochs`` (evaluate, checkpoint, report), ``remove``; ``advance`` is a step and the
+    end of the epochs it ended, ``run`` advances trials until each is done.
+
+    This driver runs one trial at a time, its adapters attached directly to the base (``run_trial``);
+    ``kvsweep.pack.Pack`` drives several at once, each routed to its rows of a stacked batch.
+    """
+
+    def __init__(self, base: Base, samples: Samples, *, log: Callable[[str], None] = print):
+        self.base, self.samples, self.log = base, samples, log
+        self.runs: list[TrialRun] = []
+        self.ending: list[TrialRun] = []  # the trials whose epochs the last ``advance`` ended (or was ending)
+        self.step_seconds = 0.0  # the last ``advance``'s step alone, without the end of epochs
+
+    # -- what a way of running trials decides
+    def _wire(self, run: TrialRun) -> None:
+        """Put ``run``'s adapters into the base's computation (here: attach them; one trial at a time)."""
+        if self.runs:
+            raise RuntimeError("a Driver runs one trial at a time; use kvsweep.pack.Pack for several")
+        done: list[Adapter] = []
+        try:
+            for a in run.adapters:
+                a.attach(self.base.model)
+                done.append(a)
+        except BaseException:
+            for a in reversed(done):
+                a.detach()
+            raise
+
+    def _alone(self, run: TrialRun) -> AbstractContextManager:
+        """The context in which the base computes for ``run`` alone (here: its adapters are the only ones)."""
+        return nullcontext()
+
+    def step(self, runs: list[TrialRun]) -> None:
+        """One optimizer step for each of ``runs``, in one forward and backward."""
+        train_step(self.base.model, runs)
+
+    def evaluate(self, runs: list[TrialRun]) -> list[PositionStats]:
+        """Validation statistics of each of ``runs`` (its adapters in eval mode)."""
+        out = []
+        for r in runs:
+            for a in r.adapters:
+                a.eval()
+            with r.alone(), r.autocast():
+                out.append(evaluate(self.base.model, self.samples.val, batch_size=r.cfg.train.eval_batch_size))
+        return out
+
+    # -- the life of a trial
+    def add(self, cfg: TrialCfg, *, base_stats: PositionStats | None = None, report: Report | None = None,
+            checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
+            log: Callable[[str], None] | None = None) -> TrialRun:
+        """A new trial: adapters built (seeded as alone), wired, calibrated and evaluated at init, or resumed.
+
+        Raises:
+            KvsweepError: whatever the trial's set-up raises (a bad checkpoint, say); the trial is not added.
+        """
+        run = self.add_many([{"cfg": cfg, "base_stats": base_stats, "report": report, "checkpoint_dir": checkpoint_dir,
+                              "resume_from": resume_from, "log": log}])[0]
+        if isinstance(run, BaseException):
+            raise run
+        return run
+
+    def add_many(self, trials: list[dict]) -> list[TrialRun | Exception]:
+        """Several new trials (each ``add``'s arguments as a dict), their initial evaluations done together;
+        for a trial that cannot start, the exception instead of its run (the others start)."""
+        runs: list[TrialRun | Exception] = []
+        for kw in trials:
+            try:
+                runs.append(self._join(**kw))
+            except Exception as e:  # noqa: BLE001  (handed to the caller with the trial it belongs to)
+                runs.append(e)
+        fresh = [r for r in runs if isinstance(r, TrialRun) and r.resume_from is None]
+        try:
+            initial = dict(zip(fresh, self.evaluate(fresh), strict=True)) if fresh else {}
+        except Exception as e:  # noqa: BLE001
+            for r in fresh:
+                self.remove(r)
+            return [e if r in fresh else r for r in runs]
+        for i, r in enumerate(runs):
+            if isinstance(r, TrialRun):
+                try:
+                    r.begin(initial.get(r))
+                except Exception as e:  # noqa: BLE001
+                    self.remove(r)
+                    runs[i] = e
+        return runs
+
+    def _join(self, cfg: TrialCfg, *, base_stats: PositionStats | None = None, report: Report | None = None,
+              checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
+              log: Callable[[str], None] | None = None) -> TrialRun:
+        run = TrialRun(cfg, self.base, self.samples, report=report, checkpoint_dir=checkpoint_dir,
+                       resume_from=resume_from, alone=self._alone, log=log or self.log)
+        self._wire(run)
+        self.runs.append(run)
+        try:
+            run.setup(base_stats)
+        except BaseException:
+            self.remove(run)
+            raise
+        return run
+
+    def finish_epochs(self, runs: list[TrialRun]) -> None:
+        """End the epoch of each of ``runs`` (all at the end of one), evaluating them together (always through
+        ``evaluate``, so a trial's figures do not depend on which trials ended an epoch with it)."""
+        if not runs:
+            return
+        for run, val in zip(runs, self.evaluate(runs), strict=True):
+            run.finish_epoch(val)
+
+    def advance(self, runs: list[TrialRun]) -> list[TrialRun]:
+        """One step for each of ``runs``, then the end of the epochs that step ended; those trials.
+
+        Whatever the step or the end of the epochs raises propagates; ``ending`` then tells which failed: the
+        trials whose epochs were ending (empty when the step itself failed, for all of ``runs``).
+        """
+        self.ending = []
+        t0 = time.perf_counter()
+        self.step(runs)
+        self.step_seconds = time.perf_counter() - t0
+        self.ending = [r for r in runs if not r.done and r.epoch_finished]
+        self.finish_epochs(self.ending)
+        return self.ending
+
+    def run(self, runs: list[TrialRun], *, progress: bool = False) -> None:
+        """Advance ``runs`` until each completes, stops early or fails; each leaves the driver when done.
+        ``progress``: a progress bar per epoch of each trial (on a terminal)."""
+        bars: dict[TrialRun, object] = {}
+        while live := [r for r in runs if not r.done]:
+            if progress:
+                for r in live:
+                    if r not in bars:
+                        bars[r] = _progress(r.steps_per_epoch, r.state.epoch + 1, r.cfg.train.epochs)
+            ended = self.advance(live)
+            for r in live:
+                bar = bars.get(r)
+                if bar is not None:
+                    bar.update(1)
+                    if r.done or r in ended:
+                        bars.pop(r).close()
+                if r.done:
+                    self.remove(r)
+
+    def remove(self, run: TrialRun) -> None:
+        """``run`` leaves: its adapters out of the base's computation."""
+        for a in run.adapters:
+            a.detach()
+        if run in self.runs:
+            self.runs.remove(run)
+
+    def close(self) -> None:
+        for run in list(self.runs):
+            self.remove(run)
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -512,20 +706,10 @@ def git_revision() -> str | None:
         return None
 
 
-def epoch_rows(trial_id: str, history: list[dict]) -> list[dict]:
-    return [{"trial_id": trial_id, **{k: m.get(k) for k in EPOCH_SCHEMA.names if k != "trial_id"}} for m in history]
-
-
-def position_rows(trial_id: str, positions: list[dict]) -> list[dict]:
-    return [{
-        "trial_id": trial_id, "lo": p["lo"], "hi": p["hi"], "tokens": p["tokens"], "ppl": p["ppl"], "base_ppl": p["base_ppl"],
-        "diff": p["ppl"] - p["base_ppl"], "degradation_pct": 100.0 * (p["ppl"] - p["base_ppl"]) / p["base_ppl"],
-    } for p in positions]
-
-
 def run_trial_to_folder(cfg: TrialCfg, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                        log: Callable[[str], None] = print) -> dict:
-    """``kvsweep train``: one trial with a progress bar; writes trial.json, epochs.parquet, positions.parquet.
+                        log: Callable[[str], None] = print) -> TrialResult:
+    """``kvsweep train``: one trial with a progress bar; writes trial.json, epochs.parquet (epoch 0, the adapters at
+    init, first), positions.parquet.
 
     ``out`` may be new or empty. One that holds an earlier trial (trial.json or checkpoint/) needs
     ``resume`` (continue from its checkpoint) or ``overwrite`` (replace it: its results and checkpoint are
@@ -565,23 +749,23 @@ def run_trial_to_folder(cfg: TrialCfg, out: str | Path, *, resume: bool = False,
     except TrialError as e:
         write_json(out / "trial.json", {**record, "status": "error", "error": str(e)})
         raise
-    history = result.pop("history")
     trial_id = out.name
-    write_json(out / "trial.json", {**record, **result, "final": history[-1] if history else None})
-    write_parquet(table(epoch_rows(trial_id, history), EPOCH_SCHEMA), out / "epochs.parquet")
-    write_parquet(table(position_rows(trial_id, result["positions"]), POSITION_SCHEMA), out / "positions.parquet")
+    final = result.history[-1].to_report() if result.history else None
+    write_json(out / "trial.json", {**record, **result.to_json(), "final": final})
+    write_parquet(epoch_table((trial_id, h.metrics) for h in result.history), out / "epochs.parquet")
+    write_parquet(position_table((trial_id, p) for p in result.positions), out / "positions.parquet")
     log(format_trial(result))
     log(f"wrote {out / 'trial.json'}, epochs.parquet, positions.parquet")
-    return {**result, "history": history}
+    return result
 
 
-def format_trial(result: dict) -> str:
+def format_trial(result: TrialResult) -> str:
     """The seed's overall and position-wise tables for one trial against its base."""
-    base, best = result["base_val_ppl"], result["best_val_ppl"]
+    base, best = result.base_val_ppl, result.best_val_ppl
     lines = [
-        f"status {result['status']} after {result['epochs_run']} epochs (best epoch {result['best_epoch']})",
-        f"KV cache: {result['kv_bytes_per_token']:,} bytes/token ({100 * result['kv_ratio']:.1f}% of the base's "
-        f"{result['kv_bytes_per_token_base']:,}); trainable parameters {result['trainable_params']:,} of {result['total_params']:,}",
+        f"status {result.status} after {result.epochs_run} epochs (best epoch {result.best_epoch})",
+        f"KV cache: {result.kv_bytes_per_token:,} bytes/token ({100 * result.kv_ratio:.1f}% of the base's "
+        f"{result.kv_bytes_per_token_base:,}); trainable parameters {result.trainable_params:,} of {result.total_params:,}",
         "",
         f"| {'model':>8} | {'val PPL':>10} | {'diff':>9} | {'degr. %':>8} |",
         f"|{'-' * 10}|{'-' * 12}|{'-' * 11}|{'-' * 10}|",
@@ -591,8 +775,7 @@ def format_trial(result: dict) -> str:
         f"| {'positions':>10} | {'base PPL':>10} | {'PPL':>10} | {'diff':>9} | {'degr. %':>8} |",
         f"|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 11}|{'-' * 10}|",
     ]
-    for p in result["positions"]:
-        diff = p["ppl"] - p["base_ppl"]
-        lines.append(f"| {str(p['lo']) + '-' + str(p['hi']):>10} | {p['base_ppl']:>10.4f} | {p['ppl']:>10.4f} | {diff:>+9.4f} | "
-                     f"{100 * diff / p['base_ppl']:>+8.2f} |")
+    for p in result.positions:
+        lines.append(f"| {str(p.lo) + '-' + str(p.hi):>10} | {p.base_ppl:>10.4f} | {p.ppl:>10.4f} | {p.diff:>+9.4f} | "
+                     f"{p.degradation_pct:>+8.2f} |")
     return "\n".join(lines)

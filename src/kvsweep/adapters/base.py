@@ -215,6 +215,22 @@ class Adapter(torch.nn.Module):
             self.detach()
             raise
 
+    def route(self, register: Callable[[int, torch.nn.Module], Callable[[], None]]) -> None:
+        """Hand each layer's module to ``register(layer, module)`` (a pack's router, instead of the base's tap), which
+        returns how to take it back; ``detach`` takes them all back.
+
+        Raises:
+            RuntimeError: the adapter is already attached or routed.
+        """
+        if self._undo:
+            raise RuntimeError(f"adapter {self.name} is already attached")
+        try:
+            for layer in self.layers:
+                self._undo.append(register(layer, self.layer_module(layer)))
+        except Exception:
+            self.detach()
+            raise
+
     def detach(self) -> None:
         while self._undo:
             self._undo.pop()()

@@ -16,7 +16,6 @@ failure retries and the results see exactly the trials of an unpacked sweep:
 
 from __future__ import annotations
 
-import math
 import random
 import shutil
 import tempfile
@@ -39,6 +38,7 @@ from ..data import Samples
 from ..evaluate import PositionStats
 from ..models import load_base
 from ..pack import Pack
+from ..results import EpochReport
 from ..train import TrialRun
 from .space import trial_cfg
 from .trainable import resumed_report
@@ -129,39 +129,38 @@ class PackServer:
         if not ids:
             return
         runs = [self._runs[t] for t in ids]
-        t0 = time.perf_counter()
-        try:
-            self.pack.step(runs)
-        except Exception as e:  # the whole step failed (out of memory, say): fail these epochs, Tune restarts them
-            for t in ids:
-                self._fail(t, e)
-            return
+        try:  # the loop every trial's life goes through: one step, the end of the epochs it ended
+            ended = self.pack.advance(runs)
+        except Exception as e:
+            if not self.pack.ending:  # the whole step failed (out of memory, say): fail these epochs, Tune restarts them
+                for t in ids:
+                    self._fail(t, e)
+                return
+            ending, ended = set(self.pack.ending), []  # evaluating or checkpointing failed: fail those epochs
+            for t, run in zip(ids, runs, strict=True):
+                if run in ending:
+                    self._fail(t, e)
         self.counters["steps"] += 1
         self.counters["trial_steps"] += len(runs)
-        self.counters["step_seconds"] += time.perf_counter() - t0
+        self.counters["step_seconds"] += self.pack.step_seconds
         self.counters["tokens"] += sum(r.cfg.train.batch_size * r.cfg.data.seq_len for r in runs)
-        ending = []
         for t, run in zip(ids, runs, strict=True):
+            if t not in self._waiting:  # failed above
+                continue
             if run.error is not None:
                 self._reply(t, {"error": str(run.error), "epoch": run.state.epoch + 1})
                 self._drop(t)
-            elif run.epoch_finished:
-                ending.append(t)
-        if not ending:
-            return
-        try:
-            self.pack.finish_epochs([self._runs[t] for t in ending])
-            replies = {t: self._epoch_reply(self._runs[t]) for t in ending}
-        except Exception as e:
-            for t in ending:
-                self._fail(t, e)
-            return
-        for t in ending:
-            self._reply(t, replies[t])
-            if self._runs[t].done:
-                self._drop(t)
-            else:
-                self._parked[t] = time.monotonic()
+            elif run in ended:
+                try:
+                    reply = self._epoch_reply(run)
+                except Exception as e:
+                    self._fail(t, e)
+                    continue
+                self._reply(t, reply)
+                if run.done:
+                    self._drop(t)
+                else:
+                    self._parked[t] = time.monotonic()
 
     def _admit(self, trial_id: str, config: dict, epoch: int, files: dict[str, bytes] | None, reply: Future,
                joining: dict[str, tuple[Future, dict]]) -> None:
@@ -213,9 +212,10 @@ class PackServer:
             reply.set_exception(error)
 
     def _epoch_reply(self, run: TrialRun) -> dict:
+        """The trial's report of the epoch it ended (``metrics``, an ``EpochReport`` with its first step's time), its
+        checkpoint's files and whether it is done."""
         files = {p.name: p.read_bytes() for p in run.ckpt_path.iterdir() if p.is_file()}
-        metrics = {**run.state.history[-1], "first_step_at": run.first_step_at}
-        return {"metrics": metrics, "files": files, "done": run.done}
+        return {"metrics": replace(run.state.history[-1], first_step_at=run.first_step_at), "files": files, "done": run.done}
 
     def _reply(self, trial_id: str, value: dict) -> None:
         self._waiting.pop(trial_id).set_result(value)
@@ -277,23 +277,23 @@ def packed_trainable(config: dict, *, sweep: SweepCfg, servers: list) -> None:
             if reply.get("need_checkpoint"):
                 reply = ray.get(server.epoch.remote(trial_id, config, epoch, files))
             if "error" in reply:  # deterministic: end the trial as an error instead of retrying it
-                tune.report({"epoch": reply["epoch"], "val_ppl": math.inf, "trial_error": reply["error"]})
+                tune.report(EpochReport.failed(reply["epoch"], reply["error"]).to_report())
                 return
             if reply["metrics"] is None:
                 return
-            metrics, files = dict(reply["metrics"]), reply["files"]
-            first_step_at = metrics.pop("first_step_at", None)
-            if first_step_at is not None and epoch == 0:
-                metrics["startup_seconds"] = first_step_at - t_start
-            if sweep.fail_once_at_epoch is not None and not restarted and metrics["epoch"] == sweep.fail_once_at_epoch + 1:
+            report: EpochReport = reply["metrics"]
+            files = reply["files"]
+            startup = report.first_step_at - t_start if report.first_step_at is not None and epoch == 0 else None
+            report = replace(report, first_step_at=None, startup_seconds=startup)
+            if sweep.fail_once_at_epoch is not None and not restarted and report.epoch == sweep.fail_once_at_epoch + 1:
                 # a crash while the next epoch trains: the restarted trial resumes from its checkpoint files
                 raise RuntimeError(f"injected fault after epoch {sweep.fail_once_at_epoch} (--inject-fault-at-epoch)")
-            epoch = int(metrics["epoch"])
+            epoch = report.epoch
             folder = Path(work) / f"checkpoint-{epoch}"
             folder.mkdir()
             for name, data in files.items():
                 (folder / name).write_bytes(data)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+            tune.report(report.to_report(), checkpoint=tune.Checkpoint.from_directory(str(folder)))
             if previous is not None:
                 shutil.rmtree(previous, ignore_errors=True)  # Tune has its copy
             previous = folder

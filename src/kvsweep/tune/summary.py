@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..results import scheduler_savings
+from ..results import reports_of, scheduler_savings
 from .store import join_uri
-from .writer import TrialRecord, is_true
+from .writer import TrialRecord
 
 
 def _stamp(result: dict) -> float:
@@ -23,11 +23,10 @@ def throughput(records: list[TrialRecord], fit_seconds: float, pack_stats: list[
     Only what this run did counts: results stamped at or after ``since`` (seconds since the epoch), less
     the checkpoint's epoch a resumed trial reports again before it trains on.
     """
-    fresh = [[r for r in rec.results if _stamp(r) >= since and not is_true(r.get("resumed"))] for rec in records]
+    fresh = [[rep for rep in reports_of(r for r in rec.results if _stamp(r) >= since) if not rep.resumed] for rec in records]
     ran = [rs for rs in fresh if rs]
-    epochs = sum(len({r.get("epoch") for r in rs if not isinstance(r.get("trial_error"), str)}) for rs in ran)
-    startups = sorted(r["startup_seconds"] for rs in ran for r in rs
-                      if isinstance(r.get("startup_seconds"), (int, float)) and r["startup_seconds"] == r["startup_seconds"])
+    epochs = sum(len({rep.epoch for rep in rs if rep.error is None}) for rs in ran)
+    startups = sorted(rep.startup_seconds for rs in ran for rep in rs if rep.startup_seconds is not None)
     records = ran
     parts = [f"this run: {fit_seconds:.0f} s for {len(records)} trials ({3600 * len(records) / max(fit_seconds, 1e-9):.0f} trials/h, "
              f"{epochs} epochs)"]

@@ -3,7 +3,6 @@ checkpoint; a restarted trial resumes from its last checkpoint."""
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import replace
@@ -19,6 +18,7 @@ from ..config import SweepCfg
 from ..data import Samples
 from ..evaluate import PositionStats
 from ..models import Base, load_base
+from ..results import EpochReport
 from ..train import TrialError, run_trial
 from .space import trial_cfg
 
@@ -34,7 +34,7 @@ def resumed_report(checkpoint: Path) -> int:
     """
     epoch, metrics = saved_progress(checkpoint)
     if metrics is not None:
-        tune.report({**metrics, "resumed": True})
+        tune.report(replace(EpochReport.from_report(metrics), resumed=True).to_report())
     return epoch
 
 
@@ -60,18 +60,17 @@ def trainable(config: dict, *, sweep: SweepCfg, samples: Samples, base_stats: Po
             checkpoint.to_directory(str(resume_from))
             last_epoch["n"] = resumed_report(resume_from)
 
-        def report(metrics: dict, ckpt_dir: Path | None) -> None:
-            first_step_at = metrics.pop("first_step_at", None)
-            if first_step_at is not None and resume_from is None:
-                metrics["startup_seconds"] = first_step_at - t_start
-            last_epoch["n"] = metrics["epoch"]
+        def report(rep: EpochReport, ckpt_dir: Path | None) -> None:
+            startup = rep.first_step_at - t_start if rep.first_step_at is not None and resume_from is None else None
+            rep = replace(rep, first_step_at=None, startup_seconds=startup)
+            last_epoch["n"] = rep.epoch
             ckpt = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
-            tune.report(dict(metrics), checkpoint=ckpt)
-            if fail_at is not None and resume_from is None and metrics["epoch"] == fail_at:
+            tune.report(rep.to_report(), checkpoint=ckpt)
+            if fail_at is not None and resume_from is None and rep.epoch == fail_at:
                 raise RuntimeError(f"injected fault after epoch {fail_at} (--inject-fault-at-epoch)")
 
         try:
             run_trial(cfg, report, checkpoint_dir=Path(work) / "checkpoint", resume_from=resume_from, base=base,
                       samples=samples, base_stats=base_stats, log=print)
         except TrialError as e:  # deterministic: end the trial as an error instead of retrying it
-            tune.report({"epoch": last_epoch["n"] + 1, "val_ppl": math.inf, "trial_error": str(e)})
+            tune.report(EpochReport.failed(last_epoch["n"] + 1, str(e)).to_report())

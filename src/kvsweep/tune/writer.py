@@ -1,7 +1,10 @@
 """A sweep's result tables: built from what Tune knows of each trial, kept current while the sweep runs.
 
 ``build_tables`` turns trial records (a trial's config, every result it reported, its error) into
-``trials``, ``epochs`` and ``positions`` tables of DESIGN.md's schema, each trial exactly once.
+``trials``, ``epochs`` and ``positions`` tables of DESIGN.md's schema, each trial exactly once. A trial's
+results are read back as typed ``EpochReport``s; its epoch 0 (the adapters at init, never reported to Tune
+on its own, so that the scheduler counts epochs as before) is written from the ``init_val_ppl`` its
+reports carry.
 ``ResultsWriter`` (a Tune callback) rewrites them atomically as results arrive; ``records_from`` reads
 the records of a Tune experiment back from its folder (the trials' own result files), which is how a
 continued or grown sweep gets the trials of its earlier runs.
@@ -23,8 +26,9 @@ from ray.tune import ExperimentAnalysis
 from ..config import SweepCfg, position_buckets
 from ..evaluate import PositionStats
 from ..adapters.options import method_columns, option_columns
-from ..results import EPOCH_SCHEMA, POSITION_SCHEMA, table, trial_schema, with_schema_version
-from ..train import bucket_key, epoch_rows, git_revision
+from ..results import (EpochReport, epoch_table, is_true, position_metrics, position_table, reports_of, table, trial_schema,
+                       with_schema_version)
+from ..train import git_revision, init_metrics
 from .guard import StorageGuard, error_text
 from .space import trial_cfg
 from .store import SweepStore, is_storage_full
@@ -40,27 +44,21 @@ class TrialRecord:
     finished: bool = True  # False while Tune still runs (or may resume) the trial
 
 
-def _text(value) -> str | None:
-    return value if isinstance(value, str) and value else None
+__all__ = ["ResultsWriter", "TrialRecord", "build_tables", "has_experiment", "is_true", "load_records", "records_from",
+           "write_tables"]
 
 
-def is_true(value) -> bool:
-    """``True`` for a reported flag that is set: a bool or numpy's; ``False`` for anything else (NaN where a
-    result lacks the key, as results read back from Tune's files have it)."""
-    return value is True or (type(value).__name__ == "bool_" and bool(value))
-
-
-def _status(rec: TrialRecord, max_epochs: int) -> tuple[str, str | None]:
-    last = rec.results[-1] if rec.results else {}
-    if _text(last.get("trial_error")):
-        return "error", str(last["trial_error"])
+def _status(rec: TrialRecord, reports: list[EpochReport], max_epochs: int) -> tuple[str, str | None]:
+    last = reports[-1] if reports else None
+    if last is not None and last.error:
+        return "error", last.error
     if rec.error:
         return "error", rec.error
     if not rec.finished:
         return "running", None
-    if is_true(last.get("early_stopped")):
+    if last is not None and last.early_stopped:
         return "early_stopped", None
-    if last.get("epoch", 0) >= max_epochs:
+    if (last.epoch if last is not None else 0) >= max_epochs:
         return "completed", None
     return "asha_stopped", None
 
@@ -85,44 +83,45 @@ def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: Positi
             continue
         seen.add(rec.trial_id)
         cfg = trial_cfg(rec.config, sweep)
-        by_epoch: dict[int, dict] = {}
-        for r in rec.results:
-            e = r.get("epoch")
-            if _text(r.get("trial_error")) or not isinstance(e, (int, float)) or e != e:
+        reports = reports_of(rec.results)
+        by_epoch: dict[int, EpochReport] = {}
+        for r in reports:
+            if r.error:
                 continue
-            if not (is_true(r.get("resumed")) and int(e) in by_epoch):
-                by_epoch[int(e)] = r  # a restarted trial's repeated epoch counts once
+            if not (r.resumed and r.epoch in by_epoch):
+                by_epoch[r.epoch] = r  # a restarted trial's repeated epoch counts once
         history = [by_epoch[e] for e in sorted(by_epoch)]
-        status, error = _status(rec, sweep.train.epochs)
-        best = min(history, key=lambda m: m["val_ppl"]) if history else None
-        last = history[-1] if history else {}
+        status, error = _status(rec, reports, sweep.train.epochs)
+        best = min(history, key=lambda m: m.val_ppl) if history else None
+        last = history[-1].trial if history else None
+        init_val_ppl = last.init_val_ppl if last is not None and last.init_val_ppl is not None else math.nan
         trials.append({
             "trial_id": rec.trial_id, "sweep": sweep.name, **method_columns(cfg.adapters, cfg.loss.name),
             "schedule": cfg.loss.name, "seed": cfg.train.seed,
             "config": _config_json(cfg), "status": status, "error": error,
             "epochs_run": len(history), "max_epochs": sweep.train.epochs,
-            "best_epoch": int(best["epoch"]) if best else None,
-            "best_val_ppl": best["val_ppl"] if best else math.nan,
+            "best_epoch": best.epoch if best else None,
+            "best_val_ppl": best.val_ppl if best else math.nan,
             "base_val_ppl": base_stats.ppl,
-            "init_val_ppl": last.get("init_val_ppl", math.nan),
-            "degradation_pct": 100 * (best["val_ppl"] - base_stats.ppl) / base_stats.ppl if best else math.nan,
-            "kv_bytes_per_token": last.get("kv_bytes_per_token_measured", last.get("kv_bytes_per_token")),
-            "kv_bytes_per_token_accounted": last.get("kv_bytes_per_token"),
-            "kv_bytes_per_token_base": round(last["kv_bytes_per_token"] / last["kv_ratio"]) if last else None,
-            "kv_ratio": last.get("kv_ratio"),
-            "trainable_params": last.get("trainable_params"),
-            "total_params": last.get("total_params"),
-            "wall_seconds": float(sum(m.get("seconds", 0.0) for m in history)),
+            "init_val_ppl": init_val_ppl,
+            "degradation_pct": 100 * (best.val_ppl - base_stats.ppl) / base_stats.ppl if best else math.nan,
+            "kv_bytes_per_token": (last.kv_bytes_per_token if last.kv_bytes_per_token_measured is None else last.kv_bytes_per_token_measured)
+            if last is not None else None,  # results of a kvsweep that did not measure: the accounting
+            "kv_bytes_per_token_accounted": last.kv_bytes_per_token if last is not None else None,
+            "kv_bytes_per_token_base": round(last.kv_bytes_per_token / last.kv_ratio) if last is not None else None,
+            "kv_ratio": last.kv_ratio if last is not None else None,
+            "trainable_params": last.trainable_params if last is not None else None,
+            "total_params": last.total_params if last is not None else None,
+            "wall_seconds": float(sum(h.metrics.seconds if h.metrics.seconds is not None else 0.0 for h in history)),
             "git_revision": revision,
             "finished_at": _finished_at(rec),
         })
-        epochs += epoch_rows(rec.trial_id, history)
+        if history and math.isfinite(init_val_ppl) and 0 not in by_epoch:  # epoch 0: the adapters at init
+            epochs.append((rec.trial_id, init_metrics(cfg, init_val_ppl)))
+        epochs += [(rec.trial_id, h.metrics) for h in history]
         if best:
-            for b in base_buckets:
-                ppl = best.get(bucket_key(b["lo"], b["hi"]), math.nan)
-                positions.append({"trial_id": rec.trial_id, "lo": b["lo"], "hi": b["hi"], "tokens": b["tokens"], "ppl": ppl,
-                                  "base_ppl": b["ppl"], "diff": ppl - b["ppl"], "degradation_pct": 100 * (ppl - b["ppl"]) / b["ppl"]})
-    return {"trials": table(trials, trial_schema(option_columns())), "epochs": table(epochs, EPOCH_SCHEMA), "positions": table(positions, POSITION_SCHEMA)}
+            positions += [(rec.trial_id, p) for p in position_metrics(best.buckets, base_buckets)]
+    return {"trials": table(trials, trial_schema(option_columns())), "epochs": epoch_table(epochs), "positions": position_table(positions)}
 
 
 def _config_json(cfg) -> str:
