@@ -1,0 +1,344 @@
+"""``TrialRun``: one trial's state and steps on a frozen base it may share (adapters, optimizer, schedule
+position, batch order, early stopping, checkpoints). No Ray here."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..adapters import Adapter, disabled, make_adapter
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..config import ConfigError, position_buckets
+from ..data import Samples
+from ..evaluate import PositionStats, evaluate
+from ..kvcache import base_layout, bytes_per_token, layer_bytes
+from ..latent import measure_bytes
+from ..losses import kl_divergence
+from ..models import Base, dims
+from ..results import BucketPPL, EpochMetrics, EpochReport, TrialConstants, TrialResult, position_metrics
+
+from .cfg import Report, TrialCfg, TrialError, init_metrics
+
+
+def _buckets(stats: PositionStats, ranges: list[tuple[int, int]]) -> tuple[BucketPPL, ...]:
+    return tuple(BucketPPL(b["lo"], b["hi"], b["ppl"]) for b in stats.buckets(ranges))
+
+
+@dataclass
+class _State:
+    """What a checkpoint holds besides weights: where training is and what it has seen."""
+
+    epoch: int = 0
+    step: int = 0
+    best_val_ppl: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[EpochReport] = field(default_factory=list)
+    best_positions: list = field(default_factory=list)  # PositionStats.buckets of the best epoch
+
+    def to_dict(self) -> dict:
+        """Plain data for the checkpoint: the history as the flat dicts a trial reports."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "history": [h.to_report() for h in self.history]}
+
+    @classmethod
+    def from_dict(cls, trial: dict) -> "_State":
+        """Raises: TypeError or ValueError: ``trial`` is not what ``to_dict`` writes."""
+        history = trial.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise TypeError("history is not a list of reports")
+        return cls(**{**trial, "history": [EpochReport.from_report(h) for h in history]})
+
+
+@dataclass
+class _EpochSums:
+    """The current epoch's sums over its steps: loss and components (each a step's mean), NLL over its tokens."""
+
+    loss: float = 0.0
+    loss_lm: float = 0.0
+    loss_rec: float = 0.0
+    loss_kl: float = 0.0
+    nll: float = 0.0
+    tokens: int = 0
+
+
+def autocast(device: torch.device, amp: str, base_dtype: torch.dtype = torch.float32):
+    """The precision trials compute in: bf16 autocast on CUDA (``auto``), or the base's own dtype when the
+    frozen base is held in bf16/fp16 (the float32 adapters then run under autocast too)."""
+    if amp == "off":
+        return nullcontext()
+    if device.type == "cuda" and amp in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if base_dtype == torch.float32 else base_dtype)
+    if amp == "bf16" or base_dtype != torch.float32:
+        return torch.autocast(device.type, dtype=torch.bfloat16 if base_dtype == torch.float32 else base_dtype)
+    return nullcontext()
+
+
+def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """This epoch's shuffled batches of sample indices, the same for the same (seed, epoch)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=gen)
+    return list(order.split(batch_size))
+
+
+def _load_checkpoint(path: Path, adapters: list[Adapter], opt: torch.optim.Optimizer | None) -> _State:
+    """Restore the adapters, optimizer and RNG states from the checkpoint folder ``path``; its trial state.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, damaged, pickled by an older kvsweep, or not this trial's.
+    """
+    trial = load_checkpoint(path, adapters, opt)
+    try:
+        return _State.from_dict(trial)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the trial state does not fit this kvsweep ({e})") from None
+
+
+class TrialRun:
+    """One trial's training on a frozen base that it may share with other trials (see ``Driver``).
+
+    Holds the trial's adapters, optimizer, loss schedule position, batch order, early-stopping state and
+    checkpoints. A driver wires the adapters to the base (attached directly, or routed to this trial's rows
+    of a packed batch), then calls ``setup``, evaluates the adapters at init and calls ``begin``; then
+    ``next_batch``/``loss``/``update`` per step (``train_step``) and ``finish_epoch`` with each epoch's
+    validation statistics. ``alone(run)`` is the context in which the model computes for this trial alone
+    (for calibration and evaluation): nothing to do when the adapters are attached directly.
+    """
+
+    def __init__(self, cfg: TrialCfg, base: Base, samples: Samples, *, report: Report | None = None,
+                 checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
+                 alone: Callable[[TrialRun], AbstractContextManager] | None = None, log: Callable[[str], None] = print):
+        self.cfg, self.base, self.samples, self.log = cfg, base, samples, log
+        self._alone = alone
+        self.report = report or (lambda metrics, ckpt: None)
+        self.model, self.device, tc = base.model, base.device, cfg.train
+        self.base_dtype = next(self.model.parameters()).dtype  # the base's embedding comes first
+        if self.base_dtype != torch.float32 and tc.amp == "off":
+            raise ConfigError(f"amp 'off' needs a float32 base; the base is {self.base_dtype} (use amp auto, or dtype float32)")
+        self.ranges = position_buckets(cfg.data.seq_len, cfg.buckets)
+        d = dims(base.config)
+        torch.manual_seed(tc.seed)
+        self.adapters = [make_adapter(spec, d) for spec in cfg.adapters]
+        self.trainable = [p for a in self.adapters for p in a.parameters() if p.requires_grad]
+        self.base_params = base.num_params  # before the adapters are attached (their taps hold them)
+        self.layout = base_layout(d.layers, d.hidden)
+        for a in self.adapters:
+            self.layout = a.kv_layout(self.layout)
+        self.kv_bytes = bytes_per_token(self.layout, tc.cache_dtype)
+        self.kv_base = bytes_per_token(base_layout(d.layers, d.hidden), tc.cache_dtype)
+        self.opt = torch.optim.AdamW(self.trainable, lr=tc.lr, weight_decay=tc.weight_decay) if self.trainable else None
+        self.ckpt_path = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.resume_from = Path(resume_from) if resume_from is not None else None
+        self.train_ids = torch.from_numpy(np.array(samples.train, dtype=np.int64))  # (N, T), a writable copy
+        self.steps_per_epoch = math.ceil(len(self.train_ids) / tc.batch_size) if tc.batch_size else 0
+        self.total_steps = self.steps_per_epoch * tc.epochs
+        self.use_kl = cfg.loss.kl.peak > 0
+        self.state = _State()
+        self.status: str | None = None  # "completed" | "early_stopped" | "error" once done
+        self.error: TrialError | None = None
+        self.measured: dict | None = None  # the cache a latent-cache decode holds (setup)
+        self.base_stats: PositionStats | None = None  # the base's validation statistics (setup)
+        self.constant: TrialConstants | None = None  # what every report carries (begin)
+        self._batches: list[torch.Tensor] = []
+        self._pos = 0  # steps taken in the current epoch
+        self._t_epoch = 0.0
+        self._sums = _EpochSums()
+        self._last: tuple[torch.Tensor, ...] | None = None  # the last step's loss, its components and NLL (detached)
+        self._reported = False
+        self.first_step_at: float | None = None  # time.time() of the first training step (start-up ends there)
+
+    def alone(self) -> AbstractContextManager:
+        """The context in which the model computes for this trial alone."""
+        return self._alone(self) if self._alone is not None else nullcontext()
+
+    # -- set-up
+    def setup(self, base_stats: PositionStats | None = None) -> None:
+        """Measure the cache, evaluate the base (unless given), calibrate the adapters or load the checkpoint."""
+        tc, model = self.cfg.train, self.model
+        # The cache a short latent-cache decode really holds; raises if it differs from the accounting.
+        self.measured = measure_bytes(model, self.adapters, tc.cache_dtype)
+        with self.alone():
+            if base_stats is None:
+                with disabled(self.adapters), self.autocast():
+                    base_stats = evaluate(model, self.samples.val, batch_size=tc.eval_batch_size)
+            if self.resume_from is not None:
+                self.state = _load_checkpoint(self.resume_from, self.adapters, self.opt)
+                self.log(f"resumed from {self.resume_from} after epoch {self.state.epoch}")
+            else:
+                for a in self.adapters:  # each measures the base: the other adapters pass through meanwhile
+                    with disabled([o for o in self.adapters if o is not a]), self.autocast():
+                        a.calibrate(model, self.samples.train)
+        self.base_stats = base_stats
+
+    def begin(self, init_stats: PositionStats | None = None) -> None:
+        """After ``setup``: the constant metrics and, for a trial that starts afresh, epoch 0 (its validation
+        statistics at init, ``init_stats``; ``None`` when resumed) in its history; for a trial with nothing left to
+        train, its status. Epoch 0 is reported only when the trial trains no epoch (``epochs`` 0); otherwise its
+        validation PPL goes with every report as ``init_val_ppl``."""
+        tc, base_stats = self.cfg.train, self.base_stats
+        if self.resume_from is not None:
+            init_val_ppl = self.state.history[0].trial.init_val_ppl if self.state.history and self.state.history[0].trial else math.nan
+        else:
+            if init_stats is None:
+                raise ValueError("a trial that starts afresh needs its validation statistics at init")
+            init_val_ppl = init_stats.ppl
+        self.constant = TrialConstants(
+            base_val_ppl=base_stats.ppl,
+            init_val_ppl=init_val_ppl,
+            kv_bytes_per_token=self.kv_bytes,
+            kv_bytes_per_token_measured=self.measured["measured_bytes_per_token"],
+            kv_ratio=self.kv_bytes / self.kv_base,
+            trainable_params=sum(p.numel() for p in self.trainable),
+            total_params=self.base_params + sum(p.numel() for p in self.trainable),
+        )
+        if self.resume_from is None:
+            evaluate_only = tc.epochs == 0
+            if evaluate_only:  # the init is the trial's only epoch, so its best
+                self.state.best_val_ppl, self.state.best_positions = init_val_ppl, init_stats.buckets(self.ranges)
+            init = EpochReport(init_metrics(self.cfg, init_val_ppl), _buckets(init_stats, self.ranges), self.constant,
+                               best_val_ppl=init_val_ppl if evaluate_only else None, early_stopped=False if evaluate_only else None)
+            self.state.history.append(init)
+            if evaluate_only:
+                self.report(init, None)
+                self.status = "completed"
+                return
+        if self.state.bad_epochs >= tc.patience:  # resumed from the checkpoint of an early-stopped trial
+            self.status = "early_stopped"
+        elif self.state.epoch >= tc.epochs:
+            self.status = "completed"
+
+    def autocast(self):
+        return autocast(self.device, self.cfg.train.amp, self.base_dtype)
+
+    # -- training, a step at a time
+    @property
+    def done(self) -> bool:
+        return self.status is not None
+
+    @property
+    def epoch_finished(self) -> bool:
+        return bool(self._batches) and self._pos == len(self._batches)
+
+    def next_batch(self) -> torch.Tensor:
+        """The token ids (B, T) of this trial's next step, on the base's device; starts an epoch if due."""
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+        if not self._batches:
+            epoch = self.state.epoch + 1
+            self._batches = _batches(len(self.train_ids), self.cfg.train.batch_size, self.cfg.train.seed, epoch)
+            self._pos, self._t_epoch = 0, time.perf_counter()
+            self._sums = _EpochSums()
+            for a in self.adapters:
+                a.train()
+        return self.train_ids[self._batches[self._pos]].to(self.device)
+
+    def loss(self, nll: torch.Tensor, logits: torch.Tensor | None, teacher: torch.Tensor | None) -> torch.Tensor | None:
+        """This step's loss from this trial's per-token NLL (B, T-1) (and its logits (B, T, V) and the base's,
+        for KL); ``None`` (and the trial ends in error) when it is not finite. Call inside the forward's autocast."""
+        w = self.cfg.loss.weights(self.state.step / self.total_steps)
+        ce = nll.mean()
+        recs = [r for a in self.adapters if (r := a.reconstruction_loss()) is not None]
+        rec = torch.stack(recs).sum() if recs else torch.zeros((), device=self.device)
+        kl = kl_divergence(logits[:, :-1], teacher[:, :-1]) if self.use_kl else torch.zeros((), device=self.device)
+        loss = w["lm"] * ce + w["rec"] * rec + w["kl"] * kl
+        if not torch.isfinite(loss):
+            self.error = TrialError(f"loss is {loss.item()} at epoch {self.state.epoch + 1}, step {self._pos + 1} of "
+                                    f"{self.steps_per_epoch} (lm {ce.item():.4g}, rec {rec.item():.4g}, kl {kl.item():.4g}); try a lower lr")
+            self.status = "error"
+            return None
+        self._last = (loss.detach(), ce.detach(), rec.detach(), kl.detach(), nll.detach())
+        return loss
+
+    def update(self) -> None:
+        """After the backward pass: clip, step the optimizer, count the step."""
+        tc = self.cfg.train
+        if self.opt is not None and any(p.grad is not None for p in self.trainable):
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.trainable, tc.grad_clip)
+            self.opt.step()
+        self.state.step += 1
+        self._pos += 1
+        loss, ce, rec, kl, nll = self._last
+        s = self._sums
+        s.nll += float(nll.double().sum())
+        s.tokens += nll.numel()
+        s.loss += float(loss)
+        s.loss_lm += float(ce)
+        s.loss_rec += float(rec)
+        s.loss_kl += float(kl)
+
+    def zero_grad(self) -> None:
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
+
+    def finish_epoch(self, val: PositionStats) -> None:
+        """End the epoch with ``val``, this trial's validation statistics after it: update early stopping, write the
+        checkpoint, report; sets ``status`` at the end."""
+        tc, state = self.cfg.train, self.state
+        for a in self.adapters:
+            a.eval()
+        epoch = state.epoch = state.epoch + 1
+        w_end = self.cfg.loss.weights(state.step / self.total_steps)
+        s, n = self._sums, self.steps_per_epoch
+        metrics = EpochMetrics(
+            epoch=epoch, train_ppl=math.exp(s.nll / s.tokens), val_ppl=val.ppl,
+            loss=s.loss / n, loss_lm=s.loss_lm / n, loss_rec=s.loss_rec / n, loss_kl=s.loss_kl / n,
+            w_lm=w_end["lm"], w_rec=w_end["rec"], w_kl=w_end["kl"],
+            lr=tc.lr, steps=state.step, seconds=time.perf_counter() - self._t_epoch,
+        )
+        self._batches, self._pos = [], 0
+        improved = val.ppl < state.best_val_ppl
+        if improved:
+            state.best_val_ppl, state.best_epoch, state.bad_epochs = val.ppl, epoch, 0
+            state.best_positions = val.buckets(self.ranges)
+        else:
+            state.bad_epochs += 1
+        stop = state.bad_epochs >= tc.patience
+        report = EpochReport(metrics, _buckets(val, self.ranges), self.constant, best_val_ppl=state.best_val_ppl, early_stopped=stop)
+        state.history.append(report)
+        self.log(f"epoch {epoch}/{tc.epochs}: train PPL {metrics.train_ppl:.3f}  val PPL {val.ppl:.3f}  "
+                 f"(base {self.constant.base_val_ppl:.3f}, best {state.best_val_ppl:.3f})  {metrics.seconds:.1f} s")
+        if stop:
+            self.status = "early_stopped"
+        elif epoch >= tc.epochs:
+            self.status = "completed"
+        if self.ckpt_path is not None:
+            best = [a.state_dict() for a in self.adapters] if improved else None
+            save_checkpoint(self.ckpt_path, self.adapters, self.opt, state.to_dict(), best, previous=self.resume_from)
+        first = not self._reported  # the first report carries the first step's time, for start-up times
+        self._reported = True
+        self.report(replace(report, first_step_at=self.first_step_at) if first else report, self.ckpt_path)
+        if stop:
+            self.log(f"early stop: no better val PPL for {tc.patience} epochs (best {state.best_val_ppl:.3f} at epoch {state.best_epoch})")
+
+    def result(self, seconds: float = math.nan) -> TrialResult:
+        state, c = self.state, self.constant
+        base_ppl = self.base_stats.ppl
+        best = [BucketPPL(b["lo"], b["hi"], b["ppl"]) for b in state.best_positions]
+        return TrialResult(
+            status=self.status,
+            epochs_run=state.epoch,
+            best_epoch=state.best_epoch,
+            best_val_ppl=state.best_val_ppl,
+            base_val_ppl=base_ppl,
+            init_val_ppl=c.init_val_ppl,
+            degradation_pct=100.0 * (state.best_val_ppl - base_ppl) / base_ppl,
+            kv_bytes_per_token=self.kv_bytes,
+            kv_bytes_per_token_measured=self.measured["measured_bytes_per_token"],
+            kv_bytes_per_layer_measured=self.measured["measured_bytes_per_layer"],
+            kv_bytes_per_token_base=self.kv_base,
+            kv_ratio=self.kv_bytes / self.kv_base,
+            kv_bytes_per_layer=layer_bytes(self.layout, self.cfg.train.cache_dtype),
+            trainable_params=c.trainable_params,
+            total_params=c.total_params,
+            history=list(state.history),
+            positions=position_metrics(best, self.base_stats.buckets(self.ranges)) if best else [],
+            seconds=seconds,
+            error=str(self.error) if self.error is not None else None,
+        )
