@@ -125,7 +125,7 @@ def cmd_cache(a: argparse.Namespace) -> int:
 def format_cache(r: dict) -> str:
     """A short human summary of a ``measure_cache`` result."""
     t = r["timings"]
-    names = r["methods"]
+    names = r.get("methods") or " + ".join(s["name"] for s in r["adapters"])  # cache.json of an earlier kvsweep: names only
     lines = [
         f"{r['model']} with {names}: context {r['context']} + {r['new_tokens']} decode steps, batch {r['batch']}, "
         f"cache {r['cache_dtype']}, compute {r['compute_dtype']} on {r['device']}",
