@@ -636,3 +636,76 @@ def test_two_ka_variants_on_the_same_layer_fail_to_attach_and_leave_the_base():
     assert not a.attached and not b.attached
     assert_base_modules(model, originals)
     assert torch.equal(logits(model, ids), ref)
+
+
+@pytest.fixture
+def typed_method():
+    """A method whose options have the types a method may declare: optional, float, bool, tuple."""
+    from dataclasses import dataclass as dc
+
+    from kvsweep.adapters import option
+    from kvsweep.kvcache import Layout
+
+    @dc(frozen=True)
+    class TypedOptions(AdapterOptions):
+        bits: int | None = option(None, "bits, or None for full precision")
+        scale: float = option(1.0, "a scale")
+        signed: bool = option(False, "signed")
+        weights: tuple[float, ...] = option((), "weights per group")
+
+    @register_adapter("typed")
+    class Typed(Adapter):
+        Options = TypedOptions
+        family = "typed"
+        tap = "attention_output"
+
+        def build(self) -> None:
+            self.per_layer = torch.nn.ModuleDict({str(i): torch.nn.Identity() for i in self.layers})
+
+        def kv_layout(self, layout: Layout) -> Layout:
+            return layout
+
+        def param_formula(self) -> int:
+            return 0
+
+    yield Typed
+    ADAPTERS.pop("typed")
+
+
+def test_options_of_every_type_get_flags_space_keys_and_columns_of_their_type(typed_method):
+    import pyarrow as pa
+
+    from kvsweep.adapters.options import option_columns, option_values, specs_from_point
+    from kvsweep.args import adapter_specs
+    from kvsweep.cli import build_parser
+    from kvsweep.results import table, trial_schema
+
+    columns = dict(option_columns())
+    assert columns["typed.bits"] == pa.int64() and columns["typed.scale"] == pa.float64()
+    assert columns["typed.signed"] == pa.bool_() and columns["typed.weights"] == pa.string()
+    from_flags = adapter_specs(build_parser().parse_args(["train", "--out", "x", "--typed.bits", "4", "--typed.weights", "0.5,0.25",
+                                                          "--typed.signed"]))
+    from_space = specs_from_point({"typed.bits": 4, "typed.weights": [0.5, 0.25], "typed.signed": True})
+    from_tune = specs_from_point({"typed.bits": 4, "typed.weights": "0.5,0.25", "typed.signed": True})  # a list as Tune holds it
+    assert from_flags == from_space == from_tune
+    (spec,) = from_space
+    assert spec.options.bits == 4 and spec.options.weights == (0.5, 0.25)
+    assert {spec} and option_values(from_space) == {"typed.layers": None, "typed.bits": 4, "typed.scale": 1.0, "typed.signed": True,
+                                                    "typed.weights": "0.5,0.25"}
+    row = {"trial_id": "t", **option_values(from_space)}
+    tbl = table([row], trial_schema(option_columns()))
+    assert tbl.column("typed.bits").to_pylist() == [4] and tbl.column("typed.weights").to_pylist() == ["0.5,0.25"]
+    with pytest.raises(ConfigError, match="weights must be tuple"):
+        AdapterSpec.parse("typed", weights="0.5,x")
+
+
+def test_an_alias_of_another_family_is_refused_at_registration():
+    class Clash(Adapter):
+        Options = AdapterOptions
+        family = "clash"
+        tap = "qkv"
+        aliases = {"rank": "layers"}
+
+    with pytest.raises(ValueError, match="alias 'rank' is vdproj's already"):
+        register_adapter("clash")(Clash)
+    assert "clash" not in ADAPTERS

@@ -159,3 +159,21 @@ def test_one_sweep_point_and_its_report(tmp_path):
         (row,) = list(csv.DictReader(f))
     assert row["halfv.init_scale"] == "2.0" and row["variant"] == "halfv / lm"
     assert "halfv layers=1 init_scale=2.0" in (tmp_path / "reports" / "halfv" / "report.md").read_text()
+
+
+def test_kvsweep_cache_builds_a_method_named_by_its_own_flags(tmp_path):
+    from kvsweep.cli import main
+
+    assert main(["cache", "--model", "tiny", "--halfv.init-scale", "2", "--context", "8", "--new-tokens", "2", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0  # no --adapter: its flags name it
+    cache = json.loads((tmp_path / "cache.json").read_text())
+    assert cache["methods"] == "halfv init_scale=2.0" and cache["measured_bytes_per_token"] == cache["accounted_bytes_per_token"]
+
+
+def test_two_methods_at_one_tap_of_one_layer_are_refused_before_anything_runs(tmp_path):
+    from kvsweep.tune import validate_space
+
+    sweep = SweepCfg(name="x", storage=str(tmp_path), data=DataCfg(train_samples=16, val_samples=8), train=TrainCfg(epochs=1))
+    with pytest.raises(ConfigError, match="vdproj and halfv both act at the qkv tap of layer 3"):
+        validate_space({"vdproj.rank": [8], "halfv.layers": ["3"]}, sweep)  # vdproj is on every layer by default
+    validate_space({"vdproj.rank": [8], "vdproj.layers": ["0,1,2"], "halfv.layers": ["3"]}, sweep)

@@ -589,8 +589,11 @@ def test_results_of_schema_version_2_still_make_a_report(tmp_path):
     rows = []
     for t in HAND_TRIALS:
         r = {k: v for k, v in t.items() if k in V2_TRIALS.names}
-        r.update(rank=t["vdproj.rank"], target=t["vdproj.target"], init=t["vdproj.init"],
-                 ka="ka_gated" if t["variant"].startswith("ka_gated") else None)
+        ka = "ka_gated" if t["variant"].startswith("ka_gated") else None
+        r.update(rank=t["vdproj.rank"], target=t["vdproj.target"], init=t["vdproj.init"], ka=ka)
+        methods = ([{"name": "vdproj", "layers": None, "rank": t["vdproj.rank"], "target": "v", "init": "pca", "bias": True,
+                     "calib_samples": 64}] if t["vdproj.rank"] is not None else []) + ([{"name": ka, "layers": [2, 3]}] if ka else [])
+        r["config"] = json.dumps({"adapters": methods, "train": {"lr": 1e-4}})  # what version 2 stored: TrialCfg.to_dict()
         rows.append(r)
     tbl = pa.Table.from_pylist(rows, schema=V2_TRIALS).replace_schema_metadata({b"kvsweep_schema": b"2"})
     pq.write_table(tbl, src / "trials.parquet")
@@ -604,5 +607,8 @@ def test_results_of_schema_version_2_still_make_a_report(tmp_path):
         if t["trial_id"] in by_id:
             row = by_id[t["trial_id"]]
             assert row["vdproj.rank"] == ("" if t["vdproj.rank"] is None else str(t["vdproj.rank"]))
+            assert row["vdproj.bias"] == ("" if t["vdproj.rank"] is None else "True")  # every option, from the config
             assert row["family"] == ("ka" if t["vdproj.rank"] is None else "vdproj")
+            if t["vdproj.rank"] is None:
+                assert row["ka_gated.layers"] == "2,3" and row["options"] == "ka_gated"
     assert "vdproj rank=8 init=pca" in (out / "report.md").read_text()

@@ -254,3 +254,10 @@ def test_methods_of_a_point_come_from_their_family_key_or_their_own_options():
         specs_from_point({"ka_gated.layers": "0", "ka_residual.layers": "1"})
     with pytest.raises(ConfigError, match="ka must be one of"):
         specs_from_point({"ka": "vdproj"})
+
+
+def test_a_required_option_given_as_none_leaves_its_method_out():
+    from kvsweep.adapters.options import specs_from_point
+
+    assert [s.name for s in specs_from_point({"rank": None, "init": "pca", "ka": "ka_gated"})] == ["ka_gated"]
+    assert [s.name for s in specs_from_point({"vdproj.rank": None, "vdproj.init": "pca"})] == []

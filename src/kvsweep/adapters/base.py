@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
+import types
+import typing
 from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
@@ -32,6 +34,10 @@ def register_adapter(name: str) -> Callable[[type["Adapter"]], type["Adapter"]]:
     def add(cls: type[Adapter]) -> type[Adapter]:
         if name in ADAPTERS:
             raise ValueError(f"adapter {name!r} is already registered (by {ADAPTERS[name].__qualname__})")
+        for other in ADAPTERS.values():
+            clash = [a for a in cls.aliases if a in other.aliases and (other.family != cls.family or other.aliases[a] != cls.aliases[a])]
+            if clash:
+                raise ValueError(f"adapter {name!r}: alias {clash[0]!r} is {other.name}'s already")
         cls.name = name
         ADAPTERS[name] = cls
         return cls
@@ -244,6 +250,35 @@ class Adapter(torch.nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
+def option_type(tp: Any) -> Any:
+    """The one type of an option declared ``X`` or ``X | None``; the declaration itself for other unions."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """An option declared as a tuple, given as a list (a search space, JSON) or as text (a flag, or a Tune config,
+    which holds lists as ``"0.5,0.25"``), as the tuple it stands for; any other value is left to the options' own
+    validation (flags of scalar options are typed by argparse; unions such as ``layers`` parse themselves).
+
+    Raises:
+        ConfigError: text whose parts are not values of the tuple's type.
+    """
+    tp = option_type(tp)
+    if value is None:
+        return None
+    try:
+        if typing.get_origin(tp) is tuple:
+            item = (typing.get_args(tp) or (str,))[0]
+            parts = [p for p in value.replace(" ", "").split(",") if p] if isinstance(value, str) else list(value)
+            return tuple(item(p) if item in (int, float) and isinstance(p, str) else p for p in parts)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be {getattr(tp, '__name__', tp)}; got {value!r}") from None
+    return value
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """A registered adapter's name and its validated options."""
@@ -257,6 +292,8 @@ class AdapterSpec:
         Options = adapter_class(name).Options
         valid = [f.name for f in fields(Options)]
         unknown = sorted(set(options) - set(valid))
+        hints = typing.get_type_hints(Options)
+        options = {k: coerce(v, hints[k], k) if k in hints else v for k, v in options.items()}
         if unknown:
             raise ConfigError(f"adapter {name} has no option {unknown[0]!r}; valid options: {', '.join(valid)}")
         return cls(name, Options(**options))
@@ -278,6 +315,22 @@ def check_combination(specs: tuple[AdapterSpec, ...]) -> None:
             raise ConfigError(f"adapters {seen[family]} and {spec.name} cannot be combined: at most one "
                               f"{family} adapter per trial")
         seen[family] = spec.name
+
+
+def check_taps(specs: tuple[AdapterSpec, ...], dims: Dims) -> None:
+    """No two methods act at one tap of one layer (e.g. two methods on K and V before rotary on layer 5).
+
+    Raises:
+        ConfigError: naming the two methods, the tap and the layer.
+    """
+    seen: dict[tuple[str, int], str] = {}
+    for spec in specs:
+        cls = adapter_class(spec.name)
+        for layer in resolve_layers(spec.options.layers, dims, cls.default_layers):
+            other = seen.setdefault((cls.tap, layer), spec.name)
+            if other != spec.name:
+                raise ConfigError(f"adapters {other} and {spec.name} both act at the {cls.tap} tap of layer {layer}; "
+                                  "give them different layers")
 
 
 @contextmanager

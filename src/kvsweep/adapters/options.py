@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from ..config import ConfigError
-from .base import ADAPTERS, Adapter, AdapterSpec, adapter_class, check_combination
+from .base import ADAPTERS, Adapter, AdapterSpec, adapter_class, check_combination, option_type
 
 NONE = ("none", None, "")
 
@@ -35,9 +35,16 @@ def _type_of(cls: type[Adapter], name: str) -> Any:
 
 
 def _scalar(cls: type[Adapter], name: str) -> type | None:
-    """int, float, bool or str when the option has that one type; None for unions (given as text, parsed by Options)."""
-    t = _type_of(cls, name)
+    """int, float, bool or str when the option has that one type (or is that type or None); None otherwise (given
+    as text, turned into its type by ``AdapterSpec.parse`` or the options' own validation)."""
+    t = option_type(_type_of(cls, name))
     return t if t in (int, float, bool, str) else None
+
+
+def registry_order(names: Iterable[str]) -> list[str]:
+    """``names`` in the order their methods were registered: the order of a trial's methods (and of their inits)."""
+    names = set(names)
+    return [m for m in ADAPTERS if m in names]
 
 
 def families() -> dict[str, list[str]]:
@@ -68,7 +75,7 @@ def add_method_args(g: argparse._ArgumentGroup, *, skip: Iterable[str] = ()) -> 
             f = next(x for x in option_fields(cls) if x.name == opt)
             if alias.startswith("no-") and _scalar(cls, opt) is bool:
                 g.add_argument(f"--{alias}", dest=f"alias.{alias}", action="store_const", const=False, default=None,
-                               help=f"same as --{method}.no-{opt.replace('_', '-')}")
+                               help=f"same as --no-{method}.{opt.replace('_', '-')}")
             else:
                 who = method if len(families()[cls.family]) == 1 else f"<{cls.family} method>"
                 _add_option_flag(g, cls, f, [f"--{alias}"], dest=f"alias.{alias}", help_prefix=f"same as --{who}.{opt}")
@@ -99,9 +106,9 @@ def specs_from_args(a: argparse.Namespace) -> tuple[AdapterSpec, ...]:
         adapter_class(name)
     implied = [m for m, cls in ADAPTERS.items()
                if m not in named and any(given.get(f"{m}.{f.name}") is not None for f in option_fields(cls))]
-    # registry order (the order a search-space point's methods come in, and their seeded inits are drawn in),
-    # unless --adapter names several methods in an order of its own
-    names = named + implied if len(named) > 1 else [m for m in ADAPTERS if m in named or m in implied]
+    # registry order (as in a search-space point: the order their seeded inits are drawn in), unless --adapter names
+    # several methods in an order of its own
+    names = named + implied if len(named) > 1 else registry_order(named + implied)
     specs = []
     for name in names:
         cls = ADAPTERS[name]
@@ -173,6 +180,7 @@ def specs_from_point(point: dict) -> tuple[AdapterSpec, ...]:
                 if point.get(key) is not None:
                     opts[f.name] = point[key]
         specs.append(AdapterSpec.parse(chosen, **opts))
+    specs = [next(s for s in specs if s.name == n) for n in registry_order([s.name for s in specs])]
     check_combination(tuple(specs))
     return tuple(specs)
 
@@ -206,10 +214,13 @@ def canonical_space(space: dict) -> dict:
 def _options_in(point: dict, cls: type[Adapter]) -> bool:
     """Whether ``point`` gives one of ``cls``'s own options a value other than None (or an alias of one, when
     ``cls`` is its family's only method: an alias of a family of several names none of them)."""
-    keys = [f"{cls.name}.{f.name}" for f in option_fields(cls)]
-    if len(families()[cls.family]) == 1:
-        keys += [a.replace("-", "_") for a in cls.aliases if not a.startswith("no-")]
-    return any(point.get(k) is not None for k in keys)
+    alone = len(families()[cls.family]) == 1
+    keys = {f.name: [f"{cls.name}.{f.name}"] + ([a.replace("-", "_") for a, o in cls.aliases.items() if o == f.name
+                                                 and not a.startswith("no-")] if alone else []) for f in option_fields(cls)}
+    required = [f.name for f in option_fields(cls) if (f.metadata or {}).get("required")]
+    if any(k in point and point[k] is None for r in required for k in keys[r]):
+        return False  # a required option given as None: the method is not in the point ({"rank": None}: no V-DProj)
+    return any(point.get(k) is not None for ks in keys.values() for k in ks)
 
 
 # ----------------------------------------------------------------------------- result columns and labels

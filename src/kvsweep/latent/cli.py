@@ -88,14 +88,15 @@ def cmd_cache(a: argparse.Namespace) -> int:
     from .measure import measure_cache
     from .trial import load_trial
 
+    named = adapter_specs(a)  # --adapter, or a method's own flags
     if a.trial is not None:
-        if a.adapter:
+        if named:
             raise KvsweepError("give either --trial (the trial's own adapters) or --adapter options, not both")
         base, adapters, config = load_trial(a.trial, device=a.device)
         specs = config["adapters"]
         spec_objs = tuple(ad.spec for ad in adapters)
     else:
-        if not a.adapter:
+        if not named:
             raise KvsweepError("name the adapters with --adapter NAME and their --<method>.<option> flags, or give --trial")
         spec_objs = _adapters_from_args(a)
         base = load_base(model_cfg(a))

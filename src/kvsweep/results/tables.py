@@ -4,6 +4,8 @@ versions, the rows of the typed metrics as tables, and what a scheduler saved.""
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -66,40 +68,50 @@ def option_column_names(tbl: pa.Table | pa.Schema) -> list[str]:
     return [n for n in tbl.names if "." in n]
 
 
-_V2_OPTIONS = {"rank": ("vdproj.rank", pa.int64()), "target": ("vdproj.target", pa.string()), "init": ("vdproj.init", pa.string())}
+_V2_FAMILY = {"vdproj": "vdproj"}  # version 2 knew V-DProj and the KA variants (family "ka")
 
 
 def upgrade(name: str, tbl: pa.Table, version: str) -> pa.Table:
     """A table of schema ``version`` (one of ``READABLE_VERSIONS``) in this version's columns.
 
     Version 2 (before methods declared their own columns) had V-DProj's ``rank``, ``target`` and ``init`` and
-    the KA variant as ``ka``: they become ``vdproj.rank``, ``vdproj.target``, ``vdproj.init``, and ``family``
-    and ``options`` are made from them. Epochs and positions did not change.
+    the KA variant as ``ka``. Every option of every method a trial used is in its ``config`` (JSON): those
+    become the ``<method>.<option>`` columns, and ``family`` and ``options`` are made from them. Epochs and
+    positions did not change.
+
+    Raises:
+        ValueError: a version this kvsweep does not read, or a ``config`` that is not JSON.
     """
     if version == SCHEMA_VERSION or name != "trials":
         return tbl
     if version != "2":
         raise ValueError(f"results schema version {version!r} cannot be read")
     rows = tbl.to_pylist()
+    types: dict[str, pa.DataType] = {}
     for r in rows:
-        rank, ka = r.pop("rank", None), r.pop("ka", None)
-        target, init = r.pop("target", None), r.pop("init", None)
+        for old in ("rank", "target", "init", "ka"):
+            r.pop(old, None)
+        methods = json.loads(r["config"]).get("adapters", []) if r.get("config") else []
         fams, desc = [], []
-        if rank is not None:
-            fams.append("vdproj")
-            desc.append(" ".join(["vdproj", f"rank={rank}"] + ([f"target={target}"] if target not in (None, "v") else [])
-                                 + ([f"init={init}"] if init not in (None, "random") else [])))
-            r.update({"vdproj.rank": rank, "vdproj.target": target, "vdproj.init": init})
-        if ka:
-            fams.append("ka")
-            desc.append(ka)
+        for m in methods:
+            method = m["name"]
+            fams.append(_V2_FAMILY.get(method, "ka"))
+            shown = [f"{k}={v}" for k, v in (("rank", m.get("rank")), ("target", m.get("target")), ("init", m.get("init")))
+                     if v is not None and (k == "rank" or v not in ("v", "random"))]
+            desc.append(" ".join([method, *shown]))
+            for key, value in m.items():
+                if key == "name":
+                    continue
+                column = f"{method}.{key}"
+                r[column] = ",".join(str(v) for v in value) if isinstance(value, list) else value
+                if r[column] is not None:
+                    types.setdefault(column, _V2_TYPES.get(type(r[column]), pa.string()))
         r["family"], r["options"] = "+".join(fams) or "base", " + ".join(desc) or "base"
-    names = [n for n in TRIAL_SCHEMA.names]
-    extra = [(v[0], v[1]) for v in _V2_OPTIONS.values()]
-    schema = trial_schema(extra)
-    kept = [f for f in tbl.schema if f.name not in names and f.name not in ("rank", "target", "init", "ka")]
-    schema = pa.schema(list(schema) + kept)
+    schema = trial_schema(sorted(types.items()))
     return pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
+
+
+_V2_TYPES = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
 
 
 EPOCH_SCHEMA = arrow_schema(EpochMetrics)

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..adapters import Adapter, disabled, make_adapter
+from ..adapters import Adapter, check_taps, disabled, make_adapter
 from ..config import ConfigError, calibration_samples
 from ..data import Samples, load_samples, resolve_source
 from ..evaluate import PositionStats, evaluate, token_nll
@@ -34,6 +34,7 @@ def prepare(cfg: TrialCfg, *, base: Base | None = None, samples: Samples | None 
         check_seq_len(config, cfg.data.seq_len, cfg.model.name)
         for spec in cfg.adapters:  # rank and layer indices against the model, before any weights load
             make_adapter(spec, dims(config))
+        check_taps(cfg.adapters, dims(config))
         if cfg.model.random_init and cfg.model.tokenizer is None:
             raise ConfigError(f"model {cfg.model.name} with random weights has no tokenizer; give one with --tokenizer")
         base = load_base(cfg.model, log=log)

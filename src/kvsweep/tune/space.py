@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..adapters import make_adapter
+from ..adapters import check_taps, make_adapter
 from ..adapters.options import space_keys, specs_from_point, variant_label
 from ..config import ConfigError, SweepCfg
 from ..data import resolve_source
@@ -116,6 +116,7 @@ def validate_space(space: dict[str, list], sweep: SweepCfg) -> list[TrialCfg]:
     for point in grid_points(space):
         try:
             cfg = trial_cfg(point, sweep)
+            check_taps(cfg.adapters, d)
             for spec in cfg.adapters:  # each distinct method setting built once, against the model
                 if spec not in built:
                     make_adapter(spec, d)
