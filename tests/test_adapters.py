@@ -264,6 +264,13 @@ def test_declared_layout_is_what_the_latent_cache_holds(name):
         assert got["measured_bytes_per_token"] == bytes_per_token(declared, dtype)
 
 
+@pytest.mark.parametrize("name", ["vdproj", *KA_NAMES])
+def test_fixed_bytes_of_the_methods_here_are_their_weights_at_the_cache_dtype(name):
+    adapter = build(model_(), name)
+    weights = sum(p.numel() for p in adapter.parameters())
+    assert adapter.fixed_bytes("float16") == 2 * weights and adapter.fixed_bytes("float32") == 4 * weights
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_every_option_has_a_flag_a_space_key_and_a_column(name):
     from kvsweep.adapters.options import option_columns, option_fields, space_keys

@@ -127,6 +127,7 @@ def test_kvsweep_train_and_kvsweep_cache(tmp_path, capsys):
     assert record["status"] == "completed" and record["epochs_run"] == 1
     d = tiny_hidden()
     assert record["trainable_params"] == d  # one layer's scale
+    assert record["fixed_bytes"] == d * 2  # its weights at the cache's float16
     assert record["kv_bytes_per_token"] == record["kv_bytes_per_token_base"] - d // 2 * 2  # half of V on one layer, fp16
     assert main(["cache", "--trial", str(out), "--context", "16", "--new-tokens", "4", "--repeats", "1", "--out", str(tmp_path / "c")]) == 0
     cache = json.loads((tmp_path / "c" / "cache.json").read_text())
@@ -154,6 +155,7 @@ def test_one_sweep_point_and_its_report(tmp_path):
     assert trial["adapters"] == "halfv" and trial["family"] == "halfv" and trial["variant"] == "halfv / lm"
     assert trial["halfv.init_scale"] == 2.0 and trial["halfv.layers"] == "1"
     assert trial["options"] == "halfv layers=1 init_scale=2.0"
+    assert trial["fixed_bytes"] == tiny_hidden() * 2
     assert trial["kv_bytes_per_token"] == trial["kv_bytes_per_token_accounted"] == trial["kv_bytes_per_token_base"] - tiny_hidden() // 2 * 2
     with open(tmp_path / "reports" / "halfv" / "frontier.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))

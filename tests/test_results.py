@@ -31,7 +31,7 @@ STORED_POSITION_SCHEMA = pa.schema([
 ])
 
 CONSTANTS = TrialConstants(base_val_ppl=40.0, init_val_ppl=55.5, kv_bytes_per_token=768, kv_bytes_per_token_measured=768,
-                           kv_ratio=0.75, trainable_params=1234, total_params=99_999)
+                           kv_ratio=0.75, trainable_params=1234, total_params=99_999, fixed_bytes=2468)
 
 
 def _report(epoch: int, val_ppl: float, **kw) -> EpochReport:

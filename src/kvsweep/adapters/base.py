@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..kvcache import Layout
+from ..kvcache import DTYPE_BYTES, Layout
 from ..models import Dims, tap_attention_output, tap_qkv
 
 ADAPTERS: dict[str, type["Adapter"]] = {}
@@ -176,6 +176,11 @@ class Adapter(torch.nn.Module):
     def label(cls, options: AdapterOptions) -> str:
         """The method in a report's variant (its options that are not the front's axis): the name by default."""
         return cls.name
+
+    def fixed_bytes(self, cache_dtype: str) -> int:
+        """Bytes the method adds to inference that do not grow with the context (DESIGN's fixed bytes): by default its
+        weights held at ``cache_dtype``; a method with more (a full-precision window, say) adds it here."""
+        return sum(p.numel() for p in self.parameters()) * DTYPE_BYTES[cache_dtype]
 
     @classmethod
     def example_options(cls, dims: Dims) -> dict:

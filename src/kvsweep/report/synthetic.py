@@ -82,6 +82,7 @@ def synthetic_tables(
         "degradation_pct": deg.tolist(), "kv_bytes_per_token": kv.tolist(),
         "kv_bytes_per_token_accounted": kv.tolist(), "kv_bytes_per_token_base": [kv_base] * n,
         "kv_ratio": (kv / kv_base).tolist(), "trainable_params": (2 * rank * hidden * layers + 800_000 * (ka != None)).tolist(),  # noqa: E711
+        "fixed_bytes": (2 * (2 * rank * hidden * layers + 800_000 * (ka != None))).tolist(),  # noqa: E711  (weights at fp16)
         "total_params": [70_426_624] * n, "wall_seconds": (epochs_run * 95.0).tolist(), "git_revision": ["0" * 40] * n,
         "finished_at": finished,
     }, schema=trial_schema(OPTION_COLUMNS))

@@ -134,6 +134,7 @@ class TrialConstants:
     kv_ratio: float
     trainable_params: int
     total_params: int
+    fixed_bytes: int | None = None  # what the methods add that does not grow with the context (their weights, ...)
 
 
 def is_true(value: Any) -> bool:
@@ -279,6 +280,7 @@ class TrialResult:
     kv_bytes_per_layer: list[int]
     trainable_params: int
     total_params: int
+    fixed_bytes: int
     history: list[EpochReport]
     positions: list[PositionMetrics]
     seconds: float = math.nan

@@ -47,6 +47,7 @@ TRIAL_SCHEMA = pa.schema([
     ("kv_bytes_per_token_accounted", pa.int64()),  # kvsweep.kvcache's accounting (equal, or the trial fails)
     ("kv_bytes_per_token_base", pa.int64()),
     ("kv_ratio", pa.float64()),
+    ("fixed_bytes", pa.int64()),  # bytes the methods add that do not grow with the context (``Adapter.fixed_bytes``)
     ("trainable_params", pa.int64()),
     ("total_params", pa.int64()),
     ("wall_seconds", pa.float64()),

@@ -196,6 +196,7 @@ class TrialRun:
             kv_ratio=self.kv_bytes / self.kv_base,
             trainable_params=sum(p.numel() for p in self.trainable),
             total_params=self.base_params + sum(p.numel() for p in self.trainable),
+            fixed_bytes=sum(a.fixed_bytes(tc.cache_dtype) for a in self.adapters),
         )
         if self.resume_from is None:
             evaluate_only = tc.epochs == 0
@@ -337,6 +338,7 @@ class TrialRun:
             kv_bytes_per_layer=layer_bytes(self.layout, self.cfg.train.cache_dtype),
             trainable_params=c.trainable_params,
             total_params=c.total_params,
+            fixed_bytes=c.fixed_bytes,
             history=list(state.history),
             positions=position_metrics(best, self.base_stats.buckets(self.ranges)) if best else [],
             seconds=seconds,

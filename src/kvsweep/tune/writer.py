@@ -110,6 +110,7 @@ def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: Positi
             "kv_bytes_per_token_accounted": last.kv_bytes_per_token if last is not None else None,
             "kv_bytes_per_token_base": round(last.kv_bytes_per_token / last.kv_ratio) if last is not None else None,
             "kv_ratio": last.kv_ratio if last is not None else None,
+            "fixed_bytes": last.fixed_bytes if last is not None else None,
             "trainable_params": last.trainable_params if last is not None else None,
             "total_params": last.total_params if last is not None else None,
             "wall_seconds": float(sum(h.metrics.seconds if h.metrics.seconds is not None else 0.0 for h in history)),
