@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
-import types
+import functools
 import typing
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -23,6 +23,7 @@ import torch
 from ..config import ConfigError
 from ..kvcache import DTYPE_BYTES, Layout
 from ..models import Dims, tap_attention_output, tap_qkv
+from ..results.metrics import optional_inner
 
 ADAPTERS: dict[str, type["Adapter"]] = {}
 TAPS = {"qkv": tap_qkv, "attention_output": tap_attention_output}
@@ -255,12 +256,10 @@ class Adapter(torch.nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-def option_type(tp: Any) -> Any:
-    """The one type of an option declared ``X`` or ``X | None``; the declaration itself for other unions."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else tp
-    return tp
+@functools.cache
+def option_hints(options: type[AdapterOptions]) -> dict[str, Any]:
+    """The declared types of an options class's fields (read once per class: the writer parses every trial's config)."""
+    return typing.get_type_hints(options)
 
 
 def coerce(value: Any, tp: Any, name: str) -> Any:
@@ -271,7 +270,7 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     Raises:
         ConfigError: text whose parts are not values of the tuple's type.
     """
-    tp = option_type(tp)
+    tp = optional_inner(tp)
     if value is None:
         return None
     try:
@@ -297,7 +296,7 @@ class AdapterSpec:
         Options = adapter_class(name).Options
         valid = [f.name for f in fields(Options)]
         unknown = sorted(set(options) - set(valid))
-        hints = typing.get_type_hints(Options)
+        hints = option_hints(Options)
         options = {k: coerce(v, hints[k], k) if k in hints else v for k, v in options.items()}
         if unknown:
             raise ConfigError(f"adapter {name} has no option {unknown[0]!r}; valid options: {', '.join(valid)}")

@@ -13,14 +13,14 @@ other than None. ``"<family>.<option>"`` sets an option of whichever method of t
 from __future__ import annotations
 
 import argparse
-import typing
 from dataclasses import MISSING, asdict, fields
 from typing import Any, Iterable
 
 import pyarrow as pa
 
 from ..config import ConfigError
-from .base import ADAPTERS, Adapter, AdapterSpec, adapter_class, check_combination, option_type
+from ..results.metrics import ARROW_TYPES, optional_inner
+from .base import ADAPTERS, Adapter, AdapterSpec, adapter_class, check_combination, option_hints
 
 NONE = ("none", None, "")
 
@@ -31,14 +31,19 @@ def option_fields(cls: type[Adapter]) -> list:
 
 
 def _type_of(cls: type[Adapter], name: str) -> Any:
-    return typing.get_type_hints(cls.Options)[name]
+    return option_hints(cls.Options)[name]
 
 
 def _scalar(cls: type[Adapter], name: str) -> type | None:
     """int, float, bool or str when the option has that one type (or is that type or None); None otherwise (given
     as text, turned into its type by ``AdapterSpec.parse`` or the options' own validation)."""
-    t = option_type(_type_of(cls, name))
+    t = optional_inner(_type_of(cls, name))
     return t if t in (int, float, bool, str) else None
+
+
+def space_aliases(cls: type[Adapter]) -> dict[str, str]:
+    """The method's older search-space keys (its ``aliases`` that are not ``no-X`` flags, ``-`` as ``_``) -> its option."""
+    return {a.replace("-", "_"): o for a, o in cls.aliases.items() if not a.startswith("no-")}
 
 
 def registry_order(names: Iterable[str]) -> list[str]:
@@ -58,12 +63,12 @@ def families() -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------- command-line flags
 
 
-def add_method_args(g: argparse._ArgumentGroup, *, skip: Iterable[str] = ()) -> None:
+def add_method_args(g: argparse._ArgumentGroup) -> None:
     """``--adapter NAME`` (repeatable), one ``--<method>.<option>`` flag per option of every registered method
     and the methods' ``aliases`` (older flags). Every flag defaults to None: the option's own default."""
     names = ", ".join(ADAPTERS)
     g.add_argument("--adapter", action="append", default=[], help=f"a method: {names}; repeat to combine methods of different families")
-    seen: set[str] = set(skip)
+    seen: set[str] = set()
     for method, cls in ADAPTERS.items():
         for f in option_fields(cls):
             flags = [f"--{method}.{f.name.replace('_', '-')}"] + ([f"--{method}.{f.name}"] if "_" in f.name else [])
@@ -142,9 +147,8 @@ def space_keys() -> dict[str, str]:
                 keys[f"{method}.{f.name}"] = f"{method}: {help_}"
                 if len(members) > 1 or family != method:
                     keys.setdefault(f"{family}.{f.name}", f"{family} (any of its methods): {help_}")
-            for alias, opt in cls.aliases.items():
-                if not alias.startswith("no-"):
-                    keys.setdefault(alias.replace("-", "_"), f"{family}: same as {family}.{opt}")
+            for alias, opt in space_aliases(cls).items():
+                keys.setdefault(alias, f"{family}: same as {family}.{opt}")
     return keys
 
 
@@ -175,8 +179,7 @@ def specs_from_point(point: dict) -> tuple[AdapterSpec, ...]:
         cls = ADAPTERS[chosen]
         opts = {}
         for f in option_fields(cls):  # the most general key first, the most specific last
-            for key in [a.replace("-", "_") for a, o in cls.aliases.items() if o == f.name and not a.startswith("no-")] + \
-                       [f"{family}.{f.name}", f"{chosen}.{f.name}"]:
+            for key in [a for a, o in space_aliases(cls).items() if o == f.name] + [f"{family}.{f.name}", f"{chosen}.{f.name}"]:
                 if point.get(key) is not None:
                     opts[f.name] = point[key]
         specs.append(AdapterSpec.parse(chosen, **opts))
@@ -190,9 +193,9 @@ def canonical_key(key: str) -> str:
     (the family's, where the family has several methods); any other key as it is."""
     fams = families()
     for method, cls in ADAPTERS.items():
-        for alias, opt in cls.aliases.items():
-            if not alias.startswith("no-") and alias.replace("-", "_") == key:
-                return f"{method}.{opt}" if len(fams[cls.family]) == 1 else f"{cls.family}.{opt}"
+        opt = space_aliases(cls).get(key)
+        if opt is not None:
+            return f"{method}.{opt}" if len(fams[cls.family]) == 1 else f"{cls.family}.{opt}"
     return key
 
 
@@ -215,8 +218,8 @@ def _options_in(point: dict, cls: type[Adapter]) -> bool:
     """Whether ``point`` gives one of ``cls``'s own options a value other than None (or an alias of one, when
     ``cls`` is its family's only method: an alias of a family of several names none of them)."""
     alone = len(families()[cls.family]) == 1
-    keys = {f.name: [f"{cls.name}.{f.name}"] + ([a.replace("-", "_") for a, o in cls.aliases.items() if o == f.name
-                                                 and not a.startswith("no-")] if alone else []) for f in option_fields(cls)}
+    aliases = space_aliases(cls) if alone else {}
+    keys = {f.name: [f"{cls.name}.{f.name}"] + [a for a, o in aliases.items() if o == f.name] for f in option_fields(cls)}
     required = [f.name for f in option_fields(cls) if (f.metadata or {}).get("required")]
     if any(k in point and point[k] is None for r in required for k in keys[r]):
         return False  # a required option given as None: the method is not in the point ({"rank": None}: no V-DProj)
@@ -227,7 +230,7 @@ def _options_in(point: dict, cls: type[Adapter]) -> bool:
 
 
 def _arrow_type(cls: type[Adapter], name: str) -> pa.DataType:
-    return {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.string()}.get(_scalar(cls, name), pa.string())
+    return ARROW_TYPES.get(_scalar(cls, name), pa.string())
 
 
 def option_columns() -> list[tuple[str, pa.DataType]]:
@@ -247,8 +250,7 @@ def option_values(specs: Iterable[AdapterSpec]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for s in specs:
         for name, value in asdict(s.options).items():
-            typ = _scalar(ADAPTERS[s.name], name)
-            out[f"{s.name}.{name}"] = _cell(value) if typ is None and value is not None and not isinstance(value, str) else value
+            out[f"{s.name}.{name}"] = value if _scalar(ADAPTERS[s.name], name) else _cell(value)
     return out
 
 

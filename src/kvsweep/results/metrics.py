@@ -21,11 +21,12 @@ def _column(arrow: pa.DataType) -> dict:
     return {"arrow": arrow}
 
 
-_ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
+ARROW_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
+"""The Arrow type of a column of each Python scalar type."""
 
 
-def _base_type(tp: Any) -> type:
-    """``int`` for ``int`` and ``int | None``; the one non-None type of an optional."""
+def optional_inner(tp: Any) -> Any:
+    """``int`` for ``int`` and ``int | None``; the one non-None type of an optional; other unions as they are."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0] if len(args) == 1 else tp
@@ -44,11 +45,11 @@ def arrow_schema(cls: type, leading: Sequence[tuple[str, pa.DataType]] = (("tria
     hints = typing.get_type_hints(cls)
     cols = list(leading)
     for f in fields(cls):
-        base = _base_type(hints[f.name])
+        base = optional_inner(hints[f.name])
         if "arrow" in f.metadata:
             cols.append((f.name, f.metadata["arrow"]))
-        elif base in _ARROW:
-            cols.append((f.name, _ARROW[base]))
+        elif base in ARROW_TYPES:
+            cols.append((f.name, ARROW_TYPES[base]))
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no Arrow type for {hints[f.name]}")
     return pa.schema(cols)
@@ -159,7 +160,7 @@ def _number(value: Any, kind: type) -> Any:
 
 def _parse(cls: type, flat: Mapping[str, Any]) -> dict:
     hints = typing.get_type_hints(cls)
-    return {f.name: _number(flat.get(f.name), _base_type(hints[f.name])) for f in fields(cls)}
+    return {f.name: _number(flat.get(f.name), optional_inner(hints[f.name])) for f in fields(cls)}
 
 
 def _flat(obj: Any) -> dict:

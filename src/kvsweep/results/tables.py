@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from ..atomic import atomic_path
 
-from .metrics import EpochMetrics, PositionMetrics, arrow_schema
+from .metrics import ARROW_TYPES, EpochMetrics, PositionMetrics, arrow_schema
 
 SCHEMA_VERSION = "3"
 """Stored in each file's metadata as ``kvsweep_schema``. Readers take this version and, through
@@ -106,13 +106,10 @@ def upgrade(name: str, tbl: pa.Table, version: str) -> pa.Table:
                 column = f"{method}.{key}"
                 r[column] = ",".join(str(v) for v in value) if isinstance(value, list) else value
                 if r[column] is not None:
-                    types.setdefault(column, _V2_TYPES.get(type(r[column]), pa.string()))
+                    types.setdefault(column, ARROW_TYPES.get(type(r[column]), pa.string()))
         r["family"], r["options"] = "+".join(fams) or "base", " + ".join(desc) or "base"
     schema = trial_schema(sorted(types.items()))
     return pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
-
-
-_V2_TYPES = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
 
 
 EPOCH_SCHEMA = arrow_schema(EpochMetrics)
