@@ -1,24 +1,37 @@
 """The benchmark scripts run end to end on the CPU (tiny preset, a step or two): their figures are for
-people to read, so only that they run and print their table is checked here."""
+people to read, so only that they run and print their tables is checked here."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_throughput_benchmark_prints_its_table(tiny_folder):
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--device", "cpu", "--steps", "1",
-                           "--warmup", "0", "--pack", "2", "--ray", "2", "--val-samples", "4", "--batch", "2", "--seq-len", "32"],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tiny_folder, tmp_path):
+    """``benchmarks/gpu_check.sh --dry-run``: the gpu-marked tests on the CPU, the throughput and decode
+    benchmarks at tiny sizes and a packed smoke sweep, each step's log and the summary in one folder."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("KVSWEEP_TEST_DEVICE", None)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=1200, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    for step in ("env", "tests", "tiny", "sweep", "throughput", "decode"):
+        assert f"{step} rc=0 " in summary, summary
+    tests = (tmp_path / "tests.txt").read_text()
+    assert " passed" in tests and "skipped" not in tests and "deselected" not in tests, tests
+    out = (tmp_path / "throughput.txt").read_text()
     assert "failed" not in out, out
     for row in ("eager fp32", "bf16 base", "chunked loss", "2 Ray workers", "packed 2", "packed 2, bf16 base, chunked loss"):
         assert f"| {row}" in out, row
     assert "trial start-up to the first training step: alone" in out and "joining a running pack" in out
+    decode = (tmp_path / "decode.txt").read_text()
+    assert "| base " in decode and "vdproj r=320 fold" in decode, decode
+    assert (tmp_path / "sweep" / "gpu-check" / "trials.parquet").is_file()
+    assert (tmp_path / "reports" / "gpu-check" / "report.md").is_file()
