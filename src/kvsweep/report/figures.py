@@ -15,15 +15,21 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from .analysis import Analysis
-from .figcurves import draw_learning, draw_positions, learning_figure, positions_figure  # noqa: F401  (the report's figures, here in one place)
-from .figmemory import draw_memory, memory_figure  # noqa: F401
-from .figstyle import (BASE_STYLE, SOURCE_STYLES, STATUS_MARKERS, front_step, literal_text, palette, plain, png, point_label,  # noqa: F401
-                       point_styles, status_marker, variant_colours, y_scale)
+from .figcurves import draw_learning, draw_positions, learning_figure, positions_figure
+from .figmemory import draw_memory, memory_figure
+from .figstyle import (BASE_STYLE, SOURCE_STYLES, STATUS_MARKERS, front_step, literal_text, plain, png, point_label, point_styles,
+                       status_marker, variant_colours, y_scale)
+
+__all__ = [  # every figure of the report, here in one place, and the styles the tests check them by
+    "front_figure", "draw_front", "variant_fronts_figure", "draw_variant_fronts", "front_test_figure", "draw_front_test",
+    "learning_figure", "draw_learning", "positions_figure", "draw_positions", "memory_figure", "draw_memory",
+    "variant_colours", "point_label", "point_styles",
+]
 
 
 def _cost_axis(ax, an: Analysis) -> None:
     """The x axis: the cost's label and format, and a second axis in % of the base's cost when the sources share a base."""
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:,.2f}" if an.axis.is_memory and v < 100 else f"{v:,.0f}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(plain))
     ax.set_xlabel(an.axis.label)
     kvb = an.kv_base_common()
     if kvb:
