@@ -136,6 +136,7 @@ def test_break_even_edges():
     assert break_even(5000, 500, 1000) == 11  # equal at L = 10, below from 11
     assert break_even(1, 1000, 1000) == np.inf and break_even(0, 1200, 1000) == np.inf  # never smaller per token
     assert math.isnan(break_even(float("nan"), 500, 1000))  # fixed bytes unknown
+    assert break_even(float("nan"), 1200, 1000) == np.inf  # a larger cache never breaks even, whatever its fixed bytes
     assert break_even([0, 5000, 1], [500, 500, 1000], 1000).tolist() == [1, 11, np.inf]
 
 

@@ -94,7 +94,8 @@ def build(an: Analysis, *, title: str) -> Built:
     sections.append(Section("Hypervolume", (
         "The area the front dominates between it and the reference point (the base's cost, the base's PPL x 1.5), both minimised: "
         "one number to compare two searches' fronts (`kvsweep.report.pareto.hypervolume`). Normalised: each coordinate divided by "
-        "the reference's, so the box from the origin to the reference is 1. Test: the same points (chosen on validation) at their test PPL.",
+        "the reference's, so the box from the origin to the reference is 1."
+        + (" Test: the same points (chosen on validation) at their test PPL." if an.headline == "test" else ""),
         front_tables.hypervolume_table(an))))
 
     split = trial_tables.position_split(an, front)

@@ -6,8 +6,8 @@
 The base adds no fixed bytes. A method with fixed bytes F and a cache of kv < kv_base bytes/token saves
 ``kv_base - kv`` per token and repays F past ``F / (kv_base - kv)`` tokens, so its break-even context is
 ``floor(F / (kv_base - kv)) + 1``; with F = 0 it is 1 (smaller from the first token). A method whose cache
-is not smaller per token never breaks even (``inf``). Unknown fixed bytes (results of a kvsweep before
-they were recorded: null) give NaN for both.
+is not smaller per token never breaks even (``inf``, whatever its fixed bytes). Unknown fixed bytes (results of
+a kvsweep before they were recorded: null) give NaN for memory at L, and for the break-even of a smaller cache.
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ def memory_at(context: int, fixed_bytes: ArrayLike, kv_bytes_per_token: ArrayLik
 
 def break_even(fixed_bytes: ArrayLike, kv_bytes_per_token: ArrayLike, kv_base: ArrayLike) -> NDArray[np.float64]:
     """The smallest context L >= 1 (tokens) at which ``fixed + L x kv < L x kv_base``, elementwise: ``floor(F / (kv_base
-    - kv)) + 1``; ``inf`` where ``kv >= kv_base`` (never), NaN where an input is unknown."""
+    - kv)) + 1``; ``inf`` where ``kv >= kv_base`` (never), NaN where that needs an unknown input."""
     f = np.asarray(fixed_bytes, dtype=np.float64)
     kv = np.asarray(kv_bytes_per_token, dtype=np.float64)
     base = np.asarray(kv_base, dtype=np.float64)
     f, kv, base = np.broadcast_arrays(f, kv, base)
     out = np.full(f.shape, np.nan)
-    known = np.isfinite(f) & np.isfinite(kv) & np.isfinite(base)
-    saves = known & (kv < base)
-    out[known & ~saves] = np.inf
+    known = np.isfinite(kv) & np.isfinite(base)
+    out[known & (kv >= base)] = np.inf
+    saves = known & (kv < base) & np.isfinite(f)
     out[saves] = np.floor(np.maximum(f[saves], 0.0) / (base[saves] - kv[saves])) + 1.0
     return out
 
@@ -54,9 +54,8 @@ def default_context(eval_lengths: ArrayLike) -> tuple[int, str]:
     v = v[np.isfinite(v)]
     longest = int(v.max()) if v.size else 0
     if longest > DEFAULT_CONTEXT:
-        return longest, f"the longest evaluation length of the results (`eval_seq_len` {longest:,})"
-    return DEFAULT_CONTEXT, (f"{DEFAULT_CONTEXT:,}, the maximum context of the Pythia models and of the `tiny` preset "
-                             "(the results do not record the model's own)")
+        return longest, "the longest evaluation length of the results (`eval_seq_len`)"
+    return DEFAULT_CONTEXT, "the maximum context of the Pythia models and of the `tiny` preset (the results do not record the model's own)"
 
 
 @dataclass(frozen=True)
