@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         render.markdown(built.doc), render.html_document(built.doc, built.images)
         t_render = time.perf_counter() - t
         print(f"  phases, warm: load+check {t_load:.2f} s, fronts {t_front:.2f} s, tables+figures {t_build:.2f} s, "
-              f"render {t_render:.2f} s (front: {an.front.size} of {an.n:,} trials)")
+              f"render {t_render:.2f} s (front: {an.front.size} of {an.points.n:,} configurations of {an.n:,} trials)")
         print(f"target < 10 s: {'met' if total + t_import < 10 else 'MISSED'}")
         return 0 if total + t_import < 10 else 1
     finally:

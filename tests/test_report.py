@@ -21,16 +21,16 @@ from matplotlib.colors import to_rgba
 
 from kvsweep.cli import main as cli_main
 from kvsweep.config import KvsweepError
-from kvsweep.results import SCHEMA_VERSION
 from kvsweep.report import (NoResultsError, NotResultsError, ReportError, SchemaError, analyze, build_report,
                             load_results)
 from kvsweep.report.cli import add_parser
 from kvsweep.report.load import load_all
 from kvsweep.report.synthetic import write_synthetic
 from kvsweep.report import figures
-from kvsweep.report.tables import (DASH, asha_table, curve_epochs, history_table, learning_table, overall_ppl_table,
-                                   position_table)
-from kvsweep.results import TRIAL_SCHEMA, SchedulerSavings, scheduler_savings, table, write_parquet
+from kvsweep.report.front_tables import overall_ppl_table
+from kvsweep.report.tables import DASH, scheduler_table
+from kvsweep.report.trial_tables import curve_epochs, history_table, learning_table, position_table
+from kvsweep.results import READABLE_VERSIONS, TRIAL_SCHEMA, SchedulerSavings, scheduler_savings, table, write_parquet
 
 from .test_report_helpers import (HAND_FRONT, HAND_TRIALS, TRIALS, buckets, curve, hand_results, trial,  # noqa: F401
                                   write_results)
@@ -57,7 +57,7 @@ def test_report_of_a_partly_failed_running_sweep(hand_results, tmp_path):
     out = build_report([hand_results], tmp_path / "reports" / "hand")
     assert out == tmp_path / "reports" / "hand"
     names = {p.name for p in out.iterdir()}
-    assert {"report.md", "report.html", "frontier.csv", "front.png", "front_variants.png", "learning_curves.png", "positions.png"} == names
+    assert {"report.md", "report.html", "frontier.csv", "front.png", "front_variants.png", "learning_curves.png", "positions.png"} == names  # no fixed bytes: no memory figure
     for png in out.glob("*.png"):
         img = decode_png(png.read_bytes())
         assert img.shape[0] > 300 and img.shape[1] > 600
@@ -75,8 +75,8 @@ def test_report_of_a_partly_failed_running_sweep(hand_results, tmp_path):
     assert "still running" in top and "t10" in top  # epochs but no trial row
     assert "2 trials ended in error" in top and "boom: CUDA out of memory" in top
     assert "1 trial without a finite val PPL" in top
-    for heading in ("Pareto front", "Fronts per variant", "Overall perplexity", "Position-wise perplexity", "Learning curves",
-                    "What ASHA saved", "Experiment history"):
+    for heading in ("Pareto front", "Fronts per variant", "Overall perplexity", "Memory at L and break-even context", "Hypervolume",
+                    "Position-wise perplexity", "Learning curves", "Scheduler and search", "Experiment history"):
         assert f"## {heading}" in md
     assert "![Val PPL against KV bytes/token" in md and "(front.png)" in md
     assert "| t9 " not in md.split("## Pareto front")[1].split("## Fronts per variant")[0]  # the failed trial is not on the front
@@ -84,22 +84,24 @@ def test_report_of_a_partly_failed_running_sweep(hand_results, tmp_path):
 
 def test_tables_hold_the_seeds_numbers(hand_results):
     an = analyze(load_all([str(hand_results)]))
-    assert an.key[an.front].tolist() == HAND_FRONT
-    assert (an.eligibility.n_error, an.eligibility.n_missing) == (2, 1)
+    assert an.points.label[an.front].tolist() == HAND_FRONT
+    assert (an.eligibility.n_error, an.eligibility.n_missing, an.eligibility.n_not_candidate) == (2, 1, 2)  # t3, t5: stopped by ASHA
     assert an.running == [["t10"]]
-    assert {k: an.key[v].tolist() for k, v in an.variant_fronts.items()} == {"ka_gated / lm": ["t4"], "vdproj / lm": ["t1", "t8", "t2"]}
+    assert {k: an.points.label[v].tolist() for k, v in an.variant_fronts.items()} == {"ka_gated / lm": ["t4"], "vdproj / lm": ["t1", "t8", "t2"]}
+    assert an.headline == "validation"  # results before the test split
 
     overall = overall_ppl_table(an, an.front)
     row = dict(zip(overall.columns, overall.rows[0]))
-    assert row == {"trial": "t1", "variant": "vdproj / lm", "KV bytes/token": "500", "base PPL": "50.000", "trial PPL": "60.000",
-                   "difference": "+10.000", "degradation": "+20.00%"}
-    assert dict(zip(overall.columns, overall.rows[3]))["degradation"] == "-2.00%"
+    assert row == {"point": "t1", "variant": "vdproj / lm", "KV bytes/token": "500", "seeds": "1", "base val PPL": "50.000",
+                   "val PPL": "60.000", "val 95% CI": "n/a (1 seed)", "val difference": "+10.000", "val degradation": "+20.00%",
+                   "val: vs the base": "n/a (1 seed)"}
+    assert dict(zip(overall.columns, overall.rows[3]))["val degradation"] == "-2.00%"
 
     pos, missing = position_table(an, an.front)
     assert missing == []
     first = dict(zip(pos.columns, pos.rows[0]))
-    assert first == {"trial": "t1", "positions": "0-16", "tokens": "100", "base PPL": "75.000", "trial PPL": "90.000",
-                     "difference": "+15.000", "degradation": "+20.00%"}
+    assert first == {"point": "t1", "positions": "0-16", "tokens": "100", "base PPL": "75.000", "validation PPL": "90.000",
+                     "95% CI": "n/a (1 seed)", "difference": "+15.000", "degradation": "+20.00%"}
     assert len(pos.rows) == 3 * len(HAND_FRONT)
 
     curves, missing = learning_table(an, an.front)
@@ -110,7 +112,8 @@ def test_tables_hold_the_seeds_numbers(hand_results):
     t1 = dict(zip(curves.columns, curves.rows[0]))
     assert t1["val PPL @20"] == f"{60.0 * 1.02:,.3f}" and t1["best epoch"] == "18"
 
-    asha = dict(zip(asha_table(an).columns, asha_table(an).rows[0]))
+    asha = dict(zip(scheduler_table(an).columns, scheduler_table(an).rows[0]))
+    assert asha["scheduler"] == "stops trials (no sweep.json)"
     run = sum(t["epochs_run"] for t in HAND_TRIALS)
     saved = (20 - 1) + (20 - 3)  # t3 and t5, the two trials ASHA stopped; t2's early stop and the errors saved nothing
     assert asha["stopped by the scheduler"] == "2" and asha["epochs run"] == f"{run:,}"
@@ -118,7 +121,7 @@ def test_tables_hold_the_seeds_numbers(hand_results):
     assert asha["% saved"] == f"{100 * saved / (run + saved):.1f}%"
 
     hist = dict(zip(history_table(an).columns, history_table(an).rows[0]))
-    assert hist["date"] == "2025-11-21" and hist["best trial"] == "t4" and hist["degradation"] == "-2.00%"
+    assert hist["date"] == "2025-11-21" and hist["best point"] == "t4" and hist["degradation"] == "-2.00%"
 
 
 def test_a_complete_sweep_says_so(tmp_path):
@@ -139,7 +142,7 @@ def test_a_single_trial_and_a_missing_positions_file(tmp_path):
     assert "positions.png" not in names and "learning_curves.png" in names
     md = (out / "report.md").read_text()
     assert "positions.parquet is missing" in md.split("## Summary")[0]
-    assert "No position rows for 1 front trial: only" in md
+    assert "No position rows for 1 front point: only" in md
     assert [r["trial_id"] for r in read_csv(out / "frontier.csv")] == ["only"]
 
 
@@ -162,21 +165,21 @@ def test_several_sweeps_on_one_front(tmp_path):
     rows = read_csv(out / "frontier.csv")
     assert [(r["source"], r["trial_id"]) for r in rows] == [("beta", "t1"), ("alpha", "t1"), ("beta", "t2"), ("alpha", "t2")]
     an = analyze(load_all([str(a), str(b)]))
-    assert an.key[an.front].tolist() == ["beta/t1", "alpha/t1", "beta/t2", "alpha/t2"]  # ids collide, so keys name the sweep
+    assert an.points.label[an.front].tolist() == ["beta/t1", "alpha/t1", "beta/t2", "alpha/t2"]  # ids collide, so keys name the sweep
     assert {k: v.size for k, v in an.source_fronts.items()} == {"alpha": 2, "beta": 2}
     hist = history_table(an)
     assert [(r[0], r[1]) for r in hist.rows] == [("2025-10-02", "beta"), ("2025-11-20", "alpha")]  # by date
     md = (out / "report.md").read_text()
     assert "`beta`: epochs.parquet is missing" in md and "`beta`: positions.parquet is missing" in md
-    assert "No position rows for 3 front trials" in md
+    assert "No position rows for 3 front points" in md
 
 
-def test_a_trial_with_a_status_that_is_not_final_is_flagged(tmp_path):
+def test_a_trial_with_a_status_that_is_not_final_is_flagged_and_no_front_candidate(tmp_path):
     src = write_results(tmp_path / "r", [trial("a", 500, 60.0), trial("b", 400, 70.0, status="running", epochs_run=2)])
     out = build_report([src], tmp_path / "out")
     top = (out / "report.md").read_text().split("## Summary")[0]
-    assert "Partial results" in top and "1 trial with status `running`" in top
-    assert [r["trial_id"] for r in read_csv(out / "frontier.csv")] == ["b", "a"]
+    assert "Partial results" in top and "1 trial with status `running`" in top and "no front candidates" in top
+    assert [r["trial_id"] for r in read_csv(out / "frontier.csv")] == ["a"]  # b would be on the front, but has not finished
 
 
 def test_the_same_folder_twice_gets_distinct_labels(hand_results, tmp_path):
@@ -235,7 +238,7 @@ def test_a_sweep_where_asha_stopped_nothing_saved_nothing(tmp_path):
         trial("c", 700, None, status="error", epochs_run=0, error="boom"), trial("d", 800, None, status="error", epochs_run=1, error="boom"),
     ])
     an = analyze(load_all([str(src)]))
-    row = dict(zip(asha_table(an).columns, asha_table(an).rows[0]))
+    row = dict(zip(scheduler_table(an).columns, scheduler_table(an).rows[0]))
     assert row["stopped by the scheduler"] == "0" and row["epochs saved"] == "0" and row["% saved"] == "0.0%"
     assert row["epochs run"] == row["epochs without the scheduler"] == f"{20 + 8 + 0 + 1:,}"
 
@@ -278,20 +281,22 @@ def _chromatic(rgb: tuple) -> bool:
 
 
 def _points(an, kind: str, idx: np.ndarray) -> list[dict[int, np.ndarray]]:
-    """Per axes of the figure: trial index -> the (x, y) points the figure draws for that trial."""
-    if kind in ("front", "variant_fronts"):
-        shown = idx if kind == "variant_fronts" else np.flatnonzero(an.eligibility.mask)
-        return [{int(i): np.array([[an.kv_bytes[i], an.val_ppl[i]]]) for i in shown}]
+    """Per axes of the figure: point (or, in the front figure, trial) index -> the (x, y) points the figure draws for it."""
+    if kind == "front":
+        return [{int(i): np.array([[an.kv_bytes[i], an.val_ppl[i]]]) for i in np.flatnonzero(an.eligibility.mask)}]
+    if kind == "variant_fronts":
+        return [{int(p): np.array([[an.points.kv[p], an.points.val.mean[p]]]) for p in idx}]
     if kind == "learning":
         axes: list[dict[int, np.ndarray]] = [{}, {}]
-        for i in idx:
-            t = an.epochs_of(int(i))
+        for p in idx:
+            i = an.points.first(int(p))
+            t = an.epochs_of(i)
             e = np.array(t.column("epoch").to_pylist(), dtype=float)
-            axes[0][int(i)] = np.c_[e, np.array(t.column("train_ppl").to_pylist(), dtype=float)]
-            axes[1][int(i)] = np.r_[np.c_[e, np.array(t.column("val_ppl").to_pylist(), dtype=float)],
+            axes[0][int(p)] = np.c_[e, np.array(t.column("train_ppl").to_pylist(), dtype=float)]
+            axes[1][int(p)] = np.r_[np.c_[e, np.array(t.column("val_ppl").to_pylist(), dtype=float)],
                                     [[an.column("best_epoch")[i], an.val_ppl[i]]]]
         return axes
-    rows = {int(i): an.positions_of(int(i)).to_pylist() for i in idx}
+    rows = {int(p): an.positions_of(an.points.first(int(p))).to_pylist() for p in idx}
     buckets = sorted({(r["lo"], r["hi"]) for rs in rows.values() for r in rs})
     pos = {b: k for k, b in enumerate(buckets)}
     return [{i: np.array([[pos[(r["lo"], r["hi"])], r["ppl"]] for r in rs]) for i, rs in rows.items()},
@@ -316,7 +321,7 @@ FIGURES = {
     "front": lambda an, idx: figures.draw_front(an, title="t"),
     "variant_fronts": lambda an, idx: figures.draw_variant_fronts(an),
     "learning": lambda an, idx: figures.draw_learning(an, idx),
-    "positions": lambda an, idx: figures.draw_positions(an, idx),
+    "positions": lambda an, idx: figures.draw_positions(an, idx, "validation"),
 }
 
 
@@ -325,6 +330,7 @@ def test_every_figure_colours_a_trial_by_its_variant(hand_results, kind):
     an = analyze(load_all([str(hand_results)]))
     idx = np.concatenate(list(an.variant_fronts.values())) if kind == "variant_fronts" else an.front
     colours = {v: tuple(c[:3]) for v, c in figures.variant_colours(an).items()}
+    variant = an.variant if kind == "front" else an.points.variant  # the front figure draws every trial; the others, points
     fig = FIGURES[kind](an, idx)
     axes = [ax for ax in fig.axes if ax.lines or ax.collections]
     expected = _points(an, kind, idx)
@@ -337,9 +343,11 @@ def test_every_figure_colours_a_trial_by_its_variant(hand_results, kind):
                 if not owners or not _chromatic(c):
                     continue
                 for i in owners:
-                    assert np.allclose(c, colours[an.variant[i]]), f"{an.key[i]} drawn in {c}, its variant {an.variant[i]!r} is {colours[an.variant[i]]}"
+                    assert np.allclose(c, colours[variant[i]]), f"{i} drawn in {c}, its variant {variant[i]!r} is {colours[variant[i]]}"
                     seen[i] = seen.get(i, 0) + 1
-    assert set(seen) == set().union(*expected) >= {int(i) for i in idx}, "every trial is drawn in its variant's colour"
+    assert set(seen) == set().union(*expected), "every trial or point is drawn in its variant's colour"
+    if kind != "front":
+        assert set(seen) >= {int(p) for p in idx}
 
 
 @pytest.mark.parametrize("kind", ["learning", "positions"])
@@ -350,17 +358,17 @@ def test_the_legend_tells_trials_of_one_variant_apart(hand_results, kind):
     leg = fig.legends[0]
     entries = {t.get_text(): h for t, h in zip(leg.get_texts(), leg.legend_handles)}
     styles = []
-    for i in an.front:
-        h = entries[figures.trial_label(an, int(i))]  # each trial is named in the legend
-        assert np.allclose(to_rgba(h.get_color())[:3], colours[an.variant[i]][:3])
-        styles.append((an.variant[i], h.get_linestyle(), h.get_marker()))
+    for p in an.front:
+        h = entries[figures.point_label(an, int(p))]  # each point is named in the legend
+        assert np.allclose(to_rgba(h.get_color())[:3], colours[an.points.variant[p]][:3])
+        styles.append((an.points.variant[p], h.get_linestyle(), h.get_marker()))
     assert len(set(styles)) == len(styles), styles  # t1 and t8 share a variant (and their numbers): their styles differ
 
 
 def test_figures_are_png(hand_results):
     an = analyze(load_all([str(hand_results)]))
     for png in (figures.front_figure(an, title="t"), figures.variant_fronts_figure(an), figures.learning_figure(an, an.front),
-                figures.positions_figure(an, an.front)):
+                figures.positions_figure(an, an.front, "validation")):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and decode_png(png).shape[1] > 600
 
 
@@ -472,7 +480,7 @@ def _a_file(src: Path) -> None:
     (_other_files, NotResultsError, r"not a kvsweep results folder: it has no trials.parquet \(it holds README.md, data.csv\)"),
     (_not_parquet, NotResultsError, "trials.parquet is not kvsweep results: not a Parquet file"),
     (_no_metadata, NotResultsError, "metadata has no kvsweep_schema"),
-    (_other_version, SchemaError, f"schema version '0', but this kvsweep reads versions '2', '{SCHEMA_VERSION}'"),
+    (_other_version, SchemaError, "schema version '0', but this kvsweep reads versions " + ", ".join(f"'{v}'" for v in READABLE_VERSIONS)),
     (_epochs_other_version, SchemaError, "epochs.parquet has results schema version '99'"),
     (_missing_column, SchemaError, "lacks column.* kv_bytes_per_token"),
     (_wrong_type, SchemaError, "column types differ"),
@@ -601,7 +609,9 @@ def test_results_of_schema_version_2_still_make_a_report(tmp_path):
     assert cli_main(["report", str(src), "-o", str(out)]) == 0
     with open(out / "frontier.csv", newline="") as f:
         front = list(csv.DictReader(f))
-    assert [r["trial_id"] for r in front] == HAND_FRONT
+    # version 2 stored each trial's whole config: t1 and t8 are one configuration (and seed), pooled into one point
+    assert [r["trial_ids"] for r in front] == ["t1;t8", "t2", "t4"] and [r["n_seeds"] for r in front] == ["2", "1", "1"]
+    assert [r["trial_id"] for r in front] == ["t1", "t2", "t4"]
     by_id = {r["trial_id"]: r for r in front}
     for t in HAND_TRIALS:
         if t["trial_id"] in by_id:

@@ -25,8 +25,8 @@ from kvsweep.report.synthetic import write_synthetic
 CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 
-SECTIONS = ("summary", "pareto-front", "fronts-per-variant", "overall-perplexity", "position-wise-perplexity",
-            "learning-curves", "what-asha-saved", "experiment-history")
+SECTIONS = ("summary", "pareto-front", "fronts-per-variant", "overall-perplexity", "memory-at-l-and-break-even-context", "hypervolume",
+            "position-wise-perplexity", "learning-curves", "scheduler-and-search", "experiment-history")
 CSP_VIOLATION = re.compile(r"Content Security Policy|Refused to (load|connect|apply|execute)", re.I)
 
 
@@ -81,7 +81,7 @@ def test_static_html_refers_to_nothing_outside_the_file(report):
             if value is not None:
                 assert value.startswith("data:image/png;base64,") if name == "src" else value.startswith("#"), (tag, name, value[:80])
     images = el.of("img")
-    assert len(images) == len(list(report.glob("*.png"))) >= 4
+    assert len(images) == len(list(report.glob("*.png"))) >= 6  # front, test front, per variant, memory, positions, learning
     from matplotlib.image import imread
 
     for img in images:
@@ -100,7 +100,7 @@ def test_chromium_loads_it_offline_with_every_image_decoded(report, tmp_path):
     ids = {a.get("id") for _t, a in dom.tags}
     assert set(SECTIONS) <= ids and "status" in ids
     assert len(dom.of("img")) == len(elements(page).of("img"))
-    assert len(dom.of("table")) == 8  # frontier, per variant, overall, positions, learning, ASHA, status, history
+    assert len(dom.of("table")) == 11  # frontier, per variant, overall, memory, hypervolume, positions, learning, scheduler, search, status, history
     assert "Partial results" in r.stdout and "still running" in r.stdout
 
     # 2. A copy with one checker script allowed by hash: after the load event it records how many images decoded.

@@ -19,18 +19,22 @@ KV_BASE = 1000
 
 def trial(trial_id: str, kv: int | None, ppl: float | None, *, variant: str = "vdproj / lm", status: str = "completed",
           epochs_run: int = 20, max_epochs: int = 20, best_epoch: int | None = None, sweep: str = "hand",
-          finished_at: str = "2025-11-20T10:00:00+00:00", error: str | None = None, rank: int | None = 8) -> dict:
+          finished_at: str = "2025-11-20T10:00:00+00:00", error: str | None = None, rank: int | None = 8, seed: int = 0,
+          config: dict | None = None, fixed_bytes: int | None = None) -> dict:
+    """A trials.parquet row; its config is ``config`` with ``train.seed`` set to ``seed`` (default: one naming the trial, so
+    that no two trials are one configuration)."""
+    cfg = {"trial": trial_id, "rank": rank, "lr": 1e-4} if config is None else {**config, "train": {**config.get("train", {}), "seed": seed}}
     return {
         "trial_id": trial_id, "sweep": sweep, "variant": variant, "adapters": variant.split(" / ")[0],
         "family": variant.split(" / ")[0], "options": f"vdproj rank={rank} init=pca" if rank is not None else variant.split(" / ")[0],
         "vdproj.rank": rank, "vdproj.target": "v" if rank is not None else None, "vdproj.init": "pca" if rank is not None else None,
-        "schedule": "lm", "seed": 0,
-        "config": json.dumps({"trial": trial_id, "rank": rank, "lr": 1e-4}), "status": status, "error": error,
+        "schedule": "lm", "seed": seed,
+        "config": json.dumps(cfg), "status": status, "error": error,
         "epochs_run": epochs_run, "max_epochs": max_epochs, "best_epoch": best_epoch if best_epoch is not None else epochs_run,
         "best_val_ppl": ppl, "base_val_ppl": BASE_PPL, "init_val_ppl": 2 * BASE_PPL,
         "degradation_pct": None if ppl is None else 100 * (ppl - BASE_PPL) / BASE_PPL,
         "kv_bytes_per_token": kv, "kv_bytes_per_token_base": KV_BASE, "kv_ratio": None if kv is None else kv / KV_BASE,
-        "trainable_params": 1000, "total_params": 100_000, "wall_seconds": 1.0, "git_revision": "abc", "finished_at": finished_at,
+        "fixed_bytes": fixed_bytes, "trainable_params": 1000, "total_params": 100_000, "wall_seconds": 1.0, "git_revision": "abc", "finished_at": finished_at,
     }
 
 

@@ -18,10 +18,13 @@ from ..atomic import atomic_path
 from .analysis import Analysis, analyze
 from .errors import NoResultsError, NotResultsError, ReportError, SchemaError
 from .load import Results, load_all, load_results
-from .pareto import pareto_front
+from .memory import AXES, DEFAULT_CONTEXT, break_even, memory_at
+from .pareto import hypervolume, normalised_hypervolume, pareto_front
+from .stats import t_interval
 
 __all__ = [
-    "build_report", "pareto_front", "load_results", "analyze", "Analysis", "Results",
+    "build_report", "pareto_front", "hypervolume", "normalised_hypervolume", "t_interval", "memory_at", "break_even",
+    "load_results", "analyze", "Analysis", "Results", "AXES", "DEFAULT_CONTEXT",
     "ReportError", "NoResultsError", "NotResultsError", "SchemaError", "REPORT_FILES",
 ]
 
@@ -50,15 +53,27 @@ def default_title(results: list[Results]) -> str:
     return "kvsweep report: " + ", ".join(r.label for r in results)
 
 
-def build_report(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, title: str | None = None) -> Path:
-    """Read every source, make the report and write it to ``out`` in one rename; returns ``out``."""
+def build_report(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, title: str | None = None,
+                 x: str = "bytes-per-token", context: int | None = None) -> Path:
+    """Read every source, make the report and write it to ``out`` in one rename; returns ``out``.
+
+    ``x`` is the cost the fronts minimise besides PPL: ``bytes-per-token`` (KV bytes/token) or ``memory-at-L``
+    (fixed bytes + L x KV bytes/token); ``context`` is L in tokens (default: ``memory.default_context``).
+
+    Raises:
+        ReportError: bad input or output folder, an unknown ``x`` or a ``context`` below 1; nothing is written.
+    """
     from .compose import build
     from .render import html_document, markdown
 
+    if x not in AXES:
+        raise ReportError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise ReportError(f"--context must be a whole number of tokens >= 1, got {context!r}")
     results = load_all([os.fspath(s) for s in sources])
     out = Path(out)
     check_output(out)
-    built = build(analyze(results), title=title or default_title(results))
+    built = build(analyze(results, x=x, context=context), title=title or default_title(results))
     md, page = markdown(built.doc), html_document(built.doc, built.images)
     with atomic_path(out) as tmp:
         tmp.mkdir()

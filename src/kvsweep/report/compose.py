@@ -5,17 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import numpy as np
-
-from ..results import TRIAL_STATUSES
-from . import figures, tables
+from . import figures, front_tables, tables, trial_tables
 from .analysis import Analysis, pick_evenly
-from .load import EPOCHS, POSITIONS
+from .frontier_csv import frontier_csv
+from .notices import CANDIDATES, SEEDS, front_summary, headline_sentence, hypervolume_sentence, notices, plural, search_sentence
 from .render import Document, Image, Section
-from .tables import degradation, share_of_base
 
-MAX_CURVES = 8  # front trials drawn in the learning-curve and position figures
-TIE_RULE = ("A trial is on the front unless another trial has a val PPL and a KV bytes/token that are both <= its own, "
+MAX_CURVES = 8  # front points drawn in the learning-curve, position and memory figures
+TIE_RULE = ("A point is on the front unless another point has a mean val PPL and a {cost} that are both <= its own, "
             "one of them strictly; so exact duplicates on the front both stay.")
 
 
@@ -24,57 +21,6 @@ class Built:
     doc: Document
     images: dict[str, bytes]  # file name -> PNG
     frontier_csv: str
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
-
-
-def notices(an: Analysis) -> list[str]:
-    """What is partial, missing or left out, source by source; empty when the results are complete."""
-    out = []
-    many = len(an.results) > 1
-    for s, r in enumerate(an.results):
-        where = f"`{r.label}`: " if many else ""
-        if an.running[s]:
-            ids = ", ".join(an.running[s][:3]) + (", ..." if len(an.running[s]) > 3 else "")
-            out.append(f"{where}the sweep is still running (or was cut short): {_plural(len(an.running[s]), 'trial')} "
-                       f"have epochs but no result in trials.parquet yet ({ids}); they are not in the fronts.")
-        m = an.source_index == s
-        err = np.flatnonzero(m & (an.status == "error"))
-        if err.size:
-            messages = an.column("error")
-            first = next((f"{an.key[i]}: {str(messages[i]).splitlines()[0][:160]}" for i in err if messages[i]), None)
-            out.append(f"{where}{_plural(err.size, 'trial')} ended in error" + (f" (first: {first})" if first else "") + "; left out of the fronts.")
-        others = sorted({str(v) for v in an.status[m]} - set(TRIAL_STATUSES))
-        for st in others:
-            k = int((m & (an.status == st)).sum())
-            out.append(f"{where}{_plural(k, 'trial')} with status `{st}` (not a final status: still running?); "
-                       "they are in the fronts with their best epoch so far.")
-        missing = int((m & ~an.eligibility.mask & (an.status != "error")).sum())
-        if missing:
-            out.append(f"{where}{_plural(missing, 'trial')} without a finite val PPL or KV bytes/token; left out of the fronts.")
-        for n in r.notes:
-            if n == f"{POSITIONS} is missing":
-                n += ": no position-wise PPL for its trials"
-            elif n == f"{EPOCHS} is missing":
-                n += ": no learning curves for its trials"
-            out.append(f"{where}{n}.")
-    return out
-
-
-def _front_summary(an: Analysis) -> str:
-    if not an.front.size:
-        return "No trial has a finite val PPL and KV bytes/token, so the front is empty."
-    ends = []
-    for i in (an.front[0], an.front[-1]) if an.front.size > 1 else (an.front[0],):
-        share = share_of_base(an.kv_bytes[i], an.kv_base[i])
-        ends.append(f"{an.key[i]} ({an.variant[i]}) at {an.kv_bytes[i]:,.0f} bytes/token"
-                    + (f" ({share:.1f}% of the base's cache)" if np.isfinite(share) else "")
-                    + f", PPL {an.val_ppl[i]:,.3f} ({tables.pct(degradation(an.val_ppl[i], an.base_ppl[i]))} against the base)")
-    span = f"from {ends[0]} to {ends[1]}" if len(ends) == 2 else ends[0]
-    return (f"{_plural(an.n, 'trial')} in {_plural(len(an.results), 'results folder')}; {an.eligibility.mask.sum():,} with finite metrics "
-            f"and not failed; {an.front.size:,} on the Pareto front, {span}.")
 
 
 def _figure_section(title: str, intro: str, images: dict, name: str, png, alt: str, caption: str,
@@ -86,9 +32,41 @@ def _figure_section(title: str, intro: str, images: dict, name: str, png, alt: s
         blocks.append(Image(name, alt, caption))
     if missing:
         more = ", ..." if len(missing) > 10 else ""
-        blocks.append(f"No {rows} for {_plural(len(missing), 'front trial')}: {', '.join(missing[:10])}{more}.")
+        blocks.append(f"No {rows} for {plural(len(missing), 'front point')}: {', '.join(missing[:10])}{more}.")
     blocks.append(table)
     return Section(title, tuple(blocks))
+
+
+def _summary(an: Analysis, title: str, images: dict[str, bytes]) -> Section:
+    images["front.png"] = figures.front_figure(an, title=title)
+    blocks: list = [front_summary(an), headline_sentence(an), hypervolume_sentence(an), search_sentence(an),
+                    Image("front.png", f"Val PPL against {an.axis.short} of all trials, with the Pareto front",
+                          "Every trial with finite metrics that did not fail (colour: variant, marker: status); the black staircase is the "
+                          "Pareto front of the configurations (mean over seeds, 95% CI bars), numbered as in its table; the star is the "
+                          "base. Lower left is better.")]
+    test = figures.front_test_figure(an) if an.headline == "test" else None
+    if test is not None:
+        images["front_test.png"] = test
+        blocks.append(Image("front_test.png", "Test PPL of the front's points", "The front's points (chosen on validation) at their "
+                            "test PPL, mean over seeds with 95% CI bars, against the base's test PPL."))
+    return Section("Summary", tuple(blocks))
+
+
+def _memory(an: Analysis, chosen, images: dict[str, bytes]) -> Section:
+    L = an.axis.context
+    blocks: list = [
+        f"Memory at L = fixed bytes + L x KV bytes/token: the cache of one sequence of L tokens with the methods' weights and other "
+        f"fixed bytes, against the base's L x KV bytes/token (it adds none). L = {L:,}: {an.axis.context_source}. The break-even "
+        "context is the smallest L at which a point's memory is below the base's (never when its cache is not smaller per token). "
+        "Set L with `kvsweep report --context L`; `--x memory-at-L` builds the fronts on memory at L instead of bytes/token.",
+        front_tables.memory_table(an, an.front),
+    ]
+    png = figures.memory_figure(an, chosen)
+    if png is not None:
+        images["memory.png"] = png
+        blocks.append(Image("memory.png", "Memory against context length of the base and of front points",
+                            "Memory of one sequence against its length, both axes logarithmic; ◆ marks each point's break-even context."))
+    return Section("Memory at L and break-even context", tuple(blocks))
 
 
 def build(an: Analysis, *, title: str) -> Built:
@@ -96,68 +74,64 @@ def build(an: Analysis, *, title: str) -> Built:
     images: dict[str, bytes] = {}
     front = an.front
     chosen = pick_evenly(front, MAX_CURVES)
-    subset = "" if chosen.size == front.size else f" ({chosen.size} of the {front.size} front trials, evenly spaced along the front)"
+    subset = "" if chosen.size == front.size else f" ({chosen.size} of the {front.size} front points, evenly spaced along the front)"
+    sections = [_summary(an, title, images), Section("Pareto front", (
+        TIE_RULE.format(cost=an.axis.short) + " " + CANDIDATES + " " + SEEDS + " The same points with their full configs "
+        "are in `frontier.csv`.", front_tables.frontier_table(an, front)))]
 
-    images["front.png"] = figures.front_figure(an, title=title)
-    summary = Section("Summary", (
-        _front_summary(an),
-        Image("front.png", "Val PPL against KV bytes/token of all trials, with the Pareto front",
-              "Every trial with finite metrics that did not fail (colour: variant, marker: status); the black staircase is the "
-              "Pareto front, numbered as in its table; the star is the base. Lower left is better."),
-    ))
-
-    front_blocks: list = [
-        TIE_RULE + " Trials that ended in error or lack a finite val PPL or KV bytes/token are left out. "
-        "The same trials with their full configs are in `frontier.csv`.",
-        tables.frontier_table(an, front),
-    ]
-    sections = [summary, Section("Pareto front", tuple(front_blocks))]
-
-    variant_blocks: list = ["Each variant's own front: the trials that no trial of the same variant beats."]
+    variant_blocks: list = ["Each variant's own front: the points that no point of the same variant beats."]
     if len(an.variant_fronts) > 1:
         images["front_variants.png"] = figures.variant_fronts_figure(an)
         variant_blocks.append(Image("front_variants.png", "Pareto front of each variant", "One staircase per variant; the star is the base."))
-    variant_blocks.append(tables.variant_fronts_table(an))
+    variant_blocks.append(front_tables.variant_fronts_table(an))
     sections.append(Section("Fronts per variant", tuple(variant_blocks)))
 
     sections.append(Section("Overall perplexity", (
-        "Validation PPL of the base and of each front trial (best epoch). Difference = trial - base; "
-        "degradation = 100 * (trial - base) / base.",
-        tables.overall_ppl_table(an, front),
-    )))
+        ("Test and validation" if an.headline == "test" else "Validation") + " PPL of the base and of each front point (best epoch, "
+        "mean over seeds, 95% CI). Difference = point - base; degradation = 100 * (point - base) / base.",
+        front_tables.overall_ppl_table(an, front))))
+    sections.append(_memory(an, chosen, images))
+    sections.append(Section("Hypervolume", (
+        "The area the front dominates between it and the reference point (the base's cost, the base's PPL x 1.5), both minimised: "
+        "one number to compare two searches' fronts (`kvsweep.report.pareto.hypervolume`). Normalised: each coordinate divided by "
+        "the reference's, so the box from the origin to the reference is 1."
+        + (" Test: the same points (chosen on validation) at their test PPL." if an.headline == "test" else ""),
+        front_tables.hypervolume_table(an))))
 
-    pos_table, pos_missing = tables.position_table(an, front)
+    split = trial_tables.position_split(an, front)
+    pos_table, pos_missing = trial_tables.position_table(an, front)
     sections.append(_figure_section(
         "Position-wise perplexity",
-        "PPL per position bucket `[lo, hi)` (the prediction at position i is of token i+1 from tokens 0..i), "
-        "of each front trial and of the base.",
-        images, "positions.png", figures.positions_figure(an, chosen),
-        "PPL per position bucket of front trials against the base",
-        f"Front trials{subset} against the base. Colour: variant, as in the other figures; line and marker: the trial.",
+        f"{split.capitalize()} PPL per position bucket `[lo, hi)` (the prediction at position i is of token i+1 from tokens 0..i), "
+        "of each front point (mean over its seeds, 95% CI) and of the base.",
+        images, "positions.png", figures.positions_figure(an, chosen, split),
+        "PPL per position bucket of front points against the base",
+        f"Front points{subset} against the base; a band is a 95% CI over seeds. Colour: variant, as in the other figures; line and marker: the point.",
         pos_missing, "position rows", pos_table))
 
-    curve_table, curve_missing = tables.learning_table(an, front)
+    curve_table, curve_missing = trial_tables.learning_table(an, front)
     sections.append(_figure_section(
         "Learning curves",
-        "Train and validation PPL per epoch of the front trials; the table gives the first and the last epoch, a few evenly spread "
-        "between them, and the best epoch (— where a trial stopped earlier).",
+        "Train and validation PPL per epoch of each front point's first seed; the table gives the first and the last epoch, a few "
+        "evenly spread between them, and the best epoch (— where a trial stopped earlier).",
         images, "learning_curves.png", figures.learning_figure(an, chosen),
-        "Train and validation PPL per epoch of front trials",
-        f"Front trials{subset}. Colour: variant, as in the other figures; line and marker: the trial. The black line is the base's val PPL.",
+        "Train and validation PPL per epoch of front points",
+        f"Front points{subset}. Colour: variant, as in the other figures; line and marker: the point. The black line is the base's val PPL.",
         curve_missing, "epoch rows", curve_table))
 
-    sections.append(Section("What ASHA saved", (
+    sections.append(Section("Scheduler and search", (
         "Epochs the trials ran (sum of `epochs_run`) against the epochs they would have run without the scheduler: each trial it "
         "stopped (status `asha_stopped`) saved `max_epochs - epochs_run`. Trials that early-stopped by their own patience, "
-        "ended in error or are still running saved nothing by the scheduler.",
-        tables.asha_table(an),
+        "ended in error or are still running saved nothing by the scheduler. " + CANDIDATES,
+        tables.scheduler_table(an),
+        "The searcher (from the sweep's sweep.json): trials run against the configurations of the search space's grid.",
+        tables.search_table(an),
         "Trials by status (running: epochs recorded but no result yet):",
         tables.status_table(an),
     )))
-
     sections.append(Section("Experiment history", (
-        "One row per results folder, by the date its last trial finished: its best trial (lowest val PPL) against the base.",
-        tables.history_table(an),
+        "One row per results folder, by the date its last trial finished: its best point (lowest mean val PPL) against the base.",
+        trial_tables.history_table(an),
     )))
 
     found = notices(an)
@@ -167,4 +141,4 @@ def build(an: Analysis, *, title: str) -> Built:
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     byline = f"Made by `kvsweep report` on {made} from " + ", ".join(f"`{r.source}`" for r in an.results) + "."
     doc = Document(title=title, byline=byline, notices=tuple(found), notice_kind=kind, sections=tuple(sections))
-    return Built(doc=doc, images=images, frontier_csv=tables.frontier_csv(an, front))
+    return Built(doc=doc, images=images, frontier_csv=frontier_csv(an, front))

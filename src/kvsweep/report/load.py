@@ -2,8 +2,12 @@
 
 A results folder holds ``trials.parquet`` (required), ``epochs.parquet`` and ``positions.parquet``
 (either may be missing while a sweep runs), each written by ``kvsweep.results.write_parquet`` with
-``kvsweep_schema`` in its metadata. URIs (``s3://``, ``gs://``, ``file://``, ...) are read through
+``kvsweep_schema`` in its metadata, and, where it is a sweep's folder, the sweep's ``sweep.json`` (its
+scheduler and searcher). URIs (``s3://``, ``gs://``, ``file://``, ...) are read through
 ``pyarrow.fs.FileSystem.from_uri``.
+
+Results before the test split (schema version 3 and older) have no test PPL and no evaluation length: their
+``TEST_COLUMNS`` are read as nulls, and their positions, all of validation, get ``split`` "validation".
 """
 
 from __future__ import annotations
@@ -20,8 +24,13 @@ from pyarrow import fs as pafs
 from ..config import error_reason
 from ..results import EPOCH_SCHEMA, POSITION_SCHEMA, READABLE_VERSIONS, SCHEMA_VERSION, TRIAL_SCHEMA, option_column_names, upgrade
 from .errors import NoResultsError, NotResultsError, ReportError, SchemaError
+from .sweepinfo import SWEEP_FILE, SweepInfo, read_sweep_info
 
 TRIALS, EPOCHS, POSITIONS = "trials.parquet", "epochs.parquet", "positions.parquet"
+TEST_COLUMNS = (("test_ppl", pa.float64()), ("base_test_ppl", pa.float64()), ("eval_seq_len", pa.int64()))
+"""Columns of trials.parquet since the test split (schema version 4): the best epoch's test PPL, the base's, and
+the length of the evaluation samples; read as nulls from older results. The schema's own type wins where it has them."""
+SPLIT = pa.field("split", pa.string())  # positions.parquet since schema version 4: "validation" or "test"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -33,8 +42,9 @@ class Results:
     label: str  # a short name, unique among the sources of one report (the sweep's name if it has one)
     trials: pa.Table  # TRIAL_SCHEMA and the methods' option columns; one row per trial_id (the last one where a folder repeats an id)
     epochs: pa.Table | None  # EPOCH_SCHEMA, or None when the file is missing
-    positions: pa.Table | None  # POSITION_SCHEMA, or None when the file is missing
+    positions: pa.Table | None  # POSITION_SCHEMA with "split", or None when the file is missing
     notes: tuple[str, ...] = ()
+    sweep: SweepInfo | None = None  # from sweep.json, where the folder is a sweep's
 
 
 def open_source(source: str) -> tuple[pafs.FileSystem, str]:
@@ -71,7 +81,14 @@ def read_table(filesystem: pafs.FileSystem, path: str, schema: pa.Schema, shown:
         raise SchemaError(f"{shown}: cannot read results schema version {version} ({error_reason(e)})") from None
     if name == "trials":
         options = [tbl.schema.field(n) for n in option_column_names(tbl.schema) if n not in schema.names]
-        schema = pa.schema(list(schema) + options)
+        extra = [pa.field(n, t) for n, t in TEST_COLUMNS if n not in schema.names]
+        schema = pa.schema(list(schema) + options + extra)
+        tbl = _with_nulls(tbl, schema, [n for n, _t in TEST_COLUMNS])  # also where the schema has them and the file predates them
+    elif name == "positions":
+        if SPLIT.name not in schema.names:
+            schema = schema.append(SPLIT)
+        if SPLIT.name not in tbl.column_names:
+            tbl = tbl.append_column(SPLIT, pa.array(["validation"] * tbl.num_rows, pa.string()))
     missing = [n for n in schema.names if n not in tbl.column_names]
     if missing:
         raise SchemaError(f"{shown} lacks column(s) {', '.join(missing)} of results schema version {SCHEMA_VERSION}")
@@ -79,6 +96,14 @@ def read_table(filesystem: pafs.FileSystem, path: str, schema: pa.Schema, shown:
         return tbl.select(schema.names).cast(schema)
     except (pa.ArrowException, ValueError) as e:
         raise SchemaError(f"{shown}: column types differ from results schema version {SCHEMA_VERSION} ({error_reason(e)})") from None
+
+
+def _with_nulls(tbl: pa.Table, schema: pa.Schema, names: list[str]) -> pa.Table:
+    """``tbl`` with a null column for each of ``names`` it lacks (typed as in ``schema``)."""
+    for n in names:
+        if n not in tbl.column_names:
+            tbl = tbl.append_column(schema.field(n), pa.nulls(tbl.num_rows, schema.field(n).type))
+    return tbl
 
 
 def _last_row_per_id(tbl: pa.Table) -> tuple[pa.Table, list[str]]:
@@ -131,7 +156,12 @@ def load_results(source: str) -> Results:
         raise NoResultsError(f"{shown}/{TRIALS} holds no trials yet")
     sweeps = {s for s in trials.column("sweep").to_pylist() if s}
     label = sweeps.pop() if len(sweeps) == 1 else (os.path.basename(path.rstrip("/")) or shown)
-    return Results(source=source, label=label, trials=trials, epochs=tables[EPOCHS], positions=tables[POSITIONS], notes=tuple(notes))
+    info = None
+    if SWEEP_FILE in entries:
+        info, note = read_sweep_info(filesystem, f"{path}/{SWEEP_FILE}")
+        notes += [note] if note else []
+    return Results(source=source, label=label, trials=trials, epochs=tables[EPOCHS], positions=tables[POSITIONS],
+                   notes=tuple(notes), sweep=info)
 
 
 def load_all(sources: list[str]) -> list[Results]:
@@ -144,5 +174,5 @@ def load_all(sources: list[str]) -> list[Results]:
     for r in results:
         seen[r.label] += 1
         label = r.label if seen[r.label] == 1 else f"{r.label}#{seen[r.label]}"
-        out.append(Results(r.source, label, r.trials, r.epochs, r.positions, r.notes))
+        out.append(Results(r.source, label, r.trials, r.epochs, r.positions, r.notes, r.sweep))
     return out
