@@ -114,15 +114,16 @@ def test_grow_refuses_to_drop_configurations_or_change_anything_else():
 
 
 def test_grow_of_a_random_search_raises_num_samples():
-    sweep = _sweep(num_samples=4)
+    sweep = _sweep(search="random", num_samples=4)
     stored = _stored(sweep, SPACE)
-    more = _sweep(num_samples=10)
+    more = _sweep(search="random", num_samples=10)
     p = plan(stored, _spec(more, SPACE), SPACE, more, grow=True)
     assert p.todo == [1] and p.record.rounds[1].num_samples == 6 and round_points(p.record, 1, more) is None
     with pytest.raises(SpecificationError, match="cannot lower"):
-        plan(stored, _spec(_sweep(num_samples=2), SPACE), SPACE, _sweep(num_samples=2), grow=True)
-    with pytest.raises(SpecificationError, match="random search"):
-        plan(stored, _spec(_sweep(), SPACE), SPACE, _sweep(), grow=True)
+        plan(stored, _spec(_sweep(search="random", num_samples=2), SPACE), SPACE, _sweep(search="random", num_samples=2), grow=True)
+    for other in (_sweep(), _sweep(search="optuna", num_samples=10)):  # another searcher is another sweep
+        with pytest.raises(SpecificationError, match=f'search: "random" -> "{other.search}"'):
+            plan(stored, _spec(other, SPACE), SPACE, other, grow=True)
 
 
 def test_a_damaged_sweep_json_is_refused_naming_it():

@@ -303,7 +303,8 @@ class SweepCfg:
     max_concurrent: int | None = None
     pack: int = 1  # trials trained together on one copy of the base (1: each trial in its own process)
     packs: int | None = None  # pack processes (None: one per GPU the trials' GPUs fit, else one)
-    num_samples: int | None = None  # random search with this many samples; None: the full grid
+    search: str = "grid"  # grid (every point once), random (num_samples picks) or optuna (num_samples, multi-objective)
+    num_samples: int | None = None  # trials of a random or optuna search; None for the grid
     grace_period: int = 1
     reduction_factor: float = 2.0
     asha: bool = True
@@ -324,6 +325,10 @@ class SweepCfg:
             _check_number("packs", self.packs, low=1, low_inclusive=True, integer=True)
         if self.num_samples is not None:
             _check_number("num_samples", self.num_samples, low=1, low_inclusive=True, integer=True)
+        _check_choice("search", self.search, ("grid", "random", "optuna"))
+        if (self.search == "grid") != (self.num_samples is None):
+            raise ConfigError(f"num_samples is the budget of a random or optuna search, and the grid has none; got search "
+                              f"{self.search!r} with num_samples {self.num_samples}")
         _check_number("grace_period", self.grace_period, low=1, low_inclusive=True, integer=True)
         _check_number("reduction_factor", self.reduction_factor, low=1, low_inclusive=False)
         _check_number("max_failures", self.max_failures, low=0, low_inclusive=True, integer=True)

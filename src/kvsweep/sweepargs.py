@@ -51,7 +51,11 @@ def sweep_parser(description: str, default_name: str) -> argparse.ArgumentParser
                    "results are those of unpacked trials (default: 1, each trial in its own process)")
     g.add_argument("--packs", type=int, default=None, help="pack processes (default: as many as --gpus-per-trial fits the "
                    "cluster's GPUs, else 1)")
-    g.add_argument("--num-samples", type=int, default=None, help="random search with this many trials instead of the full grid")
+    g.add_argument("--search", default=None, choices=("grid", "random", "optuna"),
+                   help="grid: every configuration of the search space once; random: --num-samples random picks; optuna: "
+                        "--num-samples trials picked by Optuna's multi-objective sampler on (best validation PPL, KV bytes/token) "
+                        "(default: random with --num-samples, else grid)")
+    g.add_argument("--num-samples", type=int, default=None, help="trials of a random or optuna search (default: the full grid)")
     g.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped (default: 1)")
     g.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/this of the trials at each rung (default: 2)")
     g.add_argument("--no-asha", action="store_true", help="run every trial to its end (early stopping still applies)")
@@ -74,7 +78,8 @@ def sweep_cfg(a: argparse.Namespace, default_name: str) -> SweepCfg:
     return SweepCfg(
         name=a.name or (f"{default_name}-smoke" if smoke else default_name), model=model, data=data, train=train,
         storage=a.storage, address=a.address, cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial,
-        max_concurrent=a.max_concurrent, pack=a.pack, packs=a.packs, num_samples=a.num_samples, grace_period=a.grace_period,
+        max_concurrent=a.max_concurrent, pack=a.pack, packs=a.packs, search=a.search or ("grid" if a.num_samples is None else "random"),
+        num_samples=a.num_samples, grace_period=a.grace_period,
         reduction_factor=a.reduction_factor, asha=not a.no_asha, max_failures=a.max_failures, report_dir=a.report_dir,
         fail_once_at_epoch=a.inject_fault_at_epoch, metrics_port=a.metrics_port,
     )

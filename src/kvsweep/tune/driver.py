@@ -161,7 +161,9 @@ def _run(sweep: SweepCfg, space: dict, store: SweepStore, guard: StorageGuard, s
             resources, max_concurrent, servers = register_trials(sweep, samples, base_stats, record, the_plan.todo, log)
             t_fit, since = time.perf_counter(), time.time()
             for index in the_plan.todo:
-                analysis = fit_round(sweep, store, record, index, resources, max_concurrent, [writer, guard, *callbacks], log)
+                earlier = [rec for r in record.rounds[:index] for rec in by_round.get(r.tune, [])]
+                analysis = fit_round(sweep, store, record, index, resources, max_concurrent, [writer, guard, *callbacks], log,
+                                     history=earlier)
                 by_round[record.rounds[index].tune] = ran = records_from(analysis)
                 this_run += ran
                 record.rounds[index].finished = guard.full is None and all(t.status == "TERMINATED" for t in analysis.trials)

@@ -13,7 +13,6 @@ import ray
 from ray import cloudpickle, tune
 from ray.tune import ResumeConfig
 from ray.tune.schedulers import FIFOScheduler
-from ray.tune.search import BasicVariantGenerator
 
 from ..adapters import external_methods
 from ..config import SweepCfg
@@ -21,10 +20,11 @@ from ..data import Samples
 from ..evaluate import PositionStats
 from .packed import CLIENT_CPUS, packed_trainable, start_servers
 from .scheduler import DurableASHA
+from .search import round_search
 from .spec import SweepRecord, round_points
 from .store import SweepStore, join_uri
 from .trainable import trainable
-from .writer import has_experiment
+from .writer import TrialRecord, has_experiment
 
 TRAINABLE = "trial"  # one name for unpacked and packed trials: a sweep continued with another --pack resumes its trials
 
@@ -59,26 +59,14 @@ def shipped_methods() -> dict:
     return methods
 
 
-def _tune_value(value):
-    """A search-space value as Tune's config holds it: a list of layer indices as ``"0,1,2"`` (Tune's variant
-    generator takes lists in a config for nested search spaces)."""
-    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
 def fit_round(sweep: SweepCfg, store: SweepStore, record: SweepRecord, index: int, resources: dict, max_concurrent: int | None,
-               callbacks: list, log: Callable[[str], None]):
-    """Run (or resume) round ``index`` as one Tune experiment in ``<sweep>/tune-<index>``; its analysis."""
+               callbacks: list, log: Callable[[str], None], history: list[TrialRecord] = ()):
+    """Run (or resume) round ``index`` as one Tune experiment in ``<sweep>/tune-<index>``; its analysis.
+    ``history``: the trials of the earlier rounds (a multi-objective search starts from them)."""
     r = record.rounds[index]
     points = round_points(record, index, sweep)
-    space = {k: [_tune_value(v) for v in values] for k, values in r.space.items()}
-    config = {k: (tune.choice(v) if len(v) > 1 else v[0]) for k, v in space.items()}
-    if points is not None:  # a grid: exactly these configurations
-        search = BasicVariantGenerator(points_to_evaluate=[{k: _tune_value(v) for k, v in p.items()} for p in points],
-                                       max_concurrent=max_concurrent or 0)
-        num_samples = len(points)
-    else:  # random search: this many random picks
-        search = BasicVariantGenerator(max_concurrent=max_concurrent or 0)
-        num_samples = r.num_samples
+    search, config = round_search(sweep, r.space, points, max_concurrent, history)
+    num_samples = len(points) if points is not None else r.num_samples
     resume = has_experiment(store, r.tune)
     if resume:
         log(f"resuming {join_uri(store.uri, r.tune)} (finished trials are not run again)")
@@ -86,12 +74,13 @@ def fit_round(sweep: SweepCfg, store: SweepStore, record: SweepRecord, index: in
         log(f"round {index} ({r.tune}): {num_samples} trials x up to {sweep.train.epochs} epochs")
     scheduler = (DurableASHA(store, max_t=sweep.train.epochs, grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
                  if sweep.asha else FIFOScheduler())
+    scheduler.set_search_properties("val_ppl", "min")  # tune.run gets no metric: a multi-objective searcher has its own
     handlers = _signal_handlers()  # Tune installs its own for the run (Ctrl+C, SIGUSR1: stop and save); put ours back
     try:
         return tune.run(
             TRAINABLE, name=r.tune, storage_path=store.root, storage_filesystem=store.fs, resources_per_trial=resources,
             config=config, num_samples=max(1, num_samples or 0), search_alg=search,
-            scheduler=scheduler, metric="val_ppl", mode="min", checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            scheduler=scheduler, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             max_failures=sweep.max_failures, callbacks=callbacks, raise_on_failed_trial=False, verbose=1,
             trial_dirname_creator=lambda trial: trial_dirname(trial, r.space),
             resume_config=ResumeConfig(unfinished=ResumeConfig.ResumeType.RESUME, errored=ResumeConfig.ResumeType.RESUME,

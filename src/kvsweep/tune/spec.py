@@ -66,6 +66,7 @@ def specification(sweep: SweepCfg, space: dict[str, list], digest: str) -> dict[
     if sweep.asha:
         spec["scheduler.grace_period"] = sweep.grace_period
         spec["scheduler.reduction_factor"] = sweep.reduction_factor
+    spec["search"] = sweep.search
     spec["search.num_samples"] = sweep.num_samples
     for key in sorted(space):  # a space is a set of values per field: their order changes no configuration
         spec[f"space.{key}"] = sorted(_plain(list(space[key])), key=lambda v: json.dumps(v, sort_keys=True))
@@ -107,10 +108,13 @@ def content_digest(path: Path, edge: int = 1 << 20) -> str:
 
 def canonical_specification(spec: dict[str, Any]) -> dict[str, Any]:
     """A stored specification with its search-space fields under the methods' own keys (``space.rank`` ->
-    ``space.vdproj.rank``), as ``specification`` writes them for a space of ``canonical_space``."""
+    ``space.vdproj.rank``), as ``specification`` writes them for a space of ``canonical_space``, and its
+    ``search`` named (a specification stored before it was: ``random`` with a number of samples, else ``grid``)."""
     out: dict[str, Any] = {}
     for key, value in spec.items():
         out[f"space.{canonical_key(key[len('space.'):])}" if key.startswith("space.") else key] = value
+    if "search" not in out:  # stored before the searcher was named: random picks or the grid
+        out["search"] = "grid" if out.get("search.num_samples") is None else "random"
     return out
 
 
@@ -221,7 +225,7 @@ def plan(stored: SweepRecord | None, spec: dict[str, Any], space: dict[str, list
         SpecificationError: the specification differs from the stored one (without ``grow``), or ``grow``
             would change more than the search space, or drop configurations already run.
     """
-    random = sweep.num_samples is not None
+    random = sweep.search != "grid"  # random picks or optuna: a number of trials rather than points
     if stored is None:
         record = SweepRecord(sweep.name, spec, [Round("tune-0", _plain(space), sweep.num_samples, _now())])
         return Plan(record, [0], "a new sweep")
@@ -241,10 +245,6 @@ def plan(stored: SweepRecord | None, spec: dict[str, Any], space: dict[str, list
         raise SpecificationError(
             f"--grow adds configurations to the sweep {sweep.name} in {where}; everything but the search space must stay "
             f"as it was. Differences (stored -> now):\n{describe(fixed)}\nUse a new --name for another specification.")
-    old_random = stored.specification.get("search.num_samples") is not None
-    if old_random != random:
-        raise SpecificationError(f"--grow cannot turn the sweep {sweep.name} from "
-                                 f"{'random search' if old_random else 'a grid'} into {'random search' if random else 'a grid'}; use a new --name")
     old_space = _space_of(stored.specification)
     if random:
         lost = [f"{k}={v!r}" for k in old_space for v in old_space[k] if v not in space.get(k, [])]

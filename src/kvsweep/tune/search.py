@@ -1,0 +1,85 @@
+"""How a sweep's round picks its configurations: the whole grid, random points, or Optuna's multi-objective
+sampler through Ray Tune's ``OptunaSearch``.
+
+``optuna`` searches the same space as ``random`` (every searched field a categorical of its values) on two
+objectives at once, both minimised: the trial's best validation PPL (``best_val_ppl`` of its last result:
+the PPL it would enter the report with, also when the scheduler stopped it) and its KV bytes/token. The
+sampler is Optuna's TPE (multivariate, seeded), which supports several objectives (Ozaki et al.,
+"Multiobjective Tree-Structured Parzen Estimator", JAIR 2022) and needs no population, unlike NSGA-II, so
+it works at the budgets of tens of trials a sweep affords. Its state survives a continued sweep: Tune saves
+the searcher with the experiment and restores it when the round resumes. A grown search (``--grow`` with a
+larger ``--num-samples``) is a new round whose study starts from the finished trials of the earlier rounds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+from ray import tune
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm
+from ray.tune.search.optuna import OptunaSearch
+
+from ..config import SweepCfg
+from .writer import TrialRecord
+
+SEARCHES = ("grid", "random", "optuna")
+OBJECTIVES = ("best_val_ppl", "kv_bytes_per_token")  # both minimised
+SAMPLER_SEED = 0  # one sweep specification, one sequence of suggestions (given the same results)
+
+
+def tune_value(value: Any) -> Any:
+    """A search-space value as Tune's config holds it: a list of layer indices as ``"0,1,2"`` (Tune's variant
+    generator takes lists in a config for nested search spaces)."""
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def objectives(rec: TrialRecord) -> list[float] | None:
+    """A finished trial's values of ``OBJECTIVES`` (its last result's); ``None`` if it has none to tell."""
+    last = rec.results[-1] if rec.results else {}
+    values = [last.get(k) for k in OBJECTIVES]
+    if rec.error or not rec.finished or any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+        return None
+    return [float(v) for v in values]
+
+
+def round_search(sweep: SweepCfg, space: dict[str, list], points: list[dict] | None, max_concurrent: int | None,
+                 history: list[TrialRecord] = ()) -> tuple[SearchAlgorithm, dict[str, Any]]:
+    """The search algorithm of one round and the config ``tune.run`` gets with it.
+
+    Args:
+        sweep: ``sweep.search`` picks it: ``grid`` (``points``, each once), ``random`` or ``optuna``.
+        space: the round's search space, field -> values.
+        points: the grid's configurations (``grid`` only).
+        max_concurrent: the most trials at once (``None``: no limit).
+        history: trials of earlier rounds; ``optuna`` tells its study their objectives first.
+    """
+    values = {k: [tune_value(v) for v in vs] for k, vs in space.items()}
+    fixed = {k: v[0] for k, v in values.items() if len(v) == 1}
+    searched = {k: v for k, v in values.items() if len(v) > 1}
+    if sweep.search == "grid":
+        return BasicVariantGenerator(points_to_evaluate=[{k: tune_value(v) for k, v in p.items()} for p in points or []],
+                                     max_concurrent=max_concurrent or 0), {**fixed, **{k: tune.choice(v) for k, v in searched.items()}}
+    if sweep.search == "random":
+        return BasicVariantGenerator(max_concurrent=max_concurrent or 0), {**fixed, **{k: tune.choice(v) for k, v in searched.items()}}
+    startup = min(10, max(2, (sweep.num_samples or 0) // 3))  # random suggestions before TPE models the results
+    search = OptunaSearch(space={k: tune.choice(v) for k, v in sorted(searched.items())} or None, metric=list(OBJECTIVES),
+                          mode=["min"] * len(OBJECTIVES),
+                          sampler=optuna.samplers.TPESampler(seed=SAMPLER_SEED, multivariate=True, n_startup_trials=startup))
+    if searched:
+        _tell(search, searched, history)
+    return (ConcurrencyLimiter(search, max_concurrent=max_concurrent) if max_concurrent else search), fixed
+
+
+def _tell(search: OptunaSearch, searched: dict[str, list], history: list[TrialRecord]) -> None:
+    """Add the finished trials of earlier rounds to the study, with both objectives. (Ray 2.60's
+    ``evaluated_rewards`` takes one objective only, so the trials go to the study Ray made for the space.)"""
+    distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in searched.items()}
+    study = search._ot_study
+    for rec in history:
+        told = objectives(rec)
+        params = {k: rec.config.get(k) for k in searched}
+        if told is None or any(params[k] not in searched[k] for k in searched):
+            continue
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, values=told))
