@@ -6,7 +6,7 @@
 
 Each variant runs ``sweeps/vdproj.py`` in its own process with its own storage folder (so nothing is
 continued) and Ray started in-process; the figures come from the sweep's own summary line ("this run:
-... trials/h"), so they include Tune's scheduling, trial start-up, checkpoints and ASHA. On one GPU the
+... trials/h"), so they include Tune's scheduling, trial start-up, checkpoints and the scheduler. On one GPU the
 trials/h are trials per GPU-hour. Both variants train the same configurations; the script checks that
 they report the same best validation perplexity.
 """
@@ -73,7 +73,7 @@ def main() -> None:
     base = rows[0][2]["per_h"]
     print(f"packed / unpacked trials per hour: {rows[1][2]['per_h'] / base:.2f}x" if base else "")
     if rows[0][2]["best"] != rows[1][2]["best"]:
-        print(f"note: best val PPL differs ({rows[0][2]['best']} vs {rows[1][2]['best']}): ASHA stopped different "
+        print(f"note: best val PPL differs ({rows[0][2]['best']} vs {rows[1][2]['best']}): the scheduler stopped different "
               "trials (it decides in the order results arrive) or rounding from the chunked loss")
 
 

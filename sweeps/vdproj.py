@@ -1,4 +1,4 @@
-"""The V-DProj study: compressed width x loss schedule x init x KA variant x seed, pruned by ASHA.
+"""The V-DProj study: compressed width x loss schedule x init x KA variant x seed, pruned by multi-objective ASHA.
 
     python sweeps/vdproj.py --smoke-test                      # tiny preset, 4 trials, 2 epochs, local Ray
     python sweeps/vdproj.py --model pythia-70m --data wikitext-2 --gpus-per-trial 0.25 --storage s3://bucket/kvsweep

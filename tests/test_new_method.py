@@ -147,7 +147,7 @@ def test_one_sweep_point_and_its_report(tmp_path):
 
     sweep = SweepCfg(name="halfv", storage=str(tmp_path / "results"), model=ModelCfg(name="tiny"),
                      data=DataCfg(source="tiny", train_samples=16, val_samples=8), train=TrainCfg(epochs=1, lr=1e-2),
-                     asha=False, report_dir=str(tmp_path / "reports"))
+                     scheduler="fifo", report_dir=str(tmp_path / "reports"))
     run_sweep(sweep, {"halfv.init_scale": [2.0], "halfv.layers": ["1"]}, log=lambda m: None)
     folder = tmp_path / "results" / "halfv"
     (trial,) = pq.read_table(folder / "trials.parquet").to_pylist()

@@ -50,7 +50,7 @@ def test_a_continued_sweep_with_another_specification_is_refused_before_any_work
         (["--epochs", "3"], ["  train.epochs: 2 -> 3"], "--name"),
         (["--seeds", "0,1"], ["  space.seed: [0] -> [0, 1]"], "--grow"),
         (["--train-samples", "32"], ["  data.train_samples: 64 -> 32"], "--name"),  # refused before tokenizing
-        (["--lr", "0.001", "--no-asha"], ['  scheduler: "asha" -> "fifo"', "  scheduler.grace_period: 1 -> (not set)",
+        (["--lr", "0.001", "--scheduler", "fifo"], ['  scheduler: "moasha" -> "fifo"', "  scheduler.grace_period: 1 -> (not set)",
                                           "  scheduler.reduction_factor: 2.0 -> (not set)", "  train.lr: 0.0001 -> 0.001"], "--name"),
     ]
     for args, lines, hint in cases:
@@ -104,7 +104,7 @@ def test_growing_a_sweep_runs_only_the_new_configurations(finished, tmp_path):
     assert "it is finished, nothing to run" in again.stdout and tables(folder) == t
 
 
-def _asha_script(storage: Path, name: str) -> str:
+def _rungs_script(storage: Path, name: str) -> str:
     return f"""
 from kvsweep.config import DataCfg, SweepCfg, TrainCfg
 from kvsweep.tune import run_sweep
@@ -116,11 +116,12 @@ run_sweep(sweep, {{"rank": [32], "init": ["pca", "random"], "schedule": ["rec_to
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_folder, tmp_path_factory) -> dict:
-    """The 2-trial ASHA sweep of ``_asha_script`` run without interruption: the decisions to match."""
+    """The 2-trial sweep of ``_rungs_script`` (the default scheduler, moasha) run without interruption: the decisions to match."""
     storage = tmp_path_factory.mktemp("uninterrupted")
-    script(_asha_script(storage, "whole"), cwd=storage)
+    script(_rungs_script(storage, "whole"), cwd=storage)
     t = tables(storage / "whole")
-    assert sorted((r["status"], r["epochs_run"]) for r in t["trials"]) == [("asha_stopped", 1), ("completed", 3)]
+    # rec_to_lm over 3 epochs: LM weight 1/3 at epoch 1 (rung 1 passes both trials), 2/3 at epoch 2 (rung 2 judges)
+    assert sorted((r["status"], r["epochs_run"]) for r in t["trials"]) == [("asha_stopped", 2), ("completed", 3)]
     return t
 
 
@@ -138,21 +139,22 @@ def _second_trial_stopped(folder: Path) -> bool:
 
 @pytest.mark.parametrize("kill_when", [_first_trial_finished, _second_trial_stopped], ids=["rungs", "decision"])
 def test_a_killed_driver_continues_with_the_scheduler_decisions_of_an_uninterrupted_run(uninterrupted, tmp_path, kill_when):
-    """ASHA stops the random-init trial at its first rung (the PCA-init trial before it is far better). The driver
-    is killed as soon as the first trial finished (Ray Tune keeps ASHA's rung records in memory only: they were lost)
-    or right after the stop decision (Tune may not have saved it yet); the continued sweep must decide the same."""
-    driver = start([sys.executable, "-c", _asha_script(tmp_path, "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    """The scheduler stops the random-init trial at rung 2, the first that judges its schedule (the PCA-init trial
+    before it is far better). The driver is killed as soon as the first trial finished (Ray Tune keeps rung records
+    in memory only: they were lost) or right after the stop decision (Tune may not have saved it yet); the
+    continued sweep must decide the same."""
+    driver = start([sys.executable, "-c", _rungs_script(tmp_path, "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    cwd=tmp_path)
     folder = tmp_path / "killed"
     try:
         wait_for(lambda: kill_when(folder), 400, kill_when.__name__, proc=driver, every=0.05)
     finally:
         kill(driver)
-    script(_asha_script(tmp_path, "killed"), cwd=tmp_path)
+    script(_rungs_script(tmp_path, "killed"), cwd=tmp_path)
     t = tables(folder)
     check_once(t, 2)
     assert outcome(t) == outcome(uninterrupted)  # the same statuses, epochs and best PPL as without the kill
-    assert [e["epoch"] for e in t["epochs"] if e["trial_id"] != next(r["trial_id"] for r in t["trials"] if r["status"] == "completed")] == [0, 1]
+    assert [e["epoch"] for e in t["epochs"] if e["trial_id"] != next(r["trial_id"] for r in t["trials"] if r["status"] == "completed")] == [0, 1, 2]
 
 
 def test_one_driver_per_sweep_and_a_killed_one_leaves_no_lock(tiny_folder, tmp_path):

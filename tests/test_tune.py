@@ -26,13 +26,23 @@ def _sweep(*args: str, storage: Path, timeout: int = 600) -> subprocess.Complete
     return run(*args, storage=storage, timeout=timeout)
 
 
-def test_smoke_sweep_runs_and_a_second_run_continues_it(tiny_folder, tmp_path):
-    proc = _sweep(storage=tmp_path)
+@pytest.mark.parametrize("scheduler", [None, "asha", "fifo"], ids=["moasha", "asha", "fifo"])
+def test_smoke_sweep_runs_and_a_second_run_continues_it(tiny_folder, tmp_path, scheduler):
+    args = ["--scheduler", scheduler] if scheduler else []  # the default: moasha
+    proc = _sweep(*args, storage=tmp_path)
     out = proc.stdout
     assert "4 trials:" in out and "epochs run" in out and "results: " in out
     folder = tmp_path / "vdproj-smoke"
     t = _tables(folder)
     _check_once(t, 4)
+    state = folder / "scheduler.json"
+    if scheduler == "fifo":
+        assert not state.exists() and all(r["status"] == "completed" for r in t["trials"])
+    else:
+        assert json.loads(state.read_text())["scheduler"] == (scheduler or "moasha")
+    if scheduler is None:  # the lowest-byte trial with the better init is the front's low-byte end at rung 1: kept
+        (low,) = [r for r in t["trials"] if r["vdproj.rank"] == 32 and r["vdproj.init"] == "pca"]
+        assert low["status"] == "completed" and low["epochs_run"] == 2
     assert {r["vdproj.rank"] for r in t["trials"]} == {32, 64} and {r["vdproj.init"] for r in t["trials"]} == {"random", "pca"}
     for r in t["trials"]:
         assert r["kv_bytes_per_token"] == 4 * (128 + r["vdproj.rank"]) * 2 and r["kv_bytes_per_token_base"] == 4 * 256 * 2
@@ -41,7 +51,7 @@ def test_smoke_sweep_runs_and_a_second_run_continues_it(tiny_folder, tmp_path):
     assert len(t["positions"]) == 4 * 5
     # the same command again continues the finished sweep: nothing is trained again, the results stay as they are
     lines = {p: p.read_text() for p in folder.rglob("result.json")}
-    again = _sweep(storage=tmp_path)
+    again = _sweep(*args, storage=tmp_path)
     assert "continuing the sweep" in again.stdout and "nothing to run" in again.stdout
     assert _tables(folder) == t
     assert {p: p.read_text() for p in folder.rglob("result.json")} == lines
@@ -62,9 +72,9 @@ def _by_config(t: dict) -> dict:
 
 
 def test_packed_sweep_reports_what_unpacked_trials_report(tiny_folder, tmp_path):
-    unpacked = _sweep("--no-asha", "--name", "alone", storage=tmp_path)
+    unpacked = _sweep("--scheduler", "fifo", "--name", "alone", storage=tmp_path)
     assert "trial start-up (start to first training step): median" in unpacked.stdout
-    packed = _sweep("--pack", "4", "--name", "packed", storage=tmp_path)  # with ASHA: some trials stop after epoch 1
+    packed = _sweep("--pack", "4", "--name", "packed", storage=tmp_path)  # with moasha: some trials may stop after epoch 1
     out = packed.stdout
     assert "packed: 1 pack process(es) x up to 4 trials" in out and "trial start-up" in out
     alone_t, t = _tables(tmp_path / "alone"), _tables(tmp_path / "packed")
@@ -90,7 +100,7 @@ def test_packed_sweep_reports_what_unpacked_trials_report(tiny_folder, tmp_path)
 
 
 def test_a_crashed_packed_trial_restarts_from_its_checkpoint(tiny_folder, tmp_path):
-    _sweep("--pack", "4", "--no-asha", "--epochs", "3", "--inject-fault-at-epoch", "1", "--name", "faultypack", storage=tmp_path)
+    _sweep("--pack", "4", "--scheduler", "fifo", "--epochs", "3", "--inject-fault-at-epoch", "1", "--name", "faultypack", storage=tmp_path)
     t = _tables(tmp_path / "faultypack")
     _check_once(t, 4)
     assert all(r["status"] in ("completed", "early_stopped") for r in t["trials"])
@@ -99,7 +109,7 @@ def test_a_crashed_packed_trial_restarts_from_its_checkpoint(tiny_folder, tmp_pa
 
 
 def test_a_crashed_trial_restarts_from_its_checkpoint(tiny_folder, tmp_path):
-    _sweep("--no-asha", "--epochs", "3", "--inject-fault-at-epoch", "1", "--name", "faulty", storage=tmp_path)
+    _sweep("--scheduler", "fifo", "--epochs", "3", "--inject-fault-at-epoch", "1", "--name", "faulty", storage=tmp_path)
     t = _tables(tmp_path / "faulty")
     _check_once(t, 4)
     assert all(r["status"] in ("completed", "early_stopped") for r in t["trials"])
@@ -112,7 +122,7 @@ def test_a_nan_configuration_ends_as_error_and_the_others_complete(tiny_folder, 
 import sys
 from kvsweep.config import DataCfg, SweepCfg, TrainCfg
 from kvsweep.tune import run_sweep
-sweep = SweepCfg(name="nan", storage={str(tmp_path)!r}, report_dir={str(tmp_path / "reports")!r}, asha=False, max_failures=0,
+sweep = SweepCfg(name="nan", storage={str(tmp_path)!r}, report_dir={str(tmp_path / "reports")!r}, scheduler="fifo", max_failures=0,
                  data=DataCfg(train_samples=32, val_samples=8), train=TrainCfg(epochs=2))
 run_sweep(sweep, {{"rank": [32], "layers": [[0, 1]], "ka": ["ka_replace"], "lr": [1e-3, 1e30]}})
 """

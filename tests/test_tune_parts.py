@@ -1,15 +1,11 @@
 """The sweep driver's parts, in this process and without Ray workers: the stored specification and what
-continuing or growing may change, ASHA's state across drivers, the results writer's state, the summary."""
+continuing or growing may change, the results writer's state, the summary (the schedulers: test_scheduler.py)."""
 
 from __future__ import annotations
-
-import json
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pytest
-from ray.tune.schedulers import ASHAScheduler
 
 from kvsweep.config import ConfigError, DataCfg, SweepCfg, TrainCfg
 from kvsweep.data import Samples
@@ -17,7 +13,6 @@ from kvsweep.evaluate import PositionStats
 from kvsweep.results import TRIAL_SCHEMA
 from kvsweep.sweepargs import sweep_cfg, sweep_parser
 from kvsweep.tune.driver import summarize
-from kvsweep.tune.scheduler import SCHEDULER_FILE, DurableASHA
 from kvsweep.tune.spec import SpecificationError, SweepRecord, data_digest, plan, round_points, specification
 from kvsweep.tune.store import SweepStore
 from kvsweep.tune.writer import ResultsWriter
@@ -149,50 +144,6 @@ def test_the_data_digest_sees_any_change_of_the_samples():
     changed[0, 0] = 99
     assert a != data_digest(Samples(train=changed[:3], val=changed[3:]))
     assert a != data_digest(Samples(train=ids[:2], val=ids[2:]))
-
-
-def _trial(tid: str):
-    return SimpleNamespace(trial_id=tid)
-
-
-def _asha(store: SweepStore) -> DurableASHA:
-    s = DurableASHA(store, max_t=4, grace_period=1, reduction_factor=2)
-    s.set_search_properties("val_ppl", "min")
-    return s
-
-
-def test_asha_decides_after_a_new_driver_as_it_would_have_without_one(tmp_path):
-    """A trial reaches rung 1; a worse one arrives after the driver changed. Ray Tune's plain ASHA starts the new
-    driver with empty rungs and lets it go on; the durable one stops it, as one driver throughout would."""
-    store = SweepStore(str(tmp_path), "s")
-    first = _asha(store)
-    first.on_trial_add(None, _trial("a"))
-    assert first.on_trial_result(None, _trial("a"), {"epoch": 1, "val_ppl": 40.0}) == "CONTINUE"
-    whole = _asha(SweepStore(str(tmp_path), "other"))  # the same trials, one driver throughout
-    for tid, ppl in (("a", 40.0), ("c", 60.0)):
-        whole.on_trial_add(None, _trial(tid))
-        decision = whole.on_trial_result(None, _trial(tid), {"epoch": 1, "val_ppl": ppl})
-    assert decision == "STOP"
-    plain = ASHAScheduler(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2, metric="val_ppl", mode="min")
-    plain.on_trial_add(None, _trial("c"))
-    assert plain.on_trial_result(None, _trial("c"), {"epoch": 1, "val_ppl": 60.0}) == "CONTINUE"  # what was lost
-    second = _asha(store)  # the continued driver
-    second.on_trial_add(None, _trial("c"))
-    assert second.on_trial_result(None, _trial("c"), {"epoch": 1, "val_ppl": 60.0}) == "STOP"
-    third = _asha(store)  # a stopped trial that resumes is stopped at its first result, whatever it is
-    third.on_trial_add(None, _trial("c"))
-    assert third.on_trial_result(None, _trial("c"), {"epoch": 1, "val_ppl": 1.0}) == "STOP"
-    state = json.loads((tmp_path / "s" / SCHEDULER_FILE).read_text())
-    assert state["stopped"] == {"c": 1}
-
-
-def test_asha_state_of_other_rungs_is_refused(tmp_path):
-    store = SweepStore(str(tmp_path), "s")
-    a = _asha(store)
-    a.on_trial_add(None, _trial("a"))
-    a.on_trial_result(None, _trial("a"), {"epoch": 1, "val_ppl": 40.0})
-    with pytest.raises(Exception, match="other ASHA rungs"):
-        DurableASHA(store, max_t=30, grace_period=1, reduction_factor=3)
 
 
 def test_the_results_writer_keeps_no_state_in_tunes_pickled_files(tmp_path):

@@ -19,6 +19,7 @@ Count = Union[int, Literal["all"]]
 DTYPES = ("float32", "bfloat16", "float16")
 SEED_BUCKETS = (0, 16, 32, 64, 96, 128)
 """Bucket bounds of the seed's position-wise table: [0,16) [16,32) [32,64) [64,96) [96,128)."""
+SCHEDULERS = ("moasha", "asha", "fifo")  # a sweep's trial schedulers; the first is the default
 DEFAULT_TRAIN_SAMPLES = 10_000  # the seed's; the tiny preset's corpus holds fewer windows, so it trains on all of them
 
 
@@ -286,7 +287,11 @@ class TrainCfg:
 
 @dataclass(frozen=True)
 class SweepCfg:
-    """A sweep: the shared base, data and training settings, where it runs and how ASHA prunes it.
+    """A sweep: the shared base, data and training settings, where it runs and how its scheduler prunes it.
+
+    ``scheduler``: ``moasha`` (multi-objective ASHA on validation PPL and KV bytes/token: the default),
+    ``asha`` (on validation PPL alone) or ``fifo`` (every trial runs to its end, or its own early stop); the
+    first two stop trials at rungs ``grace_period * reduction_factor**k`` epochs (``kvsweep.tune.scheduler``).
 
     The searched values (rank, schedule, init, KA variant, seed, ...) are the search space, given
     separately; every trial shares everything here.
@@ -307,7 +312,7 @@ class SweepCfg:
     num_samples: int | None = None  # trials of a random or optuna search; None for the grid
     grace_period: int = 1
     reduction_factor: float = 2.0
-    asha: bool = True
+    scheduler: str = "moasha"
     max_failures: int = 2
     report_dir: str | None = "reports"
     fail_once_at_epoch: int | None = None  # fault injection (tests): every trial crashes once after reporting this epoch
@@ -329,6 +334,7 @@ class SweepCfg:
         if (self.search == "grid") != (self.num_samples is None):
             raise ConfigError(f"num_samples is the budget of a random or optuna search, and the grid has none; got search "
                               f"{self.search!r} with num_samples {self.num_samples}")
+        _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_number("grace_period", self.grace_period, low=1, low_inclusive=True, integer=True)
         _check_number("reduction_factor", self.reduction_factor, low=1, low_inclusive=False)
         _check_number("max_failures", self.max_failures, low=0, low_inclusive=True, integer=True)
@@ -339,7 +345,7 @@ class SweepCfg:
                               "(use --compile for trials alone, or --pack)")
         if self.train.epochs < 1:
             raise ConfigError(f"epochs must be >= 1 for a sweep, got {self.train.epochs}")
-        if self.asha and self.grace_period > self.train.epochs:
+        if self.scheduler != "fifo" and self.grace_period > self.train.epochs:
             raise ConfigError(f"grace_period must be in 1..epochs ({self.train.epochs}); got {self.grace_period}")
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import DataCfg, ModelCfg, SweepCfg, TrainCfg, default_train_samples
+from .config import SCHEDULERS, ConfigError, DataCfg, ModelCfg, SweepCfg, TrainCfg, default_train_samples
 
 PACKED_LOSS_CHUNK = 4096  # a pack's stacked batch would otherwise hold float32 logits for all its trials' tokens
 SMOKE = {"train_samples": 64, "val_samples": 16, "epochs": 2}
@@ -32,7 +32,7 @@ def sweep_parser(description: str, default_name: str) -> argparse.ArgumentParser
     g.add_argument("--train-samples", default=None, help="train samples or 'all' (default: 10000; 'all' on tiny)")
     g.add_argument("--val-samples", default=None, help="validation samples or 'all' (default: all)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=None, help="epochs per trial, ASHA's max_t (default: 30)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs per trial, the scheduler's max_t (default: 30)")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--patience", type=int, default=3)
@@ -56,13 +56,28 @@ def sweep_parser(description: str, default_name: str) -> argparse.ArgumentParser
                         "--num-samples trials picked by Optuna's multi-objective sampler on (best validation PPL, KV bytes/token) "
                         "(default: random with --num-samples, else grid)")
     g.add_argument("--num-samples", type=int, default=None, help="trials of a random or optuna search (default: the full grid)")
-    g.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped (default: 1)")
-    g.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/this of the trials at each rung (default: 2)")
-    g.add_argument("--no-asha", action="store_true", help="run every trial to its end (early stopping still applies)")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                   help="moasha: multi-objective ASHA, keeps the best 1/--reduction-factor of each rung by non-dominated sorting "
+                   "on (val PPL, KV bytes/token); asha: by val PPL alone; fifo: every trial runs to its end (early stopping "
+                   "still applies). A rung judges a trial once its LM weight is half its schedule's peak (default: moasha)")
+    g.add_argument("--grace-period", type=int, default=1, help="(MO)ASHA: epochs before a trial can be stopped (default: 1)")
+    g.add_argument("--reduction-factor", type=float, default=2.0, help="(MO)ASHA: keep 1/this of the trials at each rung (default: 2)")
+    g.add_argument("--no-asha", action="store_true", help="deprecated: --scheduler fifo")
     g.add_argument("--max-failures", type=int, default=2, help="restarts of a crashed trial from its last checkpoint (default: 2)")
     g.add_argument("--report-dir", default="reports", help="where reports/<name>/ is written (default: reports)")
     g.add_argument("--inject-fault-at-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests: each trial crashes once
     return p
+
+
+def scheduler_name(a: argparse.Namespace) -> str:
+    """``--scheduler``, with ``--no-asha`` (deprecated) as ``fifo``.
+
+    Raises:
+        ConfigError: ``--no-asha`` with another ``--scheduler``.
+    """
+    if a.no_asha and a.scheduler not in (None, "fifo"):
+        raise ConfigError(f"--no-asha is --scheduler fifo; it cannot go with --scheduler {a.scheduler}")
+    return "fifo" if a.no_asha else a.scheduler or SCHEDULERS[0]
 
 
 def sweep_cfg(a: argparse.Namespace, default_name: str) -> SweepCfg:
@@ -80,7 +95,7 @@ def sweep_cfg(a: argparse.Namespace, default_name: str) -> SweepCfg:
         storage=a.storage, address=a.address, cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial,
         max_concurrent=a.max_concurrent, pack=a.pack, packs=a.packs, search=a.search or ("grid" if a.num_samples is None else "random"),
         num_samples=a.num_samples, grace_period=a.grace_period,
-        reduction_factor=a.reduction_factor, asha=not a.no_asha, max_failures=a.max_failures, report_dir=a.report_dir,
+        reduction_factor=a.reduction_factor, scheduler=scheduler_name(a), max_failures=a.max_failures, report_dir=a.report_dir,
         fail_once_at_epoch=a.inject_fault_at_epoch, metrics_port=a.metrics_port,
     )
 

@@ -3,10 +3,10 @@
 A pack process (``PackServer``, a Ray actor holding the GPU) loads the base once and trains the
 epochs its trials ask for, all of them in one batched forward per step (``kvsweep.pack``). Each
 configuration is still its own Tune trial: a thin trial process (``packed_trainable``, no GPU) asks its
-pack for one epoch at a time, then reports the epoch's metrics and checkpoint to Tune. Tune, ASHA, the
+pack for one epoch at a time, then reports the epoch's metrics and checkpoint to Tune. Tune, the scheduler, the
 failure retries and the results see exactly the trials of an unpacked sweep:
 
-- Tune decides after each report whether the trial goes on; a trial that ASHA stops never asks for
+- Tune decides after each report whether the trial goes on; a trial that the scheduler stops never asks for
   another epoch, so it costs its pack nothing more, while the others keep stepping.
 - Checkpoints are the trial's own (the same files as unpacked); a restarted or continued trial sends
   its last checkpoint to whichever pack takes it.
@@ -231,7 +231,7 @@ class PackServer:
         shutil.rmtree(self.work / trial_id, ignore_errors=True)
 
     def _evict(self) -> None:
-        """Forget trials parked too long (ASHA stopped them, most likely); they resend their checkpoint if not."""
+        """Forget trials parked too long (the scheduler stopped them, most likely); they resend their checkpoint if not."""
         now = time.monotonic()
         for t, since in list(self._parked.items()):
             if now - since > PARK_SECONDS:

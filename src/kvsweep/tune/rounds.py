@@ -3,6 +3,7 @@ scheduler, and ``tune.run`` started or resumed in ``<sweep>/tune-<index>``."""
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import sys
@@ -12,15 +13,17 @@ from typing import Callable
 import ray
 from ray import cloudpickle, tune
 from ray.tune import ResumeConfig
-from ray.tune.schedulers import FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from ..adapters import external_methods
 from ..config import SweepCfg
 from ..data import Samples
 from ..evaluate import PositionStats
+from .moasha import MOASHA
 from .packed import CLIENT_CPUS, packed_trainable, start_servers
 from .scheduler import DurableASHA
 from .search import round_search
+from .space import trial_cfg
 from .spec import SweepRecord, round_points
 from .store import SweepStore, join_uri
 from .trainable import trainable
@@ -72,8 +75,7 @@ def fit_round(sweep: SweepCfg, store: SweepStore, record: SweepRecord, index: in
         log(f"resuming {join_uri(store.uri, r.tune)} (finished trials are not run again)")
     elif num_samples:
         log(f"round {index} ({r.tune}): {num_samples} trials x up to {sweep.train.epochs} epochs")
-    scheduler = (DurableASHA(store, max_t=sweep.train.epochs, grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
-                 if sweep.asha else FIFOScheduler())
+    scheduler = make_scheduler(sweep, store)
     scheduler.set_search_properties("val_ppl", "min")  # tune.run gets no metric: a multi-objective searcher has its own
     handlers = _signal_handlers()  # Tune installs its own for the run (Ctrl+C, SIGUSR1: stop and save); put ours back
     try:
@@ -88,6 +90,21 @@ def fit_round(sweep: SweepCfg, store: SweepStore, record: SweepRecord, index: in
         )
     finally:
         _restore_signal_handlers(handlers)
+
+
+def lm_peak(config: dict, *, sweep: SweepCfg) -> float:
+    """The peak of the LM weight schedule of the trial with Tune config ``config`` (the schedulers' LM rule)."""
+    return trial_cfg(config, sweep).loss.lm.peak
+
+
+def make_scheduler(sweep: SweepCfg, store: SweepStore) -> TrialScheduler:
+    """The sweep's ``--scheduler``: ``MOASHA``, ``DurableASHA`` (both on ``epoch``, with the LM rule and their state
+    in ``store``) or Ray Tune's ``FIFOScheduler``."""
+    if sweep.scheduler == "fifo":
+        return FIFOScheduler()
+    cls = MOASHA if sweep.scheduler == "moasha" else DurableASHA
+    return cls(store, max_t=sweep.train.epochs, grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor,
+               lm_peak=functools.partial(lm_peak, sweep=sweep))
 
 
 def _signal_handlers() -> dict:

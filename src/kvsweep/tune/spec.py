@@ -62,8 +62,8 @@ def specification(sweep: SweepCfg, space: dict[str, list], digest: str) -> dict[
                 continue
             spec[f"{section}.{key}"] = _plain(value)
     spec["data.digest"] = digest
-    spec["scheduler"] = "asha" if sweep.asha else "fifo"
-    if sweep.asha:
+    spec["scheduler"] = sweep.scheduler  # sweeps stored before moasha hold "asha" or "fifo": the same names
+    if sweep.scheduler != "fifo":
         spec["scheduler.grace_period"] = sweep.grace_period
         spec["scheduler.reduction_factor"] = sweep.reduction_factor
     spec["search"] = sweep.search

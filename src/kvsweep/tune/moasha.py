@@ -1,0 +1,129 @@
+"""Multi-objective ASHA: at each rung a trial goes on if it is in the best ``1/reduction_factor`` of the trials
+at that rung by non-dominated sorting on (validation PPL, KV bytes/token), both minimised.
+
+ASHA on validation PPL alone compares a rank-64 trial with a rank-512 one at the same rung and stops the
+small caches first, the end of the front the study is about. ``MOASHA`` ranks a rung's trials instead:
+non-dominated sorting (NSGA-II's fronts: Deb et al., "A fast and elitist multiobjective genetic algorithm:
+NSGA-II", IEEE TEC 2002) orders the fronts, and within a front the crowding distance (same paper) orders
+the trials, the most isolated first, so that the trials kept spread over the front (the two ends of a front
+have an infinite distance: the lowest-byte trial of the first front always goes on). A trial's *place* is
+the number of the rung's trials ahead of it (equal objectives, or equal front and distance, share a place).
+The decision is ASHA's rule (``asha_keeps``) with the place as the value: the newcomer goes on unless its
+place is above the ``100/reduction_factor``-th percentile of the places of the trials recorded before it, so
+that ties and rungs with fewer than ``reduction_factor`` trials are handled as ASHA handles them (an empty
+rung: it goes on; one trial recorded: it stops only if it is behind it). With equal bytes everywhere this is
+``asha`` on the rank of the PPL instead of its value: the same decisions, except where Ray's cutoff falls
+between two recorded PPLs and the value decides. A result whose PPL (or bytes) is not finite (a diverged
+trial) is placed behind every finite one.
+
+Schmucker et al., "Multi-objective multi-fidelity hyperparameter optimization with application to fairness"
+(2021) and Salinas et al., "A multi-objective perspective on jointly tuning hardware and hyperparameters"
+(NAS workshop, ICLR 2021) describe MO-ASHA; Syne Tune's ``MOASHA`` is their reference implementation. It
+orders a front by an epsilon-net and keeps a newcomer whose rank among all n is at most n/reduction_factor;
+kvsweep uses the crowding distance (deterministic and order-free: the places depend only on the set of points)
+and the cutoff of kvsweep's ``asha``, so that both schedulers treat ties and small rungs alike. Rungs, the LM
+rule and the durable state are ``DurableRungs``'s.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import numpy as np
+
+from .scheduler import DurableRungs, asha_keeps
+
+BYTES = "kv_bytes_per_token"  # the second objective, from each result (the accounted bytes)
+
+
+def nondominated_fronts(points: np.ndarray) -> np.ndarray:
+    """The front of each point, 0 for the non-dominated ones: (N, M) objectives, all minimised -> (N,) int.
+
+    A point dominates another when it is no worse in every objective and better in one; front k holds the
+    points dominated only by points of fronts before k. Equal points are in the same front.
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    n = len(pts)
+    no_worse = (pts[:, None, :] <= pts[None, :, :]).all(axis=2)  # (N, N): i no worse than j everywhere
+    better = (pts[:, None, :] < pts[None, :, :]).any(axis=2)
+    dominates = no_worse & better  # (N, N): i dominates j
+    dominators = dominates.sum(axis=0)  # (N,)
+    front = np.full(n, -1, dtype=np.int64)
+    k = 0
+    while (front < 0).any():
+        current = (front < 0) & (dominators == 0)
+        front[current] = k
+        dominators = dominators - dominates[current].sum(axis=0)
+        dominators[front >= 0] = -1
+        k += 1
+    return front
+
+
+def crowding_distances(points: np.ndarray) -> np.ndarray:
+    """NSGA-II's crowding distance of each point of one front: (N, M) -> (N,), larger is more isolated.
+
+    Per objective, the distance between a point's two neighbours in that objective over the objective's range
+    in the front, summed; the points at either end of any objective whose range is not zero get ``inf``.
+    Equal points get the distance of one of them (computed once, over the distinct points).
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    unique, inverse = np.unique(pts, axis=0, return_inverse=True)
+    dist = np.zeros(len(unique))
+    if len(unique) <= 2:
+        return np.full(len(pts), np.inf)
+    for m in range(unique.shape[1]):
+        order = np.argsort(unique[:, m], kind="stable")
+        values = unique[order, m]
+        span = values[-1] - values[0]
+        if span <= 0:
+            continue
+        dist[order[0]] = dist[order[-1]] = np.inf
+        dist[order[1:-1]] += (values[2:] - values[:-2]) / span
+    return dist[inverse.reshape(-1)]
+
+
+def pareto_places(points: Sequence[Sequence[float]]) -> np.ndarray:
+    """Each point's place in the non-dominated order: the number of points ahead of it: (N, M) -> (N,) int.
+
+    Ahead of a point are the points of earlier fronts and, in its front, those with a larger crowding distance;
+    points with any objective NaN or infinite are behind every finite one and share the last place.
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    if len(pts) == 0:
+        return np.zeros(0, dtype=np.int64)
+    finite = np.isfinite(pts).all(axis=1)
+    front = np.zeros(len(pts), dtype=np.int64)
+    crowd = np.zeros(len(pts))
+    if finite.any():
+        front[finite] = nondominated_fronts(pts[finite])
+        for k in np.unique(front[finite]):
+            members = np.flatnonzero(finite & (front == k))
+            crowd[members] = crowding_distances(pts[members])
+    front[~finite] = front[finite].max() + 1 if finite.any() else 0
+    order = np.lexsort((-crowd, front))  # by front, then by crowding distance, largest first
+    f, c = front[order], -crowd[order]
+    starts = np.r_[True, (f[1:] != f[:-1]) | (c[1:] != c[:-1])]  # the first of each run of equal keys
+    places = np.empty(len(pts), dtype=np.int64)
+    places[order] = np.maximum.accumulate(np.where(starts, np.arange(len(pts)), 0))
+    return places
+
+
+class MOASHA(DurableRungs):
+    """Multi-objective ASHA on (the Tune metric, ``val_ppl``; ``kv_bytes_per_token``), both minimised, with the
+    rungs, the LM rule and the durable state of ``DurableRungs`` (``kvsweep.tune.scheduler``); the decision is
+    the module docstring's. Arguments and errors: ``DurableRungs``'s."""
+
+    NAME = "moasha"
+
+    def objectives(self, result: dict) -> tuple[float, ...] | None:
+        value, size = self._metric_value(result), result.get(BYTES)
+        if value is None or not isinstance(size, numbers.Real) or isinstance(size, bool):
+            return None
+        return value, float(size)
+
+    def keeps(self, record: tuple[float, ...], others: list[tuple[float, ...]]) -> bool:
+        if not others:
+            return True
+        places = pareto_places([*others, record])
+        return asha_keeps(float(places[-1]), places[:-1].astype(np.float64), self._rf)
