@@ -76,7 +76,6 @@ def fit_round(sweep: SweepCfg, store: SweepStore, record: SweepRecord, index: in
     elif num_samples:
         log(f"round {index} ({r.tune}): {num_samples} trials x up to {sweep.train.epochs} epochs")
     scheduler = make_scheduler(sweep, store)
-    scheduler.set_search_properties("val_ppl", "min")  # tune.run gets no metric: a multi-objective searcher has its own
     handlers = _signal_handlers()  # Tune installs its own for the run (Ctrl+C, SIGUSR1: stop and save); put ours back
     try:
         return tune.run(
@@ -99,12 +98,16 @@ def lm_peak(config: dict, *, sweep: SweepCfg) -> float:
 
 def make_scheduler(sweep: SweepCfg, store: SweepStore) -> TrialScheduler:
     """The sweep's ``--scheduler``: ``MOASHA``, ``DurableASHA`` (both on ``epoch``, with the LM rule and their state
-    in ``store``) or Ray Tune's ``FIFOScheduler``."""
+    in ``store``) or Ray Tune's ``FIFOScheduler``, on ``val_ppl`` minimised (``tune.run`` gets no metric: a
+    multi-objective searcher has its own)."""
     if sweep.scheduler == "fifo":
-        return FIFOScheduler()
-    cls = MOASHA if sweep.scheduler == "moasha" else DurableASHA
-    return cls(store, max_t=sweep.train.epochs, grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor,
-               lm_peak=functools.partial(lm_peak, sweep=sweep))
+        scheduler: TrialScheduler = FIFOScheduler()
+    else:
+        cls = MOASHA if sweep.scheduler == "moasha" else DurableASHA
+        scheduler = cls(store, max_t=sweep.train.epochs, grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor,
+                        lm_peak=functools.partial(lm_peak, sweep=sweep))
+    scheduler.set_search_properties("val_ppl", "min")
+    return scheduler
 
 
 def _signal_handlers() -> dict:

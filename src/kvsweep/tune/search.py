@@ -64,18 +64,18 @@ def round_search(sweep: SweepCfg, space: dict[str, list], points: list[dict] | N
     if sweep.search == "random":
         return BasicVariantGenerator(max_concurrent=max_concurrent or 0), {**fixed, **{k: tune.choice(v) for k, v in searched.items()}}
     startup = min(10, max(2, (sweep.num_samples or 0) // 3))  # random suggestions before TPE models the results
-    search = OptunaSearch(space={k: tune.choice(v) for k, v in sorted(searched.items())} or None, metric=list(OBJECTIVES),
+    distributions = OptunaSearch.convert_search_space({k: tune.choice(v) for k, v in sorted(searched.items())}) if searched else None
+    search = OptunaSearch(space=distributions, metric=list(OBJECTIVES),
                           mode=["min"] * len(OBJECTIVES),
                           sampler=optuna.samplers.TPESampler(seed=SAMPLER_SEED, multivariate=True, n_startup_trials=startup))
     if searched:
-        _tell(search, searched, history)
+        _tell(search, searched, distributions, history)
     return (ConcurrencyLimiter(search, max_concurrent=max_concurrent) if max_concurrent else search), fixed
 
 
-def _tell(search: OptunaSearch, searched: dict[str, list], history: list[TrialRecord]) -> None:
+def _tell(search: OptunaSearch, searched: dict[str, list], distributions: dict, history: list[TrialRecord]) -> None:
     """Add the finished trials of earlier rounds to the study, with both objectives. (Ray 2.60's
     ``evaluated_rewards`` takes one objective only, so the trials go to the study Ray made for the space.)"""
-    distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in searched.items()}
     study = search._ot_study
     for rec in history:
         told = objectives(rec)
