@@ -82,6 +82,14 @@ def test_report_of_a_partly_failed_running_sweep(hand_results, tmp_path):
     assert "| t9 " not in md.split("## Pareto front")[1].split("## Fronts per variant")[0]  # the failed trial is not on the front
 
 
+def test_the_position_table_of_version_4_results_shows_their_validation_rows(tmp_path):
+    test_rows = [{**r, "split": "test", "ppl": 2 * r["ppl"]} for r in buckets("t1", 60.0)]
+    src = write_results(tmp_path / "r", [trial("t1", 500, 60.0)], curve("t1", 3, 60.0), buckets("t1", 60.0) + test_rows)
+    an = analyze(load_all([str(src)]))
+    rows = an.positions_of(0).to_pylist()
+    assert [(r["split"], r["lo"], r["ppl"]) for r in rows] == [("validation", r["lo"], r["ppl"]) for r in buckets("t1", 60.0)]
+
+
 def test_tables_hold_the_seeds_numbers(hand_results):
     an = analyze(load_all([str(hand_results)]))
     assert an.key[an.front].tolist() == HAND_FRONT
@@ -472,7 +480,7 @@ def _a_file(src: Path) -> None:
     (_other_files, NotResultsError, r"not a kvsweep results folder: it has no trials.parquet \(it holds README.md, data.csv\)"),
     (_not_parquet, NotResultsError, "trials.parquet is not kvsweep results: not a Parquet file"),
     (_no_metadata, NotResultsError, "metadata has no kvsweep_schema"),
-    (_other_version, SchemaError, f"schema version '0', but this kvsweep reads versions '2', '{SCHEMA_VERSION}'"),
+    (_other_version, SchemaError, f"schema version '0', but this kvsweep reads versions '2', '3', '{SCHEMA_VERSION}'"),
     (_epochs_other_version, SchemaError, "epochs.parquet has results schema version '99'"),
     (_missing_column, SchemaError, "lacks column.* kv_bytes_per_token"),
     (_wrong_type, SchemaError, "column types differ"),

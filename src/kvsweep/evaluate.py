@@ -61,6 +61,14 @@ class PositionStats:
         return out
 
 
+@dataclass
+class SplitStats:
+    """One model's statistics on the validation samples and on the test samples (``None`` without a test set)."""
+
+    val: PositionStats
+    test: PositionStats | None = None
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, samples: np.ndarray, *, batch_size: int = 8) -> PositionStats:
     """Per-position NLL of ``model`` over ``samples`` (N, T), on the model's device, in batches."""
@@ -76,6 +84,11 @@ def evaluate(model: torch.nn.Module, samples: np.ndarray, *, batch_size: int = 8
         stats.add(token_nll(logits, ids))
     model.train(was_training)
     return stats
+
+
+def evaluate_splits(model: torch.nn.Module, val: np.ndarray, test: np.ndarray, *, batch_size: int = 8) -> SplitStats:
+    """``evaluate`` on the validation samples ``val`` (N_val, E) and, unless it holds none, the test samples ``test``."""
+    return SplitStats(evaluate(model, val, batch_size=batch_size), evaluate(model, test, batch_size=batch_size) if len(test) else None)
 
 
 def unigram_ppl(train_ids: np.ndarray, targets: np.ndarray, vocab_size: int) -> float:

@@ -58,14 +58,16 @@ class Analysis:
         return self._lookup(i, "epochs", "epoch", self._curves)
 
     def positions_of(self, i: int) -> pa.Table | None:
-        """Trial i's rows of positions.parquet sorted by bucket, or None when its source has none for it."""
-        return self._lookup(i, "positions", "lo", self._buckets)
+        """Trial i's validation rows of positions.parquet sorted by bucket, or None when its source has none for it."""
+        return self._lookup(i, "positions", "lo", self._buckets, split="validation")
 
-    def _lookup(self, i: int, attr: str, sort: str, memo: dict[int, pa.Table]) -> pa.Table | None:
+    def _lookup(self, i: int, attr: str, sort: str, memo: dict[int, pa.Table], split: str | None = None) -> pa.Table | None:
         if i not in memo:
             src = getattr(self.results[self.source_index[i]], attr)
             tid = self.trials.column("trial_id")[i].as_py()
             rows = None if src is None else src.filter(pc.equal(src.column("trial_id"), tid))
+            if rows is not None and split is not None:
+                rows = rows.filter(pc.equal(rows.column("split"), split))
             memo[i] = rows.sort_by(sort) if rows is not None and rows.num_rows else None
         return memo[i]
 

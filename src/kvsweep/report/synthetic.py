@@ -79,6 +79,7 @@ def synthetic_tables(
         "status": status.tolist(), "error": ["CUDA out of memory (synthetic)" if e else None for e in is_err],
         "epochs_run": epochs_run.tolist(), "max_epochs": [max_epochs] * n, "best_epoch": [None if e else int(b) for e, b in zip(is_err, best_epoch)],
         "best_val_ppl": best.tolist(), "base_val_ppl": [base_ppl] * n, "init_val_ppl": (best * 3.0).tolist(),
+        "test_ppl": (best * 1.02).tolist(), "base_test_ppl": [base_ppl * 1.02] * n, "eval_seq_len": [2048] * n,
         "degradation_pct": deg.tolist(), "kv_bytes_per_token": kv.tolist(),
         "kv_bytes_per_token_accounted": kv.tolist(), "kv_bytes_per_token_base": [kv_base] * n,
         "kv_ratio": (kv / kv_base).tolist(), "trainable_params": (2 * rank * hidden * layers + 800_000 * (ka != None)).tolist(),  # noqa: E711
@@ -117,6 +118,7 @@ def synthetic_tables(
             "trial_id": np.repeat(np.array(ids, dtype=object)[ok], k).tolist(), "lo": np.tile(lo, ok.size).astype(np.int32),
             "hi": np.tile(hi, ok.size).astype(np.int32), "tokens": np.tile(np.array([16, 16, 32, 32, 31]) * 113, ok.size).astype(np.int64),
             "ppl": ppl, "base_ppl": base_b, "diff": ppl - base_b, "degradation_pct": 100 * (ppl - base_b) / base_b,
+            "split": ["validation"] * (k * ok.size),
         }, schema=POSITION_SCHEMA)
     return trials, ep_tbl, pos_tbl
 
