@@ -30,12 +30,11 @@ import torch
 from .adapters import TAPS
 from .chunked import linear_nll
 from .data import Samples
-from .evaluate import PositionStats, SplitStats
+from .evaluate import EVAL_CHUNK, PositionStats, SplitStats
 from .models import Base, final_hidden, output_weight
 from .results import TrialResult
 from .train import Driver, Report, TrialCfg, TrialRun, train_step
 
-EVAL_CHUNK = 4096  # tokens whose logits exist at once while a pack evaluates
 Rows = list[tuple[TrialRun, "int | None"]]  # (trial, its rows of the stacked batch; None: all of them)
 
 
