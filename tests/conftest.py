@@ -44,16 +44,18 @@ def small_base():
     return Base(model=neox_model(), tokenizer=None, name="small", source=ModelSource("local", "small"), model_path=None)
 
 
-def pattern_samples(n_train: int = 24, n_val: int = 6, seq_len: int = 32):
-    """A learnable pattern for ``small_base``: token i+1 = token i + 1 (mod 320), from random starts."""
+def pattern_samples(n_train: int = 24, n_val: int = 6, seq_len: int = 32, n_test: int = 0, eval_len: int | None = None):
+    """A learnable pattern for ``small_base``: token i+1 = token i + 1 (mod 320), from random starts; validation and
+    test samples of ``eval_len`` tokens (default ``seq_len``), no test set unless ``n_test``."""
     import numpy as np
 
     from kvsweep.data import Samples
 
     rng = np.random.default_rng(0)
-    starts = rng.integers(0, 320, size=(n_train + n_val, 1))
-    ids = ((starts + np.arange(seq_len)) % 320).astype(np.int32)  # (n_train + n_val, seq_len)
-    return Samples(train=ids[:n_train], val=ids[n_train:])
+    n, e = n_train + n_val + n_test, eval_len or seq_len
+    starts = rng.integers(0, 320, size=(n, 1))
+    ids = ((starts + np.arange(max(seq_len, e))) % 320).astype(np.int32)  # (n, max(seq_len, eval_len))
+    return Samples(train=ids[:n_train, :seq_len], val=ids[n_train:n_train + n_val, :e], test=ids[n_train + n_val:, :e])
 
 
 @pytest.fixture(scope="session")
@@ -89,3 +91,22 @@ def tiny_folder():
     from kvsweep.tiny import ensure_tiny
 
     return ensure_tiny()
+
+
+@pytest.fixture
+def frozen_vdproj():
+    """A training-free method for the tests that ask for it: V-DProj at its init, without trainable parameters."""
+    from kvsweep.adapters import ADAPTERS, register_adapter
+    from kvsweep.adapters.vdproj import VDProj
+
+    @register_adapter("frozen_vdproj")
+    class FrozenVDProj(VDProj):
+        aliases = {}
+
+        def build(self) -> None:
+            super().build()
+            for p in self.parameters():
+                p.requires_grad_(False)
+
+    yield FrozenVDProj
+    ADAPTERS.pop("frozen_vdproj")

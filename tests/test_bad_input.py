@@ -211,7 +211,7 @@ def test_epochs_zero_pca_calibrates_on_the_samples_a_trained_run_calibrates_on(m
 def test_epochs_zero_pca_without_train_windows_is_a_clear_error(model_folder, tmp_path, capsys):
     path = tmp_path / "short.txt"
     path.write_text(SAMPLE_TEXT[:100])  # one window of 32 tokens: all of it validation
-    code = main(["train", "--model", str(model_folder), "--data", str(path), "--seq-len", "32", "--adapter", "vdproj",
+    code = main(["train", "--model", str(model_folder), "--data", str(path), "--seq-len", "32", "--eval-seq-len", "32", "--test-fraction", "0", "--adapter", "vdproj",
                  "--rank", "16", "--init", "pca", "--epochs", "0", "--out", str(tmp_path / "out")])
     line = _one_error_line(capsys.readouterr().err)
     assert code == 2 and "calibrat" in line and "no windows" in line

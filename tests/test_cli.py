@@ -26,11 +26,14 @@ def test_eval_tiny_prints_the_seed_tables_and_writes_eval_json(tiny_folder, tmp_
     for label in ("0-16", "16-32", "32-64", "64-96", "96-128"):
         assert f" {label} " in proc.stdout
     rec = json.loads((out / "eval.json").read_text())
-    assert {"val_ppl", "tokens", "nll_sum", "positions", "model", "model_path"} <= rec.keys()
+    assert {"val_ppl", "test_ppl", "tokens", "nll_sum", "positions", "model", "model_path"} <= rec.keys()
     assert rec["model"] == "tiny" and rec["model_path"] == str(tiny_folder)
     assert rec["val_ppl"] == pytest.approx(math.exp(rec["nll_sum"] / rec["tokens"]))
-    assert [(p["lo"], p["hi"]) for p in rec["positions"]] == [(0, 16), (16, 32), (32, 64), (64, 96), (96, 128)]
-    assert sum(p["tokens"] for p in rec["positions"]) == rec["tokens"] == rec["val_samples"] * 127
+    # by default at the model's maximum context, 2,048 tokens; buckets doubling beyond the seed's to the end
+    assert rec["eval_seq_len"] == 2048 and " 1024-2048 " in proc.stdout and rec["test_ppl"] > 1
+    assert [(p["lo"], p["hi"]) for p in rec["positions"]] == [(0, 16), (16, 32), (32, 64), (64, 96), (96, 128), (128, 256),
+                                                                (256, 512), (512, 1024), (1024, 2048)]
+    assert sum(p["tokens"] for p in rec["positions"]) == rec["tokens"] == rec["val_samples"] * 2047
     assert sum(p["nll_sum"] for p in rec["positions"]) == pytest.approx(rec["nll_sum"])
     assert f"{rec['val_ppl']:.4f}" in proc.stdout
 
@@ -53,6 +56,9 @@ def test_eval_random_pythia_on_wikitext(tmp_path, pythia_tokenizer_path, wikitex
         (["--model", "EleutherAI/pythia-70m"], "--model tiny"),
         (["--data", "no-such-file.txt"], "file not found"),
         (["--data", "tiny", "--seq-len", "4096"], "valid range: 2..2048"),
+        (["--data", "tiny", "--eval-seq-len", "4096"], "eval_seq_len 4096 is beyond"),
+        (["--eval-seq-len", "long"], "eval_seq_len must be"),
+        (["--test-fraction", "1.5"], "test_fraction"),
         (["--buckets", "0,32,16"], "strictly increasing"),
         (["--seq-len", "64", "--buckets", "0,16,64,96"], "holds no prediction"),
         (["--model", "pythia-70m", "--random-init"], "--tokenizer"),
@@ -107,21 +113,31 @@ def test_eval_of_a_file_evaluates_the_whole_file_and_says_so(saved_model, tmp_pa
     assert rec["val_samples"] == n and rec["tokens"] == n * 31
     assert rec["evaluated"]["windows"] == [0, n] and rec["evaluated"]["total_windows"] == n
     assert rec["evaluated"]["whole_file"] is True and rec["evaluated"]["text"] == line
-    # an explicit --val-fraction still evaluates the last fraction of the windows
+    assert rec["test"] is None and rec["test_ppl"] is None  # the whole file is validation: no test set
+    # an explicit --val-fraction evaluates a trial's validation range and its test range, the last 0.1 of the windows
     assert main(["eval", "--model", str(saved_model), "--data", str(text), "--seq-len", "32", "--val-fraction", "0.25",
                  "--out", str(tmp_path / "b")]) == 0
-    lo = n - round(n * 0.25)
-    assert f"evaluated windows {lo}..{n - 1} of {n} (the last 0.25 of the file)" in capsys.readouterr().out
+    hi = n - round(n * 0.1)
+    lo = hi - round(n * 0.25)
+    printed = capsys.readouterr().out
+    assert f"evaluated windows {lo}..{hi - 1} of {n} (0.25 of the file, before its last 0.1)" in printed
+    assert f"evaluated windows {hi}..{n - 1} of {n} (the last 0.1 of the file)" in printed
     rec = json.loads((tmp_path / "b" / "eval.json").read_text())
-    assert rec["val_samples"] == n - lo and rec["evaluated"]["windows"] == [lo, n] and rec["evaluated"]["whole_file"] is False
+    assert rec["val_samples"] == hi - lo and rec["evaluated"]["windows"] == [lo, hi] and rec["evaluated"]["whole_file"] is False
+    assert rec["test_samples"] == n - hi and rec["test"]["evaluated"]["windows"] == [hi, n] and rec["test_ppl"] == rec["test"]["ppl"] > 1
 
 
-def test_eval_of_a_source_with_splits_evaluates_its_validation_split(tiny_folder, capsys, tmp_path):
-    assert main(["eval", "--model", "tiny", "--data", "tiny", "--val-samples", "8", "--out", str(tmp_path)]) == 0
+def test_eval_of_a_source_with_splits_evaluates_its_validation_and_test_splits(tiny_folder, capsys, tmp_path):
+    assert main(["eval", "--model", "tiny", "--data", "tiny", "--val-samples", "4", "--test-samples", "2", "--eval-seq-len",
+                 "512", "--out", str(tmp_path)]) == 0
     rec = json.loads((tmp_path / "eval.json").read_text())
-    n = rec["evaluated"]["total_windows"]
+    n, m = rec["evaluated"]["total_windows"], rec["test"]["evaluated"]["total_windows"]
     assert rec["evaluated"]["split"] == "validation" and rec["evaluated"]["windows"] == [0, n]
-    assert f"evaluated 8 samples of windows 0..{n - 1} of {n} (the validation split of tiny)" in capsys.readouterr().out
+    assert rec["test"]["evaluated"]["split"] == "test" and rec["eval_seq_len"] == 512 and rec["tokens"] == 4 * 511
+    assert [p["lo"] for p in rec["test"]["positions"]] == [0, 16, 32, 64, 96, 128, 256]
+    printed = capsys.readouterr().out
+    assert f"evaluated 4 samples of windows 0..{n - 1} of {n} (the validation split of tiny)" in printed
+    assert f"evaluated 2 samples of windows 0..{m - 1} of {m} (the test split of tiny)" in printed
 
 
 def test_method_flags_come_from_the_registry_and_the_older_flags_are_aliases():

@@ -150,7 +150,7 @@ def test_parse_count_names_the_field() -> None:
 
 @pytest.mark.parametrize("fraction", [1e-6, 0.1, 0.5, 1.0, 1])
 def test_val_fraction_accepted(fraction: float) -> None:
-    assert DataCfg(val_fraction=fraction).val_fraction == fraction
+    assert DataCfg(val_fraction=fraction, test_fraction=0).val_fraction == fraction
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0, -0.1, 1.0001, 2.0, float("nan"), float("inf")])
@@ -166,7 +166,48 @@ def test_val_fraction_one_leaves_no_training_windows(train_samples: object) -> N
 
 
 def test_val_fraction_one_allowed_without_training_samples() -> None:
-    assert DataCfg(val_fraction=1.0, train_samples=0).val_fraction == 1.0
+    assert DataCfg(val_fraction=1.0, test_fraction=0, train_samples=0).val_fraction == 1.0
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, 1, 2.0, float("nan"), "0.1", True])
+def test_test_fraction_rejects_values_outside_0_1(fraction: object) -> None:
+    with pytest.raises(ConfigError, match="test_fraction"):
+        DataCfg(test_fraction=fraction)  # type: ignore[arg-type]
+
+
+def test_val_and_test_fractions_share_the_file() -> None:
+    assert DataCfg(val_fraction=0.5, test_fraction=0.5, train_samples=0).test_fraction == 0.5
+    with pytest.raises(ConfigError, match="leave no windows for training"):
+        DataCfg(val_fraction=0.5, test_fraction=0.5, train_samples=10)
+    with pytest.raises(ConfigError, match="val_fraction \\+ test_fraction must be <= 1"):
+        DataCfg(val_fraction=0.95, test_fraction=0.1)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("all", "all"), (0, 0), ("0", 0), (7, 7)])
+def test_test_samples_may_be_zero(value: object, expected: object) -> None:
+    assert DataCfg(test_samples=value).test_samples == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, None), (2, 2), (2048, 2048), ("2048", 2048), ("MAX", "max"), ("max", "max")])
+def test_eval_seq_len_accepted_forms(value: object, expected: object) -> None:
+    cfg = DataCfg(seq_len=128, eval_seq_len=value)  # type: ignore[arg-type]
+    assert cfg.eval_seq_len == expected
+    if expected != "max":
+        assert cfg.eval_len == (expected or 128)
+
+
+@pytest.mark.parametrize("value", [1, 0, -3, 2.5, "long", True, ""])
+def test_eval_seq_len_rejects_bad_values(value: object) -> None:
+    with pytest.raises(ConfigError, match="eval_seq_len"):
+        DataCfg(eval_seq_len=value)  # type: ignore[arg-type]
+
+
+def test_eval_seq_len_max_is_the_models_maximum_once_known() -> None:
+    cfg = DataCfg(eval_seq_len="max")
+    with pytest.raises(ConfigError, match="with_max_positions"):
+        cfg.eval_len
+    assert cfg.with_max_positions(2048).eval_len == 2048 and DataCfg(eval_seq_len=64).with_max_positions(2048).eval_len == 64
+    assert EvalCfg(data=cfg.with_max_positions(2048)).bucket_ranges[-4:] == [(128, 256), (256, 512), (512, 1024), (1024, 2048)]
 
 
 @pytest.mark.parametrize("seed", [-1, -100, 1.0, "0", True, None])
@@ -187,8 +228,10 @@ def test_data_cfg_rejects_equal_splits(split: str) -> None:
 
 
 def test_data_cfg_accepts_distinct_splits() -> None:
-    cfg = DataCfg(train_split="train", val_split="test")
-    assert (cfg.train_split, cfg.val_split) == ("train", "test")
+    cfg = DataCfg(train_split="train", val_split="test", test_split="heldout")
+    assert (cfg.train_split, cfg.val_split, cfg.test_split) == ("train", "test", "heldout")
+    with pytest.raises(ConfigError, match="val_split and test_split must differ"):
+        DataCfg(val_split="test")
 
 
 def test_data_cfg_encoding_defaults_to_utf8_and_is_normalised() -> None:

@@ -43,23 +43,51 @@ def test_documents_are_joined_by_eos_and_cut_into_windows(small_tokenizer):
     assert windows.reshape(-1).tolist() == expected[: windows.size]
 
 
-def test_single_file_gives_disjoint_train_and_val_ranges(text_file, small_tokenizer):
-    cfg = DataCfg(source=str(text_file), seq_len=16, train_samples="all", val_samples="all", val_fraction=0.25)
+def test_single_file_gives_disjoint_train_val_and_test_ranges(text_file, small_tokenizer):
+    cfg = DataCfg(source=str(text_file), seq_len=16, train_samples="all", val_samples="all", val_fraction=0.25, test_fraction=0.2)
     s = load_samples(cfg, small_tokenizer, log=lambda m: None)
-    lo, n = s.info["val_range"]
-    assert s.info["train_range"] == [0, lo]
-    assert len(s.val) == n - lo == round(n * 0.25)
+    lo, hi = s.info["val_range"]
+    n = s.info["eval_windows"]
+    assert s.info["test_range"] == [hi, n] and s.info["train_range"] == [0, lo]
+    assert len(s.val) == hi - lo == round(n * 0.25) and len(s.test) == n - hi == round(n * 0.2)
     assert len(s.train) == lo
-    # the samples are exactly the file's windows, in their ranges
+    # the samples are exactly the file's windows, in their ranges: train, then validation, then test
     stream = tokenize_stream([text_file.read_text()], small_tokenizer)
     windows = to_windows(stream, 16)
     np.testing.assert_array_equal(s.train, windows[:lo])
-    np.testing.assert_array_equal(s.val, windows[lo:])
+    np.testing.assert_array_equal(s.val, windows[lo:hi])
+    np.testing.assert_array_equal(s.test, windows[hi:n])  # (the text repeats, so only the window indices are disjoint)
+
+
+def test_single_file_evaluated_at_a_longer_length_keeps_the_ranges_apart_in_tokens(text_file, small_tokenizer):
+    cfg = DataCfg(source=str(text_file), seq_len=16, eval_seq_len=40, train_samples="all", val_samples="all", test_samples="all")
+    s = load_samples(cfg, small_tokenizer, log=lambda m: None)
+    assert s.train.shape[1] == 16 and s.val.shape[1] == s.test.shape[1] == s.eval_len == 40
+    stream = tokenize_stream([text_file.read_text()], small_tokenizer)
+    lo, hi = s.info["val_range"]
+    n = s.info["eval_windows"]
+    assert n == len(stream) // 40 and len(s.val) == round(n * 0.1) and len(s.test) == round(n * 0.1)
+    np.testing.assert_array_equal(s.val, to_windows(stream, 40)[lo:hi])
+    np.testing.assert_array_equal(s.test, to_windows(stream, 40)[hi:n])
+    train_tokens = len(s.train) * 16
+    assert train_tokens <= lo * 40 < train_tokens + 16  # every train window ends before validation starts
+    np.testing.assert_array_equal(s.train.reshape(-1), stream[:train_tokens])
+
+
+def test_without_a_test_set_the_ranges_stay_and_test_is_empty(text_file, small_tokenizer):
+    with_test = load_samples(DataCfg(source=str(text_file), seq_len=16, train_samples="all"), small_tokenizer, log=lambda m: None)
+    no_test = load_samples(DataCfg(source=str(text_file), seq_len=16, train_samples="all", test_samples=0), small_tokenizer,
+                           log=lambda m: None)
+    np.testing.assert_array_equal(with_test.train, no_test.train)  # the test range is kept out of training either way
+    np.testing.assert_array_equal(with_test.val, no_test.val)
+    assert len(with_test.test) > 0 and no_test.test.shape == (0, 16) and no_test.info["test_samples"] == 0
+    with pytest.raises(DataError, match=r"test samples.*raise test_fraction"):
+        load_samples(DataCfg(source=str(text_file), seq_len=16, test_samples=10**4), small_tokenizer, log=lambda m: None)
 
 
 def test_selection_is_deterministic_and_seeded(text_file, small_tokenizer):
     def pick(seed):
-        cfg = DataCfg(source=str(text_file), seq_len=16, train_samples=20, val_samples=10, seed=seed, val_fraction=0.3)
+        cfg = DataCfg(source=str(text_file), seq_len=16, train_samples=20, val_samples=10, test_samples=5, seed=seed, val_fraction=0.3)
         return load_samples(cfg, small_tokenizer, log=lambda m: None)
 
     a, b, c = pick(0), pick(0), pick(1)
@@ -69,31 +97,64 @@ def test_selection_is_deterministic_and_seeded(text_file, small_tokenizer):
     assert not np.array_equal(a.train, c.train)
     lo = a.info["val_range"][0]
     windows = to_windows(tokenize_stream([text_file.read_text()], small_tokenizer), 16)
+    hi = a.info["val_range"][1]
     assert _rows(a.train) <= _rows(windows[:lo])  # train only from the train range
-    assert _rows(a.val) <= _rows(windows[lo:])  # validation only from the validation range
+    assert _rows(a.val) <= _rows(windows[lo:hi])  # validation only from the validation range
+    assert _rows(a.test) <= _rows(windows[hi:]) and not np.array_equal(a.test, c.test)  # test too, picked by the seed
 
 
-def test_train_and_val_come_from_different_splits(small_tokenizer):
-    cfg = DataCfg(source="tiny", seq_len=32, train_samples=50, val_samples=20)
+def test_train_val_and_test_come_from_the_three_splits_of_tiny(small_tokenizer):
+    cfg = DataCfg(source="tiny", seq_len=32, eval_seq_len=64, train_samples=50, val_samples=20, test_samples=10)
     s = load_samples(cfg, small_tokenizer, log=lambda m: None)
     from kvsweep.corpus import tiny_corpus
 
     corpus = tiny_corpus()
-    val_windows = to_windows(tokenize_stream(corpus["validation"], small_tokenizer), 32)
-    train_windows = to_windows(tokenize_stream(corpus["train"], small_tokenizer), 32)
-    assert _rows(s.val) <= _rows(val_windows)
-    assert _rows(s.train) <= _rows(train_windows)
-    assert s.info["val_split"] == "validation" and s.info["train_split"] == "train"
+    assert s.train.shape == (50, 32) and s.val.shape == (20, 64) and s.test.shape == (10, 64)
+    assert _rows(s.val) <= _rows(to_windows(tokenize_stream(corpus["validation"], small_tokenizer), 64))
+    assert _rows(s.test) <= _rows(to_windows(tokenize_stream(corpus["test"], small_tokenizer), 64))
+    assert _rows(s.train) <= _rows(to_windows(tokenize_stream(corpus["train"], small_tokenizer), 32))
+    assert not _rows(s.val) & _rows(s.test)
+    assert (s.info["val_split"], s.info["test_split"], s.info["train_split"]) == ("validation", "test", "train")
 
 
-def test_tiny_corpus_splits_hold_disjoint_documents():
+def test_tiny_corpus_splits_hold_disjoint_whole_topics():
+    from pydoc_data.topics import topics
+
     from kvsweep.corpus import tiny_corpus
 
     c = tiny_corpus()
-    assert c["train"] and c["validation"]
-    assert not set(c["train"]) & set(c["validation"])
-    held = sum(map(len, c["validation"])) / (sum(map(len, c["train"])) + sum(map(len, c["validation"])))
-    assert 0.1 <= held < 0.2
+    assert c["train"] and c["validation"] and c["test"]
+    docs = {part: set(c[part]) for part in c}
+    assert not docs["train"] & docs["validation"] and not docs["train"] & docs["test"] and not docs["validation"] & docs["test"]
+    assert set().union(*docs.values()) == set(topics.values())  # every topic whole, in exactly one split
+    total = sum(map(len, topics.values()))
+    held = {part: sum(map(len, c[part])) / total for part in ("validation", "test")}
+    assert 0.1 <= held["validation"] < 0.2 and 0.05 <= held["test"] <= 0.1
+
+
+def test_a_tiny_corpus_file_is_cut_into_three_parts(tmp_path):
+    from kvsweep.corpus import tiny_corpus
+
+    path = tmp_path / "corpus.txt"
+    lines = [f"line {i:03d} " + "x" * 20 + "\n" for i in range(100)]  # lines of one length: the cuts fall on lines 80, 90
+    path.write_text("".join(lines))
+    c = tiny_corpus(str(path))
+    assert "".join(c["train"] + c["validation"] + c["test"]) == "".join(lines)
+    assert c["validation"][0].startswith("line 080 ") and c["test"][0].startswith("line 090 ")
+
+
+def test_a_hub_source_without_a_test_split_says_how_to_leave_it_out(small_tokenizer, monkeypatch):
+    def documents(source, split, text_field):
+        if split == "test":
+            raise DataError("data: cannot load split 'test' of someone/dataset from the Hugging Face hub: no such split")
+        return [SAMPLE_TEXT]
+
+    monkeypatch.setattr(kdata, "load_documents", documents)
+    cfg = DataCfg(source="someone/dataset", seq_len=16, val_samples=4)
+    with pytest.raises(DataError, match="--test-samples 0"):
+        load_samples(cfg, small_tokenizer, log=lambda m: None)
+    s = load_samples(DataCfg(source="someone/dataset", seq_len=16, val_samples=4, test_samples=0), small_tokenizer, log=lambda m: None)
+    assert s.val.shape == (4, 16) and s.test.shape == (0, 16) and s.info["test_split"] is None
 
 
 def test_cache_is_reused_without_a_second_tokenization(text_file, small_tokenizer, monkeypatch):
@@ -136,12 +197,13 @@ def test_jsonl_and_parquet_rows_are_documents(tmp_path, small_tokenizer):
     pqf = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"body": docs}), pqf)
     expected = to_windows(tokenize_stream(docs, small_tokenizer), 8)
-    a = load_samples(DataCfg(source=str(jl), seq_len=8, val_fraction=1.0), small_tokenizer, log=lambda m: None)
-    b = load_samples(DataCfg(source=str(pqf), seq_len=8, val_fraction=1.0, text_field="body"), small_tokenizer, log=lambda m: None)
+    a = load_samples(DataCfg(source=str(jl), seq_len=8, val_fraction=1.0, test_fraction=0), small_tokenizer, log=lambda m: None)
+    b = load_samples(DataCfg(source=str(pqf), seq_len=8, val_fraction=1.0, test_fraction=0, text_field="body"), small_tokenizer,
+                     log=lambda m: None)
     np.testing.assert_array_equal(a.val, expected)
     np.testing.assert_array_equal(b.val, expected)
     with pytest.raises(DataError, match="text_field"):
-        load_samples(DataCfg(source=str(pqf), seq_len=8, val_fraction=1.0), small_tokenizer)
+        load_samples(DataCfg(source=str(pqf), seq_len=8, val_fraction=1.0, test_fraction=0), small_tokenizer)
 
 
 def test_too_few_tokens_names_both_counts(text_file, small_tokenizer):
@@ -192,12 +254,13 @@ def test_wikitext_flows_through_the_pipeline(wikitext_valid, pythia_tokenizer_pa
     from kvsweep.models import load_tokenizer
 
     tok = load_tokenizer(str(pythia_tokenizer_path))
-    cfg = DataCfg(source=str(wikitext_valid), seq_len=128, train_samples=1000, val_samples="all")
+    cfg = DataCfg(source=str(wikitext_valid), seq_len=128, eval_seq_len=2048, train_samples=1000, val_samples="all")
     s = load_samples(cfg, tok, log=lambda m: None)
     assert s.info["total_tokens"] == 251_183  # one document, so no EOS is added
-    n = 251_183 // 128
-    assert s.info["val_range"] == [n - round(n * 0.1), n]
-    assert s.train.shape == (1000, 128) and s.val.shape == (round(n * 0.1), 128)
+    n = 251_183 // 2048  # 122 windows of 2048 tokens: 12 validation, 12 test, the tokens before them train
+    assert s.info["val_range"] == [n - 24, n - 12] and s.info["test_range"] == [n - 12, n]
+    assert s.train.shape == (1000, 128) and s.val.shape == (12, 2048) and s.test.shape == (12, 2048)
+    assert s.info["train_range"] == [0, (n - 24) * 16]
     assert s.val.max() < 50_304
     text = tok.decode(s.val[0].tolist())
     assert isinstance(text, str) and len(text) > 100
@@ -218,7 +281,8 @@ def test_latin1_text_is_a_data_error_naming_file_offset_and_encoding(tmp_path, s
     assert str(path) in msg and f"offset {offset}" in msg and "0xf6" in msg and "--encoding" in msg and "utf-8" in msg
     s = load_samples(DataCfg(source=str(path), seq_len=8, encoding="latin-1"), small_tokenizer, log=lambda m: None)
     expected = to_windows(tokenize_stream([LATIN1], small_tokenizer), 8)
-    np.testing.assert_array_equal(s.val, expected[s.info["val_range"][0]:])
+    lo, hi = s.info["val_range"]
+    np.testing.assert_array_equal(s.val, expected[lo:hi])
 
 
 def test_binary_bytes_in_a_text_file_name_the_offset(tmp_path, small_tokenizer):
@@ -237,10 +301,11 @@ def test_jsonl_decoding_error_names_the_line(tmp_path, small_tokenizer):
     raw = (good * 2).encode() + bad.encode("latin-1") + good.encode()
     path.write_bytes(raw)
     with pytest.raises(DataError) as e:
-        load_samples(DataCfg(source=str(path), seq_len=8, val_fraction=1.0), small_tokenizer, log=lambda m: None)
+        load_samples(DataCfg(source=str(path), seq_len=8, val_fraction=1.0, test_fraction=0), small_tokenizer, log=lambda m: None)
     msg = str(e.value)
     assert str(path) in msg and "line 3" in msg and f"offset {raw.index(bytes([0xe9]))}" in msg and "--encoding" in msg
-    s = load_samples(DataCfg(source=str(path), seq_len=8, val_fraction=1.0, encoding="cp1252"), small_tokenizer, log=lambda m: None)
+    s = load_samples(DataCfg(source=str(path), seq_len=8, val_fraction=1.0, test_fraction=0, encoding="cp1252"), small_tokenizer,
+                     log=lambda m: None)
     assert len(s.val) > 0
 
 
@@ -248,7 +313,7 @@ def test_malformed_json_line_is_a_data_error_naming_the_line(tmp_path, small_tok
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"text": "fine"}) + "\n" + '{"text": "unterminated\n')
     with pytest.raises(DataError, match=r"line 2"):
-        load_samples(DataCfg(source=str(path), seq_len=8, val_fraction=1.0), small_tokenizer, log=lambda m: None)
+        load_samples(DataCfg(source=str(path), seq_len=8, val_fraction=1.0, test_fraction=0), small_tokenizer, log=lambda m: None)
 
 
 def test_cache_key_changes_with_the_encoding(tmp_path, small_tokenizer):
@@ -278,4 +343,5 @@ def test_train_used_from_a_source_without_train_windows_is_a_clear_error(tmp_pat
     path = tmp_path / "short.txt"
     path.write_text("one two three four five six seven eight nine ten")  # one window of 32 tokens: validation
     with pytest.raises(DataError, match="no windows"):
-        load_samples(DataCfg(source=str(path), seq_len=32, train_samples="all"), small_tokenizer, log=lambda m: None, train_used=4)
+        load_samples(DataCfg(source=str(path), seq_len=32, train_samples="all", test_fraction=0), small_tokenizer, log=lambda m: None,
+                     train_used=4)

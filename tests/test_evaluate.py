@@ -26,6 +26,19 @@ def test_ppl_matches_the_models_labels_loss(small_model):
     assert stats.ppl == pytest.approx(math.exp(loss.item()), rel=1e-5)
 
 
+def test_long_samples_never_form_the_logits_of_a_whole_batch(small_model, monkeypatch):
+    from kvsweep import evaluate as kevaluate
+
+    monkeypatch.setattr(kevaluate, "EVAL_CHUNK", 100)  # fewer tokens than one sample's predictions
+    ids = _samples(3, 256, 320)
+    small_model.get_output_embeddings().register_forward_hook(lambda *a: pytest.fail("formed the full logits"))
+    stats = evaluate(small_model, ids, batch_size=3)
+    with torch.no_grad():
+        hidden = small_model.gpt_neox(input_ids=torch.from_numpy(ids).long()).last_hidden_state
+        logits = hidden @ small_model.get_output_embeddings().weight.T  # (3, 256, V)
+    assert stats.total_nll == pytest.approx(float(token_nll(logits, torch.from_numpy(ids)).double().sum()), rel=1e-5)
+
+
 def test_batching_does_not_change_the_result(small_model):
     ids = _samples(7, 33, 320)
     a, b = evaluate(small_model, ids, batch_size=7), evaluate(small_model, ids, batch_size=2)

@@ -121,7 +121,7 @@ def test_kvsweep_train_and_kvsweep_cache(tmp_path, capsys):
 
     out = tmp_path / "trial"
     assert main(["train", "--model", "tiny", "--data", "tiny", "--halfv.init-scale", "2", "--epochs", "1", "--train-samples", "16",
-                 "--val-samples", "8", "--lr", "1e-2", "--out", str(out)]) == 0
+                 "--val-samples", "8", "--test-samples", "4", "--eval-seq-len", "256", "--lr", "1e-2", "--out", str(out)]) == 0
     record = json.loads((out / "trial.json").read_text())
     assert record["config"]["adapters"] == [{"name": "halfv", "layers": None, "init_scale": 2.0}]
     assert record["status"] == "completed" and record["epochs_run"] == 1

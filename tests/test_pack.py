@@ -25,7 +25,7 @@ def _cfg(adapters, *, loss="rec_to_lm", kl=0.0, epochs=3, **train) -> TrialCfg:
     return TrialCfg(
         model=ModelCfg(name="small"), data=DataCfg(seq_len=T, train_samples=24, val_samples=6), adapters=tuple(adapters),
         loss=LossCfg.named(loss, kl=kl),
-        train=TrainCfg(**{"lr": 3e-3, "batch_size": 8, "epochs": epochs, "patience": 3, **train}),
+        train=TrainCfg(**{"lr": 3e-3, "batch_size": 8, "epochs": epochs, "patience": 5, **train}),
     )
 
 
@@ -105,13 +105,13 @@ def test_pack_of_identical_trials_matches_one_alone_exactly_in_float32():
 
 
 def test_a_trial_that_stops_leaves_the_pack_and_the_others_go_on():
-    # patience 1 and a learning rate too small to change a float32 weight: no better val PPL at epoch 2, stop
+    # patience 1 and a learning rate too small to change a float32 weight: no better val PPL than the init at epoch 1, stop
     stopper = _cfg([VD], loss="lm", lr=1e-30, patience=1, epochs=4)
     keeper = _cfg([VD], epochs=4)
     results, reports = _packed([stopper, keeper])
     alone_stop, _ = _alone(stopper)
     assert results[0].status == alone_stop.status == "early_stopped"
-    assert results[0].epochs_run == alone_stop.epochs_run == 2 and len(reports[0]) == 2
+    assert results[0].epochs_run == alone_stop.epochs_run == 1 and len(reports[0]) == 1 and results[0].best_epoch == 0
     assert results[1].status == "completed" and len(reports[1]) == 4
     _, alone_keep = _alone(keeper)
     for m, ma in zip(reports[1], alone_keep, strict=True):
@@ -124,6 +124,18 @@ def test_a_trial_whose_loss_diverges_ends_in_error_and_the_others_go_on():
     results, reports = _packed([bad, good])
     assert results[0].status == "error" and "loss is" in results[0].error
     assert results[1].status == "completed" and len(reports[1]) == 3
+
+
+def test_packed_trials_evaluate_test_for_their_best_epoch_as_alone():
+    samples = _samples(n_test=4)
+    cfgs = [_cfg([VD], epochs=2), _cfg([AdapterSpec.parse("ka_gated")], loss="lm", epochs=2, lr=1e-2)]
+    packed = run_packed(cfgs, base=_base(), samples=samples, log=lambda m: None)
+    for cfg, result in zip(cfgs, packed, strict=True):
+        alone = run_trial(cfg, base=_base(), samples=samples, log=lambda m: None)
+        assert result.best_epoch == alone.best_epoch and result.test_ppl == pytest.approx(alone.test_ppl, rel=1e-5)
+        assert result.base_test_ppl == pytest.approx(alone.base_test_ppl, rel=1e-6) and result.test_ppl > 1
+        assert [(p.split, p.lo) for p in result.positions] == [(s, lo) for s in ("validation", "test") for lo in (0, 16)]
+        assert [p.ppl for p in result.positions] == pytest.approx([p.ppl for p in alone.positions], rel=1e-5)
 
 
 def test_checkpoints_of_a_packed_trial_resume_alone(tmp_path):

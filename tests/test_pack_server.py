@@ -18,7 +18,7 @@ POINT_B = {"rank": 64, "init": "pca", "seed": 1, "schedule": "lm"}
 
 @pytest.fixture(scope="module")
 def setup(tiny_folder):
-    sweep = SweepCfg(name="packtest", pack=2, data=DataCfg(train_samples=16, val_samples=4, seq_len=32),
+    sweep = SweepCfg(name="packtest", pack=2, data=DataCfg(train_samples=16, val_samples=4, test_samples=4, seq_len=32),
                      train=TrainCfg(epochs=3, batch_size=4, lr=1e-3))
     samples = prepare_samples(sweep, log=lambda m: None)
     return sweep, samples, evaluate_base(sweep, samples)
@@ -74,6 +74,16 @@ def test_a_trial_that_stops_asking_is_forgotten_while_the_others_train(setup, mo
     assert reply["metrics"].epoch == 2
     assert "a" not in server._runs
     assert server.epoch("a", POINT_A, 1, None) == {"need_checkpoint": True}
+
+
+def test_a_trial_without_trainable_parameters_gets_its_epoch_0_without_a_checkpoint(setup, frozen_vdproj):
+    server = _server(setup)
+    reply = server.epoch("f", {"frozen_vdproj.rank": 32, "frozen_vdproj.init": "identity", "seed": 0, "schedule": "lm"}, 0, None)
+    assert reply["done"] and reply["files"] is None
+    report = reply["metrics"]
+    assert report.epoch == 0 and report.best_epoch == 0 and report.early_stopped is False
+    assert report.trial.trainable_params == 0 and report.test_ppl > 1 and report.trial.base_test_ppl > 1
+    assert "f" not in server._runs
 
 
 def test_a_restarted_trial_supersedes_its_dead_caller(setup):

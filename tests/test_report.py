@@ -82,6 +82,16 @@ def test_report_of_a_partly_failed_running_sweep(hand_results, tmp_path):
     assert "| t9 " not in md.split("## Pareto front")[1].split("## Fronts per variant")[0]  # the failed trial is not on the front
 
 
+def test_the_position_rows_of_version_4_results_are_read_per_split(tmp_path):
+    test_rows = [{**r, "split": "test", "ppl": 2 * r["ppl"]} for r in buckets("t1", 60.0)]
+    src = write_results(tmp_path / "r", [trial("t1", 500, 60.0)], curve("t1", 3, 60.0), buckets("t1", 60.0) + test_rows)
+    an = analyze(load_all([str(src)]))
+    assert sorted({r["split"] for r in an.positions_of(0).to_pylist()}) == ["test", "validation"]
+    for split, factor in (("validation", 1), ("test", 2)):
+        rows = an.point_positions(0, split)
+        assert [(b.lo, b.ppl.mean) for b in rows] == [(r["lo"], factor * r["ppl"]) for r in buckets("t1", 60.0)]
+
+
 def test_tables_hold_the_seeds_numbers(hand_results):
     an = analyze(load_all([str(hand_results)]))
     assert an.points.label[an.front].tolist() == HAND_FRONT

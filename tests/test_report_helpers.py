@@ -54,7 +54,7 @@ def buckets(trial_id: str, ppl: float) -> list[dict]:
         base = BASE_PPL * shape
         p = ppl * shape
         rows.append({"trial_id": trial_id, "lo": lo, "hi": hi, "tokens": 100, "ppl": p, "base_ppl": base,
-                     "diff": p - base, "degradation_pct": 100 * (p - base) / base})
+                     "diff": p - base, "degradation_pct": 100 * (p - base) / base, "split": "validation"})
     return rows
 
 

@@ -70,12 +70,12 @@ def test_build_is_deterministic(tmp_path, monkeypatch):
         assert torch.equal(wa[k], wb[k]), k
 
 
-def test_user_corpus_has_a_held_out_tail(tmp_path):
+def test_user_corpus_has_a_held_out_tail_of_validation_then_test(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"line {i}\n" for i in range(100)))
     text = corpus.read_text()
     parts = tiny_corpus(str(corpus))
-    train, val = parts["train"][0], parts["validation"][0]
-    assert train + val == text and train.endswith("\n") and val.startswith("line ")
-    assert 0.05 < len(val) / len(text) <= 0.1
+    train, val, test = parts["train"][0], parts["validation"][0], parts["test"][0]
+    assert train + val + test == text and train.endswith("\n") and val.startswith("line ") and test.startswith("line ")
+    assert 0.05 < len(val) / len(text) <= 0.12 and 0.05 < len(test) / len(text) <= 0.12
     assert ktiny.tiny_dir(str(corpus)) != ktiny.tiny_dir()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -45,7 +46,7 @@ def _strip(m: dict) -> dict:
 
 
 def test_reports_every_epoch_with_the_metrics_a_sweep_needs():
-    result, reports = _run(_cfg())
+    result, reports = _run(_cfg(patience=5))
     assert [m["epoch"] for m in reports] == [1, 2, 3]
     keys = {"epoch", "train_ppl", "val_ppl", "loss", "loss_lm", "loss_rec", "loss_kl", "w_lm", "w_rec", "w_kl",
             "kv_bytes_per_token", "kv_ratio", "trainable_params", "base_val_ppl", "best_val_ppl",
@@ -56,7 +57,7 @@ def test_reports_every_epoch_with_the_metrics_a_sweep_needs():
     assert reports[-1]["w_rec"] == pytest.approx(0.0) and reports[-1]["w_lm"] == pytest.approx(1.0)
     assert reports[0]["loss_kl"] > 0 and reports[0]["loss_rec"] > 0
     assert result.status == "completed" and result.epochs_run == 3
-    assert result.best_val_ppl == min(m["val_ppl"] for m in reports)
+    assert result.best_val_ppl == min([result.init_val_ppl] + [m["val_ppl"] for m in reports])  # the init a candidate too
     assert reports[-1]["loss_rec"] < 0.8 * reports[0]["loss_rec"]  # the compressor learned to reconstruct V
     assert result.total_params == sum(p.numel() for p in neox_model().parameters()) + result.trainable_params
     assert [p.lo for p in result.positions] == [0, 16] and all(p.base_ppl > 0 for p in result.positions)
@@ -69,7 +70,7 @@ def test_same_seed_same_metrics_on_cpu():
 
 
 def test_resumed_trial_reports_what_an_uninterrupted_one_does(tmp_path):
-    cfg = _cfg(epochs=4, adapters=(AdapterSpec.parse("vdproj", rank=32), AdapterSpec.parse("ka_gated")))
+    cfg = _cfg(epochs=4, patience=5, adapters=(AdapterSpec.parse("vdproj", rank=32), AdapterSpec.parse("ka_gated")))
     full, full_reports = _run(cfg)
 
     class Crash(Exception):
@@ -105,20 +106,77 @@ def test_frozen_base_is_untouched_by_a_trial():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_early_stopping_after_patience_epochs_without_improvement(monkeypatch):
-    real = ktrain.evaluate
-    calls = {"n": 0}
+class Scripted:
+    """``evaluate`` for ``Driver``: validation PPL ``val[k]`` at the k-th validation evaluation (k = 0: the init,
+    then epoch k) and test PPL ``test[k]`` for a test evaluation after it; records which epochs test was evaluated at."""
 
-    def worse_each_time(model, samples, batch_size):  # base, init, then epochs 1.. get worse
-        stats = real(model, samples, batch_size=batch_size)
-        calls["n"] += 1
-        return PositionStats(stats.nll_sum * (1 + 0.1 * calls["n"]), stats.tokens)
+    def __init__(self, samples, val: list[float], test: list[float]):
+        self.samples, self.val, self.test = samples, val, test
+        self.epoch = -1
+        self.test_epochs: list[int] = []
 
-    monkeypatch.setattr(ktrain, "evaluate", worse_each_time)
-    result, reports = _run(_cfg(epochs=10, patience=2))
+    @staticmethod
+    def stats(samples, ppl: float) -> PositionStats:
+        n, e = samples.shape
+        return PositionStats(np.full(e - 1, n * math.log(ppl)), np.full(e - 1, n, dtype=np.int64))
+
+    def __call__(self, model, samples, batch_size):
+        if samples is self.samples.val:
+            self.epoch += 1
+            return self.stats(samples, self.val[self.epoch])
+        assert samples is self.samples.test
+        self.test_epochs.append(self.epoch)
+        return self.stats(samples, self.test[self.epoch])
+
+
+def _scripted(monkeypatch, cfg: TrialCfg, val: list[float], test: list[float]) -> tuple[TrialResult, list[dict], Scripted]:
+    samples = _samples(n_test=4)
+    script = Scripted(samples, val, test)
+    monkeypatch.setattr(ktrain, "evaluate", script)
+    reports: list[dict] = []
+    result = run_trial(cfg, lambda m, ckpt: reports.append(m.to_report()), base=_base(), samples=samples, log=lambda m: None)
+    return result, reports, script
+
+
+def test_an_init_better_than_every_epoch_is_the_best_epoch_and_patience_counts_from_it(monkeypatch):
+    result, reports, script = _scripted(monkeypatch, _cfg(epochs=10, patience=2), val=[10.0, 12.0, 11.0, 9.0], test=[20.0] * 4)
     assert result.status == "early_stopped"
-    assert [m["epoch"] for m in reports] == [1, 2, 3] and reports[-1]["early_stopped"]
-    assert result.best_epoch == 1
+    assert [m["epoch"] for m in reports] == [1, 2] and reports[-1]["early_stopped"]  # 2 epochs without beating epoch 0
+    assert result.best_epoch == 0 and result.best_val_ppl == pytest.approx(10.0) and result.test_ppl == pytest.approx(20.0)
+    assert all(m["best_epoch"] == 0 and m["best_val_ppl"] == pytest.approx(10.0) for m in reports)
+    assert script.test_epochs == [0]  # test only for the best epoch: here the init
+
+
+def test_test_is_evaluated_for_the_best_epoch_only_and_never_chooses(monkeypatch):
+    # test would pick epoch 3 (or 2); validation picks epoch 1, and the trial's test PPL is epoch 1's
+    val, test = [10.0, 8.0, 9.0, 8.5], [20.0, 30.0, 5.0, 4.0]
+    result, reports, script = _scripted(monkeypatch, _cfg(epochs=3, patience=5), val, test)
+    assert result.status == "completed" and result.best_epoch == 1
+    assert result.test_ppl == pytest.approx(30.0) and result.best_val_ppl == pytest.approx(8.0)
+    assert script.test_epochs == [0, 1]  # the init, then the one epoch that improved on validation
+    assert [m["test_ppl"] for m in reports] == pytest.approx([30.0, 30.0, 30.0])  # every report: the best epoch's
+    assert [(p.split, p.ppl) for p in result.positions] == [("validation", pytest.approx(8.0))] * 2 + [("test", pytest.approx(30.0))] * 2
+    assert result.base_test_ppl is not None and [p.base_ppl > 0 for p in result.positions] == [True] * 4
+
+
+def test_checkpoint_of_a_trial_whose_init_is_best_holds_the_init_as_best_weights(monkeypatch, tmp_path):
+    from kvsweep.checkpoint import load_best_adapter_states
+
+    samples = _samples(n_test=4)
+    monkeypatch.setattr(ktrain, "evaluate", Scripted(samples, [10.0, 12.0, 13.0], [20.0] * 3))
+    ckpt = tmp_path / "ckpt"
+    driver = ktrain.Driver(_base(), samples, log=lambda m: None)
+    try:
+        run = driver.add(_cfg(epochs=1, patience=5), checkpoint_dir=ckpt)
+        at_init = [{k: v.clone() for k, v in a.state_dict().items()} for a in run.adapters]
+        driver.run([run])
+    finally:
+        driver.close()
+    best, which = load_best_adapter_states(ckpt)
+    assert run.state.best_epoch == 0 and which == "best epoch"
+    assert all(torch.equal(best[0][k], v) for k, v in at_init[0].items())
+    trained = run.adapters[0].state_dict()
+    assert not all(torch.equal(trained[k], v) for k, v in at_init[0].items())  # epoch 1 moved the weights
 
 
 def test_nan_loss_is_an_error_naming_epoch_and_step(monkeypatch):
@@ -178,12 +236,12 @@ def test_kvsweep_train_writes_trial_json_and_parquet(tmp_path, small_tokenizer, 
     neox_model().save_pretrained(folder)
     small_tokenizer.save_pretrained(folder)
     text.write_text(SAMPLE_TEXT * 4)
-    args = ["train", "--model", str(folder), "--data", str(text), "--seq-len", "32", "--train-samples", "all",
-            "--val-samples", "all", "--adapter", "vdproj", "--rank", "16", "--init", "pca", "--adapter", "ka_gated",
+    args = ["train", "--model", str(folder), "--data", str(text), "--seq-len", "32", "--eval-seq-len", "64", "--train-samples",
+            "all", "--val-samples", "all", "--adapter", "vdproj", "--rank", "16", "--init", "pca", "--adapter", "ka_gated",
             "--schedule", "rec_to_lm", "--epochs", "2", "--lr", "1e-3", "--out", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "96-128" not in printed and "0-16" in printed and "KV cache:" in printed
+    assert "64-96" not in printed and "32-64" in printed and "KV cache:" in printed and "test PPL" in printed
     rec = json.loads((out / "trial.json").read_text())
     assert rec["status"] == "completed" and rec["epochs_run"] == 2
     assert rec["config"]["adapters"][0]["name"] == "vdproj" and rec["config"]["adapters"][1]["name"] == "ka_gated"
@@ -193,9 +251,11 @@ def test_kvsweep_train_writes_trial_json_and_parquet(tmp_path, small_tokenizer, 
     positions = pq.read_table(out / "positions.parquet")
     assert epochs.schema.equals(EPOCH_SCHEMA) and positions.schema.equals(POSITION_SCHEMA)
     assert epochs.column("epoch").to_pylist() == [0, 1, 2]  # epoch 0: the adapters at init
-    assert positions.column("lo").to_pylist() == [0, 16]
-    trained = [row for row in epochs.to_pylist() if row["epoch"] >= 1]
-    assert math.isclose(min(row["val_ppl"] for row in trained), rec["best_val_ppl"])
+    assert positions.column("lo").to_pylist() == [0, 16, 32] * 2  # evaluated at 64 tokens
+    assert positions.column("split").to_pylist() == ["validation"] * 3 + ["test"] * 3
+    assert rec["eval_seq_len"] == 64 and rec["config"]["data"]["eval_seq_len"] == 64
+    assert rec["test_ppl"] > 1 and rec["base_test_ppl"] > 1
+    assert math.isclose(min(row["val_ppl"] for row in epochs.to_pylist()), rec["best_val_ppl"])  # epoch 0 included
     # --resume after completion continues from the checkpoint: nothing left to train, same result
     assert main([*args, "--resume", "--epochs", "3"]) == 0
     assert json.loads((out / "trial.json").read_text())["epochs_run"] == 3
@@ -228,7 +288,8 @@ def test_epoch_0_is_the_adapters_at_init_in_the_history_but_no_report_of_its_own
     assert init.val_ppl == result.init_val_ppl == reports[0]["init_val_ppl"]
     assert init.metrics.train_ppl is None and init.metrics.loss is None and init.metrics.steps == 0
     assert [(b.lo, b.hi) for b in init.buckets] == [(0, 16), (16, 32)] and all(b.ppl > 0 for b in init.buckets)
-    assert result.best_epoch in (1, 2)  # the init is no candidate for the best epoch (yet)
+    ppls = [result.init_val_ppl] + [m["val_ppl"] for m in reports]
+    assert result.best_epoch == ppls.index(min(ppls))  # the init is a candidate for the best epoch
 
 
 def test_one_loop_drives_a_trial_alone_and_trials_in_a_pack(monkeypatch):
@@ -265,3 +326,36 @@ def test_a_trial_run_makes_every_attribute_in_its_constructor():
     finally:
         driver.close()
     assert run.status == "completed" and set(vars(run)) == made
+
+
+def test_a_method_without_trainable_parameters_is_a_trial_of_its_epoch_0(frozen_vdproj):
+    samples = _samples(n_test=4)
+    cfg = _cfg(epochs=5, adapters=(AdapterSpec.parse("frozen_vdproj", rank=32, init="identity"),))
+    reports: list[dict] = []
+    result = run_trial(cfg, lambda m, ckpt: reports.append(m.to_report()), base=_base(), samples=samples, log=lambda m: None)
+    assert [m["epoch"] for m in reports] == [0] and reports[0]["early_stopped"] is False
+    assert (result.status, result.epochs_run, result.best_epoch, result.trainable_params) == ("completed", 0, 0, 0)
+    assert result.best_val_ppl == result.init_val_ppl and result.test_ppl == reports[0]["test_ppl"] > 1
+    assert [h.epoch for h in result.history] == [0]
+    from kvsweep.pack import run_packed
+
+    alone, trained = run_packed([cfg, _cfg(epochs=2, patience=5)], base=_base(), samples=samples, log=lambda m: None)
+    assert (alone.status, alone.epochs_run, alone.test_ppl) == ("completed", 0, pytest.approx(result.test_ppl, rel=1e-5))
+    assert trained.epochs_run == 2  # the other trial of the pack trains on
+
+
+def test_evaluation_samples_may_be_longer_than_train_samples_and_set_the_buckets():
+    samples = _samples(n_test=3, eval_len=48)
+    cfg = TrialCfg(model=ModelCfg(name="small"), data=DataCfg(seq_len=T, eval_seq_len=48, train_samples=24, val_samples=6),
+                   adapters=(AdapterSpec.parse("vdproj", rank=32),), loss=LossCfg.named("lm"),
+                   train=TrainCfg(lr=3e-3, batch_size=8, epochs=1))
+    result = run_trial(cfg, base=_base(), samples=samples, log=lambda m: None)
+    assert result.eval_seq_len == 48 and samples.train.shape[1] == T
+    assert [(p.split, p.lo, p.hi) for p in result.positions] == [(s, lo, hi) for s in ("validation", "test")
+                                                                 for lo, hi in ((0, 16), (16, 32), (32, 48))]
+    assert sum(p.tokens for p in result.positions if p.split == "test") == 3 * 47
+    with pytest.raises(ConfigError, match="48 tokens long, but the trial's eval_seq_len is 32"):
+        run_trial(_cfg(epochs=1), base=_base(), samples=samples, log=lambda m: None)
+    max_cfg = TrialCfg(model=ModelCfg(name="small"), data=DataCfg(seq_len=T, eval_seq_len="max", train_samples=24),
+                       adapters=(AdapterSpec.parse("vdproj", rank=32),))
+    assert max_cfg.with_max_positions(_base().max_positions).data.eval_seq_len == 256  # the model's maximum context

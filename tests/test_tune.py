@@ -47,8 +47,12 @@ def test_smoke_sweep_runs_and_a_second_run_continues_it(tiny_folder, tmp_path, s
     for r in t["trials"]:
         assert r["kv_bytes_per_token"] == 4 * (128 + r["vdproj.rank"]) * 2 and r["kv_bytes_per_token_base"] == 4 * 256 * 2
         assert r["best_val_ppl"] > 0 and r["base_val_ppl"] > 0 and r["trainable_params"] > 0
-    assert len({r["base_val_ppl"] for r in t["trials"]}) == 1  # evaluated once, on the driver
-    assert len(t["positions"]) == 4 * 5
+        assert r["test_ppl"] > 0 and r["base_test_ppl"] > 0 and r["eval_seq_len"] == 256  # --smoke-test evaluates at 256
+        epochs = {e["epoch"]: e["val_ppl"] for e in t["epochs"] if e["trial_id"] == r["trial_id"]}
+        assert r["best_epoch"] == min(epochs, key=lambda e: (epochs[e], e)) and r["best_val_ppl"] == epochs[r["best_epoch"]]
+    assert len({r["base_val_ppl"] for r in t["trials"]}) == len({r["base_test_ppl"] for r in t["trials"]}) == 1  # evaluated once
+    assert len(t["positions"]) == 4 * 2 * 6  # validation and test, buckets [0,16) ... [96,128) [128,256)
+    assert {(p["split"], p["hi"]) for p in t["positions"] if p["lo"] == 128} == {("validation", 256), ("test", 256)}
     # the same command again continues the finished sweep: nothing is trained again, the results stay as they are
     lines = {p: p.read_text() for p in folder.rglob("result.json")}
     again = _sweep(*args, storage=tmp_path)
@@ -88,10 +92,17 @@ def test_packed_sweep_reports_what_unpacked_trials_report(tiny_folder, tmp_path)
     for r in t["trials"]:
         a = alone_rows[_config_key(r["config"])]
         assert r["status"] == a["status"] or (r["status"] == "asha_stopped" and r["epochs_run"] < a["epochs_run"])
-        best = min(alone_epochs[(_config_key(r["config"]), e)] for e in range(1, r["epochs_run"] + 1))
+        best = min(alone_epochs[(_config_key(r["config"]), e)] for e in range(0, r["epochs_run"] + 1))  # epoch 0: the init
         assert r["best_val_ppl"] == pytest.approx(best, rel=1e-5)
-        for col in ("kv_bytes_per_token", "kv_bytes_per_token_base", "trainable_params", "total_params", "init_val_ppl"):
+        for col in ("kv_bytes_per_token", "kv_bytes_per_token_base", "trainable_params", "total_params", "init_val_ppl",
+                    "base_test_ppl"):
             assert r[col] == pytest.approx(a[col], rel=1e-5), col
+    # a packed trial that ran as long as the unpacked one has its best epoch and that epoch's test PPL
+    same = [(r, alone_rows[_config_key(r["config"])]) for r in t["trials"]
+            if r["epochs_run"] == alone_rows[_config_key(r["config"])]["epochs_run"]]
+    assert same  # the first trial at each rung goes on
+    for r, a in same:
+        assert r["best_epoch"] == a["best_epoch"] and r["test_ppl"] == pytest.approx(a["test_ppl"], rel=1e-5) and r["test_ppl"] > 0
     # what the pack trained is exactly what the trials report: a stopped trial cost no further steps
     steps_per_epoch = 64 // 8
     line = next(ln for ln in out.splitlines() if ln.startswith("pack 0 on cpu:"))

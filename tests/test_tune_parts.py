@@ -9,7 +9,7 @@ import pytest
 
 from kvsweep.config import ConfigError, DataCfg, SweepCfg, TrainCfg
 from kvsweep.data import Samples
-from kvsweep.evaluate import PositionStats
+from kvsweep.evaluate import PositionStats, SplitStats
 from kvsweep.results import TRIAL_SCHEMA
 from kvsweep.sweepargs import sweep_cfg, sweep_parser
 from kvsweep.tune.driver import summarize
@@ -129,11 +129,17 @@ def test_a_damaged_sweep_json_is_refused_naming_it():
 
 
 def test_the_base_statistics_round_trip_bit_for_bit():
-    stats = PositionStats(np.array([1 / 3, 2.5e-17, 7.0]), np.array([3, 4, 5]))
-    r = SweepRecord("s", {})
-    r.set_base_stats(stats)
-    back = SweepRecord.from_json(r.to_json(), "x").base_stats()
-    assert back.nll_sum.tolist() == stats.nll_sum.tolist() and back.tokens.tolist() == stats.tokens.tolist()
+    val = PositionStats(np.array([1 / 3, 2.5e-17, 7.0]), np.array([3, 4, 5]))
+    test = PositionStats(np.array([2 / 3, 1e-300, 9.5]), np.array([6, 7, 8]))
+    def back(stats: SplitStats) -> SplitStats:
+        r = SweepRecord("s", {})
+        r.set_base_stats(stats)
+        return SweepRecord.from_json(r.to_json(), "x").base_stats()
+
+    both = back(SplitStats(val, test))
+    assert both.val.nll_sum.tolist() == val.nll_sum.tolist() and both.val.tokens.tolist() == val.tokens.tolist()
+    assert both.test.nll_sum.tolist() == test.nll_sum.tolist() and both.test.tokens.tolist() == test.tokens.tolist()
+    assert back(SplitStats(val)).test is None  # a sweep without a test set
 
 
 def test_the_data_digest_sees_any_change_of_the_samples():
@@ -144,10 +150,11 @@ def test_the_data_digest_sees_any_change_of_the_samples():
     changed[0, 0] = 99
     assert a != data_digest(Samples(train=changed[:3], val=changed[3:]))
     assert a != data_digest(Samples(train=ids[:2], val=ids[2:]))
+    assert a != data_digest(Samples(train=ids[:3], val=ids[3:], test=ids[2:3]))  # the test samples too
 
 
 def test_the_results_writer_keeps_no_state_in_tunes_pickled_files(tmp_path):
-    writer = ResultsWriter(_sweep(), PositionStats(np.ones(127), np.ones(127, dtype=np.int64)), SweepStore(str(tmp_path), "s"))
+    writer = ResultsWriter(_sweep(), SplitStats(PositionStats(np.ones(127), np.ones(127, dtype=np.int64))), SweepStore(str(tmp_path), "s"))
     writer.records["x"] = object()
     assert writer.get_state() is None  # Ray Tune pickles what get_state returns with the experiment
 

@@ -21,7 +21,7 @@ from .config import EvalCfg, KvsweepError, calibration_samples, default_train_sa
 def cmd_eval(a: argparse.Namespace) -> int:
     from .baseline import run_eval
 
-    cfg = EvalCfg(model=model_cfg(a), data=data_cfg(a), batch_size=a.batch_size,
+    cfg = EvalCfg(model=model_cfg(a), data=data_cfg(a, train=False), batch_size=a.batch_size,
                   buckets=parse_bounds(a.buckets) if a.buckets else None)
     run_eval(cfg, a.out)
     return 0
@@ -37,13 +37,16 @@ def add_trial_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--epochs", type=int, default=30, help="0 only evaluates the base and the adapters at init")
-    g.add_argument("--patience", type=int, default=3, help="early stop after this many epochs without a better val PPL")
+    g.add_argument("--epochs", type=int, default=30, help="0 only evaluates the base and the adapters at init (epoch 0, "
+                   "as a method without trainable parameters always does)")
+    g.add_argument("--patience", type=int, default=3, help="early stop after this many epochs without a better val PPL "
+                   "than the best epoch's (the init, epoch 0, included)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--seed", type=int, default=0, help="adapter init and batch order")
     g.add_argument("--cache-dtype", default="float16", help="dtype the KV cache is accounted at: float16, bfloat16, float32")
     g.add_argument("--amp", default="auto", help="auto (bf16 autocast on CUDA), bf16 or off")
-    g.add_argument("--buckets", default=None, help="position bucket bounds (default: the seed's)")
+    g.add_argument("--buckets", default=None, help="position bucket bounds of the evaluation samples (default: the seed's, "
+                   "doubling beyond 128 to --eval-seq-len)")
 
 
 def trial_cfg(a: argparse.Namespace):
@@ -92,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(e)
     add_data_args(e, train=False)
     e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--buckets", default=None, help="position bucket bounds, e.g. 0,16,32,64,96,128 (default: the seed's, scaled to --seq-len)")
+    e.add_argument("--buckets", default=None, help="position bucket bounds, e.g. 0,16,32,64,96,128 (default: the seed's, "
+                   "doubling beyond 128 to --eval-seq-len)")
     e.add_argument("--out", default=None, help="folder for eval.json")
     e.set_defaults(func=cmd_eval)
 

@@ -8,9 +8,10 @@ data is loaded. This module imports neither torch nor ray.
 from __future__ import annotations
 
 import codecs
+import itertools
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Literal, Union
 
@@ -181,17 +182,36 @@ class ModelCfg:
         _check_seed(self.seed)
 
 
+def _parse_eval_seq_len(value: object) -> int | str | None:
+    """``eval_seq_len`` as ``DataCfg`` holds it: an integer >= 2 (strings from the CLI accepted), ``"max"`` or ``None``."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "max":
+            return "max"
+        try:
+            value = int(text.replace("_", "").replace(",", ""))
+        except ValueError:
+            pass
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+        raise ConfigError(f"eval_seq_len must be an integer >= 2, 'max' (the model's maximum context) or None (seq_len), got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class DataCfg:
-    """Where samples come from and how many.
+    """Where samples come from, how many, and how long.
 
     ``source``: ``tiny`` (or ``tiny:PATH``), ``wikitext-2`` / ``wikitext-103`` (hub presets), a hub
     dataset id (``Salesforce/wikitext``, with ``config_name``), or a local ``.txt``/``.raw``/``.md``,
-    ``.jsonl``/``.json`` or ``.parquet`` file. Sources with splits give train and validation samples
-    from their splits; a single file gives them from disjoint ranges of windows: the last
-    ``val_fraction`` of the windows is validation, the rest train. ``seed`` picks which windows of each
-    range become samples when fewer than all are asked for. ``encoding`` decodes text and JSON Lines
-    files (Parquet and hub text is UTF-8 by definition).
+    ``.jsonl``/``.json`` or ``.parquet`` file. Three disjoint sets of samples: train (``seq_len`` tokens
+    each), validation and test (``eval_seq_len`` tokens each). Sources with splits give them from their
+    ``train_split``, ``val_split`` and ``test_split``; a single file from three consecutive ranges of its
+    tokens: train, then validation (``val_fraction`` of the file's evaluation windows), then test (the last
+    ``test_fraction``). ``test_samples`` 0 (or ``test_fraction`` 0 for a file) leaves the test set out.
+    ``eval_seq_len``: an integer, ``"max"`` (the model's maximum context, set by ``with_max_positions``
+    once the model's config is known) or ``None`` (``seq_len``). ``seed`` picks which windows of each set
+    become samples when fewer than all are asked for. ``encoding`` decodes text and JSON Lines files
+    (Parquet and hub text is UTF-8 by definition).
     """
 
     source: str = "tiny"
@@ -199,11 +219,15 @@ class DataCfg:
     revision: str | None = None
     train_split: str = "train"
     val_split: str = "validation"
+    test_split: str = "test"
     text_field: str = "text"
     seq_len: int = 128
+    eval_seq_len: int | Literal["max"] | None = None
     train_samples: Count = 0
     val_samples: Count = "all"
+    test_samples: Count = "all"
     val_fraction: float = 0.1
+    test_fraction: float = 0.1
     seed: int = 0
     encoding: str = "utf-8"
 
@@ -212,21 +236,45 @@ class DataCfg:
             raise ConfigError("data must name a preset, a hub dataset or a local file; got an empty name")
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise ConfigError(f"seq_len must be an integer >= 2 (one prediction needs two tokens), got {self.seq_len!r}")
+        object.__setattr__(self, "eval_seq_len", _parse_eval_seq_len(self.eval_seq_len))
         object.__setattr__(self, "train_samples", parse_count("train_samples", self.train_samples, allow_zero=True))
         object.__setattr__(self, "val_samples", parse_count("val_samples", self.val_samples))
+        object.__setattr__(self, "test_samples", parse_count("test_samples", self.test_samples, allow_zero=True))
         if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) or not 0.0 < self.val_fraction <= 1.0:
             raise ConfigError(f"val_fraction must be a number in (0, 1], got {self.val_fraction!r}")
-        if self.val_fraction == 1.0 and self.train_samples != 0:
-            raise ConfigError("val_fraction 1 leaves no windows for training: set train_samples to 0 or lower val_fraction")
+        if isinstance(self.test_fraction, bool) or not isinstance(self.test_fraction, (int, float)) or not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must be a number in [0, 1), got {self.test_fraction!r}")
+        if self.val_fraction + self.test_fraction > 1.0 + 1e-12:
+            raise ConfigError(f"val_fraction + test_fraction must be <= 1, got {self.val_fraction:g} + {self.test_fraction:g}")
+        if self.val_fraction + self.test_fraction >= 1.0 - 1e-12 and self.train_samples != 0:
+            raise ConfigError(f"val_fraction {self.val_fraction:g} and test_fraction {self.test_fraction:g} leave no windows for "
+                              "training: set train_samples to 0 or lower them")
         _check_seed(self.seed)
-        if self.train_split == self.val_split:
-            raise ConfigError(f"train_split and val_split must differ, both are {self.train_split!r}")
+        splits = {"train_split": self.train_split, "val_split": self.val_split, "test_split": self.test_split}
+        for (a, x), (b, y) in itertools.combinations(splits.items(), 2):
+            if x == y:
+                raise ConfigError(f"{a} and {b} must differ, both are {x!r}")
         object.__setattr__(self, "encoding", check_encoding("encoding", self.encoding))
+
+    @property
+    def eval_len(self) -> int:
+        """Tokens per validation and test sample.
+
+        Raises:
+            ConfigError: ``eval_seq_len`` is ``"max"`` and was not set from the model (``with_max_positions``).
+        """
+        if self.eval_seq_len == "max":
+            raise ConfigError("eval_seq_len 'max' is the model's maximum context: set it with with_max_positions first")
+        return self.seq_len if self.eval_seq_len is None else self.eval_seq_len
+
+    def with_max_positions(self, max_positions: int) -> "DataCfg":
+        """This config with ``eval_seq_len`` ``"max"`` set to ``max_positions`` (the model's maximum context)."""
+        return replace(self, eval_seq_len=max_positions) if self.eval_seq_len == "max" else self
 
 
 @dataclass(frozen=True)
 class EvalCfg:
-    """One evaluation of a frozen base on validation samples."""
+    """One evaluation of a frozen base on validation and test samples (of ``data.eval_len`` tokens)."""
 
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -236,11 +284,12 @@ class EvalCfg:
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
-        position_buckets(self.data.seq_len, self.buckets)  # validates
+        if self.data.eval_seq_len != "max":  # else once the model's maximum is known
+            position_buckets(self.data.eval_len, self.buckets)  # validates
 
     @property
     def bucket_ranges(self) -> list[tuple[int, int]]:
-        return position_buckets(self.data.seq_len, self.buckets)
+        return position_buckets(self.data.eval_len, self.buckets)
 
 
 def _check_number(name: str, value: object, *, low: float, low_inclusive: bool, high: float | None = None, integer: bool = False) -> None:

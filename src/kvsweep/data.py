@@ -1,11 +1,12 @@
 """Samples: loading documents, tokenizing, cutting into windows, and the tokenized cache.
 
 Documents (a text file is one document; a dataset's rows are documents) are tokenized whole, joined by
-the tokenizer's EOS token and concatenated; the stream is cut into consecutive non-overlapping
-``seq_len`` windows and the remainder dropped. Sources with splits (hub datasets, ``tiny``) give train
-and validation samples from different splits; a single local file gives them from disjoint ranges of
-windows (validation is the last ``val_fraction`` of them). When fewer samples than windows are asked
-for, ``seed`` picks which.
+the tokenizer's EOS token and concatenated; the stream is cut into consecutive non-overlapping windows
+(``seq_len`` tokens for training, ``eval_seq_len`` for validation and test) and the remainder dropped.
+Sources with splits (hub datasets, ``tiny``) give train, validation and test samples from their three
+splits; a single local file gives them from three disjoint, consecutive ranges of its tokens (train, then
+validation, then test: ``load_samples``). When fewer samples than windows are asked for, ``seed`` picks
+which.
 
 The windows of each (tokenizer, source, split, seq_len) are tokenized once and cached as an Arrow IPC
 file under ``$KVSWEEP_CACHE/data``; later loads memory-map it, so a sweep tokenizes once and every
@@ -305,11 +306,23 @@ def _read_windows(path: Path, seq_len: int) -> tuple[np.ndarray, int]:
 
 @dataclass
 class Samples:
-    """Train and validation samples: ``train`` (N_train, T) and ``val`` (N_val, T), int32."""
+    """Train, validation and test samples, int32: ``train`` (N_train, T), ``val`` (N_val, E), ``test`` (N_test, E), with
+    T the train length (``seq_len``) and E the evaluation length (``eval_seq_len``); ``test`` is (0, E) when the test
+    set is left out."""
 
     train: np.ndarray
     val: np.ndarray
+    test: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.test is None:
+            self.test = np.zeros((0, self.val.shape[1]), dtype=np.int32)
+
+    @property
+    def eval_len(self) -> int:
+        """Tokens per validation and test sample."""
+        return int(self.val.shape[1])
 
 
 def select(n_windows: int, count, seed: int, stream: int) -> np.ndarray:
@@ -318,6 +331,9 @@ def select(n_windows: int, count, seed: int, stream: int) -> np.ndarray:
         return np.arange(n_windows)
     rng = np.random.default_rng([seed, stream])
     return np.sort(rng.permutation(n_windows)[:count])
+
+
+_TRAIN, _VAL, _TEST = 0, 1, 2  # the random streams that pick each set's samples
 
 
 def _check_enough(what: str, count, n: int, tokens: int, seq_len: int, where: str, hint: str = "") -> None:
@@ -335,57 +351,97 @@ def _train_samples(ids: np.ndarray, n: int, tokens: int, cfg: DataCfg, used: int
     T = cfg.seq_len
     if used is None:
         _check_enough("train", cfg.train_samples, n, tokens, T, where)
-        return ids[select(n, cfg.train_samples, cfg.seed, 0)]
+        return ids[select(n, cfg.train_samples, cfg.seed, _TRAIN)]
     if n == 0:
         raise DataError(f"data: {where} has no windows of {T} tokens, but calibrating the adapters takes up to {used:,} "
                         "train samples; use a longer source, a shorter seq_len, or an init that needs no data")
     count = n if cfg.train_samples == "all" else min(cfg.train_samples, n)
-    return ids[select(n, count, cfg.seed, 0)[:used]]  # the first of the samples a trained run selects
+    return ids[select(n, count, cfg.seed, _TRAIN)[:used]]  # the first of the samples a trained run selects
+
+
+def _held_out(ids: np.ndarray, lo: int, hi: int, count, stream: int, cfg: DataCfg, what: str, where: str, hint: str = "") -> np.ndarray:
+    """``count`` samples of a validation or test set out of the evaluation windows ``ids[lo:hi]``."""
+    E = ids.shape[1]
+    _check_enough(what, count, hi - lo, (hi - lo) * E, E, where, hint)
+    return ids[lo + select(hi - lo, count, cfg.seed, stream)]
 
 
 def load_samples(cfg: DataCfg, tokenizer, *, log: Callable[[str], None] = print, train_used: int | None = None) -> Samples:
-    """Train and validation samples as DESIGN.md defines them, through the tokenized cache.
+    """Train, validation and test samples as DESIGN.md defines them, through the tokenized cache.
+
+    Train samples are windows of ``cfg.seq_len`` tokens, validation and test samples windows of
+    ``cfg.eval_len``. A source with splits gives each set from its own split. A single file is cut into three
+    consecutive ranges of tokens: its ``E``-token evaluation windows (E = ``eval_len``) are counted, the last
+    ``test_fraction`` of them are the test range, the ``val_fraction`` before those the validation range, and the
+    tokens before that are the train range (cut into ``seq_len``-token windows); a window never crosses from one
+    range into another. The ranges depend on the fractions only, not on how many samples are asked for; with
+    ``test_samples`` 0 (or ``test_fraction`` 0) the test set is empty. ``seed`` picks the samples of each set
+    independently.
 
     ``train_used``: for a trial that uses only the first train samples (one that evaluates without
     training calibrates on at most this many), the same samples are selected as without it and the
     first ``train_used`` kept: fewer when the source has fewer, none loaded when it is 0.
 
+    ``info`` says where the samples came from: ``source``, ``seq_len``, ``eval_seq_len``, ``seed``, the splits
+    (``train_split``, ``val_split``, ``test_split``, ``val_windows``, ``test_windows``) or, for a single file,
+    ``val_range`` and ``test_range`` (in evaluation windows, [lo, hi)), ``eval_windows``, ``train_range`` (in
+    train windows) and ``total_tokens``; and the number of samples of each set.
+
     Raises:
         DataError: the source has fewer windows than asked for (a single file: in its range), a file does
-            not decode, or a hub dataset cannot be loaded.
-        MissingFileError, ConfigError: from ``resolve_source``.
+            not decode, or a hub dataset cannot be loaded (a missing test split: with a hint to leave it out).
+        MissingFileError, ConfigError: from ``resolve_source``; ``eval_seq_len`` still ``"max"``.
     """
     source = resolve_source(cfg)
-    T = cfg.seq_len
-    info: dict = {"source": source.describe(), "seq_len": T, "seed": cfg.seed}
+    T, E = cfg.seq_len, cfg.eval_len
+    info: dict = {"source": source.describe(), "seq_len": T, "eval_seq_len": E, "seed": cfg.seed}
     none = np.zeros((0, T), dtype=np.int32)
+    test = np.zeros((0, E), dtype=np.int32)
     wants_train = cfg.train_samples != 0 and train_used != 0
     if source.has_splits:
-        val_w = load_windows(source, cfg.val_split, cfg.text_field, tokenizer, T, log=log)
-        _check_enough("validation", cfg.val_samples, len(val_w.ids), val_w.tokens, T, f"{source.describe()} [{cfg.val_split}]")
-        val = val_w.ids[select(len(val_w.ids), cfg.val_samples, cfg.seed, 1)]
-        train, hits = none, [val_w.cache_hit]
+        val_w = load_windows(source, cfg.val_split, cfg.text_field, tokenizer, E, log=log)
+        val = _held_out(val_w.ids, 0, len(val_w.ids), cfg.val_samples, _VAL, cfg, "validation",
+                        f"{source.describe()} [{cfg.val_split}]")
+        hits = [val_w.cache_hit]
+        info.update(val_split=cfg.val_split, val_windows=len(val_w.ids), test_split=None, test_windows=0)
+        if cfg.test_samples != 0:
+            try:
+                test_w = load_windows(source, cfg.test_split, cfg.text_field, tokenizer, E, log=log)
+            except DataError as e:
+                raise DataError(f"{e} (to evaluate without a test set, give test_samples 0: --test-samples 0)") from e
+            test = _held_out(test_w.ids, 0, len(test_w.ids), cfg.test_samples, _TEST, cfg, "test",
+                             f"{source.describe()} [{cfg.test_split}]")
+            hits.append(test_w.cache_hit)
+            info.update(test_split=cfg.test_split, test_windows=len(test_w.ids))
+        train = none
         if wants_train:
             train_w = load_windows(source, cfg.train_split, cfg.text_field, tokenizer, T, log=log)
             train = _train_samples(train_w.ids, len(train_w.ids), train_w.tokens, cfg, train_used,
                                    f"{source.describe()} [{cfg.train_split}]")
             hits.append(train_w.cache_hit)
-        info.update(val_split=cfg.val_split, train_split=cfg.train_split, val_windows=len(val_w.ids))
+        info.update(train_split=cfg.train_split)
     else:
-        w = load_windows(source, None, cfg.text_field, tokenizer, T, log=log)
-        n = len(w.ids)
-        n_val = min(n, max(1, round(n * cfg.val_fraction))) if n else 0
-        lo = n - n_val  # windows [0, lo) train, [lo, n) validation
+        ev = load_windows(source, None, cfg.text_field, tokenizer, E, log=log)
+        n = len(ev.ids)
+        n_val = min(n, max(1, round(n * cfg.val_fraction))) if n else 0  # validation first: a trial needs it, test it may lack
+        n_test = min(n - n_val, max(1, round(n * cfg.test_fraction))) if n > n_val and cfg.test_fraction > 0 else 0
+        lo, hi = n - n_test - n_val, n - n_test  # evaluation windows [0, lo) train, [lo, hi) validation, [hi, n) test
         whole = cfg.val_fraction == 1
-        _check_enough("validation", cfg.val_samples, n_val, n_val * T, T, source.describe() if whole else
-                      f"the validation range (last {cfg.val_fraction:g} of the windows) of {source.describe()}",
-                      "" if whole else " (or raise val_fraction)")
-        val = w.ids[lo + select(n_val, cfg.val_samples, cfg.seed, 1)]
-        train = none
+        where = source.describe() if whole else \
+            f"the validation range ({cfg.val_fraction:g} of the windows of {E}, before the test range) of {source.describe()}"
+        val = _held_out(ev.ids, lo, hi, cfg.val_samples, _VAL, cfg, "validation", where, "" if whole else " (or raise val_fraction)")
+        if cfg.test_samples != 0 and cfg.test_fraction > 0:
+            test = _held_out(ev.ids, hi, n, cfg.test_samples, _TEST, cfg, "test",
+                             f"the test range (the last {cfg.test_fraction:g} of the windows of {E}) of {source.describe()}",
+                             " (or raise test_fraction)")
+        hits = [ev.cache_hit]
+        train, n_train = none, (lo * E) // T  # the train windows that end before the validation range starts
         if wants_train:
-            train = _train_samples(w.ids, lo, lo * T, cfg, train_used,
-                                   f"the train range (first {1 - cfg.val_fraction:g} of the windows) of {source.describe()}")
-        hits = [w.cache_hit]
-        info.update(val_range=[lo, n], train_range=[0, lo], total_tokens=w.tokens)
-    info.update(train_samples=len(train), val_samples=len(val), cache_hit=all(hits))
-    return Samples(train=train, val=val, info=info)
+            tw = ev if T == E else load_windows(source, None, cfg.text_field, tokenizer, T, log=log)
+            train = _train_samples(tw.ids, n_train, n_train * T, cfg, train_used,
+                                   f"the train range (the first {1 - cfg.val_fraction - cfg.test_fraction:g} of the file) "
+                                   f"of {source.describe()}")
+            hits.append(tw.cache_hit)
+        info.update(val_range=[lo, hi], test_range=[hi, n], eval_windows=n, train_range=[0, n_train], total_tokens=ev.tokens)
+    info.update(train_samples=len(train), val_samples=len(val), test_samples=len(test), cache_hit=all(hits))
+    return Samples(train=train, val=val, test=test, info=info)

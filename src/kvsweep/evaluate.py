@@ -3,7 +3,9 @@
 A sample of T tokens gives T-1 predictions; the one at position i predicts token i+1 from tokens 0..i.
 Perplexity is exp(mean NLL) over all predictions of the samples; a bucket's perplexity is exp(mean NLL)
 over the predictions whose position falls in it. Sums are kept in float64 so that bucket NLLs add up to
-the total.
+the total. ``evaluate`` forms the logits ``EVAL_CHUNK`` tokens at a time (``kvsweep.chunked``), so that a batch
+of long samples (16 x 2,048 tokens of Pythia's 50k vocabulary: 6.6 GB of float32 logits) costs no more memory
+for its logits than a short one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .chunked import linear_nll
+
+EVAL_CHUNK = 4096
+"""Tokens whose logits exist at once while a model is evaluated."""
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -61,21 +68,39 @@ class PositionStats:
         return out
 
 
+@dataclass
+class SplitStats:
+    """One model's statistics on the validation samples and on the test samples (``None`` without a test set)."""
+
+    val: PositionStats
+    test: PositionStats | None = None
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, samples: np.ndarray, *, batch_size: int = 8) -> PositionStats:
-    """Per-position NLL of ``model`` over ``samples`` (N, T), on the model's device, in batches."""
+    """Per-position NLL of ``model`` over ``samples`` (N, T), on the model's device, in batches.
+
+    ``model`` is a causal LM whose logits are its output embedding's weight times its base model's last hidden
+    states, without a bias (GPT-NeoX's ``embed_out``); the logits are formed ``EVAL_CHUNK`` tokens at a time.
+    """
     if len(samples) == 0:
         raise ValueError("evaluate needs at least one sample")
     device = next(model.parameters()).device
+    weight = model.get_output_embeddings().weight.detach()  # (V, d)
     stats = PositionStats.zeros(samples.shape[1])
     was_training = model.training
     model.eval()
     for start in range(0, len(samples), batch_size):
         ids = torch.from_numpy(np.array(samples[start : start + batch_size], dtype=np.int64)).to(device)  # (B, T)
-        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-        stats.add(token_nll(logits, ids))
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, d), after the final norm
+        stats.add(linear_nll(hidden[:, :-1], weight, ids[:, 1:], chunk_rows=EVAL_CHUNK))  # (B, T-1)
     model.train(was_training)
     return stats
+
+
+def evaluate_splits(model: torch.nn.Module, val: np.ndarray, test: np.ndarray, *, batch_size: int = 8) -> SplitStats:
+    """``evaluate`` on the validation samples ``val`` (N_val, E) and, unless it holds none, the test samples ``test``."""
+    return SplitStats(evaluate(model, val, batch_size=batch_size), evaluate(model, test, batch_size=batch_size) if len(test) else None)
 
 
 def unigram_ppl(train_ids: np.ndarray, targets: np.ndarray, vocab_size: int) -> float:

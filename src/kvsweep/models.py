@@ -181,10 +181,11 @@ class Base:
         return int(self.model.config.max_position_embeddings)
 
 
-def check_seq_len(config: GPTNeoXConfig, seq_len: int, name: str) -> None:
+def check_seq_len(config: GPTNeoXConfig, seq_len: int, name: str, what: str = "seq_len") -> None:
+    """Raises: ConfigError: ``seq_len`` (the flag ``what``) is beyond the model's positions."""
     if seq_len > config.max_position_embeddings:
         raise ConfigError(
-            f"seq_len {seq_len} is beyond model {name}'s {config.max_position_embeddings} positions; "
+            f"{what} {seq_len} is beyond model {name}'s {config.max_position_embeddings} positions; "
             f"valid range: 2..{config.max_position_embeddings}"
         )
 

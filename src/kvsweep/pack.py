@@ -30,12 +30,11 @@ import torch
 from .adapters import TAPS
 from .chunked import linear_nll
 from .data import Samples
-from .evaluate import PositionStats
+from .evaluate import EVAL_CHUNK, PositionStats, SplitStats
 from .models import Base, final_hidden, output_weight
 from .results import TrialResult
 from .train import Driver, Report, TrialCfg, TrialRun, train_step
 
-EVAL_CHUNK = 4096  # tokens whose logits exist at once while a pack evaluates
 Rows = list[tuple[TrialRun, "int | None"]]  # (trial, its rows of the stacked batch; None: all of them)
 
 
@@ -117,11 +116,12 @@ class Pack(Driver):
         train_step(self.base.model, runs, route=self.routing)
 
     @torch.no_grad()
-    def evaluate(self, runs: list[TrialRun], max_rows: int = 256) -> list[PositionStats]:
-        """Validation statistics of each of ``runs``, several trials per forward (at most ``max_rows`` rows):
-        each validation batch repeated once per trial, each copy through its trial's adapters, the NLL from
-        hidden states (no full logits). The same statistics as ``evaluate`` for each trial alone."""
-        val, first = self.samples.val, runs[0]
+    def evaluate(self, runs: list[TrialRun], samples: np.ndarray | None = None, max_rows: int = 256) -> list[PositionStats]:
+        """Statistics of each of ``runs`` on ``samples`` (N, E; the validation samples unless told otherwise), several
+        trials per forward (at most ``max_rows`` rows): each batch repeated once per trial, each copy through its
+        trial's adapters, the NLL from hidden states (no full logits). The same statistics as ``evaluate`` for each
+        trial alone."""
+        val, first = (self.samples.val if samples is None else samples), runs[0]
         batch = first.cfg.train.eval_batch_size
         per_forward = max(1, max_rows // batch)
         model, weight = self.base.model, output_weight(self.base.model)
@@ -173,7 +173,7 @@ class Pack(Driver):
         return self.routers[key]
 
 
-def run_packed(cfgs: list[TrialCfg], *, base: Base, samples: Samples, base_stats: PositionStats | None = None,
+def run_packed(cfgs: list[TrialCfg], *, base: Base, samples: Samples, base_stats: SplitStats | None = None,
                reports: list[Report] | None = None, checkpoint_dirs: list[str | Path | None] | None = None,
                log: Callable[[str], None] = print) -> list[TrialResult]:
     """Train ``cfgs`` together on one base until each completes, stops early or fails; their results in order.

@@ -7,7 +7,9 @@ import argparse
 from .config import SCHEDULERS, ConfigError, DataCfg, ModelCfg, SweepCfg, TrainCfg, default_train_samples
 
 PACKED_LOSS_CHUNK = 4096  # a pack's stacked batch would otherwise hold float32 logits for all its trials' tokens
-SMOKE = {"train_samples": 64, "val_samples": 16, "epochs": 2}
+SMOKE = {"train_samples": 64, "val_samples": 16, "test_samples": 16, "eval_seq_len": 256, "epochs": 2}
+"""What ``--smoke-test`` changes: a few samples, evaluated at 256 tokens (beyond the 128 trained on, but far below
+the model's maximum, which costs minutes on CPU), 2 epochs."""
 
 
 def sweep_parser(description: str, default_name: str) -> argparse.ArgumentParser:
@@ -28,9 +30,16 @@ def sweep_parser(description: str, default_name: str) -> argparse.ArgumentParser
     g.add_argument("--dtype", default="float32")
     g.add_argument("--data", default=None, help="tiny, wikitext-2, a hub dataset or a local file (default: tiny)")
     g.add_argument("--encoding", default="utf-8", help="encoding of a text or JSON Lines file, e.g. latin-1 (default: utf-8)")
-    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per train sample (default: 128)")
+    g.add_argument("--eval-seq-len", default=None, help="tokens per validation and test sample, or 'max': the model's "
+                   f"maximum context (default: max, 2048 on Pythia and tiny; {SMOKE['eval_seq_len']} with --smoke-test)")
     g.add_argument("--train-samples", default=None, help="train samples or 'all' (default: 10000; 'all' on tiny)")
     g.add_argument("--val-samples", default=None, help="validation samples or 'all' (default: all)")
+    g.add_argument("--test-samples", default=None, help="test samples, 'all' or 0 (no test set) (default: all)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="a single file: the fraction of its windows, before the "
+                   "test range, that is validation (default: 0.1)")
+    g.add_argument("--test-fraction", type=float, default=0.1, help="a single file: its last fraction of windows is the test "
+                   "range (default: 0.1)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None, help="epochs per trial, the scheduler's max_t (default: 30)")
     g.add_argument("--batch-size", type=int, default=8)
@@ -85,8 +94,11 @@ def sweep_cfg(a: argparse.Namespace, default_name: str) -> SweepCfg:
     model = ModelCfg(name=a.model or "tiny", revision=a.revision, random_init=a.random_init, tokenizer=a.tokenizer, dtype=a.dtype)
     data = DataCfg(
         source=a.data or "tiny", seq_len=a.seq_len, encoding=a.encoding,
+        eval_seq_len=a.eval_seq_len if a.eval_seq_len is not None else (SMOKE["eval_seq_len"] if smoke else "max"),
         train_samples=a.train_samples or (SMOKE["train_samples"] if smoke else default_train_samples(a.data or "tiny")),
         val_samples=a.val_samples or (SMOKE["val_samples"] if smoke else "all"),
+        test_samples=a.test_samples if a.test_samples is not None else (SMOKE["test_samples"] if smoke else "all"),
+        val_fraction=a.val_fraction, test_fraction=a.test_fraction,
     )
     train = TrainCfg(lr=a.lr, batch_size=a.batch_size, epochs=a.epochs if a.epochs is not None else (SMOKE["epochs"] if smoke else 30), patience=a.patience,
                      compile=a.compile, loss_chunk=a.loss_chunk if a.loss_chunk is not None else (PACKED_LOSS_CHUNK if a.pack > 1 else 0))

@@ -2,8 +2,9 @@
 
 Its corpus (``kvsweep.corpus``) is the documentation that ships with Python's standard library
 (``pydoc_data.topics``, one document per topic) or a text file the user names (``tiny:PATH``). The corpus has a fixed train /
-validation split; the byte-level BPE tokenizer and the model see only the train split, so the
-validation split is held out for the model and for every evaluation of it (``--data tiny``).
+validation / test split; the byte-level BPE tokenizer and the model see only the train split, so the
+validation and test splits are held out for the model and for every evaluation of it (``--data tiny``). The
+build reports its held-out PPL on the validation split.
 
 The first use builds it (about a minute on 2 CPU cores) into ``$KVSWEEP_CACHE/tiny/<key>/`` with
 ``save_pretrained`` (model and tokenizer, so ``from_pretrained`` reloads both); later uses load it from

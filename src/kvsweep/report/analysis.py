@@ -113,11 +113,13 @@ class Analysis:
                           float(np.nanmean([r["base_ppl"] for r in rows])))
                 for (lo, hi), rows in sorted(by_bucket.items())]
 
-    def _lookup(self, i: int, attr: str, sort: str, memo: dict[int, pa.Table]) -> pa.Table | None:
+    def _lookup(self, i: int, attr: str, sort: str, memo: dict[int, pa.Table], split: str | None = None) -> pa.Table | None:
         if i not in memo:
             src = getattr(self.results[self.source_index[i]], attr)
             tid = self.trials.column("trial_id")[i].as_py()
             rows = None if src is None else src.filter(pc.equal(src.column("trial_id"), tid))
+            if rows is not None and split is not None:
+                rows = rows.filter(pc.equal(rows.column("split"), split))
             memo[i] = rows.sort_by(sort) if rows is not None and rows.num_rows else None
         return memo[i]
 

@@ -117,6 +117,7 @@ def synthetic_tables(
         "status": status.tolist(), "error": ["CUDA out of memory (synthetic)" if e else None for e in is_err],
         "epochs_run": epochs_run.tolist(), "max_epochs": [max_epochs] * n, "best_epoch": [None if e else int(b) for e, b in zip(is_err, best_epoch)],
         "best_val_ppl": best.tolist(), "base_val_ppl": [base_ppl] * n, "init_val_ppl": (best * 3.0).tolist(),
+        "test_ppl": (best * 1.02).tolist(), "base_test_ppl": [base_ppl * 1.02] * n, "eval_seq_len": [2048] * n,
         "degradation_pct": deg.tolist(), "kv_bytes_per_token": kv.tolist(),
         "kv_bytes_per_token_accounted": kv.tolist(), "kv_bytes_per_token_base": [kv_base] * n,
         "kv_ratio": (kv / kv_base).tolist(), "trainable_params": trainable.tolist(),

@@ -79,10 +79,15 @@ class EpochMetrics:
     seconds: float | None = None  # wall time of the epoch (training and evaluation)
 
 
+SPLITS = ("validation", "test")
+"""The evaluation sets a position row may be of (``PositionMetrics.split``)."""
+
+
 @dataclass(frozen=True)
 class PositionMetrics:
-    """One row of ``positions.parquet``: validation PPL of the trial (its best epoch) and of the base in one
-    position bucket ``[lo, hi)`` of ``tokens`` predictions; ``diff = ppl - base_ppl``, ``degradation_pct`` in %."""
+    """One row of ``positions.parquet``: PPL of the trial (at its best epoch, chosen on validation) and of the base on
+    ``split`` (``validation`` or ``test``) in one position bucket ``[lo, hi)`` of ``tokens`` predictions;
+    ``diff = ppl - base_ppl``, ``degradation_pct`` in %."""
 
     lo: int = field(metadata=_column(pa.int32()))
     hi: int = field(metadata=_column(pa.int32()))
@@ -91,39 +96,56 @@ class PositionMetrics:
     base_ppl: float
     diff: float
     degradation_pct: float
+    split: str = "validation"
 
     @classmethod
-    def of(cls, lo: int, hi: int, tokens: int, ppl: float, base_ppl: float) -> "PositionMetrics":
-        return cls(lo, hi, tokens, ppl, base_ppl, ppl - base_ppl, 100 * (ppl - base_ppl) / base_ppl)
+    def of(cls, lo: int, hi: int, tokens: int, ppl: float, base_ppl: float, split: str = "validation") -> "PositionMetrics":
+        return cls(lo, hi, tokens, ppl, base_ppl, ppl - base_ppl, 100 * (ppl - base_ppl) / base_ppl, split)
 
 
 @dataclass(frozen=True)
 class BucketPPL:
-    """A trial's validation PPL in the position bucket ``[lo, hi)``."""
+    """A trial's PPL (validation or test) in the position bucket ``[lo, hi)``."""
 
     lo: int
     hi: int
     ppl: float
 
 
-def bucket_key(lo: int, hi: int) -> str:
-    """The flat name of a bucket's PPL in a Tune result: ``ppl_pos_<lo>_<hi>``."""
-    return f"ppl_pos_{lo}_{hi}"
+BUCKET_PREFIXES = ("", "best_", "test_")
+"""The flat names' prefixes of an ``EpochReport``'s buckets: the epoch's validation PPL, the best epoch's, its test PPL."""
 
 
-_BUCKET_KEY = re.compile(r"ppl_pos_(\d+)_(\d+)", re.ASCII)
+def bucket_key(lo: int, hi: int, prefix: str = "") -> str:
+    """The flat name of a bucket's PPL in a Tune result: ``<prefix>ppl_pos_<lo>_<hi>`` (a prefix of ``BUCKET_PREFIXES``)."""
+    return f"{prefix}ppl_pos_{lo}_{hi}"
 
 
-def position_metrics(trial: Sequence[BucketPPL], base: Sequence[Mapping[str, Any]]) -> list[PositionMetrics]:
-    """The trial's PPL per bucket against the base's (``PositionStats.buckets``: ``lo``, ``hi``, ``tokens``, ``ppl``),
-    in the base's buckets; NaN where the trial has no PPL for one."""
+_BUCKET_KEYS = {prefix: re.compile(rf"{prefix}ppl_pos_(\d+)_(\d+)", re.ASCII) for prefix in BUCKET_PREFIXES}
+
+
+def _flat_buckets(buckets: Sequence[BucketPPL], prefix: str) -> dict:
+    return {bucket_key(b.lo, b.hi, prefix): b.ppl for b in buckets}
+
+
+def _read_buckets(flat: Mapping[str, Any], prefix: str) -> tuple[BucketPPL, ...]:
+    pattern = _BUCKET_KEYS[prefix]
+    found = sorted((int(m.group(1)), int(m.group(2)), float(v)) for k, v in flat.items()
+                   if (m := pattern.fullmatch(k)) and _number(v, float) is not None)
+    return tuple(BucketPPL(lo, hi, ppl) for lo, hi, ppl in found)
+
+
+def position_metrics(trial: Sequence[BucketPPL], base: Sequence[Mapping[str, Any]], split: str = "validation") -> list[PositionMetrics]:
+    """The trial's PPL per bucket on ``split`` against the base's (``PositionStats.buckets``: ``lo``, ``hi``, ``tokens``,
+    ``ppl``), in the base's buckets; NaN where the trial has no PPL for one."""
     ppl = {(b.lo, b.hi): b.ppl for b in trial}
-    return [PositionMetrics.of(b["lo"], b["hi"], b["tokens"], ppl.get((b["lo"], b["hi"]), math.nan), b["ppl"]) for b in base]
+    return [PositionMetrics.of(b["lo"], b["hi"], b["tokens"], ppl.get((b["lo"], b["hi"]), math.nan), b["ppl"], split) for b in base]
 
 
 @dataclass(frozen=True)
 class TrialConstants:
-    """What a trial reports with every epoch, the same each time: the base's and the init's validation PPL, KV
+    """What a trial reports with every epoch, the same each time: the base's and the init's validation PPL (and the
+    base's test PPL, ``None`` without a test set), KV
     cache bytes per token (accounted by ``kvsweep.kvcache``, and measured in a latent-cache decode), their ratio
     to the base's, and parameters (trainable: the adapters'; total: base and adapters). Read back from results of an
     older kvsweep (``EpochReport.from_report``), a field they lack is ``None``."""
@@ -136,6 +158,7 @@ class TrialConstants:
     trainable_params: int
     total_params: int
     fixed_bytes: int | None = None  # what the methods add that does not grow with the context (their weights, ...)
+    base_test_ppl: float | None = None
 
 
 def is_true(value: Any) -> bool:
@@ -170,9 +193,10 @@ def _flat(obj: Any) -> dict:
 @dataclass(frozen=True)
 class EpochReport:
     """What a trial reports after an epoch: its metrics, its validation PPL per position bucket, its constants,
-    the best validation PPL so far, whether it stops early; in a sweep also its start-up time (first report) and
-    whether the report repeats a checkpoint's epoch (``resumed``). A trial that fails reports only ``epoch``,
-    ``val_ppl`` (inf) and ``error`` (``EpochReport.failed``).
+    the best epoch so far (chosen on validation; the init, epoch 0, is a candidate) with its validation PPL overall
+    and per bucket and its test PPL overall and per bucket (``None`` and empty without a test set), whether it stops
+    early; in a sweep also its start-up time (first report) and whether the report repeats a checkpoint's epoch
+    (``resumed``). A trial that fails reports only ``epoch``, ``val_ppl`` (inf) and ``error`` (``EpochReport.failed``).
 
     ``to_report()`` is the flat dict given to ``ray.tune.report`` (and kept in checkpoints); ``from_report`` reads
     one back, also from Tune's result files through pandas (NaN for missing keys, numpy bools).
@@ -184,6 +208,10 @@ class EpochReport:
     best_val_ppl: float | None = None
     early_stopped: bool | None = None
     error: str | None = None
+    best_epoch: int | None = None
+    best_buckets: tuple[BucketPPL, ...] = ()  # validation PPL per bucket at the best epoch
+    test_ppl: float | None = None  # at the best epoch
+    test_buckets: tuple[BucketPPL, ...] = ()  # test PPL per bucket at the best epoch
     first_step_at: float | None = None  # time.time() of the trial's first training step
     startup_seconds: float | None = None  # from the trial's start to its first training step
     resumed: bool = False
@@ -203,13 +231,17 @@ class EpochReport:
 
     def to_report(self) -> dict:
         """The flat dict of this report: the metrics' fields, ``ppl_pos_<lo>_<hi>`` per bucket, the constants'
-        fields, ``best_val_ppl``, ``early_stopped``, ``trial_error``, ``first_step_at``, ``startup_seconds``,
-        ``resumed`` (only when set); ``None`` values are left out."""
+        fields, ``best_val_ppl``, ``best_epoch``, ``best_ppl_pos_<lo>_<hi>``, ``test_ppl``, ``test_ppl_pos_<lo>_<hi>``,
+        ``early_stopped``, ``trial_error``, ``first_step_at``, ``startup_seconds``, ``resumed`` (only when set); ``None``
+        values are left out."""
         out = _flat(self.metrics)
-        out.update({bucket_key(b.lo, b.hi): b.ppl for b in self.buckets})
+        out.update(_flat_buckets(self.buckets, ""))
         if self.trial is not None:
             out.update(_flat(self.trial))
-        extra = {"best_val_ppl": self.best_val_ppl, "early_stopped": self.early_stopped, "trial_error": self.error,
+        out.update(_flat_buckets(self.best_buckets, "best_"))
+        out.update(_flat_buckets(self.test_buckets, "test_"))
+        extra = {"best_val_ppl": self.best_val_ppl, "best_epoch": self.best_epoch, "test_ppl": self.test_ppl,
+                 "early_stopped": self.early_stopped, "trial_error": self.error,
                  "first_step_at": self.first_step_at, "startup_seconds": self.startup_seconds,
                  "resumed": True if self.resumed else None}
         out.update({k: v for k, v in extra.items() if v is not None})
@@ -225,18 +257,20 @@ class EpochReport:
         metrics = _parse(EpochMetrics, flat)
         if metrics["epoch"] is None:
             raise ValueError(f"no epoch in the result {dict(flat)!r:.200}")
-        buckets = sorted((int(m.group(1)), int(m.group(2)), float(v)) for k, v in flat.items()
-                         if (m := _BUCKET_KEY.fullmatch(k)) and _number(v, float) is not None)
         constants = _parse(TrialConstants, flat)
         trial = TrialConstants(**constants) if constants["base_val_ppl"] is not None and constants["base_val_ppl"] == constants["base_val_ppl"] else None
         early = flat.get("early_stopped")
         return cls(
             metrics=EpochMetrics(**metrics),
-            buckets=tuple(BucketPPL(lo, hi, ppl) for lo, hi, ppl in buckets),
+            buckets=_read_buckets(flat, ""),
             trial=trial,
             best_val_ppl=_number(flat.get("best_val_ppl"), float),
             early_stopped=None if early is None or (isinstance(early, float) and early != early) else is_true(early),
             error=_text(flat.get("trial_error")),
+            best_epoch=_number(flat.get("best_epoch"), int),
+            best_buckets=_read_buckets(flat, "best_"),
+            test_ppl=_finite(flat.get("test_ppl")),
+            test_buckets=_read_buckets(flat, "test_"),
             first_step_at=_finite(flat.get("first_step_at")),
             startup_seconds=_finite(flat.get("startup_seconds")),
             resumed=is_true(flat.get("resumed")),
@@ -262,9 +296,11 @@ def reports_of(results: Iterable[Mapping[str, Any]]) -> list[EpochReport]:
 @dataclass(frozen=True)
 class TrialResult:
     """A trial at its end: status (``completed``, ``early_stopped`` or ``error`` with ``error``), epochs trained, best
-    epoch and its validation PPL, the base's and the init's, degradation in %, KV cache bytes (per token: accounted
-    and measured, and per layer; the base's), parameters, every epoch's report (``history``, epoch 0 first for a
-    trial that started afresh), the best epoch's PPL per position bucket against the base's, and wall seconds."""
+    epoch (chosen on validation; 0: the init) and its validation PPL, the base's and the init's, the best epoch's and
+    the base's test PPL (``None`` without a test set), the evaluation samples' length, degradation in % (validation),
+    KV cache bytes (per token: accounted and measured, and per layer; the base's), parameters, every epoch's report
+    (``history``, epoch 0 first for a trial that started afresh), the best epoch's PPL per position bucket against the
+    base's (validation rows, then test rows), and wall seconds."""
 
     status: str | None
     epochs_run: int
@@ -272,6 +308,9 @@ class TrialResult:
     best_val_ppl: float
     base_val_ppl: float
     init_val_ppl: float
+    test_ppl: float | None
+    base_test_ppl: float | None
+    eval_seq_len: int
     degradation_pct: float
     kv_bytes_per_token: int
     kv_bytes_per_token_measured: int

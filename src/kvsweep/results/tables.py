@@ -17,10 +17,11 @@ from ..atomic import atomic_path
 
 from .metrics import ARROW_TYPES, EpochMetrics, PositionMetrics, arrow_schema
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 """Stored in each file's metadata as ``kvsweep_schema``. Readers take this version and, through
-``upgrade``, the older ones they know (``READABLE_VERSIONS``); any other is rejected."""
-READABLE_VERSIONS = ("2", SCHEMA_VERSION)
+``upgrade``, the older ones they know (``READABLE_VERSIONS``); any other is rejected. Version 4 added the test set:
+``test_ppl``, ``base_test_ppl`` and ``eval_seq_len`` in trials, ``split`` in positions."""
+READABLE_VERSIONS = ("2", "3", SCHEMA_VERSION)
 
 TRIAL_SCHEMA = pa.schema([
     ("trial_id", pa.string()),
@@ -38,10 +39,13 @@ TRIAL_SCHEMA = pa.schema([
     ("error", pa.string()),
     ("epochs_run", pa.int32()),
     ("max_epochs", pa.int32()),
-    ("best_epoch", pa.int32()),
+    ("best_epoch", pa.int32()),  # chosen on validation; 0: the adapters at init
     ("best_val_ppl", pa.float64()),
     ("base_val_ppl", pa.float64()),
     ("init_val_ppl", pa.float64()),
+    ("test_ppl", pa.float64()),  # at the best epoch; null without a test set
+    ("base_test_ppl", pa.float64()),
+    ("eval_seq_len", pa.int64()),  # tokens per validation and test sample
     ("degradation_pct", pa.float64()),
     ("kv_bytes_per_token", pa.int64()),  # measured: what a latent-cache decode's cache tensors hold
     ("kv_bytes_per_token_accounted", pa.int64()),  # kvsweep.kvcache's accounting (equal, or the trial fails)
@@ -77,16 +81,37 @@ def upgrade(name: str, tbl: pa.Table, version: str) -> pa.Table:
 
     Version 2 (before methods declared their own columns) had V-DProj's ``rank``, ``target`` and ``init`` and
     the KA variant as ``ka``. Every option of every method a trial used is in its ``config`` (JSON): those
-    become the ``<method>.<option>`` columns, and ``family`` and ``options`` are made from them. Epochs and
-    positions did not change.
+    become the ``<method>.<option>`` columns, and ``family`` and ``options`` are made from them.
+    Versions 2 and 3 had no test set and no evaluation length of their own: their trials get null
+    ``test_ppl``, ``base_test_ppl`` and ``eval_seq_len``, their position rows ``split`` "validation". Epochs did not
+    change.
 
     Raises:
         ValueError: a version this kvsweep does not read, or a ``config`` that is not JSON.
     """
-    if version == SCHEMA_VERSION or name != "trials":
-        return tbl
-    if version != "2":
+    if version not in READABLE_VERSIONS:
         raise ValueError(f"results schema version {version!r} cannot be read")
+    if version == "2" and name == "trials":
+        tbl = _trials_of_version_2(tbl)
+    if version in ("2", "3"):
+        tbl = _without_test_set(name, tbl)
+    return tbl
+
+
+def _without_test_set(name: str, tbl: pa.Table) -> pa.Table:
+    """A trials or positions table of version 3 in version 4's columns (see ``upgrade``)."""
+    if name == "positions" and "split" not in tbl.column_names:
+        return tbl.append_column(pa.field("split", pa.string()), pa.array(["validation"] * tbl.num_rows, pa.string()))
+    if name == "trials":
+        for column in ("test_ppl", "base_test_ppl", "eval_seq_len"):
+            if column not in tbl.column_names:
+                field = TRIAL_SCHEMA.field(column)
+                tbl = tbl.append_column(field, pa.nulls(tbl.num_rows, field.type))
+    return tbl
+
+
+def _trials_of_version_2(tbl: pa.Table) -> pa.Table:
+    """A trials table of version 2 with the ``<method>.<option>`` columns, ``family`` and ``options`` (see ``upgrade``)."""
     rows = tbl.to_pylist()
     types: dict[str, pa.DataType] = {}
     for r in rows:

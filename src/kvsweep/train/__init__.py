@@ -15,7 +15,8 @@ trials through one base) or in a sweep's pack process (``kvsweep.tune.packed``).
 from .cfg import Report, TrialCfg, TrialError, init_metrics
 from .folder import format_trial, git_revision, run_trial_to_folder
 from .loop import Driver, compiled, prepare, run_trial, train_step
-from .run import TrialRun, autocast
+from .run import TrialRun
+from .state import TrialState, autocast
 
-__all__ = ["Driver", "Report", "TrialCfg", "TrialError", "TrialRun", "autocast", "compiled", "format_trial", "git_revision",
+__all__ = ["Driver", "Report", "TrialCfg", "TrialError", "TrialRun", "TrialState", "autocast", "compiled", "format_trial", "git_revision",
            "init_metrics", "prepare", "run_trial", "run_trial_to_folder", "train_step"]

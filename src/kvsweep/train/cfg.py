@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +22,8 @@ class TrialError(KvsweepError):
 
 @dataclass(frozen=True)
 class TrialCfg:
-    """Everything one trial needs: base, data, adapters, loss schedules, optimisation."""
+    """Everything one trial needs: base, data, adapters, loss schedules, optimisation; ``buckets``: the position
+    buckets of its evaluation samples (default: the seed's, doubling beyond 128 to ``data.eval_len``)."""
 
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=lambda: DataCfg(train_samples=10_000))
@@ -34,7 +35,8 @@ class TrialCfg:
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapters", tuple(self.adapters))
         check_combination(self.adapters)
-        position_buckets(self.data.seq_len, self.buckets)
+        if self.data.eval_seq_len != "max":  # else once the model's maximum is known (with_max_positions)
+            position_buckets(self.data.eval_len, self.buckets)
         has_rec = any("rec" in adapter_class(s.name).loss_terms for s in self.adapters)
         if self.loss.rec.peak > 0 and not has_rec and self.loss.lm.peak == 0 and self.loss.kl.peak == 0:
             rec = [n for n, cls in ADAPTERS.items() if "rec" in cls.loss_terms]
@@ -52,6 +54,15 @@ class TrialCfg:
         if calib > 0 and self.data.train_samples == 0:  # epochs 0: the adapters are still initialised from data
             raise ConfigError(f"train_samples is 0, but the adapters calibrate on up to {calib} train samples (calib_samples) "
                               "before the first evaluation; give train_samples >= 1 or 'all', or an init that needs no data")
+
+    def with_max_positions(self, max_positions: int) -> "TrialCfg":
+        """This config with an ``eval_seq_len`` of ``"max"`` set to the model's ``max_positions`` (and its buckets checked).
+
+        Raises:
+            ConfigError: the buckets hold no prediction at that length.
+        """
+        data = self.data.with_max_positions(max_positions)
+        return self if data is self.data else replace(self, data=data)
 
     def to_dict(self) -> dict:
         return {

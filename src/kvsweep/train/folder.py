@@ -60,8 +60,9 @@ def run_trial_to_folder(cfg: TrialCfg, out: str | Path, *, resume: bool = False,
     resume_from = ckpt if resume and has_checkpoint(ckpt) else None
     if resume and resume_from is None:
         log(f"no checkpoint in {ckpt}; starting from the beginning")
-    record = {"config": cfg.to_dict(), "git_revision": git_revision()}
     base, samples = prepare(cfg, log=log)
+    cfg = cfg.with_max_positions(base.max_positions)
+    record = {"config": cfg.to_dict(), "git_revision": git_revision()}
     if overwrite and earlier:  # the new trial is under way: nothing of the old one may be mistaken for its own
         for name in outputs:
             path = out / name
@@ -86,22 +87,34 @@ def run_trial_to_folder(cfg: TrialCfg, out: str | Path, *, resume: bool = False,
 
 
 def format_trial(result: TrialResult) -> str:
-    """The seed's overall and position-wise tables for one trial against its base."""
-    base, best = result.base_val_ppl, result.best_val_ppl
+    """The seed's overall and position-wise tables for one trial against its base: test PPL (the headline: the best
+    epoch's, chosen on validation) beside validation PPL, then per position bucket on test and on validation."""
+    def row(name: str, val: float, test: float | None, base_test: float | None) -> str:
+        if test is None or base_test is None:
+            return f"| {name:>8} | {val:>10.4f} | {'-':>10} | {'':>9} | {'':>8} |"
+        if name == "base":
+            return f"| {name:>8} | {val:>10.4f} | {test:>10.4f} | {'':>9} | {'':>8} |"
+        return f"| {name:>8} | {val:>10.4f} | {test:>10.4f} | {test - base_test:>+9.4f} | {100 * (test - base_test) / base_test:>+8.2f} |"
+
     lines = [
-        f"status {result.status} after {result.epochs_run} epochs (best epoch {result.best_epoch})",
+        f"status {result.status} after {result.epochs_run} epochs (best epoch {result.best_epoch}, chosen on validation; "
+        f"evaluation samples of {result.eval_seq_len} tokens)",
         f"KV cache: {result.kv_bytes_per_token:,} bytes/token ({100 * result.kv_ratio:.1f}% of the base's "
         f"{result.kv_bytes_per_token_base:,}); trainable parameters {result.trainable_params:,} of {result.total_params:,}",
         "",
-        f"| {'model':>8} | {'val PPL':>10} | {'diff':>9} | {'degr. %':>8} |",
-        f"|{'-' * 10}|{'-' * 12}|{'-' * 11}|{'-' * 10}|",
-        f"| {'base':>8} | {base:>10.4f} | {'':>9} | {'':>8} |",
-        f"| {'adapted':>8} | {best:>10.4f} | {best - base:>+9.4f} | {100 * (best - base) / base:>+8.2f} |",
-        "",
-        f"| {'positions':>10} | {'base PPL':>10} | {'PPL':>10} | {'diff':>9} | {'degr. %':>8} |",
-        f"|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 11}|{'-' * 10}|",
+        f"| {'model':>8} | {'val PPL':>10} | {'test PPL':>10} | {'diff':>9} | {'degr. %':>8} |",
+        f"|{'-' * 10}|{'-' * 12}|{'-' * 12}|{'-' * 11}|{'-' * 10}|",
+        row("base", result.base_val_ppl, result.base_test_ppl, result.base_test_ppl),
+        row("adapted", result.best_val_ppl, result.test_ppl, result.base_test_ppl),
     ]
-    for p in result.positions:
-        lines.append(f"| {str(p.lo) + '-' + str(p.hi):>10} | {p.base_ppl:>10.4f} | {p.ppl:>10.4f} | {p.diff:>+9.4f} | "
-                     f"{p.degradation_pct:>+8.2f} |")
+    for split in ("test", "validation"):
+        rows = [p for p in result.positions if p.split == split]
+        if not rows:
+            continue
+        lines += ["", f"Position-wise perplexity ({split})",
+                  f"| {'positions':>10} | {'base PPL':>10} | {'PPL':>10} | {'diff':>9} | {'degr. %':>8} |",
+                  f"|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 11}|{'-' * 10}|"]
+        for p in rows:
+            lines.append(f"| {str(p.lo) + '-' + str(p.hi):>10} | {p.base_ppl:>10.4f} | {p.ppl:>10.4f} | {p.diff:>+9.4f} | "
+                         f"{p.degradation_pct:>+8.2f} |")
     return "\n".join(lines)

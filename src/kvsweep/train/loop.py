@@ -9,13 +9,14 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..adapters import Adapter, check_taps, disabled, make_adapter
 from ..config import ConfigError, calibration_samples
 from ..data import Samples, load_samples, resolve_source
-from ..evaluate import PositionStats, evaluate, token_nll
+from ..evaluate import PositionStats, SplitStats, evaluate, token_nll
 from ..chunked import linear_nll
 from ..models import Base, check_seq_len, dims, final_hidden, load_base, model_config, output_weight, resolve_model
 from ..results import TrialResult
@@ -26,18 +27,22 @@ from .run import TrialRun
 
 def prepare(cfg: TrialCfg, *, base: Base | None = None, samples: Samples | None = None,
             log: Callable[[str], None] = print) -> tuple[Base, Samples]:
-    """Check the trial against the model (before loading it), then load base and samples if not given."""
+    """Check the trial against the model (before loading it), then load base and samples if not given; the samples'
+    evaluation length is the trial's ``eval_seq_len`` (``"max"``: the model's maximum context)."""
     if base is None:
         source = resolve_model(cfg.model)
         resolve_source(cfg.data)
         config = model_config(source)
+        cfg = cfg.with_max_positions(config.max_position_embeddings)
         check_seq_len(config, cfg.data.seq_len, cfg.model.name)
+        check_seq_len(config, cfg.data.eval_len, cfg.model.name, what="eval_seq_len")
         for spec in cfg.adapters:  # rank and layer indices against the model, before any weights load
             make_adapter(spec, dims(config))
         check_taps(cfg.adapters, dims(config))
         if cfg.model.random_init and cfg.model.tokenizer is None:
             raise ConfigError(f"model {cfg.model.name} with random weights has no tokenizer; give one with --tokenizer")
         base = load_base(cfg.model, log=log)
+    cfg = cfg.with_max_positions(base.max_positions)
     if base.tokenizer is None and samples is None:
         raise ConfigError(f"model {cfg.model.name} has no tokenizer; give one with --tokenizer")
     if samples is None:  # evaluating only: no train samples but those the adapters calibrate on
@@ -51,11 +56,12 @@ def prepare(cfg: TrialCfg, *, base: Base | None = None, samples: Samples | None 
 
 def run_trial(cfg: TrialCfg, report: Report | None = None, *, checkpoint_dir: str | Path | None = None,
               resume_from: str | Path | None = None, base: Base | None = None, samples: Samples | None = None,
-              base_stats: PositionStats | None = None, progress: bool = False,
+              base_stats: SplitStats | None = None, progress: bool = False,
               log: Callable[[str], None] = print) -> TrialResult:
-    """Train one trial; return its result (status, best and base PPL, KV bytes, parameters, history).
+    """Train one trial; return its result (status, best epoch with its validation and test PPL, the base's, KV
+    bytes, parameters, history).
 
-    ``base``, ``samples`` and ``base_stats`` (the base's validation statistics) may be passed in when a
+    ``base``, ``samples`` and ``base_stats`` (the base's validation and test statistics) may be passed in when a
     sweep shares them between trials; otherwise they are loaded and computed here.
 
     Raises:
@@ -117,18 +123,26 @@ class Driver:
         """One optimizer step for each of ``runs``, in one forward and backward."""
         train_step(self.base.model, runs)
 
-    def evaluate(self, runs: list[TrialRun]) -> list[PositionStats]:
-        """Validation statistics of each of ``runs`` (its adapters in eval mode)."""
+    def evaluate(self, runs: list[TrialRun], samples: np.ndarray | None = None) -> list[PositionStats]:
+        """Statistics of each of ``runs`` (its adapters in eval mode) on ``samples`` (N, E): the validation samples
+        unless told otherwise."""
+        samples = self.samples.val if samples is None else samples
         out = []
         for r in runs:
             for a in r.adapters:
                 a.eval()
             with r.alone(), r.autocast():
-                out.append(evaluate(self.base.model, self.samples.val, batch_size=r.cfg.train.eval_batch_size))
+                out.append(evaluate(self.base.model, samples, batch_size=r.cfg.train.eval_batch_size))
         return out
 
+    def _tests(self, runs: list[TrialRun]) -> dict[TrialRun, PositionStats]:
+        """Test statistics of ``runs`` (the trials whose epoch is their best so far), none without a test set."""
+        if not runs or not len(self.samples.test):
+            return {}
+        return dict(zip(runs, self.evaluate(runs, self.samples.test), strict=True))
+
     # -- the life of a trial
-    def add(self, cfg: TrialCfg, *, base_stats: PositionStats | None = None, report: Report | None = None,
+    def add(self, cfg: TrialCfg, *, base_stats: SplitStats | None = None, report: Report | None = None,
             checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
             log: Callable[[str], None] | None = None) -> TrialRun:
         """A new trial: adapters built (seeded as alone), wired, calibrated and evaluated at init, or resumed.
@@ -143,8 +157,9 @@ class Driver:
         return run
 
     def add_many(self, trials: list[dict]) -> list[TrialRun | Exception]:
-        """Several new trials (each ``add``'s arguments as a dict), their initial evaluations done together;
-        for a trial that cannot start, the exception instead of its run (the others start)."""
+        """Several new trials (each ``add``'s arguments as a dict), their initial evaluations (validation, and test:
+        the init is the best epoch so far) done together; for a trial that cannot start, the exception instead of its
+        run (the others start)."""
         runs: list[TrialRun | Exception] = []
         for kw in trials:
             try:
@@ -154,6 +169,7 @@ class Driver:
         fresh = [r for r in runs if isinstance(r, TrialRun) and r.resume_from is None]
         try:
             initial = dict(zip(fresh, self.evaluate(fresh), strict=True)) if fresh else {}
+            tests = self._tests(fresh)
         except Exception as e:  # noqa: BLE001
             for r in fresh:
                 self.remove(r)
@@ -161,13 +177,13 @@ class Driver:
         for i, r in enumerate(runs):
             if isinstance(r, TrialRun):
                 try:
-                    r.begin(initial.get(r))
+                    r.begin(initial.get(r), tests.get(r))
                 except Exception as e:  # noqa: BLE001
                     self.remove(r)
                     runs[i] = e
         return runs
 
-    def _join(self, cfg: TrialCfg, *, base_stats: PositionStats | None = None, report: Report | None = None,
+    def _join(self, cfg: TrialCfg, *, base_stats: SplitStats | None = None, report: Report | None = None,
               checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
               log: Callable[[str], None] | None = None) -> TrialRun:
         run = TrialRun(cfg, self.base, self.samples, report=report, checkpoint_dir=checkpoint_dir,
@@ -182,12 +198,15 @@ class Driver:
         return run
 
     def finish_epochs(self, runs: list[TrialRun]) -> None:
-        """End the epoch of each of ``runs`` (all at the end of one), evaluating them together (always through
-        ``evaluate``, so a trial's figures do not depend on which trials ended an epoch with it)."""
+        """End the epoch of each of ``runs`` (all at the end of one), evaluating them together on validation, then those
+        whose epoch is their best so far on test (always through ``evaluate``, so a trial's figures do not depend on
+        which trials ended an epoch with it)."""
         if not runs:
             return
-        for run, val in zip(runs, self.evaluate(runs), strict=True):
-            run.finish_epoch(val)
+        vals = self.evaluate(runs)
+        tests = self._tests([r for r, val in zip(runs, vals, strict=True) if r.improves(val)])
+        for run, val in zip(runs, vals, strict=True):
+            run.finish_epoch(val, tests.get(run))
 
     def advance(self, runs: list[TrialRun]) -> list[TrialRun]:
         """One step for each of ``runs``, then the end of the epochs that step ended; those trials.

@@ -6,98 +6,26 @@ from __future__ import annotations
 import math
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..adapters import Adapter, disabled, make_adapter
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..adapters import disabled, make_adapter
+from ..checkpoint import save_checkpoint
 from ..config import ConfigError, position_buckets
 from ..data import Samples
-from ..evaluate import PositionStats, evaluate
+from ..evaluate import PositionStats, SplitStats, evaluate_splits
 from ..kvcache import base_layout, bytes_per_token, layer_bytes
 from ..latent import measure_bytes
 from ..losses import kl_divergence
 from ..models import Base, dims
-from ..results import BucketPPL, EpochMetrics, EpochReport, TrialConstants, TrialResult, position_metrics
+from ..results import EpochMetrics, EpochReport, TrialConstants, TrialResult, position_metrics
 
 from .cfg import Report, TrialCfg, TrialError, init_metrics
-
-
-def _buckets(stats: PositionStats, ranges: list[tuple[int, int]]) -> tuple[BucketPPL, ...]:
-    return tuple(BucketPPL(b["lo"], b["hi"], b["ppl"]) for b in stats.buckets(ranges))
-
-
-@dataclass
-class _State:
-    """What a checkpoint holds besides weights: where training is and what it has seen."""
-
-    epoch: int = 0
-    step: int = 0
-    best_val_ppl: float = math.inf
-    best_epoch: int = 0
-    bad_epochs: int = 0
-    history: list[EpochReport] = field(default_factory=list)
-    best_positions: list = field(default_factory=list)  # PositionStats.buckets of the best epoch
-
-    def to_dict(self) -> dict:
-        """Plain data for the checkpoint: the history as the flat dicts a trial reports."""
-        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "history": [h.to_report() for h in self.history]}
-
-    @classmethod
-    def from_dict(cls, trial: dict) -> "_State":
-        """Raises: TypeError or ValueError: ``trial`` is not what ``to_dict`` writes."""
-        history = trial.get("history") or []
-        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
-            raise TypeError("history is not a list of reports")
-        return cls(**{**trial, "history": [EpochReport.from_report(h) for h in history]})
-
-
-@dataclass
-class _EpochSums:
-    """The current epoch's sums over its steps: loss and components (each a step's mean), NLL over its tokens."""
-
-    loss: float = 0.0
-    loss_lm: float = 0.0
-    loss_rec: float = 0.0
-    loss_kl: float = 0.0
-    nll: float = 0.0
-    tokens: int = 0
-
-
-def autocast(device: torch.device, amp: str, base_dtype: torch.dtype = torch.float32):
-    """The precision trials compute in: bf16 autocast on CUDA (``auto``), or the base's own dtype when the
-    frozen base is held in bf16/fp16 (the float32 adapters then run under autocast too)."""
-    if amp == "off":
-        return nullcontext()
-    if device.type == "cuda" and amp in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16 if base_dtype == torch.float32 else base_dtype)
-    if amp == "bf16" or base_dtype != torch.float32:
-        return torch.autocast(device.type, dtype=torch.bfloat16 if base_dtype == torch.float32 else base_dtype)
-    return nullcontext()
-
-
-def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """This epoch's shuffled batches of sample indices, the same for the same (seed, epoch)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=gen)
-    return list(order.split(batch_size))
-
-
-def _load_checkpoint(path: Path, adapters: list[Adapter], opt: torch.optim.Optimizer | None) -> _State:
-    """Restore the adapters, optimizer and RNG states from the checkpoint folder ``path``; its trial state.
-
-    Raises:
-        CheckpointError: the checkpoint is missing, damaged, pickled by an older kvsweep, or not this trial's.
-    """
-    trial = load_checkpoint(path, adapters, opt)
-    try:
-        return _State.from_dict(trial)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: the trial state does not fit this kvsweep ({e})") from None
+from .state import EpochSums, TrialState, autocast, buckets_of, epoch_batches, load_trial_checkpoint
 
 
 class TrialRun:
@@ -107,13 +35,25 @@ class TrialRun:
     checkpoints. A driver wires the adapters to the base (attached directly, or routed to this trial's rows
     of a packed batch), then calls ``setup``, evaluates the adapters at init and calls ``begin``; then
     ``next_batch``/``loss``/``update`` per step (``train_step``) and ``finish_epoch`` with each epoch's
-    validation statistics. ``alone(run)`` is the context in which the model computes for this trial alone
-    (for calibration and evaluation): nothing to do when the adapters are attached directly.
+    validation statistics (and its test statistics when ``improves`` says the epoch is the best so far).
+    ``alone(run)`` is the context in which the model computes for this trial alone (for calibration and
+    evaluation): nothing to do when the adapters are attached directly.
+
+    Selection is on validation alone: the best epoch is the first with the lowest validation PPL, the init
+    (epoch 0) included, and early stopping counts the epochs since it. The test set is evaluated for the
+    best epoch only (at init and whenever validation improves), so a trial's test PPL is its best epoch's
+    and no decision ever reads it. A trial without trainable parameters (a training-free method) or with
+    ``epochs`` 0 is its epoch 0: reported once, completed.
+
+    Raises (constructor):
+        ConfigError: a half-precision base with ``amp`` off, or evaluation samples of another length than the
+            trial's ``eval_seq_len``.
     """
 
     def __init__(self, cfg: TrialCfg, base: Base, samples: Samples, *, report: Report | None = None,
                  checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
                  alone: Callable[[TrialRun], AbstractContextManager] | None = None, log: Callable[[str], None] = print):
+        cfg = cfg.with_max_positions(base.max_positions)
         self.cfg, self.base, self.samples, self.log = cfg, base, samples, log
         self._alone = alone
         self.report = report or (lambda metrics, ckpt: None)
@@ -121,7 +61,10 @@ class TrialRun:
         self.base_dtype = next(self.model.parameters()).dtype  # the base's embedding comes first
         if self.base_dtype != torch.float32 and tc.amp == "off":
             raise ConfigError(f"amp 'off' needs a float32 base; the base is {self.base_dtype} (use amp auto, or dtype float32)")
-        self.ranges = position_buckets(cfg.data.seq_len, cfg.buckets)
+        if samples.eval_len != cfg.data.eval_len:
+            raise ConfigError(f"the evaluation samples are {samples.eval_len} tokens long, but the trial's eval_seq_len is "
+                              f"{cfg.data.eval_len}")
+        self.ranges = position_buckets(cfg.data.eval_len, cfg.buckets)
         d = dims(base.config)
         torch.manual_seed(tc.seed)
         self.adapters = [make_adapter(spec, d) for spec in cfg.adapters]
@@ -139,18 +82,19 @@ class TrialRun:
         self.steps_per_epoch = math.ceil(len(self.train_ids) / tc.batch_size) if tc.batch_size else 0
         self.total_steps = self.steps_per_epoch * tc.epochs
         self.use_kl = cfg.loss.kl.peak > 0
-        self.state = _State()
+        self.state = TrialState()
         self.status: str | None = None  # "completed" | "early_stopped" | "error" once done
         self.error: TrialError | None = None
         self.measured: dict | None = None  # the cache a latent-cache decode holds (setup)
-        self.base_stats: PositionStats | None = None  # the base's validation statistics (setup)
+        self.base_stats: SplitStats | None = None  # the base's validation and test statistics (setup)
         self.constant: TrialConstants | None = None  # what every report carries (begin)
         self._batches: list[torch.Tensor] = []
         self._pos = 0  # steps taken in the current epoch
         self._t_epoch = 0.0
-        self._sums = _EpochSums()
+        self._sums = EpochSums()
         self._last: tuple[torch.Tensor, ...] | None = None  # the last step's loss, its components and NLL (detached)
         self._reported = False
+        self._init_weights: list[dict] | None = None  # the adapters at init, for the first checkpoint's best weights
         self.first_step_at: float | None = None  # time.time() of the first training step (start-up ends there)
 
     def alone(self) -> AbstractContextManager:
@@ -158,17 +102,18 @@ class TrialRun:
         return self._alone(self) if self._alone is not None else nullcontext()
 
     # -- set-up
-    def setup(self, base_stats: PositionStats | None = None) -> None:
-        """Measure the cache, evaluate the base (unless given), calibrate the adapters or load the checkpoint."""
+    def setup(self, base_stats: SplitStats | None = None) -> None:
+        """Measure the cache, evaluate the base on validation and test (unless given), calibrate the adapters or load
+        the checkpoint."""
         tc, model = self.cfg.train, self.model
         # The cache a short latent-cache decode really holds; raises if it differs from the accounting.
         self.measured = measure_bytes(model, self.adapters, tc.cache_dtype)
         with self.alone():
             if base_stats is None:
                 with disabled(self.adapters), self.autocast():
-                    base_stats = evaluate(model, self.samples.val, batch_size=tc.eval_batch_size)
+                    base_stats = evaluate_splits(model, self.samples.val, self.samples.test, batch_size=tc.eval_batch_size)
             if self.resume_from is not None:
-                self.state = _load_checkpoint(self.resume_from, self.adapters, self.opt)
+                self.state = load_trial_checkpoint(self.resume_from, self.adapters, self.opt)
                 self.log(f"resumed from {self.resume_from} after epoch {self.state.epoch}")
             else:
                 for a in self.adapters:  # each measures the base: the other adapters pass through meanwhile
@@ -176,20 +121,22 @@ class TrialRun:
                         a.calibrate(model, self.samples.train)
         self.base_stats = base_stats
 
-    def begin(self, init_stats: PositionStats | None = None) -> None:
+    def begin(self, init_stats: PositionStats | None = None, init_test: PositionStats | None = None) -> None:
         """After ``setup``: the constant metrics and, for a trial that starts afresh, epoch 0 (its validation
-        statistics at init, ``init_stats``; ``None`` when resumed) in its history; for a trial with nothing left to
-        train, its status. Epoch 0 is reported only when the trial trains no epoch (``epochs`` 0); otherwise its
-        validation PPL goes with every report as ``init_val_ppl``."""
+        statistics at init, ``init_stats``, and its test statistics ``init_test``, the samples having a test set;
+        ``None`` when resumed) in its history, as the best epoch so far; for a trial with nothing left to train, its
+        status. Epoch 0 is reported only when the trial trains no epoch (``epochs`` 0, or no trainable parameters);
+        otherwise its validation PPL goes with every report as ``init_val_ppl``."""
         tc, base_stats = self.cfg.train, self.base_stats
         if self.resume_from is not None:
             init_val_ppl = self.state.history[0].trial.init_val_ppl if self.state.history and self.state.history[0].trial else math.nan
         else:
-            if init_stats is None:
-                raise ValueError("a trial that starts afresh needs its validation statistics at init")
+            if init_stats is None or (init_test is None) != (base_stats.test is None):
+                raise ValueError("a trial that starts afresh needs its validation (and, with a test set, test) statistics at init")
             init_val_ppl = init_stats.ppl
         self.constant = TrialConstants(
-            base_val_ppl=base_stats.ppl,
+            base_val_ppl=base_stats.val.ppl,
+            base_test_ppl=base_stats.test.ppl if base_stats.test is not None else None,
             init_val_ppl=init_val_ppl,
             kv_bytes_per_token=self.kv_bytes,
             kv_bytes_per_token_measured=self.measured["measured_bytes_per_token"],
@@ -199,11 +146,11 @@ class TrialRun:
             fixed_bytes=sum(a.fixed_bytes(tc.cache_dtype) for a in self.adapters),
         )
         if self.resume_from is None:
-            evaluate_only = tc.epochs == 0
-            if evaluate_only:  # the init is the trial's only epoch, so its best
-                self.state.best_val_ppl, self.state.best_positions = init_val_ppl, init_stats.buckets(self.ranges)
-            init = EpochReport(init_metrics(self.cfg, init_val_ppl), _buckets(init_stats, self.ranges), self.constant,
-                               best_val_ppl=init_val_ppl if evaluate_only else None, early_stopped=False if evaluate_only else None)
+            self.state.new_best(0, init_stats, init_test, self.ranges)  # the init is the first candidate for the best epoch
+            self._init_weights = [{k: v.detach().clone() for k, v in a.state_dict().items()} for a in self.adapters]
+            evaluate_only = tc.epochs == 0 or not self.trainable  # the init is the trial's only epoch
+            init = EpochReport(init_metrics(self.cfg, init_val_ppl), buckets_of(init_stats, self.ranges), self.constant,
+                               early_stopped=False if evaluate_only else None, **self.state.best())
             self.state.history.append(init)
             if evaluate_only:
                 self.report(init, None)
@@ -232,9 +179,9 @@ class TrialRun:
             self.first_step_at = time.time()
         if not self._batches:
             epoch = self.state.epoch + 1
-            self._batches = _batches(len(self.train_ids), self.cfg.train.batch_size, self.cfg.train.seed, epoch)
+            self._batches = epoch_batches(len(self.train_ids), self.cfg.train.batch_size, self.cfg.train.seed, epoch)
             self._pos, self._t_epoch = 0, time.perf_counter()
-            self._sums = _EpochSums()
+            self._sums = EpochSums()
             for a in self.adapters:
                 a.train()
         return self.train_ids[self._batches[self._pos]].to(self.device)
@@ -278,10 +225,22 @@ class TrialRun:
         if self.opt is not None:
             self.opt.zero_grad(set_to_none=True)
 
-    def finish_epoch(self, val: PositionStats) -> None:
-        """End the epoch with ``val``, this trial's validation statistics after it: update early stopping, write the
-        checkpoint, report; sets ``status`` at the end."""
+    def improves(self, val: PositionStats) -> bool:
+        """Whether validation statistics ``val`` make a better epoch than the best so far (lower validation PPL)."""
+        return val.ppl < self.state.best_val_ppl
+
+    def finish_epoch(self, val: PositionStats, test: PositionStats | None = None) -> None:
+        """End the epoch with ``val``, this trial's validation statistics after it, and ``test``, its test statistics
+        (given exactly when ``improves(val)`` and the samples have a test set): update the best epoch and early
+        stopping, write the checkpoint, report; sets ``status`` at the end.
+
+        Raises:
+            ValueError: ``test`` is missing for an epoch that improves, or given for one that does not.
+        """
         tc, state = self.cfg.train, self.state
+        improved = self.improves(val)
+        if (test is not None) != (improved and len(self.samples.test) > 0):
+            raise ValueError(f"test statistics are evaluated for an epoch that improves, and only then (improves: {improved})")
         for a in self.adapters:
             a.eval()
         epoch = state.epoch = state.epoch + 1
@@ -294,23 +253,25 @@ class TrialRun:
             lr=tc.lr, steps=state.step, seconds=time.perf_counter() - self._t_epoch,
         )
         self._batches, self._pos = [], 0
-        improved = val.ppl < state.best_val_ppl
         if improved:
-            state.best_val_ppl, state.best_epoch, state.bad_epochs = val.ppl, epoch, 0
-            state.best_positions = val.buckets(self.ranges)
+            state.new_best(epoch, val, test, self.ranges)
         else:
             state.bad_epochs += 1
         stop = state.bad_epochs >= tc.patience
-        report = EpochReport(metrics, _buckets(val, self.ranges), self.constant, best_val_ppl=state.best_val_ppl, early_stopped=stop)
+        report = EpochReport(metrics, buckets_of(val, self.ranges), self.constant, early_stopped=stop, **self.state.best())
         state.history.append(report)
         self.log(f"epoch {epoch}/{tc.epochs}: train PPL {metrics.train_ppl:.3f}  val PPL {val.ppl:.3f}  "
-                 f"(base {self.constant.base_val_ppl:.3f}, best {state.best_val_ppl:.3f})  {metrics.seconds:.1f} s")
+                 f"(base {self.constant.base_val_ppl:.3f}, best {state.best_val_ppl:.3f} at epoch {state.best_epoch})  "
+                 f"{metrics.seconds:.1f} s")
         if stop:
             self.status = "early_stopped"
         elif epoch >= tc.epochs:
             self.status = "completed"
         if self.ckpt_path is not None:
             best = [a.state_dict() for a in self.adapters] if improved else None
+            if best is None and state.best_epoch == 0:
+                best = self._init_weights  # the first checkpoint of a trial whose init is still its best epoch
+            self._init_weights = None
             save_checkpoint(self.ckpt_path, self.adapters, self.opt, state.to_dict(), best, previous=self.resume_from)
         first = not self._reported  # the first report carries the first step's time, for start-up times
         self._reported = True
@@ -319,9 +280,12 @@ class TrialRun:
             self.log(f"early stop: no better val PPL for {tc.patience} epochs (best {state.best_val_ppl:.3f} at epoch {state.best_epoch})")
 
     def result(self, seconds: float = math.nan) -> TrialResult:
-        state, c = self.state, self.constant
-        base_ppl = self.base_stats.ppl
-        best = [BucketPPL(b["lo"], b["hi"], b["ppl"]) for b in state.best_positions]
+        state, c, base = self.state, self.constant, self.base_stats
+        base_ppl = base.val.ppl
+        best = state.best()
+        positions = position_metrics(best["best_buckets"], base.val.buckets(self.ranges)) if best["best_buckets"] else []
+        if best["test_buckets"] and base.test is not None:
+            positions += position_metrics(best["test_buckets"], base.test.buckets(self.ranges), "test")
         return TrialResult(
             status=self.status,
             epochs_run=state.epoch,
@@ -329,6 +293,9 @@ class TrialRun:
             best_val_ppl=state.best_val_ppl,
             base_val_ppl=base_ppl,
             init_val_ppl=c.init_val_ppl,
+            test_ppl=state.best_test_ppl,
+            base_test_ppl=c.base_test_ppl,
+            eval_seq_len=self.cfg.data.eval_len,
             degradation_pct=100.0 * (state.best_val_ppl - base_ppl) / base_ppl,
             kv_bytes_per_token=self.kv_bytes,
             kv_bytes_per_token_measured=self.measured["measured_bytes_per_token"],
@@ -340,7 +307,7 @@ class TrialRun:
             total_params=c.total_params,
             fixed_bytes=c.fixed_bytes,
             history=list(state.history),
-            positions=position_metrics(best, self.base_stats.buckets(self.ranges)) if best else [],
+            positions=positions,
             seconds=seconds,
             error=str(self.error) if self.error is not None else None,
         )

@@ -24,14 +24,14 @@ from transformers.utils import logging as hf_logging
 from ..adapters.options import canonical_space
 from ..config import ConfigError, KvsweepError, SweepCfg
 from ..data import Samples, load_samples
-from ..evaluate import PositionStats, evaluate
+from ..evaluate import SplitStats, evaluate_splits
 from ..models import load_base
 from ..train import autocast
 from .guard import StorageGuard
 from .lock import DriverLock
 from .local import start_local_ray
 from .rounds import fit_round, pack_stats_of, register_trials
-from .space import absolute_paths, validate_space
+from .space import absolute_paths, validate_space, with_eval_len
 from .spec import SWEEP_FILE, Plan, SpecificationError, SweepRecord, canonical_specification, data_digest, plan, specification
 from .store import StorageFullError, SweepBusyError, SweepStore, is_storage_full, join_uri
 from .summary import summarize, throughput
@@ -54,7 +54,7 @@ class SweepOutcome:
 
 
 def prepare_samples(sweep: SweepCfg, log: Callable[[str], None] = print) -> Samples:
-    """Tokenize the data once, on the driver, for all trials."""
+    """Tokenize the data once, on the driver, for all trials (``sweep.data.eval_seq_len`` already set from the model)."""
     base = load_base(replace(sweep.model, device="cpu"), log=log)
     if base.tokenizer is None:
         raise ConfigError(f"model {sweep.model.name} has no tokenizer; give one with --tokenizer")
@@ -64,12 +64,12 @@ def prepare_samples(sweep: SweepCfg, log: Callable[[str], None] = print) -> Samp
     return samples
 
 
-def evaluate_base(sweep: SweepCfg, samples: Samples) -> PositionStats:
-    """The base's validation statistics, on a trial's device and in its precision (runs as a Ray task)."""
+def evaluate_base(sweep: SweepCfg, samples: Samples) -> SplitStats:
+    """The base's validation and test statistics, on a trial's device and in its precision (runs as a Ray task)."""
     hf_logging.disable_progress_bar()
     base = load_base(replace(sweep.model, device="auto"), log=print)
     with autocast(base.device, sweep.train.amp, next(base.model.parameters()).dtype):
-        return evaluate(base.model, samples.val, batch_size=sweep.train.eval_batch_size)
+        return evaluate_splits(base.model, samples.val, samples.test, batch_size=sweep.train.eval_batch_size)
 
 
 def _stored_record(store: SweepStore) -> SweepRecord | None:
@@ -106,7 +106,7 @@ def run_sweep(sweep: SweepCfg, space: dict[str, list], *, grow: bool = False, lo
         StorageFullError: the storage filled up; the sweep stopped cleanly and continues when run again.
     """
     hf_logging.disable_progress_bar()
-    sweep = absolute_paths(sweep)
+    sweep = with_eval_len(absolute_paths(sweep))
     validate_space(space, sweep)
     space = canonical_space(space)  # "rank" and "vdproj.rank" are one field, of one specification
     store = SweepStore(sweep.storage_uri, sweep.name)
@@ -151,8 +151,9 @@ def _run(sweep: SweepCfg, space: dict, store: SweepStore, guard: StorageGuard, s
                 base_stats = ray.get(ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(evaluate_base)
                                      .remote(sweep, samples))
                 record.set_base_stats(base_stats)
-            log(f"base {sweep.model.name}: val PPL {base_stats.ppl:.4f} on {len(samples.val):,} samples "
-                f"({samples.info['source']}); {len(samples.train):,} train samples")
+            test = f", test PPL {base_stats.test.ppl:.4f} on {len(samples.test):,}" if base_stats.test is not None else ", no test set"
+            log(f"base {sweep.model.name}: val PPL {base_stats.val.ppl:.4f} on {len(samples.val):,} samples{test} "
+                f"(of {samples.eval_len} tokens, {samples.info['source']}); {len(samples.train):,} train samples")
             _store_record(store, record)
             _warn_scattered(sweep, store, log)
             guard.seed(store)

@@ -35,7 +35,7 @@ from transformers.utils import logging as hf_logging
 from ..adapters import ensure_registered
 from ..config import SweepCfg
 from ..data import Samples
-from ..evaluate import PositionStats
+from ..evaluate import SplitStats
 from ..models import load_base
 from ..pack import Pack
 from ..results import EpochReport
@@ -51,7 +51,7 @@ class PackServer:
     """One base on one device, and the trials training on it. Runs as a threaded Ray actor: ``epoch``
     calls wait concurrently while a single thread does all the work on the model."""
 
-    def __init__(self, sweep: SweepCfg, samples: Samples, base_stats: PositionStats, slots: int, methods: dict | None = None):
+    def __init__(self, sweep: SweepCfg, samples: Samples, base_stats: SplitStats, slots: int, methods: dict | None = None):
         ensure_registered(methods or {})  # the sweep's methods defined outside kvsweep
         hf_logging.disable_progress_bar()
         torch.set_num_threads(max(1, int(sweep.cpus_per_trial)))
@@ -198,8 +198,8 @@ class PackServer:
 
     def _place(self, trial_id: str, run: TrialRun, reply: Future) -> None:
         self._parked.pop(trial_id, None)
-        if run.done:  # resumed from the checkpoint of a finished trial
-            reply.set_result({"metrics": None, "done": True})
+        if run.done:  # a trial that trains nothing (its epoch 0 is its report), or resumed from a finished trial's checkpoint
+            reply.set_result({"metrics": run.state.history[-1] if run.resume_from is None else None, "files": None, "done": True})
             self._drop(trial_id)
             return
         self._waiting[trial_id] = reply
@@ -238,7 +238,7 @@ class PackServer:
                 self._drop(t)
 
 
-def start_servers(sweep: SweepCfg, samples: Samples, base_stats: PositionStats, n: int, methods: dict | None = None) -> list:
+def start_servers(sweep: SweepCfg, samples: Samples, base_stats: SplitStats, n: int, methods: dict | None = None) -> list:
     """``n`` pack processes, each with a trial's resources (``--cpus-per-trial``, ``--gpus-per-trial``), the CPU
     share of its K trial processes included (so that they fit wherever the pack fits)."""
     cpus = max(CLIENT_CPUS, sweep.cpus_per_trial - sweep.pack * CLIENT_CPUS)
@@ -282,9 +282,12 @@ def packed_trainable(config: dict, *, sweep: SweepCfg, servers: list) -> None:
             if reply["metrics"] is None:
                 return
             report: EpochReport = reply["metrics"]
-            files = reply["files"]
             startup = report.first_step_at - t_start if report.first_step_at is not None and epoch == 0 else None
             report = replace(report, first_step_at=None, startup_seconds=startup)
+            if reply["files"] is None:  # a trial that trains nothing: its epoch 0, without a checkpoint
+                tune.report(report.to_report())
+                return
+            files = reply["files"]
             if sweep.fail_once_at_epoch is not None and not restarted and report.epoch == sweep.fail_once_at_epoch + 1:
                 # a crash while the next epoch trains: the restarted trial resumes from its checkpoint files
                 raise RuntimeError(f"injected fault after epoch {sweep.fail_once_at_epoch} (--inject-fault-at-epoch)")

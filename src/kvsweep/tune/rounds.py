@@ -18,7 +18,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ..adapters import external_methods
 from ..config import SweepCfg
 from ..data import Samples
-from ..evaluate import PositionStats
+from ..evaluate import SplitStats
 from .moasha import MOASHA
 from .packed import CLIENT_CPUS, packed_trainable, start_servers
 from .scheduler import DurableASHA
@@ -32,7 +32,7 @@ from .writer import TrialRecord, has_experiment
 TRAINABLE = "trial"  # one name for unpacked and packed trials: a sweep continued with another --pack resumes its trials
 
 
-def register_trials(sweep: SweepCfg, samples: Samples, base_stats: PositionStats, record: SweepRecord, todo: list[int],
+def register_trials(sweep: SweepCfg, samples: Samples, base_stats: SplitStats, record: SweepRecord, todo: list[int],
                log: Callable[[str], None]) -> tuple[dict, int | None, list]:
     """Register the trials' trainable as ``TRAINABLE``; its resources per trial, the concurrency limit, and the
     pack processes (packed sweeps)."""

@@ -103,6 +103,7 @@ def validate_space(space: dict[str, list], sweep: SweepCfg) -> list[TrialCfg]:
     resolve_source(sweep.data)
     config = model_config(source)
     check_seq_len(config, sweep.data.seq_len, sweep.model.name)
+    check_seq_len(config, sweep.data.eval_len, sweep.model.name, what="eval_seq_len")
     d = dims(config)
     first = {k: v[0] for k, v in space.items()}
     for key, values in space.items():
@@ -144,6 +145,15 @@ def absolute_paths(sweep: SweepCfg) -> SweepCfg:
 
     model = replace(sweep.model, name=absolute(sweep.model.name), tokenizer=absolute(sweep.model.tokenizer))
     return replace(sweep, model=model, data=replace(sweep.data, source=absolute(sweep.data.source)))
+
+
+def with_eval_len(sweep: SweepCfg) -> SweepCfg:
+    """The sweep with an ``eval_seq_len`` of ``"max"`` set to its base's maximum context (read from its config, no
+    weights loaded), so that its specification and trials hold the number."""
+    if sweep.data.eval_seq_len != "max":
+        return sweep
+    config = model_config(resolve_model(sweep.model))
+    return replace(sweep, data=sweep.data.with_max_positions(config.max_position_embeddings))
 
 
 def model_dims(sweep: SweepCfg) -> Dims:

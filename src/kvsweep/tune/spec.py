@@ -1,7 +1,7 @@
 """A sweep's specification, stored with its results, and what continuing or growing the sweep may change.
 
 ``<storage>/<name>/sweep.json`` holds what the sweep was run with (model, data and a digest of its
-samples, training, scheduler, search space), the base's validation statistics, and the sweep's
+samples, training, scheduler, search space), the base's validation and test statistics, and the sweep's
 rounds: its first run, then one more per ``--grow``. Each round is one Tune experiment, in the
 folder ``tune-<k>/`` of the sweep. Running the same command again continues the unfinished rounds;
 a specification that differs in any field is refused before any work, one line per field; ``--grow``
@@ -23,7 +23,7 @@ import numpy as np
 from ..adapters.options import canonical_key
 from ..config import KvsweepError, SweepCfg
 from ..data import Samples
-from ..evaluate import PositionStats
+from ..evaluate import PositionStats, SplitStats
 from .space import RUN_ONLY_TRAIN, grid_points, point_key
 
 SWEEP_FILE = "sweep.json"
@@ -36,9 +36,10 @@ class SpecificationError(KvsweepError):
 
 
 def data_digest(samples: Samples) -> str:
-    """SHA-256 of the train and validation token ids: any change of file, tokenizer, split or selection shows."""
+    """SHA-256 of the train, validation and test token ids: any change of file, tokenizer, split, length or selection
+    shows."""
     h = hashlib.sha256()
-    for name, ids in (("train", samples.train), ("val", samples.val)):
+    for name, ids in (("train", samples.train), ("val", samples.val), ("test", samples.test)):
         arr = np.ascontiguousarray(ids, dtype=np.int32)  # (N, T)
         h.update(f"{name}:{arr.shape}".encode())
         h.update(arr.tobytes())
@@ -159,10 +160,11 @@ class SweepRecord:
     specification: dict[str, Any]
     rounds: list[Round] = field(default_factory=list)
     base: dict | None = None  # the base's validation statistics: {"nll_sum": [...], "tokens": [...]} per position
+    base_test: dict | None = None  # and its test statistics (None without a test set)
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "name": self.name, "specification": self.specification,
-                           "rounds": [asdict(r) for r in self.rounds], "base": self.base}, indent=1)
+                           "rounds": [asdict(r) for r in self.rounds], "base": self.base, "base_test": self.base_test}, indent=1)
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "SweepRecord":
@@ -174,17 +176,28 @@ class SweepRecord:
             if d.get("format") != FORMAT:
                 raise ValueError(f"format {d.get('format')!r}, this kvsweep reads format {FORMAT}")
             rounds = [Round(**r) for r in d["rounds"]]
-            return cls(name=str(d["name"]), specification=dict(d["specification"]), rounds=rounds, base=d.get("base"))
+            return cls(name=str(d["name"]), specification=dict(d["specification"]), rounds=rounds, base=d.get("base"),
+                       base_test=d.get("base_test"))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SpecificationError(f"{where} is not a sweep specification kvsweep can read ({e})") from None
 
-    def base_stats(self) -> PositionStats | None:
+    def base_stats(self) -> SplitStats | None:
+        """The base's validation and test statistics; ``None`` before they were evaluated."""
         if self.base is None:
             return None
-        return PositionStats(np.array(self.base["nll_sum"], dtype=np.float64), np.array(self.base["tokens"], dtype=np.int64))
+        return SplitStats(_stats(self.base), _stats(self.base_test) if self.base_test is not None else None)
 
-    def set_base_stats(self, stats: PositionStats) -> None:
-        self.base = {"nll_sum": [float(x) for x in stats.nll_sum], "tokens": [int(x) for x in stats.tokens]}
+    def set_base_stats(self, stats: SplitStats) -> None:
+        self.base = _plain_stats(stats.val)
+        self.base_test = _plain_stats(stats.test) if stats.test is not None else None
+
+
+def _stats(d: dict) -> PositionStats:
+    return PositionStats(np.array(d["nll_sum"], dtype=np.float64), np.array(d["tokens"], dtype=np.int64))
+
+
+def _plain_stats(stats: PositionStats) -> dict:
+    return {"nll_sum": [float(x) for x in stats.nll_sum], "tokens": [int(x) for x in stats.tokens]}
 
 
 @dataclass
@@ -268,7 +281,7 @@ def plan(stored: SweepRecord | None, spec: dict[str, Any], space: dict[str, list
         added = sum(k not in old for k in new)
         new_round = Round(f"tune-{len(stored.rounds)}", _plain(space), None, _now()) if added else None
     rounds = list(stored.rounds) + ([new_round] if new_round else [])
-    record = SweepRecord(stored.name, spec, rounds, stored.base)
+    record = SweepRecord(stored.name, spec, rounds, stored.base, stored.base_test)
     todo = unfinished + ([len(rounds) - 1] if new_round else [])
     return Plan(record, todo, f"growing the sweep in {where} by {added} configuration(s)" if added else
                 f"the grown search space adds no configuration to the sweep in {where}", changed=True)

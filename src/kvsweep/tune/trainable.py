@@ -16,7 +16,7 @@ from ..adapters import ensure_registered
 from ..checkpoint import saved_progress
 from ..config import SweepCfg
 from ..data import Samples
-from ..evaluate import PositionStats
+from ..evaluate import SplitStats
 from ..models import Base, load_base
 from ..results import EpochReport
 from ..train import TrialError, run_trial
@@ -38,7 +38,7 @@ def resumed_report(checkpoint: Path) -> int:
     return epoch
 
 
-def trainable(config: dict, *, sweep: SweepCfg, samples: Samples, base_stats: PositionStats, methods: dict | None = None) -> None:
+def trainable(config: dict, *, sweep: SweepCfg, samples: Samples, base_stats: SplitStats, methods: dict | None = None) -> None:
     """Train the configuration ``config`` (a point of the search space) as one Tune trial; ``methods``: the
     sweep's methods defined outside kvsweep, registered here first."""
     t_start = time.time()

@@ -3,8 +3,9 @@
 ``build_tables`` turns trial records (a trial's config, every result it reported, its error) into
 ``trials``, ``epochs`` and ``positions`` tables of DESIGN.md's schema, each trial exactly once. A trial's
 results are read back as typed ``EpochReport``s; its epoch 0 (the adapters at init, never reported to Tune
-on its own, so that the scheduler counts epochs as before) is written from the ``init_val_ppl`` its
-reports carry.
+on its own, so that the scheduler counts epochs as before, unless the trial trains nothing) is written from
+the ``init_val_ppl`` its reports carry. Its best epoch (chosen on validation by the trial, the init included)
+with the best epoch's validation and test PPL comes from its last report, which carries the best so far.
 ``ResultsWriter`` (a Tune callback) rewrites them atomically as results arrive; ``records_from`` reads
 the records of a Tune experiment back from its folder (the trials' own result files), which is how a
 continued or grown sweep gets the trials of its earlier runs.
@@ -24,7 +25,7 @@ from ray import tune
 from ray.tune import ExperimentAnalysis
 
 from ..config import SweepCfg, position_buckets
-from ..evaluate import PositionStats
+from ..evaluate import SplitStats
 from ..adapters.options import method_columns, option_columns
 from ..results import (EpochReport, epoch_table, is_true, position_metrics, position_table, reports_of, table, trial_schema,
                        with_schema_version)
@@ -60,6 +61,8 @@ def _status(rec: TrialRecord, reports: list[EpochReport], max_epochs: int) -> tu
         return "early_stopped", None
     if (last.epoch if last is not None else 0) >= max_epochs:
         return "completed", None
+    if last is not None and last.epoch == 0 and last.early_stopped is False:  # a trial that trains nothing: its epoch 0
+        return "completed", None
     return "asha_stopped", None
 
 
@@ -71,10 +74,12 @@ def _finished_at(rec: TrialRecord) -> str | None:
     return dt.datetime.fromtimestamp(max(stamps), dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: PositionStats) -> dict[str, pa.Table]:
+def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: SplitStats) -> dict[str, pa.Table]:
     """trials, epochs and positions tables of DESIGN.md's schema; each trial exactly once."""
-    ranges = position_buckets(sweep.data.seq_len, None)
-    base_buckets = base_stats.buckets(ranges)
+    ranges = position_buckets(sweep.data.eval_len, None)
+    base_buckets = base_stats.val.buckets(ranges)
+    base_test_buckets = base_stats.test.buckets(ranges) if base_stats.test is not None else None
+    base_ppl = base_stats.val.ppl
     trials, epochs, positions = [], [], []
     revision = git_revision()
     seen: set[str] = set()
@@ -92,19 +97,22 @@ def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: Positi
                 by_epoch[r.epoch] = r  # a restarted trial's repeated epoch counts once
         history = [by_epoch[e] for e in sorted(by_epoch)]
         status, error = _status(rec, reports, sweep.train.epochs)
-        best = min(history, key=lambda m: m.val_ppl) if history else None
+        best = history[-1] if history else None  # each report carries the best epoch so far
         last = history[-1].trial if history else None
         init_val_ppl = last.init_val_ppl if last is not None and last.init_val_ppl is not None else math.nan
         trials.append({
             "trial_id": rec.trial_id, "sweep": sweep.name, **method_columns(cfg.adapters, cfg.loss.name),
             "schedule": cfg.loss.name, "seed": cfg.train.seed,
             "config": _config_json(cfg), "status": status, "error": error,
-            "epochs_run": len(history), "max_epochs": sweep.train.epochs,
-            "best_epoch": best.epoch if best else None,
-            "best_val_ppl": best.val_ppl if best else math.nan,
-            "base_val_ppl": base_stats.ppl,
+            "epochs_run": len([h for h in history if h.epoch > 0]), "max_epochs": sweep.train.epochs,
+            "best_epoch": best.best_epoch if best else None,
+            "best_val_ppl": best.best_val_ppl if best else math.nan,
+            "base_val_ppl": base_ppl,
             "init_val_ppl": init_val_ppl,
-            "degradation_pct": 100 * (best.val_ppl - base_stats.ppl) / base_stats.ppl if best else math.nan,
+            "test_ppl": best.test_ppl if best else None,
+            "base_test_ppl": base_stats.test.ppl if base_stats.test is not None else None,
+            "eval_seq_len": sweep.data.eval_len,
+            "degradation_pct": 100 * (best.best_val_ppl - base_ppl) / base_ppl if best else math.nan,
             "kv_bytes_per_token": (last.kv_bytes_per_token if last.kv_bytes_per_token_measured is None else last.kv_bytes_per_token_measured)
             if last is not None else None,  # results of a kvsweep that did not measure: the accounting
             "kv_bytes_per_token_accounted": last.kv_bytes_per_token if last is not None else None,
@@ -121,7 +129,9 @@ def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: Positi
             epochs.append((rec.trial_id, init_metrics(cfg, init_val_ppl)))
         epochs += [(rec.trial_id, h.metrics) for h in history]
         if best:
-            positions += [(rec.trial_id, p) for p in position_metrics(best.buckets, base_buckets)]
+            positions += [(rec.trial_id, p) for p in position_metrics(best.best_buckets, base_buckets)]
+            if base_test_buckets is not None and best.test_buckets:
+                positions += [(rec.trial_id, p) for p in position_metrics(best.test_buckets, base_test_buckets, "test")]
     return {"trials": table(trials, trial_schema(option_columns())), "epochs": epoch_table(epochs), "positions": position_table(positions)}
 
 
@@ -151,7 +161,7 @@ class ResultsWriter(tune.Callback):
     every trial's end). ``records`` are the trials of the sweep's earlier runs (and of this run's
     experiment before it continued). A write that fails for want of space stops the sweep through ``guard``."""
 
-    def __init__(self, sweep: SweepCfg, base_stats: PositionStats, store: SweepStore, *, guard: StorageGuard | None = None,
+    def __init__(self, sweep: SweepCfg, base_stats: SplitStats, store: SweepStore, *, guard: StorageGuard | None = None,
                  records: list[TrialRecord] | None = None, every: float = 10.0, log=print):
         self.sweep, self.base_stats, self.store, self.guard, self.every, self.log = sweep, base_stats, store, guard, every, log
         self.records: dict[str, TrialRecord] = {r.trial_id: r for r in records or []}
