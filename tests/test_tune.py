@@ -110,22 +110,16 @@ def test_packed_sweep_reports_what_unpacked_trials_report(tiny_folder, tmp_path)
     assert trial_steps == steps_per_epoch * sum(r["epochs_run"] for r in t["trials"])
 
 
-def test_a_crashed_packed_trial_restarts_from_its_checkpoint(tiny_folder, tmp_path):
-    _sweep("--pack", "4", "--scheduler", "fifo", "--epochs", "3", "--inject-fault-at-epoch", "1", "--name", "faultypack", storage=tmp_path)
-    t = _tables(tmp_path / "faultypack")
+@pytest.mark.parametrize("packed", [False, True], ids=["alone", "packed"])
+def test_a_crashed_trial_restarts_from_its_checkpoint(tiny_folder, tmp_path, packed):
+    name = "faultypack" if packed else "faulty"
+    _sweep(*(["--pack", "4"] if packed else []), "--scheduler", "fifo", "--epochs", "3", "--inject-fault-at-epoch", "1", "--name", name,
+           storage=tmp_path)
+    t = _tables(tmp_path / name)
     _check_once(t, 4)
     assert all(r["status"] in ("completed", "early_stopped") for r in t["trials"])
     assert all(r["epochs_run"] == 3 or r["status"] == "early_stopped" for r in t["trials"])
-    assert list((tmp_path / "faultypack").glob("tune-0/*/error.txt")), "the injected fault should have been recorded by Tune"
-
-
-def test_a_crashed_trial_restarts_from_its_checkpoint(tiny_folder, tmp_path):
-    _sweep("--scheduler", "fifo", "--epochs", "3", "--inject-fault-at-epoch", "1", "--name", "faulty", storage=tmp_path)
-    t = _tables(tmp_path / "faulty")
-    _check_once(t, 4)
-    assert all(r["status"] in ("completed", "early_stopped") for r in t["trials"])
-    assert all(r["epochs_run"] == 3 or r["status"] == "early_stopped" for r in t["trials"])
-    assert list((tmp_path / "faulty").glob("tune-0/*/error.txt")), "the injected fault should have been recorded by Tune"
+    assert list((tmp_path / name).glob("tune-0/*/error.txt")), "the injected fault should have been recorded by Tune"
 
 
 def test_a_nan_configuration_ends_as_error_and_the_others_complete(tiny_folder, tmp_path):
