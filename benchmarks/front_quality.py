@@ -54,7 +54,7 @@ class Replay:
     """What one replayed sweep spent and found."""
 
     epochs: int = 0
-    finished: list[tuple[int, float, int]] = field(default_factory=list)  # (kv bytes, best val PPL, epochs spent when it ended)
+    finished: list[tuple[int, float]] = field(default_factory=list)  # (kv bytes, best val PPL) of the trials that ran to their end
     anytime: list[tuple[int, float]] = field(default_factory=list)  # (epochs spent, hypervolume) after each finished trial
 
 
@@ -118,17 +118,13 @@ def replay(curves: list[Curve], order: list[int] | None, scheduler: TrialSchedul
             if search is not None:
                 search.on_trial_complete(trial.trial_id, result)
             if last and curve.ended_by_itself:  # only trials that ran to their end enter the front
-                out.finished.append((int(result["kv_bytes_per_token"]), float(result["best_val_ppl"]), out.epochs))
-                out.anytime.append((out.epochs, front_hv(out.finished, reference)))
+                out.finished.append((int(result["kv_bytes_per_token"]), float(result["best_val_ppl"])))
+                out.anytime.append((out.epochs, hypervolume(out.finished, reference)))
             start(clock)
         else:
             heapq.heappush(events, (clock + curve.results[i + 1].get("seconds", 1.0), seq, trial, curve, i + 1))
             seq += 1
     return out
-
-
-def front_hv(points: list[tuple], reference: tuple[float, float]) -> float:
-    return hypervolume([(p[0], p[1]) for p in points], reference) if points else 0.0
 
 
 def at_epochs(r: Replay, epochs: int) -> float:
@@ -159,7 +155,7 @@ def main() -> None:
     curves = reference_curves(sweep)
     ref_point = (float(trials[0]["kv_bytes_per_token_base"]), 1.5 * float(trials[0]["base_val_ppl"]))
     full = replay(curves, list(range(len(curves))), make_scheduler(sweep, SweepStore(tempfile.mkdtemp(), "fifo")), a.workers, ref_point)
-    hv_ref = front_hv(full.finished, ref_point)
+    hv_ref = hypervolume(full.finished, ref_point)
     print(f"\nreference: {len(curves)} trials x up to {a.epochs} epochs on tiny, FIFO to the end: {full.epochs} epochs, "
           f"hypervolume {hv_ref:.4g} (reference point {ref_point[0]:.0f} B/token, PPL {ref_point[1]:.3f}); trained in {wall:.0f} s; {storage}")
 
@@ -182,7 +178,7 @@ def main() -> None:
     print(f"| FIFO (reference) | {full.epochs:>6} |        1.000 |                    1.000 | {len(full.finished):>15} |")
     for kind, rs in runs.items():
         ep = [r.epochs for r in rs]
-        hv = [front_hv(r.finished, ref_point) / hv_ref for r in rs]
+        hv = [hypervolume(r.finished, ref_point) / hv_ref for r in rs]
         print(f"| {kind:<16} | {statistics.mean(ep):>6.0f} | {statistics.mean(ep) / full.epochs:>12.3f} | "
               f"{statistics.mean(hv):>6.3f} ({min(hv):.3f}..{max(hv):.3f})    | {statistics.mean(len(r.finished) for r in rs):>15.1f} |")
     print("\nat equal epochs (each order: both schedulers' hypervolume when the one that spent fewer had spent all of its):")
@@ -194,7 +190,7 @@ def main() -> None:
         wins += hm - ha >= 1e-3
         print(f"  {budget:>4} epochs: asha {ha:.4f}, moasha {hm:.4f}")
     mo = runs["moasha"]
-    goal_hv = statistics.mean(front_hv(r.finished, ref_point) / hv_ref for r in mo) >= 0.99
+    goal_hv = statistics.mean(hypervolume(r.finished, ref_point) / hv_ref for r in mo) >= 0.99
     goal_ep = statistics.mean(r.epochs for r in mo) / full.epochs <= 0.5
     print(f"\ngoal: moasha >= 0.99 of the reference hypervolume: {'met' if goal_hv else 'not met'}; with <= 0.5 of its epochs: "
           f"{'met' if goal_ep else 'not met'}; at equal epochs moasha beats ASHA in {wins} of {a.orders} orders, ties in {ties} "

@@ -21,6 +21,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SEED_BUCKETS = (0, 16, 32, 64, 96, 128)
 """Bucket bounds of the seed's position-wise table: [0,16) [16,32) [32,64) [64,96) [96,128)."""
 SCHEDULERS = ("moasha", "asha", "fifo")  # a sweep's trial schedulers; the first is the default
+SEARCHES = ("grid", "random", "optuna")  # how a sweep picks its configurations
 DEFAULT_TRAIN_SAMPLES = 10_000  # the seed's; the tiny preset's corpus holds fewer windows, so it trains on all of them
 
 
@@ -379,7 +380,7 @@ class SweepCfg:
             _check_number("packs", self.packs, low=1, low_inclusive=True, integer=True)
         if self.num_samples is not None:
             _check_number("num_samples", self.num_samples, low=1, low_inclusive=True, integer=True)
-        _check_choice("search", self.search, ("grid", "random", "optuna"))
+        _check_choice("search", self.search, SEARCHES)
         if (self.search == "grid") != (self.num_samples is None):
             raise ConfigError(f"num_samples is the budget of a random or optuna search, and the grid has none; got search "
                               f"{self.search!r} with num_samples {self.num_samples}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import SCHEDULERS, ConfigError, DataCfg, ModelCfg, SweepCfg, TrainCfg, default_train_samples
+from .config import SCHEDULERS, SEARCHES, ConfigError, DataCfg, ModelCfg, SweepCfg, TrainCfg, default_train_samples
 
 PACKED_LOSS_CHUNK = 4096  # a pack's stacked batch would otherwise hold float32 logits for all its trials' tokens
 SMOKE = {"train_samples": 64, "val_samples": 16, "test_samples": 16, "eval_seq_len": 256, "epochs": 2}
@@ -60,7 +60,7 @@ def sweep_parser(description: str, default_name: str) -> argparse.ArgumentParser
                    "results are those of unpacked trials (default: 1, each trial in its own process)")
     g.add_argument("--packs", type=int, default=None, help="pack processes (default: as many as --gpus-per-trial fits the "
                    "cluster's GPUs, else 1)")
-    g.add_argument("--search", default=None, choices=("grid", "random", "optuna"),
+    g.add_argument("--search", default=None, choices=SEARCHES,
                    help="grid: every configuration of the search space once; random: --num-samples random picks; optuna: "
                         "--num-samples trials picked by Optuna's multi-objective sampler on (best validation PPL, KV bytes/token) "
                         "(default: random with --num-samples, else grid)")

@@ -24,7 +24,6 @@ from ray.tune.search.optuna import OptunaSearch
 from ..config import SweepCfg
 from .writer import TrialRecord
 
-SEARCHES = ("grid", "random", "optuna")
 OBJECTIVES = ("best_val_ppl", "kv_bytes_per_token")  # both minimised
 SAMPLER_SEED = 0  # one sweep specification, one sequence of suggestions (given the same results)
 
@@ -58,11 +57,10 @@ def round_search(sweep: SweepCfg, space: dict[str, list], points: list[dict] | N
     values = {k: [tune_value(v) for v in vs] for k, vs in space.items()}
     fixed = {k: v[0] for k, v in values.items() if len(v) == 1}
     searched = {k: v for k, v in values.items() if len(v) > 1}
-    if sweep.search == "grid":
-        return BasicVariantGenerator(points_to_evaluate=[{k: tune_value(v) for k, v in p.items()} for p in points or []],
-                                     max_concurrent=max_concurrent or 0), {**fixed, **{k: tune.choice(v) for k, v in searched.items()}}
-    if sweep.search == "random":
-        return BasicVariantGenerator(max_concurrent=max_concurrent or 0), {**fixed, **{k: tune.choice(v) for k, v in searched.items()}}
+    if sweep.search in ("grid", "random"):  # Tune's variant generator: the grid's points each once, or random picks
+        grid = [{k: tune_value(v) for k, v in p.items()} for p in points or []] if sweep.search == "grid" else None
+        return (BasicVariantGenerator(points_to_evaluate=grid, max_concurrent=max_concurrent or 0),
+                {**fixed, **{k: tune.choice(v) for k, v in searched.items()}})
     startup = min(10, max(2, (sweep.num_samples or 0) // 3))  # random suggestions before TPE models the results
     distributions = OptunaSearch.convert_search_space({k: tune.choice(v) for k, v in sorted(searched.items())}) if searched else None
     search = OptunaSearch(space=distributions, metric=list(OBJECTIVES),
