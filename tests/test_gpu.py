@@ -18,16 +18,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kvsweep.adapters import ADAPTERS, AdapterSpec
+from kvsweep.adapters import ADAPTERS
 from kvsweep.latent import LatentDecoder, check_bytes, generate, random_prompt, reference_logits
 from kvsweep.models import Base, dims
-from kvsweep.pack import run_packed
 from kvsweep.results import TrialResult
-from kvsweep.train import TrialCfg, run_trial
+from kvsweep.train import TrialCfg
 
-from .conftest import pattern_samples, small_base
+from .conftest import small_base
 from .test_latent import VOCAB, build, reference_greedy, small_model
-from .test_pack import MIXED, VD, _cfg, _close, _strip
+from . import test_pack as pack_tests
+from .test_pack import MIXED, VD, _cfg, _close
 
 DEVICE = torch.device(os.environ.get("KVSWEEP_TEST_DEVICE", "cuda"))
 
@@ -52,17 +52,11 @@ def _on(cfg: TrialCfg, **train) -> TrialCfg:
 
 
 def _alone(cfg: TrialCfg) -> tuple[TrialResult, list[dict]]:
-    reports: list[dict] = []
-    result = run_trial(cfg, lambda m, ckpt: reports.append(_strip(m.to_report())), base=_base(), samples=pattern_samples(),
-                       log=lambda m: None)
-    return result, reports
+    return pack_tests._alone(cfg, base=_base)
 
 
 def _packed(cfgs: list[TrialCfg]) -> tuple[list[TrialResult], list[list[dict]]]:
-    reports: list[list[dict]] = [[] for _ in cfgs]
-    results = run_packed(cfgs, base=_base(), samples=pattern_samples(), log=lambda m: None,
-                         reports=[(lambda m, ckpt, i=i: reports[i].append(_strip(m.to_report()))) for i in range(len(cfgs))])
-    return results, reports
+    return pack_tests._packed(cfgs, base=_base)
 
 
 def _timing_free(result: TrialResult) -> dict:

@@ -45,15 +45,17 @@ def _strip(m: dict) -> dict:
     return {k: v for k, v in m.items() if k not in ("seconds", "first_step_at")}
 
 
-def _alone(cfg: TrialCfg) -> tuple[TrialResult, list[dict]]:
+def _alone(cfg: TrialCfg, base=_base) -> tuple[TrialResult, list[dict]]:
+    """``cfg`` trained alone on ``base()``; its result and its reports."""
     reports: list[dict] = []
-    result = run_trial(cfg, lambda m, ckpt: reports.append(_strip(m.to_report())), base=_base(), samples=_samples(), log=lambda m: None)
+    result = run_trial(cfg, lambda m, ckpt: reports.append(_strip(m.to_report())), base=base(), samples=_samples(), log=lambda m: None)
     return result, reports
 
 
-def _packed(cfgs: list[TrialCfg], **kw) -> tuple[list[TrialResult], list[list[dict]]]:
+def _packed(cfgs: list[TrialCfg], base=_base, **kw) -> tuple[list[TrialResult], list[list[dict]]]:
+    """``cfgs`` trained in one pack on ``base()``; their results and reports."""
     reports: list[list[dict]] = [[] for _ in cfgs]
-    results = run_packed(cfgs, base=_base(), samples=_samples(), log=lambda m: None,
+    results = run_packed(cfgs, base=base(), samples=_samples(), log=lambda m: None,
                          reports=[(lambda m, ckpt, i=i: reports[i].append(_strip(m.to_report()))) for i in range(len(cfgs))], **kw)
     return results, reports
 
