@@ -27,12 +27,11 @@ rule and the durable state are ``DurableRungs``'s.
 
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import numpy as np
 
-from .scheduler import DurableRungs, asha_keeps
+from .scheduler import DurableRungs, asha_keeps, real
 
 BYTES = "kv_bytes_per_token"  # the second objective, from each result (the accounted bytes)
 
@@ -117,10 +116,8 @@ class MOASHA(DurableRungs):
     NAME = "moasha"
 
     def objectives(self, result: dict) -> tuple[float, ...] | None:
-        value, size = self._metric_value(result), result.get(BYTES)
-        if value is None or not isinstance(size, numbers.Real) or isinstance(size, bool):
-            return None
-        return value, float(size)
+        value, size = self._metric_value(result), real(result.get(BYTES))
+        return None if value is None or size is None else (value, size)
 
     def keeps(self, record: tuple[float, ...], others: list[tuple[float, ...]]) -> bool:
         if not others:

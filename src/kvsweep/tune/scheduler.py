@@ -68,6 +68,11 @@ def milestones(max_t: int, grace_period: int, reduction_factor: float) -> list[f
     return [grace_period * reduction_factor ** k for k in range(n)]
 
 
+def real(value) -> float | None:
+    """A reported value as a float when it is a real number (a bool is not one); ``None`` otherwise."""
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+
+
 def asha_keeps(value: float, others: Sequence[float], reduction_factor: float) -> bool:
     """ASHA's decision at a rung: whether a trial with ``value`` (lower is better) goes on, given the values
     of the trials recorded there before it.
@@ -129,8 +134,8 @@ class DurableRungs(FIFOScheduler):
         raise NotImplementedError
 
     def _metric_value(self, result: dict) -> float | None:
-        value = result.get(self._metric)
-        return self._sign * float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+        value = real(result.get(self._metric))
+        return None if value is None else self._sign * value
 
     # --- Ray Tune's TrialScheduler ----------------------------------------------------------------------
 
@@ -203,8 +208,8 @@ class DurableRungs(FIFOScheduler):
         (always ``True`` without ``lm_peak``); ``None`` for a result without ``w_lm``."""
         if self._lm_peak is None:
             return True
-        w = result.get("w_lm")
-        if not isinstance(w, numbers.Real) or isinstance(w, bool) or not math.isfinite(w):
+        w = real(result.get("w_lm"))
+        if w is None or not math.isfinite(w):
             return None
         if trial.trial_id not in self._peaks:
             self._peaks[trial.trial_id] = float(self._lm_peak(trial.config))
