@@ -220,3 +220,51 @@ def test_a_required_option_given_as_none_leaves_its_method_out():
 
     assert [s.name for s in specs_from_point({"rank": None, "init": "pca", "ka": "ka_gated"})] == ["ka_gated"]
     assert [s.name for s in specs_from_point({"vdproj.rank": None, "vdproj.init": "pca"})] == []
+
+
+UNION = [{"vdproj.rank": [32, 64], "schedule": ["rec_to_lm"], "seed": [0]},
+         {"ka": ["ka_gated"], "ka.layers": ["last"], "seed": [0, 1]}]
+
+
+def test_a_union_of_grids_is_each_parts_points_completed_with_what_the_part_leaves_the_others_at():
+    from kvsweep.tune.space import grid_points, space_values, trial_cfg
+
+    points = grid_points(UNION)
+    assert len(points) == 4
+    assert all(set(p) == {"vdproj.rank", "schedule", "seed", "ka", "ka.layers"} for p in points)
+    vd, ka = points[:2], points[2:]
+    assert all(p["ka"] == "none" and p["ka.layers"] is None and p["schedule"] == "rec_to_lm" for p in vd)
+    assert all(p["vdproj.rank"] is None and p["schedule"] == "lm" for p in ka)  # the default schedule, not the other part's
+    sweep = _sweep()
+    assert [[s.name for s in trial_cfg(p, sweep).adapters] for p in points] == [["vdproj"]] * 2 + [["ka_gated"]] * 2
+    values = space_values(UNION)
+    assert values["vdproj.rank"] == [32, 64, None] and values["seed"] == [0, 1] and values["ka"] == ["none", "ka_gated"]
+    # a part that gives a method through its options, not its family key, keeps that method when another part names the family
+    mixed = [{"vdproj.rank": [32]}, {"vdproj": ["none"], "ka": ["ka_gated"]}]
+    assert grid_points(mixed)[0]["vdproj"] == "vdproj" and grid_points(mixed)[1]["vdproj"] == "none"
+
+
+def test_a_union_of_grids_is_one_specification_field_and_grows_by_its_new_points():
+    sweep = _sweep()
+    spec = _spec(sweep, UNION)
+    assert "space" in spec and not any(k.startswith("space.") for k in spec)
+    assert _spec(sweep, UNION[::-1]) == spec  # the parts' order changes no configuration
+    stored = _stored(sweep, UNION)
+    assert plan(stored, spec, UNION, sweep).todo == []
+    grown = [UNION[0], {**UNION[1], "seed": [0, 1, 2]}]
+    p = plan(stored, _spec(sweep, grown), grown, sweep, grow=True)
+    new = round_points(p.record, 1, sweep)
+    assert p.todo == [1] and len(new) == 1 and new[0]["seed"] == 2 and new[0]["ka"] == "ka_gated"
+    with pytest.raises(SpecificationError, match="only adds configurations"):
+        plan(stored, _spec(sweep, UNION[:1]), UNION[:1], sweep, grow=True)
+
+
+def test_a_union_of_grids_needs_the_grid_search():
+    from kvsweep.tune.space import check_space_shape, validate_space
+
+    with pytest.raises(ConfigError, match="union of 2 grids runs with --search grid, not random"):
+        validate_space(UNION, _sweep(search="random", num_samples=4))
+    with pytest.raises(ConfigError, match="at least one part"):
+        check_space_shape([])
+    with pytest.raises(ConfigError, match="unknown field 'nope'"):
+        check_space_shape([{"seed": [0]}, {"nope": [1]}])

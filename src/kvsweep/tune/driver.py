@@ -21,7 +21,6 @@ import pyarrow as pa
 import ray
 from transformers.utils import logging as hf_logging
 
-from ..adapters.options import canonical_space
 from ..config import ConfigError, KvsweepError, SweepCfg
 from ..data import Samples, load_samples
 from ..evaluate import SplitStats, evaluate_splits
@@ -31,7 +30,7 @@ from .guard import StorageGuard
 from .lock import DriverLock
 from .local import start_local_ray
 from .rounds import fit_round, pack_stats_of, register_trials
-from .space import absolute_paths, validate_space, with_eval_len
+from .space import Space, absolute_paths, canonical, validate_space, with_eval_len
 from .spec import SWEEP_FILE, Plan, SpecificationError, SweepRecord, canonical_specification, data_digest, plan, specification
 from .store import StorageFullError, SweepBusyError, SweepStore, is_storage_full, join_uri
 from .summary import summarize, throughput
@@ -94,7 +93,7 @@ def _store_record(store: SweepStore, record: SweepRecord) -> None:
     store.write_bytes(SWEEP_FILE, record.to_json().encode())
 
 
-def run_sweep(sweep: SweepCfg, space: dict[str, list], *, grow: bool = False, log: Callable[[str], None] = print,
+def run_sweep(sweep: SweepCfg, space: Space, *, grow: bool = False, log: Callable[[str], None] = print,
               callbacks: list | None = None) -> SweepOutcome:
     """Run, continue or (``grow``) grow a sweep; return where its results are and the gathered tables.
 
@@ -108,7 +107,7 @@ def run_sweep(sweep: SweepCfg, space: dict[str, list], *, grow: bool = False, lo
     hf_logging.disable_progress_bar()
     sweep = with_eval_len(absolute_paths(sweep))
     validate_space(space, sweep)
-    space = canonical_space(space)  # "rank" and "vdproj.rank" are one field, of one specification
+    space = canonical(space)  # "rank" and "vdproj.rank" are one field, of one specification
     store = SweepStore(sweep.storage_uri, sweep.name)
     store.check_writable()
     with DriverLock(store, log=log) as lock:
@@ -126,7 +125,7 @@ def run_sweep(sweep: SweepCfg, space: dict[str, list], *, grow: bool = False, lo
         return _run(sweep, space, store, guard, samples, the_plan, log, callbacks or [])
 
 
-def _run(sweep: SweepCfg, space: dict, store: SweepStore, guard: StorageGuard, samples: Samples, the_plan: Plan,
+def _run(sweep: SweepCfg, space: Space, store: SweepStore, guard: StorageGuard, samples: Samples, the_plan: Plan,
          log: Callable[[str], None], callbacks: list) -> SweepOutcome:
     record = the_plan.record
     log(f"sweep {sweep.name}: {the_plan.message}")

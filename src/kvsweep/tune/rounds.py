@@ -23,7 +23,7 @@ from .moasha import MOASHA
 from .packed import CLIENT_CPUS, packed_trainable, start_servers
 from .scheduler import DurableASHA
 from .search import round_search
-from .space import trial_cfg
+from .space import Space, space_values, trial_cfg
 from .spec import SweepRecord, round_points
 from .store import SweepStore, join_uri
 from .trainable import trainable
@@ -122,9 +122,10 @@ def _restore_signal_handlers(handlers: dict) -> None:
             signal.signal(sig, handler)
 
 
-def trial_dirname(trial, space: dict[str, list]) -> str:
+def trial_dirname(trial, space: Space) -> str:
     """``<trainable>_<trial id>_<the searched values>``, e.g. ``trial_4d383_00002_init=random,rank=64``."""
-    searched = ",".join(f"{k}={trial.config.get(k)}" for k in sorted(space) if len(space[k]) > 1)
+    values = space_values(space)
+    searched = ",".join(f"{k}={trial.config.get(k)}" for k in sorted(values) if len(values[k]) > 1)
     name = f"{trial.trainable_name}_{trial.trial_id}" + (f"_{searched}" if searched else "")
     return "".join(c if c.isalnum() or c in "._=,-" else "_" for c in name)[:120]
 

@@ -22,6 +22,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlg
 from ray.tune.search.optuna import OptunaSearch
 
 from ..config import SweepCfg
+from .space import Space, space_values
 from .writer import TrialRecord
 
 OBJECTIVES = ("best_val_ppl", "kv_bytes_per_token")  # both minimised
@@ -43,18 +44,18 @@ def objectives(rec: TrialRecord) -> list[float] | None:
     return [float(v) for v in values]
 
 
-def round_search(sweep: SweepCfg, space: dict[str, list], points: list[dict] | None, max_concurrent: int | None,
+def round_search(sweep: SweepCfg, space: Space, points: list[dict] | None, max_concurrent: int | None,
                  history: list[TrialRecord] = ()) -> tuple[SearchAlgorithm, dict[str, Any]]:
     """The search algorithm of one round and the config ``tune.run`` gets with it.
 
     Args:
         sweep: ``sweep.search`` picks it: ``grid`` (``points``, each once), ``random`` or ``optuna``.
-        space: the round's search space, field -> values.
+        space: the round's search space, field -> values (or a union of such grids, ``grid`` only).
         points: the grid's configurations (``grid`` only).
         max_concurrent: the most trials at once (``None``: no limit).
         history: trials of earlier rounds; ``optuna`` tells its study their objectives first.
     """
-    values = {k: [tune_value(v) for v in vs] for k, vs in space.items()}
+    values = {k: [tune_value(v) for v in vs] for k, vs in space_values(space).items()}
     fixed = {k: v[0] for k, v in values.items() if len(v) == 1}
     searched = {k: v for k, v in values.items() if len(v) > 1}
     if sweep.search in ("grid", "random"):  # Tune's variant generator: the grid's points each once, or random picks

@@ -1,7 +1,10 @@
 """The search space: its fields, their translation into typed trial configs, and its validation.
 
 A search space maps field names (``space_fields()``) to lists of values; a point of it (one value per
-field) is one trial's configuration, Ray's flat ``config`` dict. ``trial_cfg`` is the one place where
+field) is one trial's configuration, Ray's flat ``config`` dict. A grid search may also take a list of such
+dicts, a union of grids (``[{"vdproj.rank": [64, 128]}, {"lowrank.k_rank": [8], "lowrank.group": [1, 2]}]``):
+its points are every part's points, each completed with the fields of the other parts set to what the part
+leaves them at (its own methods, no other, the default training values). ``trial_cfg`` is the one place where
 such a dict becomes a typed ``TrialCfg``. The methods' fields come from the registry
 (``kvsweep.adapters.options``): a family's key picks its method (``"ka": "ka_gated"``), and
 ``"<method>.<option>"`` (``"vdproj.rank": 64``) or ``"<family>.<option>"`` sets an option. No Ray here.
@@ -16,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import check_taps, make_adapter
-from ..adapters.options import space_keys, specs_from_point, variant_label
+from ..adapters.options import canonical_space, families, space_keys, specs_from_point, variant_label
 from ..config import ConfigError, SweepCfg
 from ..data import resolve_source
 from ..losses import LossCfg
@@ -70,35 +73,97 @@ def point_key(point: dict, sweep: SweepCfg) -> str:
     return json.dumps(cfg, sort_keys=True)
 
 
-def grid_points(space: dict[str, list]) -> list[dict]:
-    """Every combination of the space's values, in the order of its fields (the last one fastest)."""
-    keys = list(space)
-    return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
+Space = dict[str, list] | list[dict[str, list]]
+"""One grid (field -> values) or a union of grids."""
 
 
-def check_space_shape(space: dict[str, list]) -> None:
-    """Every field known and given as a non-empty list of values.
+def space_parts(space: Space) -> list[dict[str, list]]:
+    """The grids of a space: the space itself, or the parts of a union."""
+    return list(space) if isinstance(space, (list, tuple)) else [space]
+
+
+def is_union(space: Space) -> bool:
+    return len(space_parts(space)) > 1
+
+
+def canonical(space: Space) -> Space:
+    """``canonical_space`` of each part; a union of one part is that part."""
+    parts = [canonical_space(part) for part in space_parts(space)]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def _left_at(point: dict, key: str) -> Any:
+    """What ``point`` (a part's point) leaves a field it does not give at: a family at its chosen method (or none), a
+    training field at its default, a method's option unset."""
+    if key in families():
+        chosen = [s.name for s in specs_from_point(point) if s.name in families()[key]]
+        return chosen[0] if chosen else "none"
+    return DEFAULT_POINT.get(key)
+
+
+def grid_points(space: Space) -> list[dict]:
+    """Every combination of the space's values, in the order of its fields (the last one fastest); for a union,
+    each part's in turn, every point holding every field of the union (see the module's docstring)."""
+    parts = space_parts(space)
+    points = []
+    for part in parts:
+        keys = list(part)
+        points += [dict(zip(keys, values)) for values in itertools.product(*(part[k] for k in keys))]
+    if len(parts) == 1:
+        return points
+    union = list(dict.fromkeys(k for part in parts for k in part))
+    return [{k: p[k] if k in p else _left_at(p, k) for k in union} for p in points]
+
+
+def space_values(space: Space) -> dict[str, list]:
+    """Each field's distinct values over the space's points, in order of appearance."""
+    if not is_union(space):
+        return dict(space_parts(space)[0])
+    out: dict[str, list] = {}
+    for p in grid_points(space):
+        for k, v in p.items():
+            seen = out.setdefault(k, [])
+            if v not in seen:
+                seen.append(v)
+    return out
+
+
+def check_space_shape(space: Space) -> None:
+    """Every part a non-empty dict of known fields, each given as a non-empty list of values.
 
     Raises:
         ConfigError: naming the first bad field.
     """
-    if not isinstance(space, dict) or not space:
-        raise ConfigError(f"search space: a dict of field -> list of values, got {space!r}")
+    if isinstance(space, (list, tuple)) and not space:
+        raise ConfigError("search space: a union of grids needs at least one part")
     fields = space_fields()
-    for key, values in space.items():
-        if key not in fields:
-            raise ConfigError(f"search space: unknown field {key!r}; valid fields: {', '.join(fields)}")
-        if not isinstance(values, (list, tuple)) or not values:
-            raise ConfigError(f"search space: {key} must be a non-empty list of values, got {values!r}")
+    for part in space_parts(space):
+        if not isinstance(part, dict) or not part:
+            raise ConfigError(f"search space: a dict of field -> list of values (or a list of them), got {part!r}")
+        for key, values in part.items():
+            if key not in fields:
+                raise ConfigError(f"search space: unknown field {key!r}; valid fields: {', '.join(fields)}")
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ConfigError(f"search space: {key} must be a non-empty list of values, got {values!r}")
 
 
-def validate_space(space: dict[str, list], sweep: SweepCfg) -> list[TrialCfg]:
+def validate_space(space: Space, sweep: SweepCfg) -> list[TrialCfg]:
     """Check every value of every field, then every combination, against the model; before Ray starts.
 
     Raises:
-        ConfigError: naming the field and value, or the combination, that cannot run.
+        ConfigError: naming the field and value, or the combination, that cannot run; a union of grids under a
+            search other than ``grid`` (random picks and Optuna draw each field on its own).
     """
     check_space_shape(space)
+    if is_union(space) and sweep.search != "grid":
+        raise ConfigError(f"search space: a union of {len(space_parts(space))} grids runs with --search grid, not {sweep.search}")
+    cfgs = []
+    for part in space_parts(space):
+        cfgs += _validate_grid(part, sweep)
+    return cfgs
+
+
+def _validate_grid(space: dict[str, list], sweep: SweepCfg) -> list[TrialCfg]:
     source = resolve_model(sweep.model)
     resolve_source(sweep.data)
     config = model_config(source)

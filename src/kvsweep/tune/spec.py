@@ -24,7 +24,7 @@ from ..adapters.options import canonical_key
 from ..config import KvsweepError, SweepCfg
 from ..data import Samples
 from ..evaluate import PositionStats, SplitStats
-from .space import RUN_ONLY_TRAIN, grid_points, point_key
+from .space import RUN_ONLY_TRAIN, Space, grid_points, point_key, space_parts
 
 SWEEP_FILE = "sweep.json"
 FORMAT = 1
@@ -50,8 +50,9 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))  # tuples become lists, as they come back from sweep.json
 
 
-def specification(sweep: SweepCfg, space: dict[str, list], digest: str) -> dict[str, Any]:
-    """The fields a sweep's results depend on, flat: ``{"train.epochs": 30, "space.rank": [64, 128], ...}``.
+def specification(sweep: SweepCfg, space: Space, digest: str) -> dict[str, Any]:
+    """The fields a sweep's results depend on, flat: ``{"train.epochs": 30, "space.rank": [64, 128], ...}``; a union
+    of grids is one field, ``space``: its parts, each as such a dict, in a canonical order.
 
     Settings of where and how trials run (storage, resources, packing, compile, loss chunking) are left
     out: they change no result.
@@ -69,13 +70,21 @@ def specification(sweep: SweepCfg, space: dict[str, list], digest: str) -> dict[
         spec["scheduler.reduction_factor"] = sweep.reduction_factor
     spec["search"] = sweep.search
     spec["search.num_samples"] = sweep.num_samples
-    for key in sorted(space):  # a space is a set of values per field: their order changes no configuration
-        spec[f"space.{key}"] = sorted(_plain(list(space[key])), key=lambda v: json.dumps(v, sort_keys=True))
+    parts = [_grid_spec(part) for part in space_parts(space)]
+    if len(parts) == 1:
+        spec.update({f"space.{k}": v for k, v in parts[0].items()})
+    else:
+        spec["space"] = sorted(parts, key=lambda p: json.dumps(p, sort_keys=True))
     for key, value in list(spec.items()):
         local = _local_identity(key, value)
         if local is not None:
             spec[key], spec[f"{key}.digest"] = local
     return spec
+
+
+def _grid_spec(space: dict[str, list]) -> dict[str, list]:
+    """A grid as a set of values per field: their order changes no configuration."""
+    return {k: sorted(_plain(list(space[k])), key=lambda v: json.dumps(v, sort_keys=True)) for k in sorted(space)}
 
 
 def _local_identity(key: str, value: Any) -> tuple[str, str] | None:
@@ -113,13 +122,17 @@ def canonical_specification(spec: dict[str, Any]) -> dict[str, Any]:
     ``search`` named (a specification stored before it was: ``random`` with a number of samples, else ``grid``)."""
     out: dict[str, Any] = {}
     for key, value in spec.items():
+        if key == "space":  # a union of grids
+            value = [{canonical_key(k): v for k, v in part.items()} for part in value]
         out[f"space.{canonical_key(key[len('space.'):])}" if key.startswith("space.") else key] = value
     if "search" not in out:  # stored before the searcher was named: random picks or the grid
         out["search"] = "grid" if out.get("search.num_samples") is None else "random"
     return out
 
 
-def _space_of(spec: dict[str, Any]) -> dict[str, list]:
+def _space_of(spec: dict[str, Any]) -> Space:
+    if "space" in spec:
+        return spec["space"]
     return {k[len("space."):]: v for k, v in spec.items() if k.startswith("space.")}
 
 
@@ -146,7 +159,7 @@ class Round:
     """One Tune experiment of a sweep: the first run, or one ``--grow``."""
 
     tune: str  # its folder, inside the sweep's
-    space: dict[str, list]  # the search space it was started with
+    space: Space  # the search space it was started with
     num_samples: int | None  # random search: trials of this round; None: the grid points new in this round
     started_at: str
     finished: bool = False
@@ -230,7 +243,7 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def plan(stored: SweepRecord | None, spec: dict[str, Any], space: dict[str, list], sweep: SweepCfg, *,
+def plan(stored: SweepRecord | None, spec: dict[str, Any], space: Space, sweep: SweepCfg, *,
          grow: bool = False, where: str = "") -> Plan:
     """Start, continue or grow a sweep.
 
@@ -247,7 +260,7 @@ def plan(stored: SweepRecord | None, spec: dict[str, Any], space: dict[str, list
     if not diffs:
         msg = f"continuing the sweep in {where}" + (" (finished trials are not run again)" if unfinished else ": it is finished, nothing to run")
         return Plan(stored, unfinished, msg)
-    searchable = [d for d in diffs if d[0].startswith("space.") or d[0] == "search.num_samples"]
+    searchable = [d for d in diffs if d[0] == "space" or d[0].startswith("space.") or d[0] == "search.num_samples"]
     fixed = [d for d in diffs if d not in searchable]
     if not grow:
         hint = ("; or, to add these configurations to this sweep, run it with --grow" if not fixed else "")
