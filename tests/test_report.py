@@ -57,7 +57,8 @@ def test_report_of_a_partly_failed_running_sweep(hand_results, tmp_path):
     out = build_report([hand_results], tmp_path / "reports" / "hand")
     assert out == tmp_path / "reports" / "hand"
     names = {p.name for p in out.iterdir()}
-    assert {"report.md", "report.html", "frontier.csv", "front.png", "front_variants.png", "learning_curves.png", "positions.png"} == names  # no fixed bytes: no memory figure
+    assert {"report.md", "report.html", "frontier.csv", "front.png", "front_variants.png", "front_families.png", "learning_curves.png",
+            "positions.png"} == names  # no fixed bytes: no memory figure; two families (vdproj, ka_gated): their fronts
     for png in out.glob("*.png"):
         img = decode_png(png.read_bytes())
         assert img.shape[0] > 300 and img.shape[1] > 600
@@ -396,8 +397,8 @@ def test_an_earlier_report_is_replaced_and_a_failed_build_leaves_it_alone(hand_r
 
     real = compose.build
 
-    def broken(an, *, title):
-        built = real(an, title=title)
+    def broken(an, *, title, **kw):
+        built = real(an, title=title, **kw)
         return compose.Built(built.doc, {**built.images, "no/such/folder.png": b"x"}, built.frontier_csv)
 
     monkeypatch.setattr(compose, "build", broken)

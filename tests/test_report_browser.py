@@ -100,7 +100,7 @@ def test_chromium_loads_it_offline_with_every_image_decoded(report, tmp_path):
     ids = {a.get("id") for _t, a in dom.tags}
     assert set(SECTIONS) <= ids and "status" in ids
     assert len(dom.of("img")) == len(elements(page).of("img"))
-    assert len(dom.of("table")) == 11  # frontier, per variant, overall, memory, hypervolume, positions, learning, scheduler, search, status, history
+    assert len(dom.of("table")) == 12  # frontier, leaderboard, per variant, overall, memory, hypervolume, positions, learning, scheduler, search, status, history
     assert "Partial results" in r.stdout and "still running" in r.stdout
 
     # 2. A copy with one checker script allowed by hash: after the load event it records how many images decoded.

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..atomic import atomic_path
+from . import leaderboard
 from .analysis import Analysis, analyze
 from .errors import NoResultsError, NotResultsError, ReportError, SchemaError
 from .load import Results, load_all, load_results
@@ -54,14 +55,18 @@ def default_title(results: list[Results]) -> str:
 
 
 def build_report(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, title: str | None = None,
-                 x: str = "bytes-per-token", context: int | None = None) -> Path:
+                 x: str = "bytes-per-token", context: int | None = None, budgets: Sequence[float] | None = None,
+                 decode: str | os.PathLike | None = None) -> Path:
     """Read every source, make the report and write it to ``out`` in one rename; returns ``out``.
 
     ``x`` is the cost the fronts minimise besides PPL: ``bytes-per-token`` (KV bytes/token) or ``memory-at-L``
-    (fixed bytes + L x KV bytes/token); ``context`` is L in tokens (default: ``memory.default_context``).
+    (fixed bytes + L x KV bytes/token); ``context`` is L in tokens (default: ``memory.default_context``). ``budgets``
+    (shares of the base's KV bytes/token in (0, 1], default ``leaderboard.BUDGETS``) make the leaderboard; ``decode`` is
+    the JSON file of ``benchmarks/decode.py --json``, whose decode speeds it shows per family.
 
     Raises:
-        ReportError: bad input or output folder, an unknown ``x`` or a ``context`` below 1; nothing is written.
+        ReportError: bad input or output folder, an unknown ``x``, a ``context`` below 1, a budget outside (0, 1] or an
+            unreadable ``decode`` file; nothing is written.
     """
     from .compose import build
     from .render import html_document, markdown
@@ -70,10 +75,14 @@ def build_report(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *
         raise ReportError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
     if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
         raise ReportError(f"--context must be a whole number of tokens >= 1, got {context!r}")
+    budgets = tuple(leaderboard.BUDGETS if budgets is None else budgets)
+    if not budgets or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b <= 1 for b in budgets):
+        raise ReportError(f"--budgets must be shares of the base's KV cache in (0, 1], e.g. 0.75,0.5; got {list(budgets)}")
+    decode_figures = leaderboard.load_decode(decode) if decode is not None else None
     results = load_all([os.fspath(s) for s in sources])
     out = Path(out)
     check_output(out)
-    built = build(analyze(results, x=x, context=context), title=title or default_title(results))
+    built = build(analyze(results, x=x, context=context), title=title or default_title(results), budgets=budgets, decode=decode_figures)
     md, page = markdown(built.doc), html_document(built.doc, built.images)
     with atomic_path(out) as tmp:
         tmp.mkdir()

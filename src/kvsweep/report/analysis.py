@@ -55,6 +55,7 @@ class Analysis:
     source_index: NDArray[np.intp]  # per trial: index into results
     key: NDArray[np.object_]
     variant: NDArray[np.object_]
+    family: NDArray[np.object_]  # the methods' families ("vdproj", "lowrank+quant", ...); "base" without methods
     status: NDArray[np.object_]
     kv_bytes: NDArray[np.float64]
     fixed: NDArray[np.float64]  # fixed bytes, NaN where unknown
@@ -71,6 +72,7 @@ class Analysis:
     pcost: NDArray[np.float64]  # per point: the axis's cost
     front: NDArray[np.intp]  # point indices of the overall front, by cost ascending
     variant_fronts: dict[str, NDArray[np.intp]]  # point indices
+    family_fronts: dict[str, NDArray[np.intp]]  # point indices
     source_fronts: dict[str, NDArray[np.intp]]  # point indices, keyed by source label
     running: list[list[str]]  # per source: trial ids with epochs but no row in trials.parquet
     headline: str  # "test" when the results have test PPL, else "validation"
@@ -175,13 +177,14 @@ def analyze(results: list[Results], *, x: str = "bytes-per-token", context: int 
     L, where = (context, "given with --context") if context is not None else default_context(_floats(trials, "eval_seq_len"))
     axis = CostAxis(x, L, where)
     variant, status = _strings(trials, "variant", NO_VARIANT), _strings(trials, "status", "unknown")
+    family = _strings(trials, "family", "base") if "family" in trials.column_names else np.full(trials.num_rows, "base", dtype=object)
     kv_bytes, fixed, val_ppl = _floats(trials, "kv_bytes_per_token"), _floats(trials, "fixed_bytes"), _floats(trials, "best_val_ppl")
     test_ppl, base_ppl, base_test = _floats(trials, "test_ppl"), _floats(trials, "base_val_ppl"), _floats(trials, "base_test_ppl")
     kv_base, cost = _floats(trials, "kv_bytes_per_token_base"), axis.cost(fixed, kv_bytes)
     elig = eligible(status, cost, val_ppl, FRONT_STATUSES)
     seed = trials.column("seed").to_pylist()
     members = group(configuration_keys(trials, source_index), elig.candidate, seed)
-    points = make_points(members, key=key, source_index=source_index, variant=variant, seed=seed, kv=kv_bytes, fixed=fixed,
+    points = make_points(members, key=key, source_index=source_index, variant=variant, family=family, seed=seed, kv=kv_bytes, fixed=fixed,
                          kv_base=kv_base, base_val=base_ppl, base_test=base_test, val=val_ppl, test=test_ppl)
     point_of = np.full(trials.num_rows, -1, dtype=np.intp)
     for p, m in enumerate(members):
@@ -189,11 +192,12 @@ def analyze(results: list[Results], *, x: str = "bytes-per-token", context: int 
     pcost, pval = axis.cost(points.fixed, points.kv), points.val.mean
     every = np.ones(points.n, dtype=bool)
     return Analysis(
-        results=results, trials=trials, source_index=source_index, key=key, variant=variant, status=status,
+        results=results, trials=trials, source_index=source_index, key=key, variant=variant, family=family, status=status,
         kv_bytes=kv_bytes, fixed=fixed, val_ppl=val_ppl, test_ppl=test_ppl, base_ppl=base_ppl, base_test=base_test, kv_base=kv_base,
         axis=axis, cost=cost, eligibility=elig, points=points, point_of=point_of, pcost=pcost,
         front=pareto_front(pcost, pval),
         variant_fronts=fronts_by_group(points.variant, pcost, pval, every),
+        family_fronts=fronts_by_group(points.family, pcost, pval, every),
         source_fronts=fronts_by_group([results[s].label for s in points.source], pcost, pval, every) if len(results) > 1 else {},
         running=[_running(r) for r in results],
         headline="test" if np.isfinite(test_ppl[elig.candidate]).any() else "validation",

@@ -29,6 +29,10 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     p.add_argument("--context", type=_tokens, default=None, metavar="L",
                    help=f"L, tokens of one sequence, for memory at L and the break-even table (default: {DEFAULT_CONTEXT:,}, "
                         "Pythia's maximum context, or the results' longest evaluation length if longer)")
+    p.add_argument("--budgets", type=_budgets, default=None, metavar="B,B,...",
+                   help="the leaderboard's budgets, shares of the base's KV bytes/token (default: 0.75,0.5,0.25,0.125)")
+    p.add_argument("--decode", default=None, metavar="FILE",
+                   help="decode speeds per family for the leaderboard: the JSON file of benchmarks/decode.py --json")
     p.set_defaults(func=cmd_report)
     return p
 
@@ -43,10 +47,20 @@ def _tokens(text: str) -> int:
     return value
 
 
+def _budgets(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"shares of the base's KV cache in (0, 1], comma-separated, e.g. 0.5,0.25; got {text!r}")
+    return values
+
+
 def cmd_report(a: argparse.Namespace) -> int:
     from . import build_report
 
-    out = build_report(a.results, a.out, title=a.title, x=a.x, context=a.context)
+    out = build_report(a.results, a.out, title=a.title, x=a.x, context=a.context, budgets=a.budgets, decode=a.decode)
     print(f"wrote {out}/: {', '.join(sorted(p.name for p in out.iterdir()))}")
     print(f"open {out.resolve() / 'report.html'}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from . import figures, front_tables, tables, trial_tables
+from . import figures, front_tables, leaderboard, tables, trial_tables
 from .analysis import Analysis, pick_evenly
 from .frontier_csv import frontier_csv
 from .notices import CANDIDATES, SEEDS, front_summary, headline_sentence, hypervolume_sentence, notices, plural, search_sentence
@@ -69,8 +69,32 @@ def _memory(an: Analysis, chosen, images: dict[str, bytes]) -> Section:
     return Section("Memory at L and break-even context", tuple(blocks))
 
 
-def build(an: Analysis, *, title: str) -> Built:
-    """The report's document, figures and frontier.csv."""
+def _families(an: Analysis, budgets: tuple[float, ...], decode: leaderboard.DecodeFigures | None,
+              images: dict[str, bytes]) -> Section:
+    L = an.axis.context
+    split = "test" if an.headline == "test" else "validation"
+    blocks: list = [
+        "Each family's best point within each budget of the base's KV cache (KV bytes/token at most that share of the "
+        f"base's): the point of the lowest mean val PPL among the family's points within it (validation makes every choice), "
+        f"at its {split} PPL over seeds with a 95% CI; memory at L = {L:,} tokens. Set the budgets with `kvsweep report "
+        "--budgets`." + (f" Decode speed: `benchmarks/decode.py --json` ({decode.setting}), the family's method at that "
+                         "budget on the benchmark's model." if decode is not None else
+                         " Give `--decode FILE` (written by `benchmarks/decode.py --json`) for each family's decode speed."),
+        leaderboard.leaderboard_table(an, leaderboard.leaderboard(an, budgets), decode),
+    ]
+    if len(an.family_fronts) > 1:
+        images["front_families.png"] = figures.family_fronts_figure(an)
+        blocks.append(Image("front_families.png", "Pareto front of each family",
+                            "One staircase per family (the colour of its variants' shades in the other figures); the star is the base."))
+    if decode is not None:
+        blocks += [f"The decode benchmark's rows ({decode.setting}):", leaderboard.decode_table(decode)]
+    return Section("Families and the leaderboard", tuple(blocks))
+
+
+def build(an: Analysis, *, title: str, budgets: tuple[float, ...] = leaderboard.BUDGETS,
+          decode: leaderboard.DecodeFigures | None = None) -> Built:
+    """The report's document, figures and frontier.csv; ``budgets`` (shares of the base's KV bytes/token) and the decode
+    benchmark's figures make the leaderboard."""
     images: dict[str, bytes] = {}
     front = an.front
     chosen = pick_evenly(front, MAX_CURVES)
@@ -79,6 +103,7 @@ def build(an: Analysis, *, title: str) -> Built:
         TIE_RULE.format(cost=an.axis.short) + " " + CANDIDATES + " " + SEEDS + " The same points with their full configs "
         "are in `frontier.csv`.", front_tables.frontier_table(an, front)))]
 
+    sections.append(_families(an, budgets, decode, images))
     variant_blocks: list = ["Each variant's own front: the points that no point of the same variant beats."]
     if len(an.variant_fronts) > 1:
         images["front_variants.png"] = figures.variant_fronts_figure(an)

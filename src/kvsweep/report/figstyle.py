@@ -50,9 +50,38 @@ def palette(n: int) -> list:
 
 
 def variant_colours(an: Analysis) -> dict[str, tuple]:
-    """Variant -> RGBA colour, over all of the analysis's trials; every figure colours a trial by its variant with it."""
+    """Variant -> RGBA colour, over all of the analysis's trials; every figure colours a trial by its variant with it.
+    With several families, a family is a hue (``family_colours``) and its variants are shades of it."""
     names = sorted(set(an.variant.tolist()))
+    family_of: dict[str, str] = {}
+    for v, f in zip(an.variant.tolist(), an.family.tolist()):
+        family_of.setdefault(v, f)
+    hues = family_colours(an)
+    if len(hues) < 2:
+        return dict(zip(names, palette(len(names))))
+    out = {}
+    for fam, hue in hues.items():
+        members = [v for v in names if family_of[v] == fam]
+        for k, v in enumerate(members):
+            out[v] = shade(hue, k, len(members))
+    return out
+
+
+def family_colours(an: Analysis) -> dict[str, tuple]:
+    """Family -> RGBA colour (tab10 order by family name)."""
+    names = sorted(set(an.family.tolist()))
     return dict(zip(names, palette(len(names))))
+
+
+def shade(colour: tuple, k: int, n: int) -> tuple:
+    """The k-th of n shades of ``colour``: the colour itself first, then alternately darker and lighter, up to 45%
+    of the way to black or white."""
+    if n <= 1 or k == 0:
+        return tuple(colour)
+    step = 0.45 * ((k + 1) // 2) / ((n - 1 + 1) // 2 or 1)
+    target = 0.0 if k % 2 else 1.0
+    r, g, b, alpha = colour
+    return (r + (target - r) * step, g + (target - g) * step, b + (target - b) * step, alpha)
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,13 @@ from matplotlib.ticker import FuncFormatter
 from .analysis import Analysis
 from .figcurves import draw_learning, draw_positions, learning_figure, positions_figure
 from .figmemory import draw_memory, memory_figure
-from .figstyle import (BASE_STYLE, SOURCE_STYLES, STATUS_MARKERS, front_step, literal_text, plain, png, point_label, point_styles,
+from .figstyle import (BASE_STYLE, SOURCE_STYLES, STATUS_MARKERS, family_colours, front_step, literal_text, plain, png, point_label, point_styles,
                        status_marker, variant_colours, y_scale)
 
 __all__ = [  # every figure of the report, here in one place, and the styles the tests check them by
-    "front_figure", "draw_front", "variant_fronts_figure", "draw_variant_fronts", "front_test_figure", "draw_front_test",
+    "front_figure", "draw_front", "variant_fronts_figure", "draw_variant_fronts", "family_fronts_figure", "draw_family_fronts", "front_test_figure", "draw_front_test",
     "learning_figure", "draw_learning", "positions_figure", "draw_positions", "memory_figure", "draw_memory",
-    "variant_colours", "point_label", "point_styles",
+    "variant_colours", "family_colours", "point_label", "point_styles",
 ]
 
 
@@ -129,20 +129,35 @@ def variant_fronts_figure(an: Analysis) -> bytes:
 @literal_text
 def draw_variant_fronts(an: Analysis) -> Figure:
     """Each variant's own front of points as a step line in the variant's colour, with error bars and the base."""
+    return _draw_group_fronts(an, an.variant_fronts, variant_colours(an), "variant", "Pareto front of each variant")
+
+
+@literal_text
+def family_fronts_figure(an: Analysis) -> bytes:
+    """``draw_family_fronts`` as PNG."""
+    return png(draw_family_fronts(an))
+
+
+@literal_text
+def draw_family_fronts(an: Analysis) -> Figure:
+    """Each family's own front of points as a step line in the family's colour, with error bars and the base."""
+    return _draw_group_fronts(an, an.family_fronts, family_colours(an), "family", "Pareto front of each family")
+
+
+def _draw_group_fronts(an: Analysis, fronts: dict, colours: dict, what: str, title: str) -> Figure:
     fig = Figure(figsize=(11.5, 6.0), layout="constrained")
     ax = fig.add_subplot()
-    colours = variant_colours(an)
     bases = an.base_points()
     pcost = an.axis.shown(an.pcost)
     xs_all = np.r_[pcost, [an.axis.shown(an.base_cost(b[1])) for b in bases]]
     x_end = float(np.nanmax(xs_all)) if xs_all.size else 1.0
     ys = []
-    for variant, idx in an.variant_fronts.items():
+    for name, idx in fronts.items():
         if idx.size:
             sx, sy = front_step(pcost[idx], an.points.val.mean[idx], x_end)
-            ax.step(sx, sy, where="post", color=colours[variant], lw=1.6, zorder=3)
+            ax.step(sx, sy, where="post", color=colours[name], lw=1.6, zorder=3)
             _error_bars(ax, an, idx)
-            ax.scatter(pcost[idx], an.points.val.mean[idx], color=colours[variant], s=28, zorder=4, label=f"{variant} ({idx.size})")
+            ax.scatter(pcost[idx], an.points.val.mean[idx], color=colours[name], s=28, zorder=4, label=f"{name} ({idx.size})")
             ys.append(an.points.val.mean[idx])
     for label, kvb, bppl, _test in bases:
         ax.scatter([an.axis.shown(an.base_cost(kvb))], [bppl], **BASE_STYLE, label=f"base{f' ({label})' if len(bases) > 1 else ''}")
@@ -151,8 +166,8 @@ def draw_variant_fronts(an: Analysis) -> Figure:
     _cost_axis(ax, an)
     ax.set_ylabel("validation perplexity (PPL, best epoch, mean over seeds)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, frameon=False, title="variant (points on its front)", title_fontsize=9)
-    ax.set_title("Pareto front of each variant", fontsize=11)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, frameon=False, title=f"{what} (points on its front)", title_fontsize=9)
+    ax.set_title(title, fontsize=11)
     return fig
 
 

@@ -84,6 +84,7 @@ class Points:
     members: tuple[NDArray[np.intp], ...]  # trial indices of each point, by seed
     source: NDArray[np.intp]  # index into the analysis's results
     variant: NDArray[np.object_]
+    family: NDArray[np.object_]  # its methods' families, e.g. "lowrank+quant", or "base"
     label: NDArray[np.object_]  # its first trial's key, and how many more seeds it has
     seeds: tuple[tuple, ...]
     kv: NDArray[np.float64]  # KV bytes/token (the same for every seed of a configuration; their mean)
@@ -104,7 +105,7 @@ class Points:
 
 
 def make_points(members: list[NDArray[np.intp]], *, key: NDArray[np.object_], source_index: NDArray[np.intp],
-                variant: NDArray[np.object_], seed: list, kv: NDArray[np.float64], fixed: NDArray[np.float64],
+                variant: NDArray[np.object_], family: NDArray[np.object_], seed: list, kv: NDArray[np.float64], fixed: NDArray[np.float64],
                 kv_base: NDArray[np.float64], base_val: NDArray[np.float64], base_test: NDArray[np.float64],
                 val: NDArray[np.float64], test: NDArray[np.float64]) -> Points:
     """The points of the groups ``members`` (trial indices), from the trials' arrays."""
@@ -116,6 +117,7 @@ def make_points(members: list[NDArray[np.intp]], *, key: NDArray[np.object_], so
         members=tuple(members),
         source=np.array([source_index[m[0]] for m in members], dtype=np.intp),
         variant=np.array([variant[m[0]] for m in members], dtype=object),
+        family=np.array([family[m[0]] for m in members], dtype=object),
         label=np.array([label(m) for m in members], dtype=object),
         seeds=tuple(tuple(seed[i] for i in m) for m in members),
         kv=_mean_known(kv, members), fixed=_mean_known(fixed, members), kv_base=_mean_known(kv_base, members),
