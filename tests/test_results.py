@@ -163,6 +163,27 @@ def test_a_trial_that_trains_nothing_is_completed_with_its_epoch_0():
     assert {p["split"] for p in tables["positions"].to_pylist()} == {"validation"}
 
 
+def test_a_training_free_point_is_completed_at_its_epoch_0_with_its_own_max_epochs_and_variant():
+    base = SplitStats(PositionStats(np.full(31, math.log(40.0)), np.ones(31, dtype=np.int64)))
+    init = replace(_report(0, 12.0), test_ppl=None, test_buckets=(), trial=replace(CONSTANTS, base_test_ppl=None))
+    trained = [_report(1, 30.0), _report(2, 25.0)]  # stopped by the scheduler after 2 of the sweep's 3 epochs
+    tables = build_tables([TrialRecord("free", {"rank": 32, "epochs": 0}, [init.to_report()]),
+                           TrialRecord("t", {"rank": 32}, [r.to_report() for r in trained])], _sweep(), base)
+    free, t = tables["trials"].to_pylist()
+    assert (free["status"], free["max_epochs"], free["variant"]) == ("completed", 0, "vdproj[v,random] / training-free")
+    assert (t["status"], t["max_epochs"], t["variant"]) == ("asha_stopped", 3, "vdproj[v,random] / lm")
+
+
+def test_a_points_epochs_are_at_most_the_sweeps():
+    from kvsweep.config import ConfigError
+    from kvsweep.tune.space import trial_cfg
+
+    assert trial_cfg({"rank": 8, "epochs": 0}, _sweep()).train.epochs == 0 and trial_cfg({"rank": 8}, _sweep()).train.epochs == 3
+    for bad in (4, -1, 1.5, True):
+        with pytest.raises(ConfigError, match=r"epochs must be a whole number in 0\.\.3"):
+            trial_cfg({"rank": 8, "epochs": bad}, _sweep())
+
+
 def test_results_of_version_3_are_read_with_nulls_for_the_test_set(tmp_path):
     import pyarrow.parquet as pq
 

@@ -31,8 +31,9 @@ TRAINING_FIELDS = {
     "kl_weight": "constant KL weight",
     "seed": "adapter init and batch order",
     "lr": "learning rate",
+    "epochs": "the trial's most epochs, up to the sweep's --epochs (0: training-free, the methods at init evaluated once)",
 }
-DEFAULT_POINT: dict[str, Any] = {"schedule": "lm", "kl_weight": 0.0, "seed": 0, "lr": None}
+DEFAULT_POINT: dict[str, Any] = {"schedule": "lm", "kl_weight": 0.0, "seed": 0, "lr": None, "epochs": None}
 """The training fields' values where a point does not give them; a method's options default to its own."""
 
 
@@ -55,7 +56,10 @@ def trial_cfg(point: dict, sweep: SweepCfg) -> TrialCfg:
         raise ConfigError(f"search space: unknown field {unknown[0]!r}; valid fields: {', '.join(fields)}")
     p = {**DEFAULT_POINT, **point}
     specs = specs_from_point(p)
-    train = replace(sweep.train, seed=p["seed"], lr=p["lr"] if p["lr"] is not None else sweep.train.lr)
+    epochs = sweep.train.epochs if p["epochs"] is None else p["epochs"]
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or not 0 <= epochs <= sweep.train.epochs:
+        raise ConfigError(f"search space: epochs must be a whole number in 0..{sweep.train.epochs} (the sweep's --epochs); got {epochs!r}")
+    train = replace(sweep.train, seed=p["seed"], lr=p["lr"] if p["lr"] is not None else sweep.train.lr, epochs=epochs)
     return TrialCfg(model=sweep.model, data=sweep.data, adapters=specs,
                     loss=LossCfg.named(p["schedule"], kl=p["kl_weight"]), train=train)
 
@@ -194,8 +198,14 @@ def _validate_grid(space: dict[str, list], sweep: SweepCfg) -> list[TrialCfg]:
 
 
 def variant_name(cfg: TrialCfg) -> str:
-    """The methods' labels and the schedule, without rank and seed: the colour of a trial in the report."""
-    return variant_label(cfg.adapters, cfg.loss.name)
+    """The methods' labels and the schedule (``training-free`` for a trial of 0 epochs), without rank and seed: the colour
+    of a trial in the report."""
+    return variant_label(cfg.adapters, schedule_label(cfg))
+
+
+def schedule_label(cfg: TrialCfg) -> str:
+    """The trial's loss schedule, or ``training-free`` when it trains no epoch."""
+    return "training-free" if cfg.train.epochs == 0 else cfg.loss.name
 
 
 def absolute_paths(sweep: SweepCfg) -> SweepCfg:

@@ -31,7 +31,7 @@ from ..results import (EpochReport, epoch_table, is_true, position_metrics, posi
                        with_schema_version)
 from ..train import git_revision, init_metrics
 from .guard import StorageGuard, error_text
-from .space import trial_cfg
+from .space import schedule_label, trial_cfg
 from .store import SweepStore, is_storage_full
 
 @dataclass
@@ -96,15 +96,15 @@ def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: SplitS
             if not (r.resumed and r.epoch in by_epoch):
                 by_epoch[r.epoch] = r  # a restarted trial's repeated epoch counts once
         history = [by_epoch[e] for e in sorted(by_epoch)]
-        status, error = _status(rec, reports, sweep.train.epochs)
+        status, error = _status(rec, reports, cfg.train.epochs)
         best = history[-1] if history else None  # each report carries the best epoch so far
         last = history[-1].trial if history else None
         init_val_ppl = last.init_val_ppl if last is not None and last.init_val_ppl is not None else math.nan
         trials.append({
-            "trial_id": rec.trial_id, "sweep": sweep.name, **method_columns(cfg.adapters, cfg.loss.name),
+            "trial_id": rec.trial_id, "sweep": sweep.name, **method_columns(cfg.adapters, schedule_label(cfg)),
             "schedule": cfg.loss.name, "seed": cfg.train.seed,
             "config": _config_json(cfg), "status": status, "error": error,
-            "epochs_run": len([h for h in history if h.epoch > 0]), "max_epochs": sweep.train.epochs,
+            "epochs_run": len([h for h in history if h.epoch > 0]), "max_epochs": cfg.train.epochs,
             "best_epoch": best.best_epoch if best else None,
             "best_val_ppl": best.best_val_ppl if best else math.nan,
             "base_val_ppl": base_ppl,
