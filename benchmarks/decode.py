@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py [--context 2048] [--new-tokens 128] [--ranks 320,256,128] [--repeats 3]
                                 [--device auto] [--dtype float32] [--cache-dtype float16] [--threads N]
+    python benchmarks/decode.py --budgets 0.75,0.5,0.25,0.125 --json decode.json   # each family at each budget
 
 For the base and V-DProj (target v, every layer) at each rank: the bytes per token the cache tensors
 hold (checked against kvsweep.kvcache's accounting; the script fails if they differ), decode tokens/s
@@ -10,18 +11,24 @@ slows all rows alike) and both as ratios to
 the base. V-DProj runs with `up` folded into `dense` (fold) and with A computed per head (per-head).
 A last row times transformers' own decoding loop (DynamicCache, the model's dtype) as a reference
 for the speed of kvsweep's loop. Runs on CPU or CUDA (--device cuda, e.g. --dtype float16).
+
+With --budgets, the rows are instead each registered family's method at each share of the base's KV
+bytes/token (``family_rows``: V-DProj and lowrank at the ranks that hold the budget, quant at the bits that
+come nearest it, quant on a low-rank latent); --json writes them for ``kvsweep report --decode``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache, GPTNeoXForCausalLM
 
-from kvsweep.adapters import AdapterSpec, make_adapter
+from kvsweep.adapters import ADAPTERS, AdapterSpec, make_adapter
 from kvsweep.latent import LatentDecoder, check_bytes, random_prompt
 from kvsweep.models import dims, freeze, pythia_config, resolve_device
 
@@ -65,6 +72,26 @@ def hf_run(model, prompt: torch.Tensor, new_tokens: int):
     return pre, times, None
 
 
+def family_rows(d, budget: float) -> list[tuple[str, str, list[AdapterSpec]]]:
+    """(family, method label, specs) of each registered family's representative method at ``budget`` of the base's KV
+    bytes/token on a model of dims ``d``."""
+    rows = [("vdproj", f"vdproj kv r={round(budget * d.hidden)}", [AdapterSpec.parse("vdproj", rank=max(1, round(budget * d.hidden)), target="kv")])]
+    if "lowrank" in ADAPTERS:
+        for g in sorted({g for g in (1, 2, 4, d.heads) if d.heads % g == 0}):
+            r = max(1, round(budget * g * d.head_size))
+            rows.append(("lowrank", f"lowrank g={g} r={r}", [AdapterSpec.parse("lowrank", group=g, k_rank=r, v_rank=r, init="svd")]))
+    if "quant" in ADAPTERS:
+        bits = {0.5: 8, 0.25: 4, 0.125: 2}.get(budget)
+        if bits:
+            rows.append(("quant", f"quant {bits} bits", [AdapterSpec.parse("quant", bits=bits)]))
+        if "lowrank" in ADAPTERS and budget in (0.25, 0.125):  # a joint latent of rank d/2 at 8 or 4 bits
+            bits = 8 if budget == 0.25 else 4
+            r = d.hidden // 2
+            rows.append(("lowrank+quant", f"lowrank joint r={r} + quant {bits} bits",
+                         [AdapterSpec.parse("lowrank", group=d.heads, k_rank=r, v_rank=r, init="svd"), AdapterSpec.parse("quant", bits=bits)]))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--context", type=int, default=2048)
@@ -77,6 +104,9 @@ def main() -> None:
     p.add_argument("--cache-dtype", default="float16", choices=DTYPES)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers reference row")
+    p.add_argument("--budgets", default=None, help="shares of the base's KV bytes/token, e.g. 0.75,0.5,0.25,0.125: each family's "
+                                                 "method at each (instead of --ranks)")
+    p.add_argument("--json", default=None, help="also write the rows as JSON, for kvsweep report --decode")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -87,10 +117,19 @@ def main() -> None:
     prompt = random_prompt(model.config.vocab_size, a.batch, a.context).to(device)
 
     rows: list[tuple[str, int | None, LatentDecoder | None]] = [("base", None, LatentDecoder(model, [], cache_dtype=a.cache_dtype))]
-    for r in (int(x) for x in a.ranks.split(",")):
-        vd = make_adapter(AdapterSpec.parse("vdproj", rank=r), d).to(device=device, dtype=DTYPES[a.dtype]).eval()
-        rows.append((f"vdproj r={r} fold", r, LatentDecoder(model, [vd], cache_dtype=a.cache_dtype, fold=True)))
-        rows.append((f"vdproj r={r} per-head", r, LatentDecoder(model, [vd], cache_dtype=a.cache_dtype, fold=False)))
+    meta: dict[str, tuple[str, float]] = {}  # row name -> (family, budget), with --budgets
+    build = lambda specs: [make_adapter(s, d).to(device=device, dtype=DTYPES[a.dtype]).eval() for s in specs]  # noqa: E731
+    if a.budgets:
+        for budget in (float(x) for x in a.budgets.split(",")):
+            for family, label, specs in family_rows(d, budget):
+                name = f"{label} ({100 * budget:g}%)"
+                rows.append((name, None, LatentDecoder(model, build(specs), cache_dtype=a.cache_dtype)))
+                meta[name] = (family, budget)
+    else:
+        for r in (int(x) for x in a.ranks.split(",")):
+            vd = build([AdapterSpec.parse("vdproj", rank=r)])
+            rows.append((f"vdproj r={r} fold", r, LatentDecoder(model, vd, cache_dtype=a.cache_dtype, fold=True)))
+            rows.append((f"vdproj r={r} per-head", r, LatentDecoder(model, vd, cache_dtype=a.cache_dtype, fold=False)))
     if not a.no_hf:
         rows.append(("transformers DynamicCache", None, None))
 
@@ -112,14 +151,22 @@ def main() -> None:
     print(f"\nPythia-70M architecture (random weights), context {a.context} + {a.new_tokens} decode steps, batch {a.batch}, "
           f"compute {a.dtype}, cache {a.cache_dtype}, {device}{threads}; {a.repeats} runs each, tokens/s from the median step time")
     tokens = a.batch * (a.context + a.new_tokens)
-    print(f"| {'model':<26} | {'bytes/token':>11} | {'bytes ratio':>11} | {'cache MiB':>9} | {'decode tok/s':>12} | {'speed ratio':>11} | {'prefill s':>9} |")
-    print(f"|{'-' * 28}|{'-' * 13}|{'-' * 13}|{'-' * 11}|{'-' * 14}|{'-' * 13}|{'-' * 11}|")
+    width = max(26, *(len(name) for name, _, _ in rows))
+    print(f"| {'model':<{width}} | {'bytes/token':>11} | {'bytes ratio':>11} | {'cache MiB':>9} | {'decode tok/s':>12} | {'speed ratio':>11} | {'prefill s':>9} |")
+    print(f"|{'-' * (width + 2)}|{'-' * 13}|{'-' * 13}|{'-' * 11}|{'-' * 14}|{'-' * 13}|{'-' * 11}|")
     for name, _, dec in rows:
         s, b = speeds[name], nbytes[name]
         bs = f"{b:>11,}" if b is not None else f"{'(' + a.dtype + ')':>11}"
         br = f"{b / base_b:>11.3f}" if b is not None else f"{'':>11}"
         mib = f"{b * tokens / 2**20:>9.2f}" if b is not None else f"{'':>9}"
-        print(f"| {name:<26} | {bs} | {br} | {mib} | {s:>12.1f} | {s / base_s:>11.3f} | {statistics.median(prefill[name]):>9.3f} |")
+        print(f"| {name:<{width}} | {bs} | {br} | {mib} | {s:>12.1f} | {s / base_s:>11.3f} | {statistics.median(prefill[name]):>9.3f} |")
+    if a.json:
+        setting = f"pythia-70m (random weights), context {a.context}, batch {a.batch}, {device}, compute {a.dtype}, cache {a.cache_dtype}"
+        out = {"setting": setting, "base": {"kv_bytes_per_token": base_b, "tokens_per_s": base_s},
+               "rows": [{"family": meta[n][0], "method": n, "budget": meta[n][1], "kv_bytes_per_token": nbytes[n], "tokens_per_s": speeds[n]}
+                        for n, _, _ in rows if n in meta]}
+        Path(a.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {a.json}")
     if device.type == "cuda":
         print(f"peak CUDA memory allocated: {torch.cuda.max_memory_allocated(device) / 2**20:,.1f} MiB")
 
