@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapters import TAPS
+from .adapters import TAPS, AdapterSpec, adapter_class
+from .config import ConfigError
 from .chunked import linear_nll
 from .data import Samples
 from .evaluate import EVAL_CHUNK, PositionStats, SplitStats
@@ -36,6 +37,17 @@ from .results import TrialResult
 from .train import Driver, Report, TrialCfg, TrialRun, train_step
 
 Rows = list[tuple[TrialRun, "int | None"]]  # (trial, its rows of the stacked batch; None: all of them)
+ROUTED_TAPS = ("qkv", "attention_output")
+"""The taps a ``Router`` can split by rows: their functions take and return tensors of the batch's rows alone."""
+
+
+def check_packable(specs: tuple[AdapterSpec, ...]) -> None:
+    """Raises: ConfigError: a method acts at a tap packs cannot route (its trials run alone, ``--pack 1``)."""
+    for spec in specs:
+        tap = adapter_class(spec.name).tap
+        if tap not in ROUTED_TAPS:
+            raise ConfigError(f"adapter {spec.name} acts at the {tap} tap, which packed trials cannot share yet: "
+                              "run its trials with --pack 1")
 
 
 class Router(torch.nn.Module):
@@ -97,6 +109,7 @@ class Pack(Driver):
     def _wire(self, run: TrialRun) -> None:
         """Each of ``run``'s adapters routed: its module at each of its layers gets ``run``'s rows there."""
         device = self.base.device
+        check_packable(run.cfg.adapters)
         for a in run.adapters:
             a.to(device)
             a.route(partial(self._route, run, a.tap))  # detach() takes the modules out of the routers
