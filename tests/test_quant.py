@@ -176,9 +176,20 @@ def test_with_vdproj_on_other_layers_and_refused_on_the_same_one(model64):
     vd = make_adapter(AdapterSpec.parse("vdproj", rank=16, layers="0"), d).double()
     check_exact(model, [vd, quant(model, bits=2, group=G, window=0, layers="1")], random_prompt(VOCAB, 2, 12), 8)
     both = [vd, quant(model, bits=2, group=G, window=0)]
-    check_taps(tuple(a.spec for a in both), d)  # different taps: the model itself composes them (training)
+    for specs in ((vd.spec, both[1].spec), (both[1].spec, vd.spec)):  # refused before anything runs, in either order
+        with pytest.raises(ConfigError, match=r"adapters quant and vdproj both change the cached K and V of layer 0 "
+                                              r"\(quant cannot yet cache vdproj's code\); give them different layers"):
+            check_taps(specs, d)
+    check_taps((vd.spec, AdapterSpec.parse("quant", layers="1,5")), dims(pythia_config("70m")))
     with pytest.raises(ConfigError, match="layer 0: quant caches K and V its own way and cannot hold the code of another"):
-        LatentDecoder(model, both)
+        LatentDecoder(model, both)  # and by the decoder, given adapters built without the check
+
+
+def test_with_a_ka_variant_on_the_same_layer(model64):
+    ka = make_adapter(AdapterSpec.parse("ka_gated", layers="1"), dims(model64.config)).double()
+    with torch.no_grad():
+        ka.per_layer["1"].gate.fill_(0.7)
+    check_exact(model64, [quant(model64, bits=2, group=G, window=G), ka], random_prompt(VOCAB, 2, 12, seed=6), 8)
 
 
 # ----------------------------------------------------------------------------- bytes on Pythia-70M's architecture
@@ -214,7 +225,7 @@ def test_v_only_on_some_layers_keeps_the_base_keys(p70):
 # ----------------------------------------------------------------------------- a training-free trial, packs
 
 
-def test_kvsweep_train_and_cache_with_a_method_without_parameters(tmp_path):
+def test_kvsweep_train_and_cache_with_a_method_without_parameters(tmp_path, capsys):
     from kvsweep.cli import main
 
     out = tmp_path / "trial"
@@ -230,6 +241,7 @@ def test_kvsweep_train_and_cache_with_a_method_without_parameters(tmp_path):
     cache = json.loads((tmp_path / "c" / "cache.json").read_text())
     assert cache["measured_bytes_per_token"] == record["kv_bytes_per_token"]
     assert cache["measured_fixed_bytes"] == cache["accounted_fixed_bytes"] == record["fixed_bytes"]  # no weights: the rings alone
+    assert f"fixed (full-precision windows, per sequence): measured {record['fixed_bytes']:,} = declared" in capsys.readouterr().out
     assert cache["exact"]["max_abs_logit_diff"] < TOL and cache["exact"]["greedy_identical"] is True  # no checkpoint needed
 
 
@@ -251,3 +263,28 @@ def test_a_window_that_differs_from_its_declared_fixed_bytes_raises(p70, monkeyp
     monkeypatch.setattr(q, "window_bytes", lambda cache_dtype: 0)  # holds rings, declares none: a mismatch
     with pytest.raises(CacheMismatchError, match=f"fixed tensors .* hold {6 * 256 * 512 * 2} bytes per sequence; the methods declare 0"):
         measure_bytes(p70, [q], "float16", context=4, new_tokens=1)
+
+
+def test_a_trained_method_learns_through_the_quantized_attention(tmp_path):
+    """vdproj on layer 0 trains while quant rounds the cache of the layers after it: its gradient passes the
+    rounding straight through; the trial's fixed bytes are vdproj's weights and quant's rings."""
+    from kvsweep.cli import main
+
+    out = tmp_path / "trial"
+    assert main(["train", "--model", "tiny", "--data", "tiny", "--vdproj.rank", "32", "--vdproj.layers", "0", "--quant.bits", "2",
+                 "--quant.group", "16", "--quant.window", "0", "--quant.layers", "1,2,3", "--epochs", "1", "--train-samples", "16",
+                 "--val-samples", "8", "--test-samples", "4", "--eval-seq-len", "128", "--lr", "1e-2", "--out", str(out)]) == 0
+    record = json.loads((out / "trial.json").read_text())
+    assert record["status"] == "completed" and record["epochs_run"] == 1
+    d = record["kv_bytes_per_token_base"] // (4 * 2 * 2)  # hidden size of the 4-layer tiny preset
+    assert record["trainable_params"] == 2 * d * 32 + 32 + d
+    assert record["fixed_bytes"] == 2 * record["trainable_params"] + 3 * 16 * d * 2  # weights + key rings of G tokens, fp16
+
+
+def test_gradients_reach_a_method_before_the_quantized_attention(model):
+    vd = make_adapter(AdapterSpec.parse("vdproj", rank=16, layers="0"), dims(model.config))
+    ids = random_prompt(VOCAB, 2, 24)
+    with attached(model, [vd, quant(model, bits=2, group=G, window=0, layers="1")]):
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    grads = [p.grad for p in vd.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

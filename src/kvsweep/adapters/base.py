@@ -333,7 +333,9 @@ def check_combination(specs: tuple[AdapterSpec, ...]) -> None:
 
 
 def check_taps(specs: tuple[AdapterSpec, ...], dims: Dims) -> None:
-    """No two methods act at one tap of one layer (e.g. two methods on K and V before rotary on layer 5).
+    """No two methods act at one tap of one layer (e.g. two methods on K and V before rotary on layer 5), and no
+    method that attends over its own cache (the ``attention`` tap) shares a layer with one that compresses K and V
+    before it (the ``qkv`` tap): the latent cache cannot yet hold the one's code in the other's format.
 
     Raises:
         ConfigError: naming the two methods, the tap and the layer.
@@ -346,6 +348,11 @@ def check_taps(specs: tuple[AdapterSpec, ...], dims: Dims) -> None:
             if other != spec.name:
                 raise ConfigError(f"adapters {other} and {spec.name} both act at the {cls.tap} tap of layer {layer}; "
                                   "give them different layers")
+            pair = {"qkv": "attention", "attention": "qkv"}.get(cls.tap)
+            if pair is not None and (pair, layer) in seen:
+                first, second = sorted((seen[(pair, layer)], spec.name), key=lambda n: adapter_class(n).tap != "attention")
+                raise ConfigError(f"adapters {first} and {second} both change the cached K and V of layer {layer} ({first} "
+                                  f"cannot yet cache {second}'s code); give them different layers")
 
 
 @contextmanager
