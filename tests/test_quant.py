@@ -245,15 +245,23 @@ def test_kvsweep_train_and_cache_with_a_method_without_parameters(tmp_path, caps
     assert cache["exact"]["max_abs_logit_diff"] < TOL and cache["exact"]["greedy_identical"] is True  # no checkpoint needed
 
 
-def test_packs_refuse_a_method_at_the_attention_tap_before_anything_runs(tmp_path):
-    from kvsweep.config import DataCfg, SweepCfg, TrainCfg
-    from kvsweep.tune import validate_space
+def test_packed_quant_trials_report_what_they_report_alone():
+    """Through the pack's router of the attention tap: a quant trial (no weights: its epoch 0), one that trains
+    vdproj under quant on the next layer, and a plain vdproj trial, in one pack and alone."""
+    from .test_pack import _alone, _cfg, _close, _packed
 
-    sweep = SweepCfg(name="x", storage=str(tmp_path), data=DataCfg(train_samples=16, val_samples=8), train=TrainCfg(epochs=1), pack=2)
-    with pytest.raises(ConfigError, match="adapter quant acts at the attention tap, which packed trials cannot share yet: "
-                                          "run its trials with --pack 1"):
-        validate_space({"quant.bits": [2, 4]}, sweep)
-    validate_space({"vdproj.rank": [8]}, sweep)
+    cfgs = [_cfg([AdapterSpec.parse("quant", bits=2, group=G, window=0)]),
+            _cfg([AdapterSpec.parse("vdproj", rank=16, layers="0"), AdapterSpec.parse("quant", bits=4, group=G, window=G, layers="1")],
+                 loss="lm", epochs=2),
+            _cfg([AdapterSpec.parse("vdproj", rank=32)], epochs=2)]
+    results, reports = _packed(cfgs)
+    for cfg, result, rep in zip(cfgs, results, reports, strict=True):
+        alone, alone_reports = _alone(cfg)
+        assert len(rep) == len(alone_reports) == (1 if len(cfg.adapters) == 1 and cfg.adapters[0].name == "quant" else 2)
+        for m, ma in zip(rep, alone_reports, strict=True):
+            _close(m, ma, rel=1e-5)
+        assert result.status == alone.status == "completed"
+    assert results[0].trainable_params == 0 and results[1].trainable_params > 0
 
 
 def test_a_window_that_differs_from_its_declared_fixed_bytes_raises(p70, monkeypatch):

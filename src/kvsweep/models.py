@@ -380,8 +380,8 @@ def _tapped_attention(module, query, key, value, attention_mask, scaling, dropou
     config = module.config
     inner = ALL_ATTENTION_FUNCTIONS.get_interface(config._kvsweep_inner._attn_implementation, eager_attention_forward)
 
-    def base(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        return inner(module, q, k, v, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    def base(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = attention_mask):
+        return inner(module, q, k, v, mask, scaling=scaling, dropout=dropout, **kwargs)
 
     return config._kvsweep_fn(query, key, value, attention_mask, scaling, base)
 
@@ -393,7 +393,8 @@ def tap_attention(model: GPTNeoXForCausalLM, layer: int, fn: torch.nn.Module) ->
     """Route layer ``layer``'s attention through ``fn(query, key, value, mask, scaling, base) -> (out, weights)``:
     query, key, value (B, H, T, hs) / (B, H, S, hs) after rotary (the keys as the base caches them), ``mask``
     the model's (None: causal; bool: True where allowed; float: added to the scores), ``scaling`` hs ** -0.5,
-    ``base(q, k, v)`` the base's own attention; ``out`` (B, T, H, hs). Returns the undo.
+    ``base(q, k, v, mask=...)`` the base's own attention (with this call's mask unless given one, e.g. of some of
+    its rows); ``out`` (B, T, H, hs). Returns the undo.
 
     The layer's attention module reads its attention implementation from ``config``: the tap gives that one
     module a view of the config naming kvsweep's registered function (transformers' ``AttentionInterface``),

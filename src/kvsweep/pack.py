@@ -7,7 +7,7 @@ launches. A pack stacks the batches of its trials into one batch and runs the ba
     logits = base_with_routers(ids)                # (sum B_i, T, V): rows of trial i see trial i's adapters
     loss = sum_i loss_i(logits[rows_i])            # one backward; the trials' parameters are disjoint
 
-At every tap point (K and V of a layer, its attention output) a ``Router`` sends each trial's rows
+At every tap point (K and V of a layer, its attention, its attention output) a ``Router`` sends each trial's rows
 through that trial's own adapter module, and the rows of trials without an adapter there through
 unchanged. Each trial keeps its own adapters, optimizer, learning rate, loss schedule, batch order,
 early stopping and checkpoints (a ``TrialRun``), so its metrics are those it would have alone (to the
@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapters import TAPS, AdapterSpec, adapter_class
-from .config import ConfigError
+from .adapters import TAPS
 from .chunked import linear_nll
 from .data import Samples
 from .evaluate import EVAL_CHUNK, PositionStats, SplitStats
@@ -37,17 +36,6 @@ from .results import TrialResult
 from .train import Driver, Report, TrialCfg, TrialRun, train_step
 
 Rows = list[tuple[TrialRun, "int | None"]]  # (trial, its rows of the stacked batch; None: all of them)
-ROUTED_TAPS = ("qkv", "attention_output")
-"""The taps a ``Router`` can split by rows: their functions take and return tensors of the batch's rows alone."""
-
-
-def check_packable(specs: tuple[AdapterSpec, ...]) -> None:
-    """Raises: ConfigError: a method acts at a tap packs cannot route (its trials run alone, ``--pack 1``)."""
-    for spec in specs:
-        tap = adapter_class(spec.name).tap
-        if tap not in ROUTED_TAPS:
-            raise ConfigError(f"adapter {spec.name} acts at the {tap} tap, which packed trials cannot share yet: "
-                              "run its trials with --pack 1")
 
 
 class Router(torch.nn.Module):
@@ -98,6 +86,27 @@ class Router(torch.nn.Module):
         return cat[0] if single else cat
 
 
+class AttentionRouter(Router):
+    """The router of a layer's attention tap (``kvsweep.models.tap_attention``): each trial's rows of the queries,
+    keys, values and mask through that trial's module there, the other rows through the base's attention."""
+
+    def forward(self, query, key, value, attention_mask, scaling, base):  # (B, H, T|S, hs) each
+        rows = self.rows
+        if not any(run in self.fns for run, _ in rows):
+            return base(query, key, value)
+        if len(rows) == 1 and rows[0][1] is None:  # one trial, the whole batch
+            return self.fns[rows[0][0]](query, key, value, attention_mask, scaling, base)
+        outs, start = [], 0
+        for run, n in rows:
+            part = slice(start, start + n)
+            mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[part]
+            fn, own = self.fns.get(run), partial(base, mask=mask)
+            q, k, v = query[part], key[part], value[part]
+            outs.append((fn(q, k, v, mask, scaling, own) if fn is not None else own(q, k, v))[0])  # (n, T, H, hs)
+            start += n
+        return torch.cat(outs), None
+
+
 class Pack(Driver):
     """Trials sharing ``base``: add them, step them together, remove them when they stop (``Driver``'s life)."""
 
@@ -109,7 +118,6 @@ class Pack(Driver):
     def _wire(self, run: TrialRun) -> None:
         """Each of ``run``'s adapters routed: its module at each of its layers gets ``run``'s rows there."""
         device = self.base.device
-        check_packable(run.cfg.adapters)
         for a in run.adapters:
             a.to(device)
             a.route(partial(self._route, run, a.tap))  # detach() takes the modules out of the routers
@@ -180,7 +188,7 @@ class Pack(Driver):
     def _router(self, tap: str, layer: int) -> Router:
         key = (tap, layer)
         if key not in self.routers:
-            router = Router()
+            router = AttentionRouter() if tap == "attention" else Router()
             self._untap.append(TAPS[tap](self.base.model, layer, router))
             self.routers[key] = router
         return self.routers[key]

@@ -21,7 +21,6 @@ from ..config import ConfigError, SweepCfg
 from ..data import resolve_source
 from ..losses import LossCfg
 from ..models import Dims, check_seq_len, dims, model_config, resolve_model
-from ..pack import check_packable
 from ..train import TrialCfg
 
 TRAINING_FIELDS = {
@@ -119,8 +118,6 @@ def validate_space(space: dict[str, list], sweep: SweepCfg) -> list[TrialCfg]:
         try:
             cfg = trial_cfg(point, sweep)
             check_taps(cfg.adapters, d)
-            if sweep.pack > 1:
-                check_packable(cfg.adapters)
             for spec in cfg.adapters:  # each distinct method setting built once, against the model
                 if spec not in built:
                     make_adapter(spec, d)
