@@ -110,7 +110,7 @@ class QuantLayer(torch.nn.Module):
         out = mixed_attention(query, key, k_q, value, v_q, band_k, band_v, mask, scaling)
         return out.transpose(1, 2).contiguous(), None
 
-    # -- the latent cache's decode step (kvsweep.latent.quantized)
+    # -- the latent cache's decode step (kvsweep.latent)
     def cache_shapes(self) -> dict[str, CacheTensor]:
         """Packed codes per token, float16 scales and zero points (K's per group of G tokens), full-precision rings."""
         d = self.heads * self.head_size
