@@ -123,6 +123,19 @@ def test_the_attention_tap_leaves_the_model_config_and_other_layers_alone(model)
     assert all(layer.attention.config is model.config for layer in model.gpt_neox.layers)
 
 
+def test_the_forward_attends_in_chunks_of_queries_with_the_same_result(model, monkeypatch):
+    import kvsweep.adapters.quant as quant_module
+
+    eager = small_model(seed=4)
+    eager.config._attn_implementation = "eager"  # a float mask of (B, 1, T, S), sliced per chunk
+    ids = random_prompt(VOCAB, 2, 40)
+    qs = {id(m): quant(m, bits=2, group=G, window=G) for m in (model, eager)}
+    whole = {id(m): reference_logits(m, [qs[id(m)]], ids, 40) for m in (model, eager)}
+    monkeypatch.setattr(quant_module, "SCORE_ELEMENTS", 2 * 4 * 40 * 7)  # 7 queries per chunk: 6 chunks, the last short
+    for m in (model, eager):
+        assert (reference_logits(m, [qs[id(m)]], ids, 40) - whole[id(m)]).abs().max().item() < 1e-5
+
+
 def test_a_window_as_long_as_the_context_is_the_base_exactly(model):
     ids = random_prompt(VOCAB, 2, 16)
     for target in ("k", "v", "kv"):

@@ -55,6 +55,9 @@ from .base import Adapter, AdapterOptions, option, register_adapter
 
 BITS = (2, 4, 8)
 TARGETS = ("kv", "k", "v")
+SCORE_ELEMENTS = 1 << 25
+"""The training-time forward attends in chunks of queries whose scores (B, H, rows, S) hold at most this many
+values (128 MiB in float32): it computes them twice (full precision and quantized keys), not in a fused kernel."""
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,15 @@ class QuantLayer(torch.nn.Module):
         v_q = fake_quant_values(value, self.bits, self.group) if self.quant_v else None
         band_k = key_band(t, j, self.window, self.group) if self.quant_k else None
         band_v = value_band(t, j, self.window) if self.quant_v else None
-        out = mixed_attention(query, key, k_q, value, v_q, band_k, band_v, mask, scaling)
-        return out.transpose(1, 2).contiguous(), None
+        B, H = query.shape[:2]
+        rows = max(1, SCORE_ELEMENTS // (B * H * S))  # queries per chunk: the (B, H, rows, S) scores stay bounded
+        outs = []
+        for a in range(0, T, rows):
+            part = slice(a, a + rows)
+            m = mask[..., part, :] if mask.shape[-2] == T else mask  # a mask of one row broadcasts
+            outs.append(mixed_attention(query[:, :, part], key, k_q, value, v_q, None if band_k is None else band_k[part],
+                                        None if band_v is None else band_v[part], m, scaling))  # (B, H, rows, hs)
+        return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
     # -- the latent cache's decode step (kvsweep.latent)
     def cache_shapes(self) -> dict[str, CacheTensor]:
