@@ -64,14 +64,17 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits
 
 
-def attention_modules(model) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-    return [(layer.attention.query_key_value, layer.attention.dense) for layer in model.gpt_neox.layers]
+def attention_modules(model) -> list[tuple]:
+    """Per layer what the three taps swap: the fused qkv projection, the config the attention reads its
+    implementation from (the attention tap), the output projection."""
+    return [(layer.attention.query_key_value, layer.attention.config, layer.attention.dense) for layer in model.gpt_neox.layers]
 
 
 def assert_base_modules(model, originals) -> None:
-    for i, (qkv, dense) in enumerate(originals):
+    for i, (qkv, config, dense) in enumerate(originals):
         attn = model.gpt_neox.layers[i].attention
         assert attn.query_key_value is qkv, f"layer {i}: query_key_value not restored"
+        assert attn.config is config is model.config, f"layer {i}: the attention's config not restored"
         assert attn.dense is dense, f"layer {i}: dense not restored"
         assert type(attn.query_key_value) is torch.nn.Linear and type(attn.dense) is torch.nn.Linear
 
@@ -109,6 +112,13 @@ def test_only_adapter_parameters_train(name):
     model = model_()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     adapter = build(model, name)
+    if adapter.param_formula() == 0:  # a training-free method: nothing trains, and the model has nothing to train
+        assert list(adapter.parameters()) == []
+        with attached(model, [adapter]):
+            assert not any(p.requires_grad for p in model.parameters())
+            assert not lm_loss(model, input_ids()).requires_grad
+        assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+        return
     before = {n: p.detach().clone() for n, p in adapter.named_parameters()}
     ids = input_ids()
     got_grad: set[str] = set()
@@ -205,7 +215,7 @@ def test_trainable_parameters_match_param_formula(name, layers):
     adapter = build(model, name, layers=layers)
     expected_layers = {"all": (0, 1, 2), "last": (2,)}.get(layers, layers)
     assert adapter.layers == expected_layers
-    assert adapter.trainable_params() == adapter.param_formula() > 0
+    assert adapter.trainable_params() == adapter.param_formula() == sum(p.numel() for p in adapter.parameters())
     with attached(model, [adapter]):
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == adapter.param_formula()
 

@@ -126,7 +126,7 @@ def test_every_method_decodes_on_the_device_as_the_training_time_forward(name):
         assert gen.logits.device.type == DEVICE.type
         assert (gen.logits - reference_logits(model, adapters, seq, 6)).abs().max().item() < 1e-4
         assert torch.equal(gen.tokens, reference_greedy(model, adapters, prompt, 6))
-        check_bytes(gen.cache, dec.layout(), "float32")
+        check_bytes(gen.cache, dec.layout(), "float32", dec.window_bytes())
 
 
 def test_a_half_precision_cache_on_the_device_holds_the_accounted_bytes():

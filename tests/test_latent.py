@@ -116,7 +116,7 @@ def check_equivalence(model, adapters, prompt, n: int, **decoder_kw) -> float:
     diff = (gen.logits - ref).abs().max().item()
     assert diff < TOL, f"{decoder_kw}: max |logit diff| {diff:.3g}"
     assert torch.equal(gen.tokens, reference_greedy(model, adapters, prompt, n)), f"{decoder_kw}: greedy outputs differ"
-    check_bytes(gen.cache, dec.layout(), "float32")
+    check_bytes(gen.cache, dec.layout(), "float32", dec.window_bytes())
     return diff
 
 

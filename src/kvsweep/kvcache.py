@@ -7,6 +7,10 @@ declares how it changes that (``Adapter.kv_layout``), e.g. V-DProj caches its ra
 a KA variant adds ``ka_k`` and ``ka_v``, a quantized cache holds packed integers (``uint8``) and
 their scales. Bytes are values times their dtype's size.
 
+Fixed bytes (``Adapter.fixed_bytes``) do not grow with the context; a method whose cache holds some (a ring
+of the most recent tokens at full precision) declares its cache tensors as ``CacheTensor`` s (per token, per
+group of tokens, or a fixed number of rows), which the latent cache allocates and measures.
+
 Pythia-70M at fp16: base 6 x (512 + 512) x 2 = 12,288 bytes/token; V-DProj r=320 on all layers
 6 x (512 + 320) x 2 = 9,984.
 """
@@ -15,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-"""The dtypes a whole cache may be held at (``cache_dtype``)."""
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+"""The dtypes a whole cache may be held at (``cache_dtype``; float64 for exact checks of a float64 model)."""
 ENTRY_DTYPE_BYTES = {**DTYPE_BYTES, "uint8": 1, "int8": 1, "int16": 2, "int32": 4}
 """The dtypes one cached tensor may have of its own (packed integers, metadata)."""
 
@@ -79,6 +83,45 @@ class LayerKV:
 
 
 Layout = tuple[LayerKV, ...]
+
+
+@dataclass(frozen=True)
+class CacheTensor:
+    """How the latent cache allocates one tensor of a layer: ``shape`` of one row, (H, hs) per head or (w,), at
+    ``dtype`` (``None``: the cache's dtype), and what a row stands for:
+
+    - ``tokens`` = 1, ``rows`` = 0: one token (a per-token entry of the layout);
+    - ``tokens`` = G: G consecutive tokens share the row (metadata of a group of tokens: its per-token share is
+      ``values / G``), the capacity rounded up to whole groups;
+    - ``rows`` > 0: a fixed tensor of that many rows (a ring of the most recent tokens), the same for any
+      capacity: fixed bytes, not bytes per token.
+    """
+
+    shape: tuple[int, ...]
+    dtype: str | None = None
+    tokens: int = 1
+    rows: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.shape) not in (1, 2) or any(not isinstance(n, int) or n < 1 for n in self.shape):
+            raise ValueError(f"a cache tensor's row is (H, hs) or (w,) of whole numbers >= 1; got {self.shape}")
+        if self.dtype is not None and self.dtype not in ENTRY_DTYPE_BYTES:
+            raise ValueError(f"a cache tensor's dtype must be one of {', '.join(ENTRY_DTYPE_BYTES)}; got {self.dtype!r}")
+        if self.tokens < 1 or self.rows < 0 or (self.rows and self.tokens != 1):
+            raise ValueError(f"a cache tensor holds rows of tokens >= 1 tokens, or a fixed number rows >= 1; got "
+                             f"tokens={self.tokens}, rows={self.rows}")
+
+    @property
+    def values(self) -> int:
+        """Values in one row."""
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def fixed_bytes(self, cache_dtype: str) -> int:
+        """Bytes of a fixed tensor for one sequence (0 for the others)."""
+        return self.rows * self.values * ENTRY_DTYPE_BYTES[self.dtype or cache_dtype]
 
 
 def base_layout(n_layers: int, hidden: int) -> Layout:

@@ -19,6 +19,8 @@ from typing import Callable, TypeVar
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.models.gpt_neox.modeling_gpt_neox import eager_attention_forward
 
 from .archs import PYTHIA_ARCHS, neox_config, pythia_config  # noqa: F401  (neox_config: part of this module's API)
 from .config import ConfigError, KvsweepError, MissingFileError, ModelCfg, error_reason
@@ -263,10 +265,12 @@ def _hub_snapshot_folder(source: ModelSource) -> str | None:
 
 # --------------------------------------------------------------------------- GPT-NeoX internals for adapters
 #
-# Adapters never touch the model's modules themselves: they ask for a tap at one of two points of a
-# layer's attention and get back a function that removes it, restoring the original module object.
-#   qkv tap:    after the fused query_key_value projection, before rotary and attention: fn(k, v) -> (k, v)
-#   output tap: on the attention output A (heads merged), before the dense projection: fn(a) -> a
+# Adapters never touch the model's modules themselves: they ask for a tap at one of three points of a
+# layer's attention and get back a function that removes it, restoring the original object.
+#   qkv tap:       after the fused query_key_value projection, before rotary and attention: fn(k, v) -> (k, v)
+#   attention tap: the attention itself, over the rotated queries and keys (what the base caches):
+#                  fn(q, k, v, mask, scaling, base) -> (out, weights), see tap_attention
+#   output tap:    on the attention output A (heads merged), before the dense projection: fn(a) -> a
 
 
 @dataclass(frozen=True)
@@ -350,6 +354,54 @@ def tap_attention_output(model: GPTNeoXForCausalLM, layer: int, fn: torch.nn.Mod
     """Route layer ``layer``'s attention output A ((B, T, d), before ``dense``) through ``fn``; returns the undo."""
     attn = _attention(model, layer)
     return _swap(attn, "dense", _OutputTap(attn.dense, fn), torch.nn.Linear)
+
+
+ATTENTION_TAP = "kvsweep_attention_tap"
+"""The name under which kvsweep's attention function is registered with transformers' ``AttentionInterface``."""
+
+
+class _TappedConfig:
+    """One layer's view of the model's config: its attention implementation is kvsweep's tap (``ATTENTION_TAP``),
+    every other attribute the model config's own. The model's config, and so its masks and its other layers,
+    stay as they are."""
+
+    _attn_implementation = ATTENTION_TAP
+
+    def __init__(self, config: GPTNeoXConfig, fn: torch.nn.Module):
+        self.__dict__["_kvsweep_inner"], self.__dict__["_kvsweep_fn"] = config, fn
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_kvsweep_inner"], name)
+
+
+def _tapped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """What a tapped layer's attention calls (query, key, value (B, H, T|S, hs), keys rotated): its tap's function,
+    given the base's own attention over any (q, k, v) with this call's mask as ``base``."""
+    config = module.config
+    inner = ALL_ATTENTION_FUNCTIONS.get_interface(config._kvsweep_inner._attn_implementation, eager_attention_forward)
+
+    def base(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = attention_mask):
+        return inner(module, q, k, v, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    return config._kvsweep_fn(query, key, value, attention_mask, scaling, base)
+
+
+AttentionInterface.register(ATTENTION_TAP, _tapped_attention)
+
+
+def tap_attention(model: GPTNeoXForCausalLM, layer: int, fn: torch.nn.Module) -> Callable[[], None]:
+    """Route layer ``layer``'s attention through ``fn(query, key, value, mask, scaling, base) -> (out, weights)``:
+    query, key, value (B, H, T, hs) / (B, H, S, hs) after rotary (the keys as the base caches them), ``mask``
+    the model's (None: causal; bool: True where allowed; float: added to the scores), ``scaling`` hs ** -0.5,
+    ``base(q, k, v, mask=...)`` the base's own attention (with this call's mask unless given one, e.g. of some of
+    its rows); ``out`` (B, T, H, hs). Returns the undo.
+
+    The layer's attention module reads its attention implementation from ``config``: the tap gives that one
+    module a view of the config naming kvsweep's registered function (transformers' ``AttentionInterface``),
+    which calls ``fn``; the model's config is untouched.
+    """
+    attn = _attention(model, layer)
+    return _swap(attn, "config", _TappedConfig(attn.config, fn), type(model.config))
 
 
 def dense_weight(model: GPTNeoXForCausalLM, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:

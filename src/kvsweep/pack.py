@@ -7,7 +7,7 @@ launches. A pack stacks the batches of its trials into one batch and runs the ba
     logits = base_with_routers(ids)                # (sum B_i, T, V): rows of trial i see trial i's adapters
     loss = sum_i loss_i(logits[rows_i])            # one backward; the trials' parameters are disjoint
 
-At every tap point (K and V of a layer, its attention output) a ``Router`` sends each trial's rows
+At every tap point (K and V of a layer, its attention, its attention output) a ``Router`` sends each trial's rows
 through that trial's own adapter module, and the rows of trials without an adapter there through
 unchanged. Each trial keeps its own adapters, optimizer, learning rate, loss schedule, batch order,
 early stopping and checkpoints (a ``TrialRun``), so its metrics are those it would have alone (to the
@@ -84,6 +84,27 @@ class Router(torch.nn.Module):
             i = j
         cat = tuple(torch.cat(group) for group in zip(*outs, strict=True))  # back to (sum n, T, d)
         return cat[0] if single else cat
+
+
+class AttentionRouter(Router):
+    """The router of a layer's attention tap (``kvsweep.models.tap_attention``): each trial's rows of the queries,
+    keys, values and mask through that trial's module there, the other rows through the base's attention."""
+
+    def forward(self, query, key, value, attention_mask, scaling, base):  # (B, H, T|S, hs) each
+        rows = self.rows
+        if not any(run in self.fns for run, _ in rows):
+            return base(query, key, value)
+        if len(rows) == 1 and rows[0][1] is None:  # one trial, the whole batch
+            return self.fns[rows[0][0]](query, key, value, attention_mask, scaling, base)
+        outs, start = [], 0
+        for run, n in rows:
+            part = slice(start, start + n)
+            mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[part]
+            fn, own = self.fns.get(run), partial(base, mask=mask)
+            q, k, v = query[part], key[part], value[part]
+            outs.append((fn(q, k, v, mask, scaling, own) if fn is not None else own(q, k, v))[0])  # (n, T, H, hs)
+            start += n
+        return torch.cat(outs), None
 
 
 class Pack(Driver):
@@ -167,7 +188,7 @@ class Pack(Driver):
     def _router(self, tap: str, layer: int) -> Router:
         key = (tap, layer)
         if key not in self.routers:
-            router = Router()
+            router = AttentionRouter() if tap == "attention" else Router()
             self._untap.append(TAPS[tap](self.base.model, layer, router))
             self.routers[key] = router
         return self.routers[key]

@@ -22,11 +22,11 @@ import torch
 
 from ..config import ConfigError
 from ..kvcache import DTYPE_BYTES, Layout
-from ..models import Dims, tap_attention_output, tap_qkv
+from ..models import Dims, tap_attention, tap_attention_output, tap_qkv
 from ..results.metrics import optional_inner
 
 ADAPTERS: dict[str, type["Adapter"]] = {}
-TAPS = {"qkv": tap_qkv, "attention_output": tap_attention_output}
+TAPS = {"qkv": tap_qkv, "attention": tap_attention, "attention_output": tap_attention_output}
 
 
 def register_adapter(name: str) -> Callable[[type["Adapter"]], type["Adapter"]]:
@@ -126,7 +126,8 @@ class Adapter(torch.nn.Module):
 
     Subclasses set ``Options`` (their options dataclass), ``family`` (a trial combines at most one method
     per family; the report groups by it), ``tap`` (the point of a layer they act on: ``"qkv"``, K and V
-    before rotary, or ``"attention_output"``, A before ``dense``), ``default_layers``, ``loss_terms``
+    before rotary, ``"attention"``, the attention over the rotated keys (``kvsweep.models.tap_attention``), or
+    ``"attention_output"``, A before ``dense``), ``default_layers``, ``loss_terms``
     (``("rec",)`` when ``reconstruction_loss`` contributes), and implement ``build`` (with one module per
     layer in ``per_layer``, keyed by the layer index as a string), ``kv_layout`` and ``param_formula``.
 
@@ -141,6 +142,10 @@ class Adapter(torch.nn.Module):
     - ``attention_output`` tap: a module with ``cache_shapes() -> {name: (H, hs) | (w,)}`` and
       ``decode_step(cache, a, start) -> a`` keeps its own cache tensors (``cache.write(name, x, start)``,
       ``cache.read(name, end, dtype)``); one without is applied to A as a position-wise map.
+    - ``attention`` tap: a module with ``cache_shapes() -> {name: CacheTensor}`` (replacing the base's ``k``
+      and ``v`` where it names them) and ``decode_attend(cache, q, k, v, start, scaling) -> a`` (q, k rotated,
+      v: (B, H, n, hs); a: (B, n, d)) stores and reads its part of the cache and attends. Fixed tensors it
+      declares (full-precision windows) are counted by ``window_bytes``.
     """
 
     name: ClassVar[str]
@@ -180,8 +185,13 @@ class Adapter(torch.nn.Module):
 
     def fixed_bytes(self, cache_dtype: str) -> int:
         """Bytes the method adds to inference that do not grow with the context (DESIGN's fixed bytes): by default its
-        weights held at ``cache_dtype``; a method with more (a full-precision window, say) adds it here."""
-        return sum(p.numel() for p in self.parameters()) * DTYPE_BYTES[cache_dtype]
+        weights held at ``cache_dtype`` and its cache's fixed tensors (``window_bytes``)."""
+        return sum(p.numel() for p in self.parameters()) * DTYPE_BYTES[cache_dtype] + self.window_bytes(cache_dtype)
+
+    def window_bytes(self, cache_dtype: str) -> int:
+        """Bytes of one sequence's cache that do not grow with the context (a full-precision window of the most recent
+        tokens), as the latent cache allocates them; 0 by default."""
+        return 0
 
     @classmethod
     def example_options(cls, dims: Dims) -> dict:
@@ -206,7 +216,8 @@ class Adapter(torch.nn.Module):
         return AdapterSpec(self.name, self.options)
 
     def layer_module(self, layer: int) -> torch.nn.Module:
-        """What the tap of ``layer`` calls: ``(k, v) -> (k, v)`` for ``qkv``, ``a -> a`` for ``attention_output``."""
+        """What the tap of ``layer`` calls: ``(k, v) -> (k, v)`` for ``qkv``, ``a -> a`` for ``attention_output``, the
+        attention for ``attention`` (``kvsweep.models.tap_attention``)."""
         return self.per_layer[str(layer)]
 
     def attach_layer(self, model, layer: int) -> Callable[[], None]:
@@ -322,7 +333,9 @@ def check_combination(specs: tuple[AdapterSpec, ...]) -> None:
 
 
 def check_taps(specs: tuple[AdapterSpec, ...], dims: Dims) -> None:
-    """No two methods act at one tap of one layer (e.g. two methods on K and V before rotary on layer 5).
+    """No two methods act at one tap of one layer (e.g. two methods on K and V before rotary on layer 5), and no
+    method that attends over its own cache (the ``attention`` tap) shares a layer with one that compresses K and V
+    before it (the ``qkv`` tap): the latent cache cannot yet hold the one's code in the other's format.
 
     Raises:
         ConfigError: naming the two methods, the tap and the layer.
@@ -335,6 +348,11 @@ def check_taps(specs: tuple[AdapterSpec, ...], dims: Dims) -> None:
             if other != spec.name:
                 raise ConfigError(f"adapters {other} and {spec.name} both act at the {cls.tap} tap of layer {layer}; "
                                   "give them different layers")
+            pair = {"qkv": "attention", "attention": "qkv"}.get(cls.tap)
+            if pair is not None and (pair, layer) in seen:
+                first, second = sorted((seen[(pair, layer)], spec.name), key=lambda n: adapter_class(n).tap != "attention")
+                raise ConfigError(f"adapters {first} and {second} both change the cached K and V of layer {layer} ({first} "
+                                  f"cannot yet cache {second}'s code); give them different layers")
 
 
 @contextmanager

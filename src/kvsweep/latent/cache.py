@@ -6,19 +6,28 @@ base's rotated keys ``k`` and values ``v`` or a KA variant's ``ka_k``/``ka_v``; 
 per-token shape (w,), e.g. a codec's code in place of ``k`` or ``v`` (V-DProj's ``down(V)``). A tensor
 is at the cache's dtype unless its method gives it one of its own (packed integers, metadata).
 
-Each tensor is allocated once, for exactly ``capacity`` tokens, so the bytes its storage holds divided
-by ``batch * capacity`` are the bytes per token: that is what ``measured_layer_bytes`` reports, and what
-``check_bytes`` holds against ``kvsweep.kvcache``'s accounting, to the byte.
+A method may declare a tensor as a ``kvsweep.kvcache.CacheTensor``: one row per group of G tokens
+(``(B, C/G, w)``, metadata such as a scale per channel and token group; the capacity is then rounded up to
+whole groups), or a fixed number of rows (``(B, H, rows, hs)`` or ``(B, rows, w)``: a ring of the most recent
+tokens), which does not grow with the capacity.
+
+Each tensor is allocated once, for exactly ``capacity`` tokens, so the bytes the storages of the tensors
+that grow with the context hold divided by ``batch * capacity`` are the bytes per token: that is what
+``measured_layer_bytes`` reports, and what ``check_bytes`` holds against ``kvsweep.kvcache``'s accounting,
+to the byte. The fixed tensors are measured apart (``measured_fixed_bytes``, per sequence) and held against
+the fixed bytes the methods declare for them.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..config import ConfigError, KvsweepError
-from ..kvcache import Layout, layer_bytes
+from ..kvcache import CacheTensor, Layout, layer_bytes
 
-CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 ENTRY_DTYPES = {**CACHE_DTYPES, "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32}
 
 
@@ -35,19 +44,25 @@ def cache_dtype_of(name: str) -> torch.dtype:
 class LayerCache:
     """One layer's cache tensors by name; written in place at the running position, read as a prefix."""
 
-    def __init__(self, shapes: dict[str, tuple], batch: int, capacity: int, dtype: torch.dtype, device):
-        """``shapes``: name -> (per-token shape (H, hs) or (w,), dtype name or None for ``dtype``)."""
+    def __init__(self, shapes: dict[str, tuple | CacheTensor], batch: int, capacity: int, dtype: torch.dtype, device):
+        """``shapes``: name -> (per-token shape (H, hs) or (w,), dtype name or None for ``dtype``), or a ``CacheTensor``
+        (``capacity`` a multiple of its ``tokens``)."""
         self.tensors: dict[str, torch.Tensor] = {}
+        self.fixed: set[str] = set()  # the tensors that do not grow with the capacity
         self._heads: set[str] = set()
-        for name, (shape, own) in shapes.items():
-            if len(shape) == 2:
-                full = (batch, shape[0], capacity, shape[1])
+        for name, spec in shapes.items():
+            spec = spec if isinstance(spec, CacheTensor) else CacheTensor(tuple(spec[0]), spec[1])
+            if capacity % spec.tokens:
+                raise ValueError(f"cache tensor {name!r}: capacity {capacity} is not a whole number of groups of {spec.tokens}")
+            rows = spec.rows or capacity // spec.tokens
+            if spec.rows:
+                self.fixed.add(name)
+            if len(spec.shape) == 2:
+                full = (batch, spec.shape[0], rows, spec.shape[1])
                 self._heads.add(name)
-            elif len(shape) == 1:
-                full = (batch, capacity, shape[0])
             else:
-                raise ValueError(f"cache tensor {name!r}: a per-token shape (H, hs) or (w,); got {shape}")
-            self.tensors[name] = torch.empty(full, dtype=ENTRY_DTYPES[own] if own else dtype, device=device)
+                full = (batch, rows, spec.shape[0])
+            self.tensors[name] = torch.empty(full, dtype=ENTRY_DTYPES[spec.dtype] if spec.dtype else dtype, device=device)
 
     def write(self, name: str, x: torch.Tensor, start: int) -> None:
         """Store ``x`` ((B, H, n, hs) or (B, n, r)) at positions ``start .. start+n-1``."""
@@ -63,21 +78,26 @@ class LayerCache:
         t = t[:, :, :end] if name in self._heads else t[:, :end]
         return t.to(dtype)
 
-    def nbytes(self) -> int:
-        """Bytes the storages of this layer's tensors hold (each storage counted once)."""
+    def nbytes(self, which: str = "all") -> int:
+        """Bytes the storages of this layer's tensors hold (each storage counted once): ``"all"``, ``"tokens"`` (those
+        that grow with the capacity) or ``"fixed"``."""
         seen: dict[int, int] = {}
-        for t in self.tensors.values():
-            s = t.untyped_storage()
-            seen[s.data_ptr()] = s.nbytes()
+        for name, t in self.tensors.items():
+            if which == "all" or (name in self.fixed) == (which == "fixed"):
+                s = t.untyped_storage()
+                seen[s.data_ptr()] = s.nbytes()
         return sum(seen.values())
 
 
 class LatentCache:
     """The whole model's cache: one ``LayerCache`` per layer, ``length`` tokens of ``capacity`` written."""
 
-    def __init__(self, layers: list[dict[str, tuple]], batch: int, capacity: int, dtype: torch.dtype, device):
+    def __init__(self, layers: list[dict[str, tuple | CacheTensor]], batch: int, capacity: int, dtype: torch.dtype, device):
+        """``capacity`` is rounded up to whole groups of the tensors whose rows hold groups of tokens."""
         if capacity < 1 or batch < 1:
             raise ConfigError(f"a cache needs batch >= 1 and capacity >= 1 tokens; got batch {batch}, capacity {capacity}")
+        unit = math.lcm(1, *(s.tokens for shapes in layers for s in shapes.values() if isinstance(s, CacheTensor)))
+        capacity = -(-capacity // unit) * unit
         self.batch, self.capacity, self.dtype, self.length = batch, capacity, dtype, 0
         self.layers = [LayerCache(shapes, batch, capacity, dtype, device) for shapes in layers]
 
@@ -89,23 +109,31 @@ class LatentCache:
         tokens = self.batch * self.capacity
         out = []
         for i, layer in enumerate(self.layers):
-            n = layer.nbytes()
+            n = layer.nbytes("tokens")
             if n % tokens:
                 raise CacheMismatchError(f"layer {i}: cache storage of {n} bytes is not a whole number of bytes per token "
                                          f"over {tokens} tokens (batch {self.batch} x capacity {self.capacity})")
             out.append(n // tokens)
         return out
 
+    def measured_fixed_bytes(self) -> list[int]:
+        """Bytes of each layer's fixed tensors (full-precision windows) per sequence: their storage bytes over ``batch``."""
+        return [layer.nbytes("fixed") // self.batch for layer in self.layers]
+
     def describe(self) -> list[dict[str, list[int]]]:
         """Each layer's tensors and shapes, for reports and error messages."""
         return [{name: list(t.shape) for name, t in layer.tensors.items()} for layer in self.layers]
 
 
-def check_bytes(cache: LatentCache, layout: Layout, cache_dtype: str) -> dict:
-    """Hold the bytes the cache's tensors hold against the accounting of ``layout``; raise if they differ.
+def check_bytes(cache: LatentCache, layout: Layout, cache_dtype: str, fixed_bytes: int = 0) -> dict:
+    """Hold the bytes the cache's tensors hold against the accounting of ``layout``, and its fixed tensors against
+    ``fixed_bytes`` (what the methods declare their cache's fixed tensors to hold per sequence); raise if they differ.
 
     Returns ``{"measured_bytes_per_layer", "accounted_bytes_per_layer", "measured_bytes_per_token",
-    "accounted_bytes_per_token"}``.
+    "accounted_bytes_per_token", "measured_fixed_bytes", "accounted_fixed_bytes"}``.
+
+    Raises:
+        CacheMismatchError: naming the layers (and tensors) whose bytes differ.
     """
     if cache_dtype_of(cache_dtype) != cache.dtype:
         raise CacheMismatchError(f"the cache holds {cache.dtype}, not the {cache_dtype} it is accounted at")
@@ -122,5 +150,10 @@ def check_bytes(cache: LatentCache, layout: Layout, cache_dtype: str) -> dict:
         raise CacheMismatchError(
             f"KV cache bytes differ from the accounting ({sum(measured)} measured against {sum(accounted)} accounted "
             f"bytes/token at {cache_dtype}):\n" + "\n".join(lines))
+    fixed = sum(cache.measured_fixed_bytes())
+    if fixed != fixed_bytes:
+        raise CacheMismatchError(f"the cache's fixed tensors (full-precision windows) hold {fixed} bytes per sequence; "
+                                 f"the methods declare {fixed_bytes} (tensors {cache.describe()})")
     return {"measured_bytes_per_layer": measured, "accounted_bytes_per_layer": accounted,
-            "measured_bytes_per_token": sum(measured), "accounted_bytes_per_token": sum(accounted)}
+            "measured_bytes_per_token": sum(measured), "accounted_bytes_per_token": sum(accounted),
+            "measured_fixed_bytes": fixed, "accounted_fixed_bytes": fixed_bytes}

@@ -134,6 +134,9 @@ def format_cache(r: dict) -> str:
         f"(base {r['base_bytes_per_token']:,}; {100 * r['ratio_to_base']:.1f}% of it)",
         f"  per layer: measured {r['measured_bytes_per_layer']}, accounted {r['accounted_bytes_per_layer']}",
     ]
+    if r.get("measured_fixed_bytes"):
+        lines.append(f"  fixed (full-precision windows, per sequence): measured {r['measured_fixed_bytes']:,} = declared "
+                     f"{r['accounted_fixed_bytes']:,} bytes")
     if "max_abs_logit_diff" in r:
         lines.append(f"logits against the training-time forward, every step: max |diff| {r['max_abs_logit_diff']:.3g}, "
                      f"greedy identical: {'yes' if r['greedy_identical'] else 'NO'} (base: {r['base_max_abs_logit_diff']:.3g}, "

@@ -18,6 +18,8 @@ knows no method by name. Per layer, with H heads of hs = d / H:
 - a codec on K:       cache ``code = encode(K)`` of the pre-rotary keys; at use ``decode(code)`` and the
                       rotary embedding at positions 0..T-1, as the training-time forward does.
 - a qkv module without codecs: applied to (K, V) before the base's cache (a position-wise map).
+- at the attention itself: a module's ``decode_attend`` with its own cache tensors in place of the base's ``k``
+                      and/or ``v`` (``quant``'s packed codes, scales, zero points and full-precision rings).
 - at the attention output: a module's ``decode_step`` with its own cache tensors (KA's K' and V'), or
                       the module itself (a position-wise map).
 
@@ -47,6 +49,8 @@ class _LayerPlan:
     k_codec: object | None = None  # what caches the pre-rotary keys compressed
     v_codec: object | None = None  # what caches the values compressed
     out: list = field(default_factory=list)  # attention-output modules, in attach order
+    attention: torch.nn.Module | None = None  # a method that attends itself over its own cache tensors
+    attention_by: str = ""  # that method's name
     fold_w: torch.Tensor | None = None  # (H*w, d): per head W_h^T @ W_dense[:, h]^T, heads stacked
     fold_b: torch.Tensor | None = None  # (d,): W_dense @ b + b_dense
 
@@ -88,6 +92,10 @@ class LatentDecoder:
                 m = a.layer_module(i)
                 if getattr(m, "active", True):
                     self._plan_module(self.plans[i], a, i, m)
+        for i, plan in enumerate(self.plans):
+            if plan.attention is not None and (plan.k_codec is not None or plan.v_codec is not None):
+                raise ConfigError(f"layer {i}: {plan.attention_by} caches K and V its own way and cannot hold the code of "
+                                  "another method that compresses them there yet; give the two methods different layers")
         if fold:
             for plan in self.plans:
                 if _linear(plan.v_codec) is not None and not plan.out:
@@ -96,6 +104,11 @@ class LatentDecoder:
 
     @staticmethod
     def _plan_module(plan: _LayerPlan, a: Adapter, layer: int, m: torch.nn.Module) -> None:
+        if a.tap == "attention":
+            if plan.attention is not None:
+                raise ConfigError(f"layer {layer}: two methods attend over their own caches ({plan.attention_by} and {a.name})")
+            plan.attention, plan.attention_by = m, a.name
+            return
         if a.tap == "attention_output":
             plan.out.append(m)
             return
@@ -112,6 +125,10 @@ class LatentDecoder:
             setattr(plan, f"{name}_codec", codec)
 
     # ------------------------------------------------------------------ accounting and cache
+    def window_bytes(self) -> int:
+        """What the methods declare the cache's fixed tensors (full-precision windows) to hold per sequence."""
+        return sum(a.window_bytes(self.cache_dtype_name) for a in self.adapters)
+
     def layout(self) -> Layout:
         """What ``kvsweep.kvcache`` accounts for this model and these adapters."""
         layout = base_layout(self.dims.layers, self.dims.hidden)
@@ -128,6 +145,8 @@ class LatentDecoder:
             for name in ("k", "v"):
                 codec = getattr(plan, f"{name}_codec")
                 shapes[name] = ((H, hs), None) if codec is None else ((codec.width,), getattr(codec, "dtype", None))
+            if plan.attention is not None:
+                shapes.update(plan.attention.cache_shapes())
             for m in plan.out:
                 if hasattr(m, "cache_shapes"):
                     for name, shape in m.cache_shapes().items():
@@ -169,6 +188,9 @@ class LatentDecoder:
         for m in plan.qkv:
             k, v = _run(m, k, v)
         q = apply_rotary(heads(q), cos[:, start:end], sin[:, start:end])  # (B, H, n, hs)
+        if plan.attention is not None:
+            k = apply_rotary(heads(k), cos[:, start:end], sin[:, start:end])  # (B, H, n, hs), as the base caches it
+            return self._close(plan, lc, x, plan.attention.decode_attend(lc, q, k, heads(v), start, self.parts.scaling), None, start)
         if plan.k_codec is not None:
             lc.write("k", _run(plan.k_codec.encode, k), start)  # (B, n, w)
             k_all = _run(plan.k_codec.decode, lc.read("k", end, self.dtype))  # (B, end, d) restored
@@ -176,7 +198,7 @@ class LatentDecoder:
         else:
             lc.write("k", apply_rotary(heads(k), cos[:, start:end], sin[:, start:end]), start)
             keys = lc.read("k", end, self.dtype)  # (B, H, end, hs)
-        out = None
+        a = out = None
         codec, lin = plan.v_codec, _linear(plan.v_codec)
         if codec is None:
             lc.write("v", heads(v), start)
@@ -201,6 +223,12 @@ class LatentDecoder:
                     a = torch.einsum("bhnr,hsr->bnhs", pv, w).reshape(B, n, d)  # (B, n, d): A without the bias
                     if lin.bias is not None:
                         a = a + lin.bias.to(a.dtype)
+        return self._close(plan, lc, x, a, out, start)
+
+    def _close(self, plan: _LayerPlan, lc, x: torch.Tensor, a: torch.Tensor | None, out: torch.Tensor | None, start: int):
+        """The layer's end from A (B, n, d) or, already projected, ``out``: the attention-output modules, ``dense`` and
+        the residual."""
+        parts = plan.parts
         if out is None:
             for m in plan.out:
                 a = m.decode_step(lc, a, start) if hasattr(m, "decode_step") else _run(m, a)

@@ -48,14 +48,15 @@ def compare(model, adapters: list[Adapter], prompt: torch.Tensor, gen: Generatio
 
 def measure_bytes(model, adapters: list[Adapter], cache_dtype: str = "float16", *, context: int = 8,
                   new_tokens: int = 2) -> dict:
-    """A short decode; the bytes per token its cache holds, checked against the accounting (raises if they differ).
+    """A short decode; the bytes per token its cache holds and its fixed tensors (full-precision windows), checked
+    against the accounting and the methods' ``window_bytes`` (raises ``CacheMismatchError`` if they differ).
 
     For a sweep to record the measured bytes with each trial at the end of the trial.
     """
     decoder = LatentDecoder(model, adapters, cache_dtype=cache_dtype)
     prompt = random_prompt(model.config.vocab_size, 1, context)
     gen = generate(decoder, prompt, new_tokens + 1)
-    return check_bytes(gen.cache, decoder.layout(), cache_dtype)
+    return check_bytes(gen.cache, decoder.layout(), cache_dtype, decoder.window_bytes())
 
 
 def _allocated(device: torch.device) -> int:
@@ -221,7 +222,7 @@ def measure_cache(model, adapters: list[Adapter], *, context: int, new_tokens: i
     base_bytes = check_bytes(base_gen.cache, base.layout(), cache_dtype)
     log("... and with the adapters")
     gen, adapted_m = _untimed(adapted, prompt, new_tokens, keep_logits=check_logits, start=start)
-    got = check_bytes(gen.cache, adapted.layout(), cache_dtype)  # raises CacheMismatchError on any difference
+    got = check_bytes(gen.cache, adapted.layout(), cache_dtype, adapted.window_bytes())  # raises CacheMismatchError on any difference
     log(f"timing {repeats} runs of both, interleaved step by step ...")
     timed = time_decode(base, adapted, prompt, new_tokens, repeats=repeats, warmup=0)  # the runs above warmed up
     ratio = timed.ratio

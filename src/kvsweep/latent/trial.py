@@ -10,7 +10,7 @@ from typing import Callable
 from ..adapters import Adapter, AdapterSpec, check_combination, make_adapter
 from ..checkpoint import CheckpointError, has_checkpoint, load_best_adapter_states
 from ..config import ConfigError, MissingFileError, ModelCfg
-from ..models import Base, dims, load_base
+from ..models import Base, dims, load_base, model_config, resolve_model
 
 
 def trial_specs(config: dict) -> tuple[ModelCfg, tuple[AdapterSpec, ...]]:
@@ -29,7 +29,8 @@ def load_trial(folder: str | Path, *, device: str | None = None, log: Callable[[
     ``checkpoint`` folder, in eval mode, and the trial's config. ``device`` overrides the trial's.
 
     Raises:
-        MissingFileError: no ``trial.json``, or no checkpoint (the trial was never trained).
+        MissingFileError: no ``trial.json``, or no checkpoint (the trial was never trained) for adapters with weights
+            (training-free ones, without any, need none).
         CheckpointError: the checkpoint is damaged, does not fit the trial's adapters, or is an older
             kvsweep's pickle (refused unread: unpickling can run code).
         ConfigError: ``trial.json`` is not one ``kvsweep train`` wrote.
@@ -46,7 +47,12 @@ def load_trial(folder: str | Path, *, device: str | None = None, log: Callable[[
         model_cfg = replace(model_cfg, device=device)
     ckpt = folder / "checkpoint"
     if not has_checkpoint(ckpt):
-        raise MissingFileError(f"trial: no checkpoint in {ckpt} (was it trained?)")
+        d = dims(model_config(resolve_model(model_cfg)))
+        if any(make_adapter(spec, d).state_dict() for spec in specs):
+            raise MissingFileError(f"trial: no checkpoint in {ckpt} (was it trained?)")
+        base = load_base(model_cfg, log=log)  # training-free methods (no weights): nothing to load
+        log(f"{', '.join(s.name for s in specs)}: no weights, no checkpoint needed")
+        return base, [make_adapter(spec, dims(base.config)).to(base.device).eval() for spec in specs], config
     states, which = load_best_adapter_states(ckpt)
     base = load_base(model_cfg, log=log)
     adapters = [make_adapter(spec, dims(base.config)) for spec in specs]
