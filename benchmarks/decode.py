@@ -2,12 +2,16 @@
 
     python benchmarks/decode.py [--context 2048] [--new-tokens 128] [--ranks 320,256,128] [--repeats 3]
                                 [--device auto] [--dtype float32] [--cache-dtype float16] [--threads N]
+                                [--lowrank 1:32,2:64,8:256]
 
 For the base and V-DProj (target v, every layer) at each rank: the bytes per token the cache tensors
 hold (checked against kvsweep.kvcache's accounting; the script fails if they differ), decode tokens/s
 (from the median time of one decode step over all repeats, rows interleaved, so that a noisy machine
 slows all rows alike) and both as ratios to
 the base. V-DProj runs with `up` folded into `dense` (fold) and with A computed per head (per-head).
+With ``--lowrank GROUP:RANK,...``, lowrank (heads per group, rank per group, every layer) compressing V
+alone and K+V at that rank: their difference in step time is what restoring and rotating the keys from
+their code costs per step (the V-only row reads rotated keys from the cache as the base does).
 A last row times transformers' own decoding loop (DynamicCache, the model's dtype) as a reference
 for the speed of kvsweep's loop. Runs on CPU or CUDA (--device cuda, e.g. --dtype float16).
 """
@@ -77,6 +81,8 @@ def main() -> None:
     p.add_argument("--cache-dtype", default="float16", choices=DTYPES)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers reference row")
+    p.add_argument("--lowrank", default="", help="lowrank rows, GROUP:RANK comma-separated (heads per group, rank per group): "
+                                                 "V alone and K+V at each")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -91,6 +97,11 @@ def main() -> None:
         vd = make_adapter(AdapterSpec.parse("vdproj", rank=r), d).to(device=device, dtype=DTYPES[a.dtype]).eval()
         rows.append((f"vdproj r={r} fold", r, LatentDecoder(model, [vd], cache_dtype=a.cache_dtype, fold=True)))
         rows.append((f"vdproj r={r} per-head", r, LatentDecoder(model, [vd], cache_dtype=a.cache_dtype, fold=False)))
+    for item in filter(None, a.lowrank.split(",")):
+        g, r = (int(x) for x in item.split(":"))
+        for target, ranks in (("v", {"v_rank": r}), ("kv", {"k_rank": r, "v_rank": r})):
+            lr = make_adapter(AdapterSpec.parse("lowrank", group=g, init="random", **ranks), d).to(device=device, dtype=DTYPES[a.dtype]).eval()
+            rows.append((f"lowrank g={g} r={r} {target}", r, LatentDecoder(model, [lr], cache_dtype=a.cache_dtype)))
     if not a.no_hf:
         rows.append(("transformers DynamicCache", None, None))
 

@@ -353,3 +353,101 @@ def test_each_head_reads_only_its_groups_code(dmodel, monkeypatch):
     generate(LatentDecoder(dmodel, [a], cache_dtype="float32", restore_prefill=False), random_prompt(VOCAB, 1, 5), 3)
     pv = [s for s in shapes if len(s[1]) == 5]  # P (B, G, g, n, T) @ code (B, G, 1, T, r)
     assert pv and all(y[1] == 2 and y[-1] == 6 and x[2] == 2 for x, y in pv)
+
+
+# ----------------------------------------------------------------------------- trials: 0 epochs, trained, shaped by calibration
+
+
+def skewed_base():
+    """``small_base`` whose layer 0 keys have rank 2: an allocation by reconstruction error gives them little."""
+    from .conftest import small_base
+
+    base = small_base()
+    with torch.no_grad():
+        w = base.model.gpt_neox.layers[0].attention.query_key_value.weight.view(HEADS, 3, HS, HIDDEN)
+        basis = torch.linalg.qr(torch.randn(HIDDEN, 2, generator=torch.Generator().manual_seed(0))).Q  # (d, 2)
+        w[:, 1] = w[:, 1] @ basis @ basis.T
+    return base
+
+
+ERROR = AdapterSpec.parse("lowrank", budget=0.25, allocation="error", group=2, calib_samples=16)
+
+
+def test_zero_epochs_is_the_training_free_method_and_at_full_rank_the_base():
+    from .test_pack import _alone, _cfg
+
+    full, _ = _alone(_cfg([AdapterSpec.parse("lowrank", group=2, k_rank=2 * HS, v_rank=2 * HS)], epochs=0))
+    assert full.status == "completed" and full.epochs_run == 0 and full.best_epoch == 0
+    assert full.init_val_ppl == pytest.approx(full.base_val_ppl, rel=1e-5)
+    low, _ = _alone(_cfg([AdapterSpec.parse("lowrank", group=2, k_rank=4, v_rank=4)], epochs=0))
+    assert low.status == "completed" and low.init_val_ppl > low.base_val_ppl * (1 + 1e-3)
+    assert low.kv_bytes_per_layer == [2 * 2 * 4 * 2] * 2  # K and V: G * r = 8 values each at float16, per layer
+
+
+def test_a_trained_trial_learns_to_reconstruct():
+    from .test_pack import _alone, _cfg
+
+    result, reports = _alone(_cfg([AdapterSpec.parse("lowrank", group=2, k_rank=6, v_rank=6, init="random")], epochs=3, lr=2e-2))
+    assert result.status == "completed" and len(reports) == 3
+    assert reports[-1]["loss_rec"] < 0.8 * reports[0]["loss_rec"]
+    assert result.trainable_params == 2 * 2 * (2 * 6 * HIDDEN + 2 * 6 + HIDDEN)
+
+
+def test_ranks_allocated_in_calibration_make_the_layout_parameters_and_optimizer_of_the_trial():
+    from kvsweep.train.loop import Driver
+
+    from .conftest import pattern_samples
+    from .test_pack import _cfg
+
+    driver = Driver(skewed_base(), pattern_samples(), log=lambda m: None)
+    try:
+        run = driver.add(_cfg([ERROR], epochs=2))
+        (a,) = run.adapters
+        assert a.ranks[0][0] <= 2 < a.ranks[1][0], a.ranks  # layer 0's keys of rank 2 got little
+        assert run.layout == a.kv_layout(base_layout(LAYERS, HIDDEN))
+        assert run.measured["measured_bytes_per_layer"] == [2 * (2 * rk + 2 * rv) for rk, rv in a.ranks.values()]
+        assert {id(p) for g in run.opt.param_groups for p in g["params"]} == {id(p) for p in a.parameters()}
+        before = {n: p.detach().clone() for n, p in a.named_parameters()}
+        driver.run([run])
+        assert all(not torch.equal(p, before[n]) for n, p in a.named_parameters())
+        result = run.result()
+    finally:
+        driver.close()
+    assert result.status == "completed"
+    assert result.kv_bytes_per_layer == result.kv_bytes_per_layer_measured == run.measured["measured_bytes_per_layer"]
+    assert result.trainable_params == a.param_formula()
+
+
+def test_packed_lowrank_trials_report_what_they_report_alone():
+    from .test_pack import _alone, _close, _cfg, _packed
+
+    cfgs = [_cfg([ERROR], epochs=2), _cfg([AdapterSpec.parse("lowrank", k_rank=4, v_rank="8,2", init="whitened")], epochs=2, seed=1)]
+    results, reports = _packed(cfgs, base=skewed_base)
+    for cfg, result, rep in zip(cfgs, results, reports, strict=True):
+        alone, alone_reports = _alone(cfg, base=skewed_base)
+        for m, ma in zip(rep, alone_reports, strict=True):
+            _close(m, ma, rel=1e-5)
+        assert result.kv_bytes_per_layer == alone.kv_bytes_per_layer and result.status == "completed"
+
+
+def test_a_resumed_trial_with_allocated_ranks_reports_what_an_uninterrupted_one_does(tmp_path):
+    from kvsweep.train import run_trial
+
+    from .conftest import pattern_samples
+    from .test_pack import _cfg, _strip
+
+    cfg = _cfg([ERROR], epochs=3)
+    full = [m.to_report() for m in run_trial(cfg, base=skewed_base(), samples=pattern_samples(), log=lambda m: None).history]
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_one(metrics, ckpt):
+        if metrics.epoch == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_trial(cfg, crash_after_one, checkpoint_dir=tmp_path / "a", base=skewed_base(), samples=pattern_samples(), log=lambda m: None)
+    resumed = run_trial(cfg, checkpoint_dir=tmp_path / "b", resume_from=tmp_path / "a", base=skewed_base(), samples=pattern_samples(),
+                        log=lambda m: None)
+    assert [_strip(m.to_report()) for m in resumed.history] == [_strip(m) for m in full]

@@ -1,4 +1,5 @@
-"""What the latent-cache decoder reads of a codec's linear maps: ``GroupLinear``, a block-diagonal linear map.
+"""Codecs over groups of heads: ``GroupLinear``, a block-diagonal linear map the latent-cache decoder reads, and
+``GroupCodec``, a low-rank codec made of two of them.
 
 A low-rank codec over groups of heads (Palu's G-LRD; per head and all heads jointly as its extreme cases)
 compresses each group's slice of K or V on its own: ``G`` blocks, each ``in_features -> out_features``,
@@ -12,6 +13,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..losses import relative_reconstruction
 
 
 class GroupLinear(torch.nn.Module):
@@ -48,3 +51,65 @@ def group_blocks(lin: torch.nn.Module | None) -> tuple[torch.Tensor, torch.Tenso
     if isinstance(lin, torch.nn.Linear):
         return lin.weight.unsqueeze(0), lin.bias
     return None
+
+
+class GroupCodec(torch.nn.Module):
+    """``x (B, T, d) -> up(down(x))`` over G groups of ``block`` = d / G channels, rank r each; keeps the relative
+    reconstruction error of the last call. Its codec for the latent cache: ``encode = down`` (B, n, d) ->
+    (B, n, G*r), ``decode = up``, ``groups`` G, ``linear`` = ``up`` and ``encode_linear`` = ``down`` (``GroupLinear``s)."""
+
+    dtype = None  # the code is cached at the cache's dtype
+
+    def __init__(self, groups: int, block: int, rank: int):
+        super().__init__()
+        self.down = GroupLinear(groups, block, rank)  # weight (G, r, block)
+        self.up = GroupLinear(groups, rank, block)  # weight (G, block, r)
+        self.last_rec: torch.Tensor | None = None
+
+    @property
+    def groups(self) -> int:
+        return self.down.groups
+
+    @property
+    def rank(self) -> int:
+        return self.down.out_features
+
+    @property
+    def width(self) -> int:
+        return self.groups * self.rank
+
+    @property
+    def linear(self) -> GroupLinear:
+        return self.up
+
+    @property
+    def encode_linear(self) -> GroupLinear:
+        return self.down
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(x)
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        return self.up(code)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_hat = self.up(self.down(x))
+        self.last_rec = relative_reconstruction(x, x_hat)
+        return x_hat
+
+    @torch.no_grad()
+    def set_basis(self, U: torch.Tensor, b: torch.Tensor | None) -> None:
+        """``down(x) = U^T (x - b)``, ``up(c) = U c + b`` per group: U (G, block, r) orthonormal columns, b (d,) or None."""
+        G, block, _ = U.shape
+        bg = torch.zeros(G, block, dtype=U.dtype, device=U.device) if b is None else b.to(U).view(G, block)
+        w = self.down.weight
+        self.down.weight.copy_(U.transpose(1, 2).to(w))  # (G, r, block)
+        self.down.bias.copy_(-torch.einsum("gmr,gm->gr", U, bg).to(w))
+        self.up.weight.copy_(U.to(w))
+        self.up.bias.copy_(bg.to(w))
+
+    def init_identity(self) -> None:
+        """The first r coordinates of each group (at full rank exactly the identity)."""
+        G, r, block = self.down.weight.shape
+        eye = torch.eye(block, r, dtype=torch.float64, device=self.down.weight.device)
+        self.set_basis(eye.expand(G, block, r), None)

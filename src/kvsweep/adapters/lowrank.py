@@ -42,10 +42,9 @@ import torch
 
 from ..config import ConfigError
 from ..kvcache import Layout, with_layers
-from ..losses import relative_reconstruction
 from ..models import Dims, qkv_rows
 from .base import Adapter, AdapterOptions, option, register_adapter
-from .codec import GroupLinear
+from .codec import GroupCodec
 
 INITS = ("svd", "whitened", "random")
 ALLOCATIONS = ("uniform", "error")
@@ -120,68 +119,6 @@ class LowRankOptions(AdapterOptions):
     def calibration_samples(self) -> int:
         """Init whitened and allocation error measure K and V on ``calib_samples`` train samples; svd reads weights."""
         return self.calib_samples if self.init == "whitened" or self.allocation == "error" else 0
-
-
-class GroupCodec(torch.nn.Module):
-    """``x (B, T, d) -> up(down(x))`` over G groups of ``block`` = d / G channels, rank r each; keeps the relative
-    reconstruction error of the last call. Its codec for the latent cache: ``encode = down`` (B, n, d) ->
-    (B, n, G*r), ``decode = up``, ``groups`` G, ``linear`` = ``up`` and ``encode_linear`` = ``down`` (``GroupLinear``s)."""
-
-    dtype = None  # the code is cached at the cache's dtype
-
-    def __init__(self, groups: int, block: int, rank: int):
-        super().__init__()
-        self.down = GroupLinear(groups, block, rank)  # weight (G, r, block)
-        self.up = GroupLinear(groups, rank, block)  # weight (G, block, r)
-        self.last_rec: torch.Tensor | None = None
-
-    @property
-    def groups(self) -> int:
-        return self.down.groups
-
-    @property
-    def rank(self) -> int:
-        return self.down.out_features
-
-    @property
-    def width(self) -> int:
-        return self.groups * self.rank
-
-    @property
-    def linear(self) -> GroupLinear:
-        return self.up
-
-    @property
-    def encode_linear(self) -> GroupLinear:
-        return self.down
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(x)
-
-    def decode(self, code: torch.Tensor) -> torch.Tensor:
-        return self.up(code)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_hat = self.up(self.down(x))
-        self.last_rec = relative_reconstruction(x, x_hat)
-        return x_hat
-
-    @torch.no_grad()
-    def set_basis(self, U: torch.Tensor, b: torch.Tensor | None) -> None:
-        """``down(x) = U^T (x - b)``, ``up(c) = U c + b`` per group: U (G, block, r) orthonormal columns, b (d,) or None."""
-        G, block, _ = U.shape
-        bg = torch.zeros(G, block, dtype=U.dtype, device=U.device) if b is None else b.to(U).view(G, block)
-        w = self.down.weight
-        self.down.weight.copy_(U.transpose(1, 2).to(w))  # (G, r, block)
-        self.down.bias.copy_(-torch.einsum("gmr,gm->gr", U, bg).to(w))
-        self.up.weight.copy_(U.to(w))
-        self.up.bias.copy_(bg.to(w))
-
-    def init_identity(self) -> None:
-        """The first r coordinates of each group (at full rank exactly the identity)."""
-        G, r, block = self.down.weight.shape
-        eye = torch.eye(block, r, dtype=torch.float64, device=self.down.weight.device)
-        self.set_basis(eye.expand(G, block, r), None)
 
 
 class LayerLowRank(torch.nn.Module):
