@@ -451,3 +451,47 @@ def test_a_resumed_trial_with_allocated_ranks_reports_what_an_uninterrupted_one_
     resumed = run_trial(cfg, checkpoint_dir=tmp_path / "b", resume_from=tmp_path / "a", base=skewed_base(), samples=pattern_samples(),
                         log=lambda m: None)
     assert [_strip(m.to_report()) for m in resumed.history] == [_strip(m) for m in full]
+
+
+def test_a_trial_with_allocated_ranks_loads_for_inference(tmp_path):
+    from kvsweep.config import ModelCfg
+    from kvsweep.latent.trial import load_trial
+    from kvsweep.models import freeze, pythia_config
+    from transformers import GPTNeoXForCausalLM
+
+    torch.manual_seed(0)  # load_trial builds pythia-70m's random weights with the config's seed 0: the same model
+    model = freeze(GPTNeoXForCausalLM(pythia_config("70m")))
+    spec = AdapterSpec.parse("lowrank", budget=0.2, allocation="error", group=4, calib_samples=2)
+    trained = make_adapter(spec, dims(model.config))
+    uniform = dict(trained.ranks)
+    with attached(model, [trained]):
+        trained.calibrate(model, np.random.default_rng(0).integers(0, 1000, size=(2, 16)))
+    assert trained.ranks != uniform
+    test_latent.write_trial(tmp_path / "trial", [trained], [spec], ModelCfg(name="pythia-70m", random_init=True, device="cpu"))
+    _, (loaded,), _ = load_trial(tmp_path / "trial", log=lambda m: None)
+    assert loaded.ranks == trained.ranks
+    assert all(torch.equal(x, y) for x, y in zip(loaded.state_dict().values(), trained.state_dict().values(), strict=True))
+    fresh = make_adapter(AdapterSpec.parse("lowrank", budget=0.2, group=4), dims(model.config))  # ranks of the options
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        fresh.load_state_dict(trained.state_dict())
+
+
+@pytest.mark.slow
+def test_kvsweep_train_at_0_epochs_then_kvsweep_cache_of_the_trial(tiny_folder, tmp_path):
+    """Training-free use from the command line: the calibrated adapters of epoch 0 are the trial's checkpoint."""
+    import json
+
+    from kvsweep.cli import main
+
+    out = tmp_path / "trial"
+    assert main(["train", "--model", "tiny", "--data", "tiny", "--lowrank.group", "2", "--lowrank.budget", "0.25",
+                 "--lowrank.allocation", "error", "--lowrank.init", "whitened", "--lowrank.calib-samples", "4", "--epochs", "0",
+                 "--val-samples", "4", "--test-samples", "2", "--eval-seq-len", "64", "--out", str(out)]) == 0
+    record = json.loads((out / "trial.json").read_text())
+    assert record["status"] == "completed" and record["epochs_run"] == 0
+    assert record["kv_bytes_per_token"] <= 0.25 * record["kv_bytes_per_token_base"]
+    assert len(set(record["kv_bytes_per_layer"])) > 1  # ranks allocated by reconstruction error
+    assert main(["cache", "--trial", str(out), "--context", "16", "--new-tokens", "4", "--repeats", "1", "--out", str(tmp_path / "c")]) == 0
+    cache = json.loads((tmp_path / "c" / "cache.json").read_text())
+    assert cache["measured_bytes_per_token"] == cache["accounted_bytes_per_token"] == record["kv_bytes_per_token"]
+    assert cache["greedy_identical"] is True

@@ -162,6 +162,8 @@ class TrialRun:
                                early_stopped=False if evaluate_only else None, **self.state.best())
             self.state.history.append(init)
             if evaluate_only:
+                if self.ckpt_path is not None:  # the adapters at init (calibrated): what kvsweep cache --trial loads
+                    save_checkpoint(self.ckpt_path, self.adapters, self.opt, self.state.to_dict(), self._init_weights)
                 self.report(init, None)
                 self.status = "completed"
                 return
