@@ -399,10 +399,13 @@ def test_ranks_allocated_in_calibration_make_the_layout_parameters_and_optimizer
     from .conftest import pattern_samples
     from .test_pack import _cfg
 
-    driver = Driver(skewed_base(), pattern_samples(), log=lambda m: None)
+    logged = []
+    driver = Driver(skewed_base(), pattern_samples(), log=logged.append)
     try:
         run = driver.add(_cfg([ERROR], epochs=2))
         (a,) = run.adapters
+        (rk0, rv0), (rk1, rv1) = a.ranks.values()
+        assert f"lowrank after calibration: groups=2, ranks (k, v) per layer: 0: {rk0}/{rv0}, 1: {rk1}/{rv1}" in logged
         assert a.ranks[0][0] <= 2 < a.ranks[1][0], a.ranks  # layer 0's keys of rank 2 got little
         assert run.layout == a.kv_layout(base_layout(LAYERS, HIDDEN))
         assert run.measured["measured_bytes_per_layer"] == [2 * (2 * rk + 2 * rv) for rk, rv in a.ranks.values()]
@@ -495,3 +498,37 @@ def test_kvsweep_train_at_0_epochs_then_kvsweep_cache_of_the_trial(tiny_folder, 
     cache = json.loads((tmp_path / "c" / "cache.json").read_text())
     assert cache["measured_bytes_per_token"] == cache["accounted_bytes_per_token"] == record["kv_bytes_per_token"]
     assert cache["greedy_identical"] is True
+
+
+def test_same_shaped_lowrank_trials_run_as_one_batched_call_in_a_pack_and_match_alone(monkeypatch):
+    from kvsweep.adapters.codec import GroupCodec
+
+    from .test_pack import _alone, _close, _cfg, _packed
+
+    calls = []
+    stacked = GroupCodec.forward_stacked
+    monkeypatch.setattr(GroupCodec, "forward_stacked", staticmethod(lambda cs, x: calls.append(len(cs)) or stacked(cs, x)))
+    grouped = AdapterSpec.parse("lowrank", group=2, k_rank=6, v_rank=4, init="random")
+    cfgs = [_cfg([grouped], seed=0, epochs=2), _cfg([AdapterSpec.parse("lowrank", v_rank=3)], epochs=2),
+            _cfg([grouped], seed=1, lr=1e-3, epochs=2), _cfg([grouped], seed=2, loss="lm", epochs=2)]
+    results, reports = _packed(cfgs)
+    assert calls and max(calls) == 3  # the three same-shaped trials together; the other alone
+    for cfg, rep in zip(cfgs, reports, strict=True):
+        _, alone = _alone(cfg)
+        for m, ma in zip(rep, alone, strict=True):
+            _close(m, ma, rel=1e-5)
+
+
+def test_kvsweep_cache_from_flags_takes_the_svd_of_the_weights(tmp_path, monkeypatch):
+    import json
+
+    calibrated = []
+    real = LowRank.calibrate
+    monkeypatch.setattr(LowRank, "calibrate", lambda self, model, s: calibrated.append(len(s)) or real(self, model, s))
+    assert test_latent.run_cli(["cache", "--model", "pythia-70m", "--random-init", "--device", "cpu", "--lowrank.group", "2",
+                                "--lowrank.k-rank", "32", "--lowrank.v-rank", "16", "--context", "8", "--new-tokens", "2",
+                                "--repeats", "1", "--out", str(tmp_path)]) == 0
+    assert calibrated == [0]  # from the weights, no samples
+    r = json.loads((tmp_path / "cache.json").read_text())
+    assert r["measured_bytes_per_token"] == r["accounted_bytes_per_token"] == 6 * (4 * 32 + 4 * 16) * 2
+    assert r["greedy_identical"] is True

@@ -97,6 +97,22 @@ class GroupCodec(torch.nn.Module):
         self.last_rec = relative_reconstruction(x, x_hat)
         return x_hat
 
+    @staticmethod
+    def forward_stacked(codecs: list[GroupCodec], x: torch.Tensor) -> torch.Tensor:
+        """K codecs of one shape, each on its own rows: x (K, N, d) -> (K, N, d) in two batched products; each keeps
+        its own reconstruction error, as if called alone."""
+        K, N, d = x.shape
+        G, r, m = codecs[0].down.weight.shape
+        down_w = torch.stack([c.down.weight for c in codecs])  # (K, G, r, m)
+        up_w = torch.stack([c.up.weight for c in codecs])  # (K, G, m, r)
+        h = torch.einsum("kngm,kgrm->kngr", x.reshape(K, N, G, m), down_w) + torch.stack([c.down.bias for c in codecs]).unsqueeze(1)
+        x_hat = (torch.einsum("kngr,kgmr->kngm", h, up_w) + torch.stack([c.up.bias for c in codecs]).unsqueeze(1)).reshape(K, N, d)
+        xf = x.float()
+        rec = (xf - x_hat.float()).pow(2).sum((1, 2)) / xf.pow(2).sum((1, 2)).clamp_min(1e-12)  # (K,)
+        for c, e in zip(codecs, rec.unbind(), strict=True):
+            c.last_rec = e
+        return x_hat
+
     @torch.no_grad()
     def set_basis(self, U: torch.Tensor, b: torch.Tensor | None) -> None:
         """``down(x) = U^T (x - b)``, ``up(c) = U c + b`` per group: U (G, block, r) orthonormal columns, b (d,) or None."""

@@ -139,6 +139,19 @@ class LayerLowRank(torch.nn.Module):
         """What the latent cache holds compressed: ``"k"`` and/or ``"v"``."""
         return {name: c for name in NAMES if (c := getattr(self, name)) is not None}
 
+    def stack_key(self) -> tuple | None:
+        """Modules with equal keys run in a pack as one batched computation (``forward_stacked``); ``None``: not now."""
+        if self.moments is not None or not self.active:
+            return None
+        return tuple(None if c is None else tuple(c.down.weight.shape) for c in (self.k, self.v))
+
+    @staticmethod
+    def forward_stacked(mods: list[LayerLowRank], k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` of K modules with equal ``stack_key``, each on its own rows: k, v (K, N, d) each."""
+        out = [x if getattr(mods[0], name) is None else GroupCodec.forward_stacked([getattr(m, name) for m in mods], x)
+               for name, x in (("k", k), ("v", v))]
+        return out[0], out[1]
+
     def forward(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.moments is not None:
             for name, x in (("k", k), ("v", v)):
@@ -249,6 +262,9 @@ class LowRank(Adapter):
 
             self._shape({i: (rank(i, "k"), rank(i, "v")) for i in self.layers})
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, ranks (k, v) per layer: " + ", ".join(f"{i}: {rk}/{rv}" for i, (rk, rv) in self.ranks.items())
 
     def _codecs(self) -> list[GroupCodec]:
         return [c for m in self.per_layer.values() for c in m.codecs().values()]

@@ -123,6 +123,9 @@ class TrialRun:
                         a.calibrate(model, self.samples.train)
             if any(a.shaped_by_calibration for a in self.adapters):
                 self._bind()
+                for a in self.adapters:
+                    if a.shaped_by_calibration:
+                        self.log(f"{a.name} after calibration: {a.extra_repr()}")
             if resumed:
                 self.state = load_trial_checkpoint(self.resume_from, self.adapters, self.opt)
                 self.log(f"resumed from {self.resume_from} after epoch {self.state.epoch}")
