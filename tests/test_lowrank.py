@@ -532,3 +532,20 @@ def test_kvsweep_cache_from_flags_takes_the_svd_of_the_weights(tmp_path, monkeyp
     r = json.loads((tmp_path / "cache.json").read_text())
     assert r["measured_bytes_per_token"] == r["accounted_bytes_per_token"] == 6 * (4 * 32 + 4 * 16) * 2
     assert r["greedy_identical"] is True
+
+
+def test_per_layer_ranks_in_a_search_space_are_checked_against_the_model_before_a_sweep(tmp_path):
+    from kvsweep.adapters.options import specs_from_point
+    from kvsweep.config import DataCfg, ModelCfg, SweepCfg, TrainCfg
+    from kvsweep.models import model_config, resolve_model
+    from kvsweep.tune import validate_space
+    from kvsweep.tune.search import tune_value
+
+    sweep = SweepCfg(name="x", storage=str(tmp_path), data=DataCfg(train_samples=16, val_samples=8), train=TrainCfg(epochs=1))
+    n = dims(model_config(resolve_model(ModelCfg(name="tiny")))).layers
+    per_layer = tuple(range(1, n + 1))
+    cfgs = validate_space({"lowrank.k_rank": [per_layer, 8], "lowrank.group": [2]}, sweep)
+    assert [c.adapters[0].options.k_rank for c in cfgs] == [per_layer, (8,)]
+    assert specs_from_point({"lowrank.k_rank": tune_value(per_layer)})[0].options.k_rank == per_layer  # as Ray Tune holds it
+    with pytest.raises(ConfigError, match=f"search space: lowrank.k_rank='8,4': k_rank gives 2 ranks for {n} adapted layers"):
+        validate_space({"lowrank.k_rank": ["8,4"]}, sweep)
