@@ -549,3 +549,27 @@ def test_per_layer_ranks_in_a_search_space_are_checked_against_the_model_before_
     assert specs_from_point({"lowrank.k_rank": tune_value(per_layer)})[0].options.k_rank == per_layer  # as Ray Tune holds it
     with pytest.raises(ConfigError, match=f"search space: lowrank.k_rank='8,4': k_rank gives 2 ranks for {n} adapted layers"):
         validate_space({"lowrank.k_rank": ["8,4"]}, sweep)
+
+
+@pytest.mark.slow
+def test_a_sweep_over_per_layer_ranks_and_a_budget(tmp_path):
+    """Ray Tune: a per-layer rank tuple and an allocated budget as points; their columns and bytes in trials.parquet."""
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    from kvsweep.config import DataCfg, ModelCfg, SweepCfg, TrainCfg
+    from kvsweep.tune import run_sweep
+
+    sweep = SweepCfg(name="lr", storage=str(tmp_path / "results"), model=ModelCfg(name="tiny"),
+                     data=DataCfg(source="tiny", train_samples=16, val_samples=8), train=TrainCfg(epochs=1, lr=1e-3),
+                     scheduler="fifo", report_dir=str(tmp_path / "reports"))
+    run_sweep(sweep, {"lowrank.k_rank": ["8,4,8,4"], "lowrank.group": [2], "lowrank.init": ["svd"]}, log=lambda m: None)
+    run_sweep(replace(sweep, name="lr2"), {"lowrank.budget": [0.25], "lowrank.allocation": ["error"], "lowrank.calib_samples": [4]},
+              log=lambda m: None)
+    rows = [pq.read_table(tmp_path / "results" / name / "trials.parquet").to_pylist()[0] for name in ("lr", "lr2")]
+    assert [r["status"] for r in rows] == ["completed", "completed"], [r["error"] for r in rows]
+    ranks, budget = rows
+    assert ranks["lowrank.k_rank"] == "8,4,8,4" and ranks["family"] == "lowrank" and ranks["variant"].startswith("lowrank[g2,svd]")
+    assert budget["lowrank.budget"] == 0.25 and budget["variant"].startswith("lowrank[g1,svd,error]")
+    assert budget["kv_bytes_per_token"] == budget["kv_bytes_per_token_accounted"] <= 0.25 * budget["kv_bytes_per_token_base"]
