@@ -8,9 +8,10 @@ its G-LRD. Decoding attends over each group's code alone and folds ``up`` into `
 ``kvsweep.latent.decoder``): a decoded token costs H * r per cached position on V; keys are restored
 from their code and rotated at every step, r * d multiply-adds per cached position and layer (r the rank
 per group). benchmarks/decode.py on Pythia-70M's architecture (random weights, CPU, 1 thread, context
-1024, float16 cache): a step took 20.8 ms for the base; 20.0 ms with V alone and 27.5 ms with K+V at
-group 1, rank 32 (per head, half of each head); 23.4 and 45.7 ms at group 8, rank 256 (joint, half of d):
-restoring the keys cost about 7.5 and 22 ms a step there, growing with the group's rank and the context.
+2048, float16 cache), ms per decode step, V alone / K+V at one rank: base 24.4; group 1 rank 32 (per
+head, half of each head) 22.3 / 43.1; group 2 rank 64: 25.1 / 53.2; group 8 rank 256 (joint, half of d)
+27.5 / 75.2: restoring and rotating the keys costs 21 to 48 ms a step there, about a base step or two,
+growing with the group's rank and the context.
 
 Ranks: ``k_rank`` / ``v_rank`` per group, one for every adapted layer or one per adapted layer, 0 = that
 tensor not compressed; or ``budget``, the fraction of the base's K+V cache the adapted layers keep,
