@@ -1,5 +1,6 @@
-"""Codecs over groups of heads: ``GroupLinear``, a block-diagonal linear map the latent-cache decoder reads, and
-``GroupCodec``, a low-rank codec made of two of them.
+"""Codecs over groups of heads: ``GroupLinear``, a block-diagonal linear map the latent-cache decoder reads,
+``GroupCodec``, a low-rank codec made of two of them, and ``LayerLowRank``, the qkv tap of one layer with a
+``GroupCodec`` for K and/or V.
 
 A low-rank codec over groups of heads (Palu's G-LRD; per head and all heads jointly as its extreme cases)
 compresses each group's slice of K or V on its own: ``G`` blocks, each ``in_features -> out_features``,
@@ -15,6 +16,8 @@ import math
 import torch
 
 from ..losses import relative_reconstruction
+
+NAMES = ("k", "v")
 
 
 class GroupLinear(torch.nn.Module):
@@ -129,3 +132,46 @@ class GroupCodec(torch.nn.Module):
         G, r, block = self.down.weight.shape
         eye = torch.eye(block, r, dtype=torch.float64, device=self.down.weight.device)
         self.set_basis(eye.expand(G, block, r), None)
+
+
+class LayerLowRank(torch.nn.Module):
+    """The qkv tap of one layer: K and/or V through their ``GroupCodec`` unless inactive; records moments when calibrating."""
+
+    def __init__(self):
+        super().__init__()
+        self.k: GroupCodec | None = None
+        self.v: GroupCodec | None = None
+        self.active = True
+        self.moments: dict[str, list] | None = None  # name -> [sum x (d,), sum of x_g x_g^T (G, m, m), rows], float64
+
+    def codecs(self) -> dict[str, GroupCodec]:
+        """What the latent cache holds compressed: ``"k"`` and/or ``"v"``."""
+        return {name: c for name in NAMES if (c := getattr(self, name)) is not None}
+
+    def stack_key(self) -> tuple | None:
+        """Modules with equal keys run in a pack as one batched computation (``forward_stacked``); ``None``: not now."""
+        if self.moments is not None or not self.active:
+            return None
+        return tuple(None if c is None else tuple(c.down.weight.shape) for c in (self.k, self.v))
+
+    @staticmethod
+    def forward_stacked(mods: list[LayerLowRank], k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` of K modules with equal ``stack_key``, each on its own rows: k, v (K, N, d) each."""
+        out = [x if getattr(mods[0], name) is None else GroupCodec.forward_stacked([getattr(m, name) for m in mods], x)
+               for name, x in (("k", k), ("v", v))]
+        return out[0], out[1]
+
+    def forward(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.moments is not None:
+            for name, x in (("k", k), ("v", v)):
+                if name in self.moments:
+                    m = self.moments[name]
+                    G, block = m[1].shape[0], m[1].shape[1]
+                    flat = x.detach().reshape(-1, G, block).double()  # (N, G, m)
+                    m[0] += flat.sum(0).reshape(-1)
+                    m[1] += torch.einsum("ngi,ngj->gij", flat, flat)
+                    m[2] += flat.shape[0]
+            return k, v
+        if not self.active:
+            return k, v
+        return (self.k(k) if self.k is not None else k), (self.v(v) if self.v is not None else v)

@@ -49,11 +49,10 @@ from ..config import ConfigError
 from ..kvcache import Layout, with_layers
 from ..models import Dims, qkv_rows
 from .base import Adapter, AdapterOptions, option, register_adapter
-from .codec import GroupCodec
+from .codec import NAMES, GroupCodec, LayerLowRank
 
 INITS = ("svd", "whitened", "random")
 ALLOCATIONS = ("uniform", "error")
-NAMES = ("k", "v")
 
 
 def parse_ranks(value, name: str) -> tuple[int, ...] | None:
@@ -124,49 +123,6 @@ class LowRankOptions(AdapterOptions):
     def calibration_samples(self) -> int:
         """Init whitened and allocation error measure K and V on ``calib_samples`` train samples; svd reads weights."""
         return self.calib_samples if self.init == "whitened" or self.allocation == "error" else 0
-
-
-class LayerLowRank(torch.nn.Module):
-    """The qkv tap of one layer: K and/or V through their ``GroupCodec`` unless inactive; records moments when calibrating."""
-
-    def __init__(self):
-        super().__init__()
-        self.k: GroupCodec | None = None
-        self.v: GroupCodec | None = None
-        self.active = True
-        self.moments: dict[str, list] | None = None  # name -> [sum x (d,), sum of x_g x_g^T (G, m, m), rows], float64
-
-    def codecs(self) -> dict[str, GroupCodec]:
-        """What the latent cache holds compressed: ``"k"`` and/or ``"v"``."""
-        return {name: c for name in NAMES if (c := getattr(self, name)) is not None}
-
-    def stack_key(self) -> tuple | None:
-        """Modules with equal keys run in a pack as one batched computation (``forward_stacked``); ``None``: not now."""
-        if self.moments is not None or not self.active:
-            return None
-        return tuple(None if c is None else tuple(c.down.weight.shape) for c in (self.k, self.v))
-
-    @staticmethod
-    def forward_stacked(mods: list[LayerLowRank], k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward`` of K modules with equal ``stack_key``, each on its own rows: k, v (K, N, d) each."""
-        out = [x if getattr(mods[0], name) is None else GroupCodec.forward_stacked([getattr(m, name) for m in mods], x)
-               for name, x in (("k", k), ("v", v))]
-        return out[0], out[1]
-
-    def forward(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.moments is not None:
-            for name, x in (("k", k), ("v", v)):
-                if name in self.moments:
-                    m = self.moments[name]
-                    G, block = m[1].shape[0], m[1].shape[1]
-                    flat = x.detach().reshape(-1, G, block).double()  # (N, G, m)
-                    m[0] += flat.sum(0).reshape(-1)
-                    m[1] += torch.einsum("ngi,ngj->gij", flat, flat)
-                    m[2] += flat.shape[0]
-            return k, v
-        if not self.active:
-            return k, v
-        return (self.k(k) if self.k is not None else k), (self.v(v) if self.v is not None else v)
 
 
 def allocate_ranks(gains: dict[tuple[int, str], torch.Tensor], slots: int) -> dict[tuple[int, str], int]:
