@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py [--context 2048] [--new-tokens 128] [--ranks 320,256,128] [--repeats 3]
                                 [--device auto] [--dtype float32] [--cache-dtype float16] [--threads N]
+                                [--lowrank 1:32,2:64,8:256]
     python benchmarks/decode.py --budgets 0.75,0.5,0.25,0.125 --json decode.json   # each family at each budget
 
 For the base and V-DProj (target v, every layer) at each rank: the bytes per token the cache tensors
@@ -9,6 +10,9 @@ hold (checked against kvsweep.kvcache's accounting; the script fails if they dif
 (from the median time of one decode step over all repeats, rows interleaved, so that a noisy machine
 slows all rows alike) and both as ratios to
 the base. V-DProj runs with `up` folded into `dense` (fold) and with A computed per head (per-head).
+With ``--lowrank GROUP:RANK,...``, lowrank (heads per group, rank per group, every layer) compressing V
+alone and K+V at that rank: their difference in step time is what restoring and rotating the keys from
+their code costs per step (the V-only row reads rotated keys from the cache as the base does).
 A last row times transformers' own decoding loop (DynamicCache, the model's dtype) as a reference
 for the speed of kvsweep's loop. Runs on CPU or CUDA (--device cuda, e.g. --dtype float16).
 
@@ -107,6 +111,8 @@ def main() -> None:
     p.add_argument("--budgets", default=None, help="shares of the base's KV bytes/token, e.g. 0.75,0.5,0.25,0.125: each family's "
                                                  "method at each (instead of --ranks)")
     p.add_argument("--json", default=None, help="also write the rows as JSON, for kvsweep report --decode")
+    p.add_argument("--lowrank", default="", help="lowrank rows, GROUP:RANK comma-separated (heads per group, rank per group): "
+                                                 "V alone and K+V at each")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -130,6 +136,11 @@ def main() -> None:
             vd = build([AdapterSpec.parse("vdproj", rank=r)])
             rows.append((f"vdproj r={r} fold", r, LatentDecoder(model, vd, cache_dtype=a.cache_dtype, fold=True)))
             rows.append((f"vdproj r={r} per-head", r, LatentDecoder(model, vd, cache_dtype=a.cache_dtype, fold=False)))
+    for item in filter(None, a.lowrank.split(",")):
+        g, r = (int(x) for x in item.split(":"))
+        for target, ranks in (("v", {"v_rank": r}), ("kv", {"k_rank": r, "v_rank": r})):
+            lr = build([AdapterSpec.parse("lowrank", group=g, init="random", **ranks)])
+            rows.append((f"lowrank g={g} r={r} {target}", r, LatentDecoder(model, lr, cache_dtype=a.cache_dtype)))
     if not a.no_hf:
         rows.append(("transformers DynamicCache", None, None))
 

@@ -411,6 +411,25 @@ def dense_weight(model: GPTNeoXForCausalLM, layer: int) -> tuple[torch.Tensor, t
     return dense.weight, dense.bias
 
 
+def qkv_split_weights(qkv: torch.nn.Linear, heads: int) -> tuple[tuple[torch.Tensor, torch.Tensor | None], ...]:
+    """The Q, K and V rows of a fused ``query_key_value`` (weight (3d, d), per-head layout, see ``split_qkv``), each as
+    (weight (d, d), bias (d,) or None) in ``split_qkv``'s merged-head order: ``K = x W_k^T + b_k`` (B, T, d), pre-rotary."""
+    d = qkv.in_features
+    hs = d // heads
+    w = qkv.weight.view(heads, 3, hs, d)  # (H, [q|k|v], hs, d)
+    b = qkv.bias.view(heads, 3, hs) if qkv.bias is not None else None  # (H, [q|k|v], hs)
+    return tuple((w[:, i].reshape(d, d), b[:, i].reshape(d) if b is not None else None) for i in range(3))
+
+
+def qkv_rows(model: GPTNeoXForCausalLM, layer: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """The K and V rows of layer ``layer``'s ``query_key_value`` (any tap unwrapped): W_k (d, d), b_k (d,), W_v (d, d),
+    b_v (d,) (biases None without one), with ``K = x W_k^T + b_k`` (B, T, d) the keys before rotary, heads merged."""
+    qkv = _attention(model, layer).query_key_value
+    qkv = qkv.inner if isinstance(qkv, _QKVTap) else qkv
+    _, (w_k, b_k), (w_v, b_v) = qkv_split_weights(qkv, model.config.num_attention_heads)
+    return w_k, b_k, w_v, b_v
+
+
 # --------------------------------------------------------------------------- GPT-NeoX internals for the latent cache
 #
 # kvsweep.latent runs its own decoding loop over the base's modules (the adapters' taps bypassed: it

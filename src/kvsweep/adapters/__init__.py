@@ -16,5 +16,5 @@ __all__ = ["ADAPTERS", "TAPS", "Adapter", "AdapterOptions", "AdapterSpec", "adap
            "check_taps", "ensure_registered", "external_methods", "make_adapter", "option", "register_adapter"]
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    if _module not in ("base", "options"):
+    if _module not in ("base", "codec", "options"):
         importlib.import_module(f".{_module}", __name__)

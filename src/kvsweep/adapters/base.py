@@ -137,8 +137,12 @@ class Adapter(torch.nn.Module):
       it compresses, ``codec.encode(x)`` (B, n, d) -> (B, n, ``codec.width``) at ``codec.dtype`` (None: the
       cache's) and reads back ``codec.decode(code)`` (B, T, width) -> (B, T, d); a codec whose
       ``linear`` is an ``nn.Linear`` (decode = that linear map) lets the decoder attend over the code
-      and fold the map into ``dense``. A module without ``codecs`` is applied to (k, v) as a position-wise
-      map before the base's cache.
+      and fold the map into ``dense``. A codec over groups of heads declares ``groups`` G (default 1):
+      its code is G blocks of r = width / G, block g the code of heads g*H/G .. (g+1)*H/G - 1 alone,
+      and its ``linear`` a ``codec.GroupLinear`` (G blocks (d/G, r)); each head attends over its own
+      group's r latents. A codec whose encode is linear declares it as ``encode_linear`` (an
+      ``nn.Linear`` or a ``GroupLinear``), so that the decoder may fold it into ``query_key_value``.
+      A module without ``codecs`` is applied to (k, v) as a position-wise map before the base's cache.
     - ``attention_output`` tap: a module with ``cache_shapes() -> {name: (H, hs) | (w,)}`` and
       ``decode_step(cache, a, start) -> a`` keeps its own cache tensors (``cache.write(name, x, start)``,
       ``cache.read(name, end, dtype)``); one without is applied to A as a position-wise map.
@@ -205,6 +209,12 @@ class Adapter(torch.nn.Module):
 
     def calibrate(self, model, samples: np.ndarray) -> None:
         """Initialise from the base's activations on calibration samples (N, T); default: nothing to do."""
+
+    @property
+    def shaped_by_calibration(self) -> bool:
+        """Whether ``calibrate`` sets the shapes of the modules (ranks allocated from data): a trial then calibrates
+        before it loads a checkpoint, and builds its optimizer and layout after calibrating."""
+        return False
 
     def reconstruction_loss(self) -> torch.Tensor | None:
         """The reconstruction term of the last forward pass, or ``None`` for adapters without one."""

@@ -80,9 +80,10 @@ def _prompt(a: argparse.Namespace, base):
 
 
 def cmd_cache(a: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
-    from ..adapters import make_adapter
+    from ..adapters import attached, make_adapter
     from ..atomic import write_json
     from ..models import dims, load_base
     from .measure import measure_cache
@@ -102,6 +103,9 @@ def cmd_cache(a: argparse.Namespace) -> int:
         base = load_base(model_cfg(a))
         torch.manual_seed(a.seed)
         adapters = [make_adapter(s, dims(base.config)).to(base.device).eval() for s in spec_objs]
+        with attached(base.model, adapters):  # an init from the base's weights alone (lowrank's svd) needs no samples
+            for ad in adapters:
+                ad.calibrate(base.model, np.zeros((0, 1), dtype=np.int64))
         specs = [s.to_dict() for s in spec_objs]
     dtype = next(base.model.parameters()).dtype
     adapters = [ad.to(device=base.device, dtype=dtype) for ad in adapters]  # a float16/bfloat16 base: adapters alike

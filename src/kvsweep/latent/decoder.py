@@ -8,15 +8,26 @@ knows no method by name. Per layer, with H heads of hs = d / H:
 
 - base:               cache rotated K and V; ``A_h = P_h V_h``; ``out = dense(A)``.
 - a codec on V:       cache only ``code = encode(V)`` (``width`` per token). With a linear decode
-                      ``V = code W^T + b`` (V-DProj's ``up``): rows of P sum to 1, so
-                      ``P_h (code W^T + b)_h = (P_h code) W_h^T + b_h``; with nothing at the layer's
-                      attention output, each head's slice of ``W`` is folded into ``dense`` once
-                      (``F_h = W_h^T W_dense[:, h]^T``, (width, d); bias ``W_dense b + b_dense``), so
-                      ``out = sum_h (P_h code) F_h + b``; the full V is never rebuilt. Otherwise (or with a
-                      method at the attention output) ``A_h = (P_h code) W_h^T + b_h`` per head; a codec
+                      over G groups (``codec.groups``; V-DProj's ``up`` is one group, a ``GroupLinear``
+                      G blocks): the code is G blocks of r, head h of group g = h // (H/G) reads block g
+                      alone, ``V_h = code_g W_h^T + b_h`` (W_h: the (hs, r) rows of head h in its group's
+                      block); rows of P sum to 1, so ``P_h (code_g W_h^T + b_h) = (P_h code_g) W_h^T + b_h``;
+                      with nothing at the layer's attention output, each head's W_h is folded into
+                      ``dense`` once (``F_h = W_h^T W_dense[:, h]^T``, (r, d); bias ``W_dense b + b_dense``), so
+                      ``out = sum_h (P_h code_g) F_h + b``; the full V is never rebuilt, and a step costs
+                      H r per cached position (the group's rank, not the whole width). Otherwise (or with a
+                      method at the attention output) ``A_h = (P_h code_g) W_h^T + b_h`` per head; a codec
                       whose decode is not linear restores V from the cached code at every step.
 - a codec on K:       cache ``code = encode(K)`` of the pre-rotary keys; at use ``decode(code)`` and the
-                      rotary embedding at positions 0..T-1, as the training-time forward does.
+                      rotary embedding at positions 0..T-1, as the training-time forward does: every step
+                      restores all T keys, ``T * width * d / G`` multiply-adds per layer (plus the rotary),
+                      against reading T rotated keys from a base cache (benchmarks/decode.py's lowrank rows
+                      measure it: K+V against V alone at one rank).
+- encode folded into ``query_key_value``: where no position-wise module acts on K and V and a codec's encode
+                      is linear (``encode_linear``: ``code = D (W x + b) + c``), ``D W`` (width, d) and
+                      ``D b + c`` replace that codec's rows of the fused projection once, so a token costs
+                      ``(d + rows of K + rows of V) * d`` instead of ``3 d * d`` plus the encodes: never more,
+                      since a code is at most d wide (``fold_qkv``, default True; False: never).
 - a qkv module without codecs: applied to (K, V) before the base's cache (a position-wise map).
 - at the attention itself: a module's ``decode_attend`` with its own cache tensors in place of the base's ``k``
                       and/or ``v`` (``quant``'s packed codes, scales, zero points and full-precision rings).
@@ -36,9 +47,10 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import Adapter
+from ..adapters.codec import group_blocks
 from ..config import ConfigError
 from ..kvcache import Layout, base_layout
-from ..models import LayerParts, apply_rotary, neox_parts, split_qkv
+from ..models import LayerParts, apply_rotary, neox_parts, qkv_split_weights, split_qkv
 from .cache import CACHE_DTYPES, LatentCache, cache_dtype_of
 
 
@@ -51,30 +63,39 @@ class _LayerPlan:
     out: list = field(default_factory=list)  # attention-output modules, in attach order
     attention: torch.nn.Module | None = None  # a method that attends itself over its own cache tensors
     attention_by: str = ""  # that method's name
-    fold_w: torch.Tensor | None = None  # (H*w, d): per head W_h^T @ W_dense[:, h]^T, heads stacked
+    fold_w: torch.Tensor | None = None  # (H*r, d): per head W_h^T @ W_dense[:, h]^T, heads stacked
     fold_b: torch.Tensor | None = None  # (d,): W_dense @ b + b_dense
+    qkv_w: torch.Tensor | None = None  # (d + rows of K + rows of V, d): query_key_value with the encodes folded in
+    qkv_b: torch.Tensor | None = None  # (d + rows of K + rows of V,)
+    qkv_split: tuple[int, int, int] = (0, 0, 0)  # the rows of Q, of K (or its code), of V (or its code)
 
 
-def _linear(codec) -> torch.nn.Linear | None:
-    lin = getattr(codec, "linear", None)
-    return lin if isinstance(lin, torch.nn.Linear) else None
+def _up(codec) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A codec's linear decode as blocks: W (G, d/G, r) and bias (d,) or None; None when its decode is not linear."""
+    return group_blocks(getattr(codec, "linear", None)) if codec is not None else None
+
+
+def _down(codec) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A codec's linear encode as blocks: D (G, r, d/G) and bias (G*r,) or None; None when not declared linear."""
+    return group_blocks(getattr(codec, "encode_linear", None)) if codec is not None else None
 
 
 class LatentDecoder:
     """Prefill and decode a GPT-NeoX base with ``adapters`` (at most one per family) on a latent cache.
 
     ``cache_dtype`` (float16, bfloat16, float32; default: the model's dtype) is what the cache stores;
-    compute runs in the model's dtype. ``fold`` (default True) folds ``up`` into ``dense`` on V-DProj
-    layers without KA; False computes A per head and then ``dense`` (the same numbers, less work when
-    H * r > r + d). ``restore_prefill``: when several tokens are fed at once (prefill), V-DProj layers may
-    restore V for that call only (not cached: the cache still holds ``V_c`` alone), which costs
-    ``T r d`` instead of ``H n T r``; None (default) picks the cheaper, True always, False never. One
-    decoded token always takes the latent product. Build the decoder after the adapters' weights are
-    final: the folded matrices are computed here.
+    compute runs in the model's dtype. ``fold`` (default True) folds ``up`` into ``dense`` on layers whose
+    V codec decodes linearly (V-DProj, lowrank) without KA; False computes A per head and then ``dense``
+    (the same numbers, less work when H * r > r + d). ``restore_prefill``: when several tokens are fed at
+    once (prefill), such layers may restore V for that call only (not cached: the cache still holds the
+    code alone), which costs ``T r d`` instead of ``H n T r``; None (default) picks the cheaper, True
+    always, False never. One decoded token always takes the latent product. ``fold_qkv`` (default True)
+    folds linear encodes into ``query_key_value`` (False: the base's projection, then the encodes). Build
+    the decoder after the adapters' weights are final: the folded matrices are computed here.
     """
 
     def __init__(self, model, adapters: list[Adapter] | tuple[Adapter, ...] = (), *, cache_dtype: str | None = None,
-                 fold: bool = True, restore_prefill: bool | None = None):
+                 fold: bool = True, restore_prefill: bool | None = None, fold_qkv: bool = True):
         self.model = model
         self.restore_prefill = restore_prefill
         self.adapters = list(adapters)
@@ -96,10 +117,11 @@ class LatentDecoder:
             if plan.attention is not None and (plan.k_codec is not None or plan.v_codec is not None):
                 raise ConfigError(f"layer {i}: {plan.attention_by} caches K and V its own way and cannot hold the code of "
                                   "another method that compresses them there yet; give the two methods different layers")
-        if fold:
-            for plan in self.plans:
-                if _linear(plan.v_codec) is not None and not plan.out:
-                    plan.fold_w, plan.fold_b = self._fold(plan)
+        for plan in self.plans:
+            if fold and _up(plan.v_codec) is not None and not plan.out:
+                plan.fold_w, plan.fold_b = self._fold(plan)
+            if fold_qkv and not plan.qkv and (_down(plan.k_codec) or _down(plan.v_codec)) is not None:
+                plan.qkv_w, plan.qkv_b, plan.qkv_split = self._fold_qkv(plan)
         self._cos = self._sin = None  # rotary tables (1, N, rot) for positions 0..N-1, grown on demand
 
     @staticmethod
@@ -184,7 +206,15 @@ class LatentDecoder:
         B, n, _ = x.shape
         end = start + n
         heads = lambda t: t.view(B, -1, H, hs).transpose(1, 2)  # (B, T, d) -> (B, H, T, hs)  # noqa: E731
-        q, k, v = split_qkv(parts.qkv(parts.input_norm(x)), H)  # (B, n, d) each, K and V pre-rotary
+        k_code = v_code = None  # the codes, when the encodes are folded into query_key_value
+        if plan.qkv_w is not None:
+            q, k, v = F.linear(parts.input_norm(x), plan.qkv_w, plan.qkv_b).split(plan.qkv_split, dim=-1)
+            if _down(plan.k_codec) is not None:
+                k_code = k  # (B, n, w_k)
+            if _down(plan.v_codec) is not None:
+                v_code = v  # (B, n, w_v)
+        else:
+            q, k, v = split_qkv(parts.qkv(parts.input_norm(x)), H)  # (B, n, d) each, K and V pre-rotary
         for m in plan.qkv:
             k, v = _run(m, k, v)
         q = apply_rotary(heads(q), cos[:, start:end], sin[:, start:end])  # (B, H, n, hs)
@@ -192,21 +222,21 @@ class LatentDecoder:
             k = apply_rotary(heads(k), cos[:, start:end], sin[:, start:end])  # (B, H, n, hs), as the base caches it
             return self._close(plan, lc, x, plan.attention.decode_attend(lc, q, k, heads(v), start, self.parts.scaling), None, start)
         if plan.k_codec is not None:
-            lc.write("k", _run(plan.k_codec.encode, k), start)  # (B, n, w)
+            lc.write("k", _run(plan.k_codec.encode, k) if k_code is None else k_code, start)  # (B, n, w)
             k_all = _run(plan.k_codec.decode, lc.read("k", end, self.dtype))  # (B, end, d) restored
             keys = apply_rotary(heads(k_all), cos[:, :end], sin[:, :end])  # (B, H, end, hs)
         else:
             lc.write("k", apply_rotary(heads(k), cos[:, start:end], sin[:, start:end]), start)
             keys = lc.read("k", end, self.dtype)  # (B, H, end, hs)
         a = out = None
-        codec, lin = plan.v_codec, _linear(plan.v_codec)
+        codec, up = plan.v_codec, _up(plan.v_codec)
         if codec is None:
             lc.write("v", heads(v), start)
             a = self._attend(q, keys, lc.read("v", end, self.dtype), start)  # (B, n, d)
         else:
-            lc.write("v", _run(codec.encode, v), start)  # (B, n, w)
+            lc.write("v", _run(codec.encode, v) if v_code is None else v_code, start)  # (B, n, w)
             code = lc.read("v", end, self.dtype)  # (B, end, w)
-            if lin is None or self._restore_values(n, end, code.shape[-1], plan):
+            if up is None or self._restore_values(n, end, up[0].shape[-1], plan):
                 # a decode that is not linear, or a prefill where restoring V for this call (never cached) costs less
                 a = self._attend(q, keys, heads(_run(codec.decode, code)), start)
             else:
@@ -215,14 +245,17 @@ class LatentDecoder:
                     allowed = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(start)
                     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
                 p = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # rows sum to 1
-                pv = torch.matmul(p, code.unsqueeze(1))  # (B, H, n, w): P_h code
+                W, bias = up  # (G, d/G, r), (d,)
+                G, r = W.shape[0], W.shape[2]
+                code_g = code.view(B, end, G, r).transpose(1, 2).unsqueeze(2)  # (B, G, 1, end, r): each group's block
+                pv = torch.matmul(p.view(B, G, H // G, n, end), code_g).reshape(B, H, n, r)  # P_h code_g of head h's group
                 if plan.fold_w is not None:
                     out = pv.transpose(1, 2).reshape(B, n, -1) @ plan.fold_w + plan.fold_b  # (B, n, d) = dense(A)
                 else:
-                    w = lin.weight.view(H, hs, -1).to(pv.dtype)  # (H, hs, w): W_h, a view of the method's own weight
+                    w = W.reshape(H, hs, r).to(pv.dtype)  # (H, hs, r): W_h, a view of the method's own weight
                     a = torch.einsum("bhnr,hsr->bnhs", pv, w).reshape(B, n, d)  # (B, n, d): A without the bias
-                    if lin.bias is not None:
-                        a = a + lin.bias.to(a.dtype)
+                    if bias is not None:
+                        a = a + bias.to(a.dtype)
         return self._close(plan, lc, x, a, out, start)
 
     def _close(self, plan: _LayerPlan, lc, x: torch.Tensor, a: torch.Tensor | None, out: torch.Tensor | None, start: int):
@@ -253,7 +286,8 @@ class LatentDecoder:
 
     def _restore_values(self, n: int, end: int, r: int, plan: _LayerPlan) -> bool:
         """Whether this call restores V transiently instead of the latent product: only with several
-        queries (prefill), never when decoding one token; by cost unless ``restore_prefill`` says."""
+        queries (prefill), never when decoding one token; by cost unless ``restore_prefill`` says. ``r``: the
+        rank of a group (the code's width over its groups): a head attends over r latents, restoring costs r d."""
         if n == 1 or self.restore_prefill is False:
             return False
         if self.restore_prefill:
@@ -274,19 +308,37 @@ class LatentDecoder:
 
     @torch.no_grad()
     def _fold(self, plan: _LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold each head's slice of the V codec's linear decode into ``dense``: (H*w, d) and a bias (d,)."""
+        """Fold each head's rows of the V codec's linear decode into ``dense``: (H*r, d) and a bias (d,)."""
         H, hs, d = self.dims.heads, self.dims.head_size, self.dims.hidden
-        up, dense = _linear(plan.v_codec), plan.parts.dense
-        r = up.in_features
-        w_up = up.weight.double().view(H, hs, r)  # (H, hs, r): rows of head h
+        (W, bias), dense = _up(plan.v_codec), plan.parts.dense
+        r = W.shape[2]
+        w_up = W.double().reshape(H, hs, r)  # (H, hs, r): rows of head h in its group's block
         w_dense = dense.weight.double().view(d, H, hs)  # (d, H, hs): columns of head h
-        fold_w = torch.einsum("hsr,ehs->hre", w_up, w_dense).reshape(H * r, d)  # F_h = W_up,h^T W_dense[:, h]^T
+        fold_w = torch.einsum("hsr,ehs->hre", w_up, w_dense).reshape(H * r, d)  # F_h = W_h^T W_dense[:, h]^T
         fold_b = torch.zeros(d, dtype=torch.float64, device=fold_w.device)
-        if up.bias is not None:
-            fold_b = fold_b + dense.weight.double() @ up.bias.double()
+        if bias is not None:
+            fold_b = fold_b + dense.weight.double() @ bias.double()
         if dense.bias is not None:
             fold_b = fold_b + dense.bias.double()
         return fold_w.to(self.dtype), fold_b.to(self.dtype)
+
+    @torch.no_grad()
+    def _fold_qkv(self, plan: _LayerPlan) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+        """``query_key_value`` with each linear encode folded into its rows (``D W``, ``D b + c``): weight (rows, d),
+        bias (rows,) and the rows of Q, of K (or its code) and of V (or its code)."""
+        d, qkv = self.dims.hidden, plan.parts.qkv
+        rows, biases = [], []
+        for name, (w, b) in zip(("q", "k", "v"), qkv_split_weights(qkv, self.dims.heads)):
+            w, b = w.double(), (b.double() if b is not None else torch.zeros(d, dtype=torch.float64, device=w.device))
+            down = _down(getattr(plan, f"{name}_codec", None))
+            if down is not None:
+                D, c = down  # (G, r, d/G), (G*r,)
+                G, r, m = D.shape
+                w = torch.einsum("grm,gme->gre", D.double(), w.view(G, m, d)).reshape(G * r, d)  # (G*r, d): D_g W_g
+                b = torch.einsum("grm,gm->gr", D.double(), b.view(G, m)).reshape(-1) + (c.double() if c is not None else 0)
+            rows.append(w)
+            biases.append(b)
+        return torch.cat(rows).to(self.dtype), torch.cat(biases).to(self.dtype), tuple(len(w) for w in rows)
 
 
 def _param_dtype(fn) -> torch.dtype | None:

@@ -68,14 +68,9 @@ class TrialRun:
         d = dims(base.config)
         torch.manual_seed(tc.seed)
         self.adapters = [make_adapter(spec, d) for spec in cfg.adapters]
-        self.trainable = [p for a in self.adapters for p in a.parameters() if p.requires_grad]
         self.base_params = base.num_params  # before the adapters are attached (their taps hold them)
-        self.layout = base_layout(d.layers, d.hidden)
-        for a in self.adapters:
-            self.layout = a.kv_layout(self.layout)
-        self.kv_bytes = bytes_per_token(self.layout, tc.cache_dtype)
         self.kv_base = bytes_per_token(base_layout(d.layers, d.hidden), tc.cache_dtype)
-        self.opt = torch.optim.AdamW(self.trainable, lr=tc.lr, weight_decay=tc.weight_decay) if self.trainable else None
+        self._bind()
         self.ckpt_path = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.train_ids = torch.from_numpy(np.array(samples.train, dtype=np.int64))  # (N, T), a writable copy
@@ -97,28 +92,45 @@ class TrialRun:
         self._init_weights: list[dict] | None = None  # the adapters at init, for the first checkpoint's best weights
         self.first_step_at: float | None = None  # time.time() of the first training step (start-up ends there)
 
+    def _bind(self) -> None:
+        """The trainable parameters, the optimizer over them and the cache layout of the adapters as they are now
+        (again after a calibration that shaped them)."""
+        tc, d = self.cfg.train, dims(self.base.config)
+        self.trainable = [p for a in self.adapters for p in a.parameters() if p.requires_grad]
+        self.layout = base_layout(d.layers, d.hidden)
+        for a in self.adapters:
+            self.layout = a.kv_layout(self.layout)
+        self.kv_bytes = bytes_per_token(self.layout, tc.cache_dtype)
+        self.opt = torch.optim.AdamW(self.trainable, lr=tc.lr, weight_decay=tc.weight_decay) if self.trainable else None
+
     def alone(self) -> AbstractContextManager:
         """The context in which the model computes for this trial alone."""
         return self._alone(self) if self._alone is not None else nullcontext()
 
     # -- set-up
     def setup(self, base_stats: SplitStats | None = None) -> None:
-        """Measure the cache, evaluate the base on validation and test (unless given), calibrate the adapters or load
-        the checkpoint."""
+        """Evaluate the base on validation and test (unless given), calibrate the adapters or load the checkpoint (an
+        adapter whose calibration shapes its modules calibrates first), measure the cache."""
         tc, model = self.cfg.train, self.model
-        # The cache a short latent-cache decode really holds; raises if it differs from the accounting.
-        self.measured = measure_bytes(model, self.adapters, tc.cache_dtype)
         with self.alone():
             if base_stats is None:
                 with disabled(self.adapters), self.autocast():
                     base_stats = evaluate_splits(model, self.samples.val, self.samples.test, batch_size=tc.eval_batch_size)
-            if self.resume_from is not None:
-                self.state = load_trial_checkpoint(self.resume_from, self.adapters, self.opt)
-                self.log(f"resumed from {self.resume_from} after epoch {self.state.epoch}")
-            else:
-                for a in self.adapters:  # each measures the base: the other adapters pass through meanwhile
+            resumed = self.resume_from is not None
+            for a in self.adapters:  # each measures the base: the other adapters pass through meanwhile
+                if not resumed or a.shaped_by_calibration:
                     with disabled([o for o in self.adapters if o is not a]), self.autocast():
                         a.calibrate(model, self.samples.train)
+            if any(a.shaped_by_calibration for a in self.adapters):
+                self._bind()
+                for a in self.adapters:
+                    if a.shaped_by_calibration:
+                        self.log(f"{a.name} after calibration: {a.extra_repr()}")
+            if resumed:
+                self.state = load_trial_checkpoint(self.resume_from, self.adapters, self.opt)
+                self.log(f"resumed from {self.resume_from} after epoch {self.state.epoch}")
+        # The cache a short latent-cache decode really holds; raises if it differs from the accounting.
+        self.measured = measure_bytes(model, self.adapters, tc.cache_dtype)
         self.base_stats = base_stats
 
     def begin(self, init_stats: PositionStats | None = None, init_test: PositionStats | None = None) -> None:
@@ -153,6 +165,8 @@ class TrialRun:
                                early_stopped=False if evaluate_only else None, **self.state.best())
             self.state.history.append(init)
             if evaluate_only:
+                if self.ckpt_path is not None:  # the adapters at init (calibrated): what kvsweep cache --trial loads
+                    save_checkpoint(self.ckpt_path, self.adapters, self.opt, self.state.to_dict(), self._init_weights)
                 self.report(init, None)
                 self.status = "completed"
                 return
