@@ -163,18 +163,24 @@ def main() -> None:
           f"compute {a.dtype}, cache {a.cache_dtype}, {device}{threads}; {a.repeats} runs each, tokens/s from the median step time")
     tokens = a.batch * (a.context + a.new_tokens)
     width = max(26, *(len(name) for name, _, _ in rows))
-    print(f"| {'model':<{width}} | {'bytes/token':>11} | {'bytes ratio':>11} | {'cache MiB':>9} | {'decode tok/s':>12} | {'speed ratio':>11} | {'prefill s':>9} |")
-    print(f"|{'-' * (width + 2)}|{'-' * 13}|{'-' * 13}|{'-' * 11}|{'-' * 14}|{'-' * 13}|{'-' * 11}|")
+    fixed = {name: (sum(ad.fixed_bytes(a.cache_dtype) for ad in dec.adapters) if dec is not None else None) for name, _, dec in rows}
+    L = a.context
+    mem_head = f"MB at {L}"
+    print(f"| {'model':<{width}} | {'bytes/token':>11} | {'bytes ratio':>11} | {'cache MiB':>9} | {'fixed bytes':>11} | {mem_head:>10} | {'decode tok/s':>12} | {'speed ratio':>11} | {'prefill s':>9} |")
+    print("|" + "|".join("-" * (w + 2) for w in (width, 11, 11, 9, 11, 10, 12, 11, 9)) + "|")
     for name, _, dec in rows:
         s, b = speeds[name], nbytes[name]
         bs = f"{b:>11,}" if b is not None else f"{'(' + a.dtype + ')':>11}"
         br = f"{b / base_b:>11.3f}" if b is not None else f"{'':>11}"
         mib = f"{b * tokens / 2**20:>9.2f}" if b is not None else f"{'':>9}"
-        print(f"| {name:<{width}} | {bs} | {br} | {mib} | {s:>12.1f} | {s / base_s:>11.3f} | {statistics.median(prefill[name]):>9.3f} |")
+        fx = f"{fixed[name]:>11,}" if fixed[name] is not None else f"{'':>11}"
+        mem = f"{(fixed[name] + L * b) / 1e6:>10.2f}" if b is not None and fixed[name] is not None else f"{'':>10}"  # one sequence of L tokens
+        print(f"| {name:<{width}} | {bs} | {br} | {mib} | {fx} | {mem} | {s:>12.1f} | {s / base_s:>11.3f} | {statistics.median(prefill[name]):>9.3f} |")
     if a.json:
         setting = f"pythia-70m (random weights), context {a.context}, batch {a.batch}, {device}, compute {a.dtype}, cache {a.cache_dtype}"
         out = {"setting": setting, "base": {"kv_bytes_per_token": base_b, "tokens_per_s": base_s},
-               "rows": [{"family": meta[n][0], "method": n, "budget": meta[n][1], "kv_bytes_per_token": nbytes[n], "tokens_per_s": speeds[n]}
+               "rows": [{"family": meta[n][0], "method": n, "budget": meta[n][1], "kv_bytes_per_token": nbytes[n], "fixed_bytes": fixed[n],
+                         "memory_at_context": fixed[n] + a.context * nbytes[n], "tokens_per_s": speeds[n]}
                         for n, _, _ in rows if n in meta]}
         Path(a.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {a.json}")
