@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GPTNeoXForCausalLM
 
-from kvsweep.adapters import AdapterSpec, attached, check_taps, make_adapter
+from kvsweep.adapters import AdapterSpec, attached, check_taps, disabled, make_adapter
 from kvsweep.adapters.quant import QuantLayer
 from kvsweep.adapters.vdproj import VDProj
 from kvsweep.config import ConfigError
@@ -116,6 +116,19 @@ def test_the_training_forward_attends_over_the_decoded_quantized_code(model64):
     finally:
         del layer.forward
     assert seen["diff"] < 1e-5  # the softmax in float32, as the base's
+
+
+def test_with_the_low_rank_method_off_or_calibrating_quant_quantizes_k_and_v_themselves(model64):
+    low, q = build(model64, "lowrank-grouped", bits=4, window=0)
+    prompt = random_prompt(VOCAB, 2, 12, seed=1)
+    with disabled([low]):
+        check_exact(model64, [low, q], prompt, 6)  # the decoder caches K and V quantized, as the forward reads them
+        assert torch.equal(reference_logits(model64, [low, q], prompt, 12), reference_logits(model64, [q], prompt, 12))
+    whitened = make_adapter(AdapterSpec.parse("lowrank", group=2, k_rank=8, v_rank=16, init="whitened", calib_samples=4),
+                            dims(model64.config)).double()
+    with attached(model64, [whitened, q]):  # its calibration's forwards compute no code: quant reads K and V themselves
+        whitened.calibrate(model64, random_prompt(VOCAB, 4, 12, seed=2).numpy())
+    check_exact(model64, [whitened, q], prompt, 6)
 
 
 # ----------------------------------------------------------------------------- bytes on Pythia-70M's architecture

@@ -149,7 +149,11 @@ class Adapter(torch.nn.Module):
     - ``attention`` tap: a module with ``cache_shapes() -> {name: CacheTensor}`` (replacing the base's ``k``
       and ``v`` where it names them) and ``decode_attend(cache, q, k, v, start, scaling) -> a`` (q, k rotated,
       v: (B, H, n, hs); a: (B, n, d)) stores and reads its part of the cache and attends. Fixed tensors it
-      declares (full-precision windows) are counted by ``window_bytes``.
+      declares (full-precision windows) are counted by ``window_bytes``. On a layer where a codec caches K and/or V
+      as a code (a method that ``reads_codes``), ``cache_shapes(codes)`` (name -> the code's width) declares what
+      it caches in the code's place, and the decoder calls ``quantizes(name)``, ``read_code(cache, name, code,
+      start) -> (full precision, its own way, band)`` for a code and ``read_keys``/``read_values`` for K (rotated)
+      and V themselves (``kvsweep.latent.mixed``).
     """
 
     name: ClassVar[str]

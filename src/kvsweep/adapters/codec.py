@@ -165,6 +165,8 @@ class LayerLowRank(torch.nn.Module):
         return out[0], out[1]
 
     def forward(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for c in self.codecs().values():  # a code of this forward, or none (calibrating, inactive)
+            c.last_code = None
         if self.moments is not None:
             for name, x in (("k", k), ("v", v)):
                 if name in self.moments:

@@ -131,7 +131,8 @@ class QuantLayer(torch.nn.Module):
         t, j = torch.arange(S - T, S, device=dev), torch.arange(S, device=dev)
         mask = (j[None, :] <= t[:, None]) if attention_mask is None else attention_mask
         B, H = query.shape[:2]
-        codecs, _ = self.bound_codecs(), self.code_widths()
+        _ = self.code_widths()  # one clear line where the group does not divide a code's width
+        codecs = {n: c for n, c in self.bound_codecs().items() if c.last_code is not None}  # none while calibrating
         heads = lambda x: x.reshape(B, S, H, -1).transpose(1, 2)  # (B, S, d) -> (B, H, S, hs)  # noqa: E731
         quantized = {n: fake_quant_tokens(code_of(c, B, S, n, self.layer), self.bits, self.group) for n, c in codecs.items()}
         k_q = v_q = band_k = band_v = None
@@ -241,8 +242,10 @@ class QuantLayer(torch.nn.Module):
 
 
 def _codecs_of(adapter: Adapter, layer: int) -> dict:
-    """The codecs of ``adapter``'s module at ``layer`` as they are now (a calibration may have reshaped them)."""
-    return adapter.layer_module(layer).codecs()
+    """The codecs of ``adapter``'s module at ``layer`` as they are now (a calibration may have reshaped them); none while
+    the module is inactive (the latent decoder then caches K and V themselves too)."""
+    module = adapter.layer_module(layer)
+    return module.codecs() if getattr(module, "active", True) else {}
 
 
 @register_adapter("quant")
