@@ -367,22 +367,43 @@ class _TappedConfig:
 
     _attn_implementation = ATTENTION_TAP
 
-    def __init__(self, config: GPTNeoXConfig, fn: torch.nn.Module):
+    def __init__(self, config: GPTNeoXConfig, fn: torch.nn.Module, rotary: torch.nn.Module):
         self.__dict__["_kvsweep_inner"], self.__dict__["_kvsweep_fn"] = config, fn
+        self.__dict__["_kvsweep_rotary"] = rotary
 
     def __getattr__(self, name: str):
         return getattr(self.__dict__["_kvsweep_inner"], name)
 
 
+class BaseAttention:
+    """The base's own attention in one call of a tapped layer: ``base(q, k, v, mask=...)`` (this call's mask unless given
+    one), ``with_mask(mask)`` (the same with another mask, e.g. of some of its rows), and ``rotate(x, start)``: the
+    rotary embedding of the model's own rotary module, as its attention applies it to keys (B, H, S, hs) at positions
+    start .. start+S-1 (a method that rebuilds keys from a code of the pre-rotary ones rotates them so)."""
+
+    def __init__(self, module, inner: Callable, mask, rotary: torch.nn.Module, scaling: float, dropout: float, kwargs: dict):
+        self._module, self._inner, self.mask, self._rotary = module, inner, mask, rotary
+        self._scaling, self._dropout, self._kwargs = scaling, dropout, kwargs
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=...):
+        mask = self.mask if mask is ... else mask
+        return self._inner(self._module, q, k, v, mask, scaling=self._scaling, dropout=self._dropout, **self._kwargs)
+
+    def with_mask(self, mask) -> "BaseAttention":
+        return BaseAttention(self._module, self._inner, mask, self._rotary, self._scaling, self._dropout, self._kwargs)
+
+    def rotate(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        pos = torch.arange(start, start + x.shape[2], device=x.device).unsqueeze(0)  # (1, S)
+        cos, sin = self._rotary(x, position_ids=pos)  # (1, S, rot) each
+        return apply_rotary(x, cos, sin)
+
+
 def _tapped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """What a tapped layer's attention calls (query, key, value (B, H, T|S, hs), keys rotated): its tap's function,
-    given the base's own attention over any (q, k, v) with this call's mask as ``base``."""
+    given the base's own attention over any (q, k, v) with this call's mask as ``base`` (a ``BaseAttention``)."""
     config = module.config
     inner = ALL_ATTENTION_FUNCTIONS.get_interface(config._kvsweep_inner._attn_implementation, eager_attention_forward)
-
-    def base(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = attention_mask):
-        return inner(module, q, k, v, mask, scaling=scaling, dropout=dropout, **kwargs)
-
+    base = BaseAttention(module, inner, attention_mask, config._kvsweep_rotary, scaling, dropout, kwargs)
     return config._kvsweep_fn(query, key, value, attention_mask, scaling, base)
 
 
@@ -394,14 +415,14 @@ def tap_attention(model: GPTNeoXForCausalLM, layer: int, fn: torch.nn.Module) ->
     query, key, value (B, H, T, hs) / (B, H, S, hs) after rotary (the keys as the base caches them), ``mask``
     the model's (None: causal; bool: True where allowed; float: added to the scores), ``scaling`` hs ** -0.5,
     ``base(q, k, v, mask=...)`` the base's own attention (with this call's mask unless given one, e.g. of some of
-    its rows); ``out`` (B, T, H, hs). Returns the undo.
+    its rows; a ``BaseAttention``, which also rotates keys as the model does); ``out`` (B, T, H, hs). Returns the undo.
 
     The layer's attention module reads its attention implementation from ``config``: the tap gives that one
     module a view of the config naming kvsweep's registered function (transformers' ``AttentionInterface``),
     which calls ``fn``; the model's config is untouched.
     """
     attn = _attention(model, layer)
-    return _swap(attn, "config", _TappedConfig(attn.config, fn), type(model.config))
+    return _swap(attn, "config", _TappedConfig(attn.config, fn, model.gpt_neox.rotary_emb), type(model.config))
 
 
 def dense_weight(model: GPTNeoXForCausalLM, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -100,7 +100,7 @@ class AttentionRouter(Router):
         for run, n in rows:
             part = slice(start, start + n)
             mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[part]
-            fn, own = self.fns.get(run), partial(base, mask=mask)
+            fn, own = self.fns.get(run), base.with_mask(mask)
             q, k, v = query[part], key[part], value[part]
             outs.append((fn(q, k, v, mask, scaling, own) if fn is not None else own(q, k, v))[0])  # (n, T, H, hs)
             start += n

@@ -63,6 +63,14 @@ def fake_quant_keys(k: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return _ste(k, torch.cat([deq.to(k.dtype), k[:, :, n:]], dim=2))
 
 
+def fake_quant_tokens(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Codes (B, S, w) quantized per token in groups of ``group`` consecutive channels (a low-rank method's latent, as
+    the cache holds it). Straight-through."""
+    B, S, w = x.shape
+    deq = dequantize(*quantize(x.reshape(B, S, w // group, group), bits, dim=3)).reshape(B, S, w)
+    return _ste(x, deq)
+
+
 def fake_quant_values(v: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """Values (B, H, S, hs) quantized per token in groups of ``group`` channels of d = H hs. Straight-through."""
     B, H, S, hs = v.shape
@@ -92,6 +100,12 @@ def mixed_attention(q: torch.Tensor, k_fp: torch.Tensor, k_q: torch.Tensor | Non
     """Attention of q (B, H, T, hs) over keys and values (B, H, S, hs) read at full precision (``*_fp``) where the
     bands (T, S) say and quantized (``*_q``; None: never) elsewhere. ``mask``: (T, S) or broadcastable bool (True:
     allowed) or float (added). Softmax in float32, as the base's. Returns (B, H, T, hs)."""
+    return mixed_values(mixed_probs(q, k_fp, k_q, band_k, mask, scaling), v_fp, v_q, band_v)
+
+
+def mixed_probs(q: torch.Tensor, k_fp: torch.Tensor, k_q: torch.Tensor | None, band_k: torch.Tensor | None, mask,
+                scaling: float) -> torch.Tensor:
+    """The attention probabilities P (B, H, T, S) of ``mixed_attention`` (rows sum to 1), at q's dtype."""
     scores = torch.matmul(q, k_fp.transpose(2, 3)) * scaling  # (B, H, T, S)
     if k_q is not None:
         scores = torch.where(band_k, scores, torch.matmul(q, k_q.transpose(2, 3)) * scaling)
@@ -99,7 +113,12 @@ def mixed_attention(q: torch.Tensor, k_fp: torch.Tensor, k_q: torch.Tensor | Non
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     else:
         scores = scores + mask
-    p = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+
+
+def mixed_values(p: torch.Tensor, v_fp: torch.Tensor, v_q: torch.Tensor | None, band_v: torch.Tensor | None) -> torch.Tensor:
+    """``(P * band) V_fp + (P * ~band) V_q`` (plain ``P V_fp`` when ``v_q`` is None): P (..., T, S), band (T, S), V (..., S, w)
+    (values per head, or a group's code) -> (..., T, w)."""
     if v_q is None:
         return torch.matmul(p, v_fp)
     keep = band_v.to(p.dtype)

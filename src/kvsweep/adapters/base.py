@@ -149,7 +149,11 @@ class Adapter(torch.nn.Module):
     - ``attention`` tap: a module with ``cache_shapes() -> {name: CacheTensor}`` (replacing the base's ``k``
       and ``v`` where it names them) and ``decode_attend(cache, q, k, v, start, scaling) -> a`` (q, k rotated,
       v: (B, H, n, hs); a: (B, n, d)) stores and reads its part of the cache and attends. Fixed tensors it
-      declares (full-precision windows) are counted by ``window_bytes``.
+      declares (full-precision windows) are counted by ``window_bytes``. On a layer where a codec caches K and/or V
+      as a code (a method that ``reads_codes``), ``cache_shapes(codes)`` (name -> the code's width) declares what
+      it caches in the code's place, and the decoder calls ``quantizes(name)``, ``read_code(cache, name, code,
+      start) -> (full precision, its own way, band)`` for a code and ``read_keys``/``read_values`` for K (rotated)
+      and V themselves (``kvsweep.latent.mixed``).
     """
 
     name: ClassVar[str]
@@ -158,6 +162,11 @@ class Adapter(torch.nn.Module):
     tap: ClassVar[str]
     default_layers: ClassVar[str] = "all"
     loss_terms: ClassVar[tuple[str, ...]] = ()
+    caches_codes: ClassVar[bool] = False
+    """(``qkv`` tap) its per-layer modules declare ``codecs()``: the cache holds a code of K and/or V."""
+    reads_codes: ClassVar[bool] = False
+    """(``attention`` tap) on a layer where a method that ``caches_codes`` acts, its module caches and reads that
+    method's codes its own way (``bind`` tells it the method)."""
     aliases: ClassVar[dict[str, str]] = {}
     """Older flags and search-space keys of this method's options: ``{"rank": "rank"}`` makes ``--rank`` and the
     space key ``"rank"`` mean ``vdproj.rank``; a flag ``no-X`` sets the boolean option X to False."""
@@ -206,6 +215,10 @@ class Adapter(torch.nn.Module):
     def noop_options(cls, dims: Dims) -> dict | None:
         """Options with which the adapted model is exactly the base at init; None: the method has no such setting."""
         return None
+
+    def bind(self, adapters: list["Adapter"]) -> None:
+        """Learn of the trial's other adapters (all of ``adapters``, this one among them) before any forward: a method at
+        the attention that reads another's codes finds them here. Default: nothing to learn."""
 
     def calibrate(self, model, samples: np.ndarray) -> None:
         """Initialise from the base's activations on calibration samples (N, T); default: nothing to do."""
@@ -342,10 +355,27 @@ def check_combination(specs: tuple[AdapterSpec, ...]) -> None:
         seen[family] = spec.name
 
 
+TAP_ORDER = {"qkv": 0, "attention": 1, "attention_output": 2}
+
+
+def bind_adapters(adapters: list[Adapter] | tuple[Adapter, ...]) -> None:
+    """Tell each of a trial's adapters of the others (``Adapter.bind``); again after adapters were reshaped is harmless."""
+    for a in adapters:
+        a.bind(list(adapters))
+
+
+def kv_layout_of(adapters: list[Adapter] | tuple[Adapter, ...], layout: Layout) -> Layout:
+    """``layout`` as the adapters change it, in the order their taps act (K and V before rotary, then the attention,
+    then its output), whatever the order they were given in: a method at the attention caches what the qkv tap left."""
+    for a in sorted(adapters, key=lambda a: TAP_ORDER[a.tap]):
+        layout = a.kv_layout(layout)
+    return layout
+
+
 def check_taps(specs: tuple[AdapterSpec, ...], dims: Dims) -> None:
     """No two methods act at one tap of one layer (e.g. two methods on K and V before rotary on layer 5), and no
     method that attends over its own cache (the ``attention`` tap) shares a layer with one that compresses K and V
-    before it (the ``qkv`` tap): the latent cache cannot yet hold the one's code in the other's format.
+    before it (the ``qkv`` tap) unless the one reads the other's codes (``reads_codes`` and ``caches_codes``).
 
     Raises:
         ConfigError: naming the two methods, the tap and the layer.
@@ -361,14 +391,17 @@ def check_taps(specs: tuple[AdapterSpec, ...], dims: Dims) -> None:
             pair = {"qkv": "attention", "attention": "qkv"}.get(cls.tap)
             if pair is not None and (pair, layer) in seen:
                 first, second = sorted((seen[(pair, layer)], spec.name), key=lambda n: adapter_class(n).tap != "attention")
+                if adapter_class(first).reads_codes and adapter_class(second).caches_codes:
+                    continue
                 raise ConfigError(f"adapters {first} and {second} both change the cached K and V of layer {layer} ({first} "
-                                  f"cannot yet cache {second}'s code); give them different layers")
+                                  f"cannot cache what {second} caches); give them different layers")
 
 
 @contextmanager
 def attached(model, adapters: list[Adapter]) -> Iterator[list[Adapter]]:
     """Attach ``adapters`` for the block; the base's own modules are back in place afterwards."""
     done: list[Adapter] = []
+    bind_adapters(adapters)
     try:
         for a in adapters:
             a.attach(model)

@@ -59,7 +59,8 @@ def group_blocks(lin: torch.nn.Module | None) -> tuple[torch.Tensor, torch.Tenso
 class GroupCodec(torch.nn.Module):
     """``x (B, T, d) -> up(down(x))`` over G groups of ``block`` = d / G channels, rank r each; keeps the relative
     reconstruction error of the last call. Its codec for the latent cache: ``encode = down`` (B, n, d) ->
-    (B, n, G*r), ``decode = up``, ``groups`` G, ``linear`` = ``up`` and ``encode_linear`` = ``down`` (``GroupLinear``s)."""
+    (B, n, G*r), ``decode = up``, ``groups`` G, ``linear`` = ``up`` and ``encode_linear`` = ``down`` (``GroupLinear``s);
+    ``last_code``: the code (B, T, G*r) of the last call (a method at the layer's attention that quantizes it reads it)."""
 
     dtype = None  # the code is cached at the cache's dtype
 
@@ -68,6 +69,7 @@ class GroupCodec(torch.nn.Module):
         self.down = GroupLinear(groups, block, rank)  # weight (G, r, block)
         self.up = GroupLinear(groups, rank, block)  # weight (G, block, r)
         self.last_rec: torch.Tensor | None = None
+        self.last_code: torch.Tensor | None = None
 
     @property
     def groups(self) -> int:
@@ -96,7 +98,8 @@ class GroupCodec(torch.nn.Module):
         return self.up(code)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_hat = self.up(self.down(x))
+        self.last_code = self.down(x)  # (B, T, G*r)
+        x_hat = self.up(self.last_code)
         self.last_rec = relative_reconstruction(x, x_hat)
         return x_hat
 
@@ -112,8 +115,8 @@ class GroupCodec(torch.nn.Module):
         x_hat = (torch.einsum("kngr,kgmr->kngm", h, up_w) + torch.stack([c.up.bias for c in codecs]).unsqueeze(1)).reshape(K, N, d)
         xf = x.float()
         rec = (xf - x_hat.float()).pow(2).sum((1, 2)) / xf.pow(2).sum((1, 2)).clamp_min(1e-12)  # (K,)
-        for c, e in zip(codecs, rec.unbind(), strict=True):
-            c.last_rec = e
+        for c, e, code in zip(codecs, rec.unbind(), h.reshape(K, N, G * r).unbind(), strict=True):
+            c.last_rec, c.last_code = e, code  # code (N, G*r): this codec's rows
         return x_hat
 
     @torch.no_grad()
@@ -162,6 +165,8 @@ class LayerLowRank(torch.nn.Module):
         return out[0], out[1]
 
     def forward(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for c in self.codecs().values():  # a code of this forward, or none (calibrating, inactive)
+            c.last_code = None
         if self.moments is not None:
             for name, x in (("k", k), ("v", v)):
                 if name in self.moments:

@@ -142,6 +142,7 @@ class LowRank(Adapter):
     Options = LowRankOptions
     family = "lowrank"
     tap = "qkv"
+    caches_codes = True
     default_layers = "all"
     loss_terms = ("rec",)
 

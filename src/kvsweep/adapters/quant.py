@@ -31,6 +31,11 @@ token), ``k_scale``/``k_zero`` (float16, one row of d per group of G tokens: 2 d
 ``v_scale``/``v_zero`` (float16, d / G per token each) and a ring of the most recent tokens at full precision
 (``k_window``: max(R, G) tokens; ``v_window``: R tokens), which are fixed bytes, not bytes per token.
 
+On a layer where a low-rank method caches K and/or V as a code (``vdproj``, ``lowrank``), ``quant`` quantizes that
+code instead, per token (``quant_code``): the cache holds the packed code, its scales and zero points and a ring of
+the R most recent codes; the training-time forward reads the codes the method computed (``last_code``, found through
+``bind``) and attends with decode(fake_quant(code)) outside the window (keys rotated after decoding).
+
 The rounding and the packing are written here in torch: optimum-quanto's and HQQ's quantized tensors carry
 layouts and metadata of their own (HQQ fits its zero points with a solver; both keep scales at the input's
 dtype and shapes for weights), and transformers' ``QuantizedCache`` built on them re-quantizes its whole cache
@@ -44,14 +49,18 @@ github.com/jy-yuan/KIVI).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 
 from ..config import ConfigError
-from ..kvcache import CacheEntry, CacheTensor, DTYPE_BYTES, Layout, with_layers
+from ..kvcache import CacheEntry, CacheTensor, DTYPE_BYTES, Layout
 from ..models import Dims
-from ..quantize import dequantize, fake_quant_keys, fake_quant_values, key_band, mixed_attention, pack, quantize, unpack, value_band
+from ..quantize import (dequantize, fake_quant_keys, fake_quant_tokens, fake_quant_values, key_band, mixed_attention, pack,
+                        quantize, unpack, value_band)
 from .base import Adapter, AdapterOptions, option, register_adapter
+from .quant_code import check_code_width, code_cache_shapes, code_of, keep_recent, read_code, recent
 
 BITS = (2, 4, 8)
 TARGETS = ("kv", "k", "v")
@@ -92,6 +101,21 @@ class QuantLayer(torch.nn.Module):
         self.quant_k, self.quant_v = "k" in target, "v" in target
         self.heads, self.head_size = heads, head_size
         self.active = True
+        self.layer = -1
+        self.code_source: Callable[[], dict] | None = None  # the codecs of the layer's qkv-tap method (``Quant.bind``)
+
+    def quantizes(self, name: str) -> bool:
+        """Whether this module caches ``name`` (``"k"`` or ``"v"``) its own way (quantized)."""
+        return self.quant_k if name == "k" else self.quant_v
+
+    def bound_codecs(self) -> dict:
+        """The codecs of the K and V this module quantizes that the layer's qkv-tap method caches as a code."""
+        codecs = self.code_source() if self.code_source is not None else {}
+        return {name: c for name, c in codecs.items() if self.quantizes(name)}
+
+    def code_widths(self) -> dict[str, int]:
+        """Width of each code this module quantizes, checked (``quant_code.check_code_width``)."""
+        return {name: check_code_width(c.width, self.bits, self.group, name, self.layer) for name, c in self.bound_codecs().items()}
 
     @property
     def key_rows(self) -> int:
@@ -106,11 +130,20 @@ class QuantLayer(torch.nn.Module):
         dev = query.device
         t, j = torch.arange(S - T, S, device=dev), torch.arange(S, device=dev)
         mask = (j[None, :] <= t[:, None]) if attention_mask is None else attention_mask
-        k_q = fake_quant_keys(key, self.bits, self.group) if self.quant_k else None
-        v_q = fake_quant_values(value, self.bits, self.group) if self.quant_v else None
-        band_k = key_band(t, j, self.window, self.group) if self.quant_k else None
-        band_v = value_band(t, j, self.window) if self.quant_v else None
         B, H = query.shape[:2]
+        _ = self.code_widths()  # one clear line where the group does not divide a code's width
+        codecs = {n: c for n, c in self.bound_codecs().items() if c.last_code is not None}  # none while calibrating
+        heads = lambda x: x.reshape(B, S, H, -1).transpose(1, 2)  # (B, S, d) -> (B, H, S, hs)  # noqa: E731
+        quantized = {n: fake_quant_tokens(code_of(c, B, S, n, self.layer), self.bits, self.group) for n, c in codecs.items()}
+        k_q = v_q = band_k = band_v = None
+        if "k" in codecs:  # keys rebuilt from the quantized code, then rotated as the model rotates keys
+            k_q, band_k = base.rotate(heads(codecs["k"].decode(quantized["k"])).to(key.dtype)), value_band(t, j, self.window)
+        elif self.quant_k:
+            k_q, band_k = fake_quant_keys(key, self.bits, self.group), key_band(t, j, self.window, self.group)
+        if "v" in codecs:  # values rebuilt from the quantized code
+            v_q, band_v = heads(codecs["v"].decode(quantized["v"])).to(value.dtype), value_band(t, j, self.window)
+        elif self.quant_v:
+            v_q, band_v = fake_quant_values(value, self.bits, self.group), value_band(t, j, self.window)
         rows = max(1, SCORE_ELEMENTS // (B * H * S))  # queries per chunk: the (B, H, rows, S) scores stay bounded
         outs = []
         for a in range(0, T, rows):
@@ -121,15 +154,20 @@ class QuantLayer(torch.nn.Module):
         return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
     # -- the latent cache's decode step (kvsweep.latent)
-    def cache_shapes(self) -> dict[str, CacheTensor]:
-        """Packed codes per token, float16 scales and zero points (K's per group of G tokens), full-precision rings."""
-        d = self.heads * self.head_size
+    def cache_shapes(self, codes: dict[str, int] | None = None) -> dict[str, CacheTensor]:
+        """Packed codes per token, float16 scales and zero points (K's per group of G tokens), full-precision rings; for
+        a tensor cached as a code (``codes``: name -> width), the code's (``quant_code.code_cache_shapes``)."""
+        d, codes = self.heads * self.head_size, codes or {}
         shapes: dict[str, CacheTensor] = {}
-        if self.quant_k:
+        for name, width in codes.items():
+            if self.quantizes(name):
+                shapes.update(code_cache_shapes(name, check_code_width(width, self.bits, self.group, name, self.layer),
+                                                self.bits, self.group, self.window))
+        if self.quant_k and "k" not in codes:
             shapes.update(k=CacheTensor((d * self.bits // 8,), "uint8"), k_scale=CacheTensor((d,), "float16", tokens=self.group),
                           k_zero=CacheTensor((d,), "float16", tokens=self.group),
                           k_window=CacheTensor((self.heads, self.head_size), rows=self.key_rows))
-        if self.quant_v:
+        if self.quant_v and "v" not in codes:
             shapes.update(v=CacheTensor((d * self.bits // 8,), "uint8"), v_scale=CacheTensor((d // self.group,), "float16"),
                           v_zero=CacheTensor((d // self.group,), "float16"))
             if self.window:
@@ -137,79 +175,77 @@ class QuantLayer(torch.nn.Module):
         return shapes
 
     def decode_attend(self, cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scaling: float) -> torch.Tensor:
-        """The decode step: q, k (rotated), v (B, H, n, hs) at positions start .. start+n-1 -> A (B, n, d).
-
-        Keys go to the full-precision ring; each token group this call completes is quantized per channel (its
-        tokens from the ring and this call) into ``k``, ``k_scale``, ``k_zero``. Values are quantized per token as
-        they come into ``v``, ``v_scale``, ``v_zero``, and kept in their ring. The attention then reads the
-        full-precision ones inside the bands and the dequantized ones outside (``mixed_attention``), as the
-        training-time forward does.
-        """
+        """The decode step: q, k (rotated), v (B, H, n, hs) at positions start .. start+n-1 -> A (B, n, d): the keys
+        (``read_keys``) and values (``read_values``) read at full precision inside the bands and dequantized outside
+        (``mixed_attention``), as the training-time forward does."""
         B, H, n, hs = q.shape
-        end, d, G, dt = start + n, H * hs, self.group, q.dtype
-        t, j = torch.arange(start, end, device=q.device), torch.arange(end, device=q.device)
-        k_q = v_q = band_k = band_v = None
-        if self.quant_k:
-            keys = _recent(cache, "k_window", k, start)  # (B, H, end, hs): full precision where still held
-            for g in range(start // G, end // G):  # the token groups this call completes
-                x = keys[:, :, g * G : (g + 1) * G].transpose(1, 2).reshape(B, G, d)  # (B, G, d)
-                codes, scale, zero = quantize(x, self.bits, dim=1)  # per channel: scale, zero (B, 1, d)
-                cache.write("k", pack(codes, self.bits), g * G)
-                cache.write("k_scale", scale, g)
-                cache.write("k_zero", zero, g)
-            groups = end // G
-            codes = unpack(cache.read("k", groups * G, torch.uint8), self.bits).view(B, groups, G, d)
-            deq = dequantize(codes, cache.read("k_scale", groups, torch.float16).unsqueeze(2),
-                             cache.read("k_zero", groups, torch.float16).unsqueeze(2))  # (B, groups, G, d)
-            k_q = torch.zeros_like(keys)  # positions of the incomplete group are never read quantized
-            k_q[:, :, : groups * G] = deq.reshape(B, groups * G, H, hs).transpose(1, 2).to(dt)
-            _keep_recent(cache, "k_window", k, start)
-            band_k = key_band(t, j, self.window, G)
-        else:
-            cache.write("k", k, start)
-            keys = cache.read("k", end, dt)  # (B, H, end, hs)
-        if self.quant_v:
-            x = v.transpose(1, 2).reshape(B, n, d // G, G)  # (B, n, d/G, G)
-            codes, scale, zero = quantize(x, self.bits, dim=3)  # per token and channel group: scale, zero (B, n, d/G, 1)
-            cache.write("v", pack(codes.reshape(B, n, d), self.bits), start)
-            cache.write("v_scale", scale.squeeze(-1), start)
-            cache.write("v_zero", zero.squeeze(-1), start)
-            codes = unpack(cache.read("v", end, torch.uint8), self.bits).view(B, end, d // G, G)
-            deq = dequantize(codes, cache.read("v_scale", end, torch.float16).unsqueeze(-1),
-                             cache.read("v_zero", end, torch.float16).unsqueeze(-1))  # (B, end, d/G, G)
-            v_q = deq.reshape(B, end, H, hs).transpose(1, 2).to(dt)  # (B, H, end, hs)
-            values = _recent(cache, "v_window", v, start)
-            _keep_recent(cache, "v_window", v, start)
-            band_v = value_band(t, j, self.window)
-        else:
-            cache.write("v", v, start)
-            values = cache.read("v", end, dt)
+        t, j = torch.arange(start, start + n, device=q.device), torch.arange(start + n, device=q.device)
+        keys, k_q, band_k = self.read_keys(cache, k, start)
+        values, v_q, band_v = self.read_values(cache, v, start)
         out = mixed_attention(q, keys, k_q, values, v_q, band_k, band_v, j[None, :] <= t[:, None], scaling)  # (B, H, n, hs)
-        return out.transpose(1, 2).reshape(B, n, d)
+        return out.transpose(1, 2).reshape(B, n, H * hs)
+
+    def read_keys(self, cache, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Store the rotated keys k (B, H, n, hs) at start.. and read all back: full precision (B, H, end, hs; where still
+        held), dequantized (None: K not quantized) and the band (n, end) of full-precision reads.
+
+        Keys go to the full-precision ring; each token group this call completes is quantized per channel (its tokens
+        from the ring and this call) into ``k``, ``k_scale``, ``k_zero``.
+        """
+        B, H, n, hs = k.shape
+        end, d, G, dt = start + n, H * hs, self.group, k.dtype
+        if not self.quant_k:
+            cache.write("k", k, start)
+            return cache.read("k", end, dt), None, None
+        keys = recent(cache, "k_window", k, start)  # (B, H, end, hs): full precision where still held
+        for g in range(start // G, end // G):  # the token groups this call completes
+            x = keys[:, :, g * G : (g + 1) * G].transpose(1, 2).reshape(B, G, d)  # (B, G, d)
+            codes, scale, zero = quantize(x, self.bits, dim=1)  # per channel: scale, zero (B, 1, d)
+            cache.write("k", pack(codes, self.bits), g * G)
+            cache.write("k_scale", scale, g)
+            cache.write("k_zero", zero, g)
+        groups = end // G
+        codes = unpack(cache.read("k", groups * G, torch.uint8), self.bits).view(B, groups, G, d)
+        deq = dequantize(codes, cache.read("k_scale", groups, torch.float16).unsqueeze(2),
+                         cache.read("k_zero", groups, torch.float16).unsqueeze(2))  # (B, groups, G, d)
+        k_q = torch.zeros_like(keys)  # positions of the incomplete group are never read quantized
+        k_q[:, :, : groups * G] = deq.reshape(B, groups * G, H, hs).transpose(1, 2).to(dt)
+        keep_recent(cache, "k_window", k, start)
+        t, j = torch.arange(start, end, device=k.device), torch.arange(end, device=k.device)
+        return keys, k_q, key_band(t, j, self.window, G)
+
+    def read_values(self, cache, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Store the values v (B, H, n, hs) at start.. and read all back as ``read_keys`` does; values are quantized per
+        token as they come into ``v``, ``v_scale``, ``v_zero``, and kept in their ring."""
+        B, H, n, hs = v.shape
+        end, d, G, dt = start + n, H * hs, self.group, v.dtype
+        if not self.quant_v:
+            cache.write("v", v, start)
+            return cache.read("v", end, dt), None, None
+        x = v.transpose(1, 2).reshape(B, n, d // G, G)  # (B, n, d/G, G)
+        codes, scale, zero = quantize(x, self.bits, dim=3)  # per token and channel group: scale, zero (B, n, d/G, 1)
+        cache.write("v", pack(codes.reshape(B, n, d), self.bits), start)
+        cache.write("v_scale", scale.squeeze(-1), start)
+        cache.write("v_zero", zero.squeeze(-1), start)
+        codes = unpack(cache.read("v", end, torch.uint8), self.bits).view(B, end, d // G, G)
+        deq = dequantize(codes, cache.read("v_scale", end, torch.float16).unsqueeze(-1),
+                         cache.read("v_zero", end, torch.float16).unsqueeze(-1))  # (B, end, d/G, G)
+        values = recent(cache, "v_window", v, start)
+        keep_recent(cache, "v_window", v, start)
+        t, j = torch.arange(start, end, device=v.device), torch.arange(end, device=v.device)
+        return values, deq.reshape(B, end, H, hs).transpose(1, 2).to(dt), value_band(t, j, self.window)
+
+    def read_code(self, cache, name: str, code: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store the code (B, n, w) of ``name`` at start.. and read all back: full precision, dequantized (B, end, w) and
+        the band (n, end) (``quant_code.read_code``)."""
+        return read_code(cache, name, code, start, self.bits, self.group, self.window)
 
 
-def _recent(cache, name: str, x: torch.Tensor, start: int) -> torch.Tensor:
-    """(B, H, end, hs): the tokens of ``x`` (B, H, n, hs) at start.., and before them those the ring ``name`` still
-    holds (positions start - rows .. start - 1); zeros elsewhere (never read at full precision)."""
-    B, H, n, hs = x.shape
-    out = x.new_zeros(B, H, start + n, hs)
-    out[:, :, start:] = x
-    ring = cache.tensors.get(name)
-    if ring is not None and start:
-        rows = ring.shape[2]
-        lo = max(0, start - rows)
-        out[:, :, lo:start] = ring[:, :, torch.arange(lo, start, device=x.device) % rows].to(x.dtype)
-    return out
-
-
-def _keep_recent(cache, name: str, x: torch.Tensor, start: int) -> None:
-    """Write the last tokens of ``x`` (B, H, n, hs) at start.. into the ring ``name`` (position p in row p % rows)."""
-    ring = cache.tensors.get(name)
-    if ring is None:
-        return
-    rows, n = ring.shape[2], x.shape[2]
-    first = max(0, n - rows)
-    ring[:, :, torch.arange(start + first, start + n, device=x.device) % rows] = x[:, :, first:].to(ring.dtype)
+def _codecs_of(adapter: Adapter, layer: int) -> dict:
+    """The codecs of ``adapter``'s module at ``layer`` as they are now (a calibration may have reshaped them); none while
+    the module is inactive (the latent decoder then caches K and V themselves too)."""
+    module = adapter.layer_module(layer)
+    return module.codecs() if getattr(module, "active", True) else {}
 
 
 @register_adapter("quant")
@@ -217,6 +253,7 @@ class Quant(Adapter):
     Options = QuantOptions
     family = "quant"
     tap = "attention"
+    reads_codes = True
     default_layers = "all"
 
     @classmethod
@@ -239,21 +276,40 @@ class Quant(Adapter):
             raise ConfigError(f"the hidden size {d} at {o.bits} bits is not a whole number of bytes")
         self.per_layer = torch.nn.ModuleDict({str(i): QuantLayer(o.bits, o.group, o.window, o.target, self.dims.heads,
                                                                  self.dims.head_size) for i in self.layers})
+        for i in self.layers:
+            self.per_layer[str(i)].layer = i
+
+    def bind(self, adapters: list[Adapter]) -> None:
+        """On each of its layers where a method caches K and/or V as a code (``caches_codes``), read that code."""
+        for i in self.layers:
+            owner = [a for a in adapters if a.tap == "qkv" and a.caches_codes and i in a.layers]
+            self.per_layer[str(i)].code_source = partial(_codecs_of, owner[0], i) if owner else None
 
     def kv_layout(self, layout: Layout) -> Layout:
-        """Per quantized tensor: packed codes (uint8, d b / 8) and float16 scale and zero point (d / G each) per token."""
+        """Per quantized tensor of width w (d, or the width of the code a method caches in its place): packed codes
+        (uint8, w b / 8) and float16 scale and zero point (w / G each) per token."""
         o, d = self.options, self.dims.hidden
-        entries: dict[str, CacheEntry] = {}
-        for name in o.target:
-            entries.update({name: CacheEntry(d * o.bits // 8, "uint8"), f"{name}_scale": CacheEntry(d // o.group, "float16"),
-                            f"{name}_zero": CacheEntry(d // o.group, "float16")})
-        return with_layers(layout, self.layers, **entries)
+        out = list(layout)
+        for i in self.layers:
+            widths = self.per_layer[str(i)].code_widths()
+            for name in o.target:
+                w = widths.get(name, d)
+                out[i] = out[i].replaced(**{name: CacheEntry(w * o.bits // 8, "uint8"), f"{name}_scale": CacheEntry(w // o.group, "float16"),
+                                            f"{name}_zero": CacheEntry(w // o.group, "float16")})
+        return tuple(out)
 
     def window_bytes(self, cache_dtype: str) -> int:
-        """The full-precision rings at the cache's dtype: max(R, G) keys and R values of d each, per layer."""
+        """The full-precision rings at the cache's dtype, per layer: max(R, G) keys of d and R values of d; R codes of w
+        where a tensor is cached as a code of width w."""
         o, d = self.options, self.dims.hidden
-        rows = (max(o.window, o.group) if "k" in o.target else 0) + (o.window if "v" in o.target else 0)
-        return rows * d * DTYPE_BYTES[cache_dtype] * len(self.layers)
+        total = 0
+        for i in self.layers:
+            widths = self.per_layer[str(i)].code_widths()
+            if "k" in o.target:
+                total += o.window * widths["k"] if "k" in widths else max(o.window, o.group) * d
+            if "v" in o.target:
+                total += o.window * widths.get("v", d)
+        return total * DTYPE_BYTES[cache_dtype]
 
     def param_formula(self) -> int:
         return 0

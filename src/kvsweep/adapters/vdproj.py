@@ -57,7 +57,8 @@ class Compressor(torch.nn.Module):
     """``x (B, T, d) -> up(down(x))``, keeping the relative reconstruction error of the last call.
 
     Its codec for the latent cache: ``encode = down`` (B, n, d) -> (B, n, r), ``decode = up``, and ``linear``
-    (``up``, an affine map: the decoder attends over the code and folds ``up`` into ``dense``).
+    (``up``, an affine map: the decoder attends over the code and folds ``up`` into ``dense``). ``last_code``: the code
+    (B, T, r) of the last call (a method at the layer's attention that quantizes it reads it there).
     """
 
     dtype = None  # the code is cached at the cache's dtype
@@ -67,6 +68,7 @@ class Compressor(torch.nn.Module):
         self.down = torch.nn.Linear(d, r, bias=bias)
         self.up = torch.nn.Linear(r, d, bias=bias)
         self.last_rec: torch.Tensor | None = None
+        self.last_code: torch.Tensor | None = None
 
     @property
     def width(self) -> int:
@@ -83,7 +85,8 @@ class Compressor(torch.nn.Module):
         return self.up(code)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_hat = self.up(self.down(x))
+        self.last_code = self.down(x)  # (B, T, r)
+        x_hat = self.up(self.last_code)
         self.last_rec = relative_reconstruction(x, x_hat)
         return x_hat
 
@@ -97,11 +100,12 @@ class Compressor(torch.nn.Module):
             h = torch.baddbmm(torch.stack([c.down.bias for c in comps]).unsqueeze(1), x, down_w)  # (K, N, r)
             x_hat = torch.baddbmm(torch.stack([c.up.bias for c in comps]).unsqueeze(1), h, up_w)  # (K, N, d)
         else:
-            x_hat = torch.bmm(torch.bmm(x, down_w), up_w)
+            h = torch.bmm(x, down_w)  # (K, N, r)
+            x_hat = torch.bmm(h, up_w)
         xf, err = x.float(), (x.float() - x_hat.float())
         rec = err.pow(2).sum((1, 2)) / xf.pow(2).sum((1, 2)).clamp_min(1e-12)  # (K,)
-        for c, r in zip(comps, rec.unbind(), strict=True):
-            c.last_rec = r
+        for c, r, code in zip(comps, rec.unbind(), h.unbind(), strict=True):
+            c.last_rec, c.last_code = r, code  # code (N, r): this compressor's rows
         return x_hat
 
     @torch.no_grad()
@@ -161,6 +165,8 @@ class LayerVDProj(torch.nn.Module):
         return out[0], out[1]
 
     def forward(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for c in self.codecs().values():  # a code of this forward, or none (calibrating, inactive)
+            c.last_code = None
         if self.moments is not None:
             for name, x in (("k", k), ("v", v)):
                 if getattr(self, name) is not None:
@@ -180,6 +186,7 @@ class VDProj(Adapter):
     Options = VDProjOptions
     family = "vdproj"
     tap = "qkv"
+    caches_codes = True
     default_layers = "all"
     loss_terms = ("rec",)
     aliases = {"rank": "rank", "target": "target", "init": "init", "layers": "layers", "no-bias": "bias", "calib-samples": "calib_samples"}

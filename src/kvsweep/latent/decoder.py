@@ -30,7 +30,11 @@ knows no method by name. Per layer, with H heads of hs = d / H:
                       since a code is at most d wide (``fold_qkv``, default True; False: never).
 - a qkv module without codecs: applied to (K, V) before the base's cache (a position-wise map).
 - at the attention itself: a module's ``decode_attend`` with its own cache tensors in place of the base's ``k``
-                      and/or ``v`` (``quant``'s packed codes, scales, zero points and full-precision rings).
+                      and/or ``v`` (``quant``'s packed codes, scales, zero points and full-precision rings); on a
+                      layer where a codec caches K and/or V as a code, the module's ``read_code`` (and
+                      ``read_keys``/``read_values`` for what has no codec) store and read them back, full
+                      precision inside its band and its own way outside, and the decoder mixes them
+                      (``kvsweep.latent.mixed``): V's code still attended per group and folded into ``dense``.
 - at the attention output: a module's ``decode_step`` with its own cache tensors (KA's K' and V'), or
                       the module itself (a position-wise map).
 
@@ -46,12 +50,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..adapters import Adapter
+from ..adapters import Adapter, bind_adapters, kv_layout_of
 from ..adapters.codec import group_blocks
 from ..config import ConfigError
 from ..kvcache import Layout, base_layout
 from ..models import LayerParts, apply_rotary, neox_parts, qkv_split_weights, split_qkv
 from .cache import CACHE_DTYPES, LatentCache, cache_dtype_of
+from .mixed import attend_mixed, run as _run, up_blocks as _up
 
 
 @dataclass
@@ -68,11 +73,6 @@ class _LayerPlan:
     qkv_w: torch.Tensor | None = None  # (d + rows of K + rows of V, d): query_key_value with the encodes folded in
     qkv_b: torch.Tensor | None = None  # (d + rows of K + rows of V,)
     qkv_split: tuple[int, int, int] = (0, 0, 0)  # the rows of Q, of K (or its code), of V (or its code)
-
-
-def _up(codec) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """A codec's linear decode as blocks: W (G, d/G, r) and bias (d,) or None; None when its decode is not linear."""
-    return group_blocks(getattr(codec, "linear", None)) if codec is not None else None
 
 
 def _down(codec) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -106,6 +106,7 @@ class LatentDecoder:
         self.cache_dtype_name = cache_dtype or {v: k for k, v in CACHE_DTYPES.items()}.get(self.dtype, "float32")
         self.cache_dtype = cache_dtype_of(self.cache_dtype_name)
         self.plans = [_LayerPlan(p) for p in self.parts.layers]
+        bind_adapters(self.adapters)
         for a in self.adapters:
             if a.dims != self.dims:
                 raise ConfigError(f"adapter {a.name} was built for {a.dims}, the model is {self.dims}")
@@ -114,9 +115,10 @@ class LatentDecoder:
                 if getattr(m, "active", True):
                     self._plan_module(self.plans[i], a, i, m)
         for i, plan in enumerate(self.plans):
-            if plan.attention is not None and (plan.k_codec is not None or plan.v_codec is not None):
+            coded = plan.k_codec is not None or plan.v_codec is not None
+            if plan.attention is not None and coded and not hasattr(plan.attention, "read_code"):
                 raise ConfigError(f"layer {i}: {plan.attention_by} caches K and V its own way and cannot hold the code of "
-                                  "another method that compresses them there yet; give the two methods different layers")
+                                  "another method that compresses them there; give the two methods different layers")
         for plan in self.plans:
             if fold and _up(plan.v_codec) is not None and not plan.out:
                 plan.fold_w, plan.fold_b = self._fold(plan)
@@ -153,10 +155,7 @@ class LatentDecoder:
 
     def layout(self) -> Layout:
         """What ``kvsweep.kvcache`` accounts for this model and these adapters."""
-        layout = base_layout(self.dims.layers, self.dims.hidden)
-        for a in self.adapters:
-            layout = a.kv_layout(layout)
-        return layout
+        return kv_layout_of(self.adapters, base_layout(self.dims.layers, self.dims.hidden))
 
     def new_cache(self, batch: int, capacity: int) -> LatentCache:
         """An empty cache for ``batch`` sequences of up to ``capacity`` tokens; widths from the modules."""
@@ -164,11 +163,14 @@ class LatentDecoder:
         layers = []
         for plan in self.plans:
             shapes: dict[str, tuple] = {}
+            codes: dict[str, int] = {}  # name -> width of what a codec caches in place of K or V
             for name in ("k", "v"):
                 codec = getattr(plan, f"{name}_codec")
                 shapes[name] = ((H, hs), None) if codec is None else ((codec.width,), getattr(codec, "dtype", None))
+                if codec is not None:
+                    codes[name] = codec.width
             if plan.attention is not None:
-                shapes.update(plan.attention.cache_shapes())
+                shapes.update(plan.attention.cache_shapes(codes) if codes else plan.attention.cache_shapes())
             for m in plan.out:
                 if hasattr(m, "cache_shapes"):
                     for name, shape in m.cache_shapes().items():
@@ -218,6 +220,9 @@ class LatentDecoder:
         for m in plan.qkv:
             k, v = _run(m, k, v)
         q = apply_rotary(heads(q), cos[:, start:end], sin[:, start:end])  # (B, H, n, hs)
+        if plan.attention is not None and (plan.k_codec is not None or plan.v_codec is not None):
+            a, out = attend_mixed(plan, lc, q, k, v, k_code, v_code, start, cos, sin, self.parts.scaling, self.dtype)
+            return self._close(plan, lc, x, a, out, start)
         if plan.attention is not None:
             k = apply_rotary(heads(k), cos[:, start:end], sin[:, start:end])  # (B, H, n, hs), as the base caches it
             return self._close(plan, lc, x, plan.attention.decode_attend(lc, q, k, heads(v), start, self.parts.scaling), None, start)
@@ -339,20 +344,3 @@ class LatentDecoder:
             rows.append(w)
             biases.append(b)
         return torch.cat(rows).to(self.dtype), torch.cat(biases).to(self.dtype), tuple(len(w) for w in rows)
-
-
-def _param_dtype(fn) -> torch.dtype | None:
-    owner = getattr(fn, "__self__", fn)  # a bound method's module, or the module itself
-    if isinstance(owner, torch.nn.Module):
-        p = next(owner.parameters(), None)
-        return p.dtype if p is not None else None
-    return None
-
-
-def _run(fn, *xs: torch.Tensor):
-    """A method's module (or a module's method) on ``xs``, in the module's dtype, back in the inputs' dtype."""
-    dt = _param_dtype(fn)
-    out = fn(*(x.to(dt) for x in xs)) if dt is not None else fn(*xs)
-    if isinstance(out, tuple):
-        return tuple(o.to(x.dtype) for o, x in zip(out, xs))
-    return out.to(xs[0].dtype)

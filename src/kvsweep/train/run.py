@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..adapters import disabled, make_adapter
+from ..adapters import bind_adapters, disabled, kv_layout_of, make_adapter
 from ..checkpoint import save_checkpoint
 from ..config import ConfigError, position_buckets
 from ..data import Samples
@@ -97,9 +97,8 @@ class TrialRun:
         (again after a calibration that shaped them)."""
         tc, d = self.cfg.train, dims(self.base.config)
         self.trainable = [p for a in self.adapters for p in a.parameters() if p.requires_grad]
-        self.layout = base_layout(d.layers, d.hidden)
-        for a in self.adapters:
-            self.layout = a.kv_layout(self.layout)
+        bind_adapters(self.adapters)
+        self.layout = kv_layout_of(self.adapters, base_layout(d.layers, d.hidden))
         self.kv_bytes = bytes_per_token(self.layout, tc.cache_dtype)
         self.opt = torch.optim.AdamW(self.trainable, lr=tc.lr, weight_decay=tc.weight_decay) if self.trainable else None
 
