@@ -64,7 +64,7 @@ def timed_decode(prefill, step, prompt: torch.Tensor, new_tokens: int) -> tuple[
 def latent_run(dec: LatentDecoder, prompt: torch.Tensor, new_tokens: int, cache_dtype: str):
     cache = dec.new_cache(prompt.shape[0], prompt.shape[1] + new_tokens)  # exactly prefill + decode steps
     pre, times = timed_decode(lambda ids: dec(ids, cache, last_only=True), lambda tok: dec(tok, cache), prompt, new_tokens)
-    got = check_bytes(cache, dec.layout(), cache_dtype)  # raises CacheMismatchError unless equal to the accounting
+    got = check_bytes(cache, dec.layout(), cache_dtype, dec.window_bytes())  # raises CacheMismatchError unless equal to the accounting
     return pre, times, got["measured_bytes_per_token"]
 
 

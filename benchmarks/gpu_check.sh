@@ -14,7 +14,8 @@
 #               its results and report under DIR/sweep and DIR/reports
 #   throughput  benchmarks/throughput.py: eager, bf16, chunked loss, compiled, Ray workers sharing the GPU,
 #               packs, trial start-up (Pythia-70M's architecture on the GPU; tiny under --dry-run)
-#   decode      benchmarks/decode.py: latent-cache bytes and decode speed (2,048-token context on the GPU)
+#   decode      benchmarks/decode.py: latent-cache bytes and decode speed of each family at 75/50/25/12.5% of the base's
+#               cache (2,048-token context on the GPU), and decode.json for kvsweep report --decode
 # The steps run in that order whatever fails; the exit code is 1 when any failed. Under 8 minutes on an
 # H100/H200 (most of it Ray start-ups and compiles).
 set -uo pipefail
@@ -52,12 +53,12 @@ step() {  # step NAME SECONDS COMMAND...: run, log, time; a failure is recorded 
 if [[ $dry == 1 ]]; then
   export KVSWEEP_TEST_DEVICE=cpu
   throughput=(--model tiny --device cpu --steps 1 --warmup 0 --pack 2 --ray 2 --val-samples 4 --batch 2 --seq-len 32)
-  decode=(--device cpu --context 64 --new-tokens 4 --ranks 320 --repeats 1 --no-hf)
+  decode=(--device cpu --context 64 --new-tokens 4 --budgets 0.5,0.25 --repeats 1 --no-hf)
   sweep=(--pack 2)
 else
   export KVSWEEP_TEST_DEVICE=${KVSWEEP_TEST_DEVICE:-cuda}
   throughput=(--model pythia-70m --device cuda --pack 8,32 --ray 8)
-  decode=(--device cuda --context 2048 --new-tokens 128 --dtype bfloat16 --cache-dtype bfloat16)
+  decode=(--device cuda --context 2048 --new-tokens 128 --dtype bfloat16 --cache-dtype bfloat16 --budgets 0.75,0.5,0.25,0.125 --repeats 2)
   sweep=(--pack 4 --gpus-per-trial 0.25 --cpus-per-trial 2)
 fi
 
@@ -80,7 +81,7 @@ echo "== tiny rc=$rc: $(tail -n 1 "$out/tiny.txt")"
 [[ $rc == 0 ]] || failed+=(tiny)
 step sweep 240 "$py" sweeps/vdproj.py --smoke-test "${sweep[@]}" --name gpu-check --storage "$out/sweep" --report-dir "$out/reports"
 step throughput 300 "$py" benchmarks/throughput.py "${throughput[@]}"
-step decode 120 "$py" benchmarks/decode.py "${decode[@]}"
+step decode 200 "$py" benchmarks/decode.py "${decode[@]}" --json "$out/decode.json"
 
 cat "$out/summary.txt"
 if (( ${#failed[@]} )); then

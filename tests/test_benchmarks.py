@@ -3,6 +3,7 @@ people to read, so only that they run and print their tables is checked here."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -32,6 +33,8 @@ def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tiny_folder, tmp_path):
         assert f"| {row}" in out, row
     assert "trial start-up to the first training step: alone" in out and "joining a running pack" in out
     decode = (tmp_path / "decode.txt").read_text()
-    assert "| base " in decode and "vdproj r=320 fold" in decode, decode
+    assert "| base " in decode and "vdproj kv r=256 (50%)" in decode and "quant 4 bits (25%)" in decode, decode
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]  # for kvsweep report --decode
+    assert {r["family"] for r in rows} >= {"vdproj", "lowrank", "quant"} and {r["budget"] for r in rows} == {0.5, 0.25}
     assert (tmp_path / "sweep" / "gpu-check" / "trials.parquet").is_file()
     assert (tmp_path / "reports" / "gpu-check" / "report.md").is_file()

@@ -10,7 +10,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from kvsweep.adapters import make_adapter
+from kvsweep.adapters import bind_adapters, kv_layout_of, make_adapter
 from kvsweep.config import SweepCfg
 from kvsweep.kvcache import base_layout, bytes_per_token
 from kvsweep.models import dims, pythia_config
@@ -29,9 +29,9 @@ def families():
 
 def share(point: dict, d, sweep: SweepCfg) -> float:
     """The point's KV bytes/token over the base's (fp16)."""
-    layout = base_layout(d.layers, d.hidden)
-    for spec in trial_cfg(point, sweep).adapters:
-        layout = make_adapter(spec, d).kv_layout(layout)
+    adapters = [make_adapter(spec, d) for spec in trial_cfg(point, sweep).adapters]
+    bind_adapters(adapters)
+    layout = kv_layout_of(adapters, base_layout(d.layers, d.hidden))
     return bytes_per_token(layout) / bytes_per_token(base_layout(d.layers, d.hidden))
 
 
@@ -50,11 +50,13 @@ def test_the_full_space_holds_each_budget_on_pythia_70m():
     for p in points:
         names = tuple(s.name for s in trial_cfg(p, sweep).adapters)
         by.setdefault(names, []).append(share(p, d, sweep))
-    assert set(by) >= {("vdproj",), ("lowrank",), ("quant",)}
+    assert set(by) == {("vdproj",), ("lowrank",), ("quant",), ("lowrank", "quant")}
     assert sorted(set(by[("vdproj",)])) == sorted(fam.BUDGETS)  # K and V at b x d: exactly the budget
     assert sorted(set(by[("lowrank",)])) == sorted(fam.BUDGETS)  # every group size, exactly each budget
     # quant: the bits' share plus fp16 scale and zero point per group of 32 values (K per channel, V per token)
     assert sorted(set(by[("quant",)])) == pytest.approx([(bits + 32 / 32) / 16 for bits in (2, 4, 8)])
+    # quant on a joint latent of rank d/2: half the bits' share, plus the metadata of the code's groups
+    assert sorted(set(by[("lowrank", "quant")])) == pytest.approx([0.5 * (bits + 1) / 16 for bits in (2, 4)])
     groups = {p["lowrank.group"] for p in points if p.get("lowrank.group")}
     assert groups == {1, 2, 4, 8}  # per head, grouped and joint
     assert {p["epochs"] for p in points if p.get("lowrank.init") == "svd"} == {0}  # SVD inits are the training-free baselines
@@ -67,7 +69,7 @@ def test_the_smoke_study_runs_and_its_report_ranks_every_family(tmp_path):
                            "--report-dir", str(tmp_path / "reports")], capture_output=True, text=True, env=env(), timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     trials = pq.read_table(storage / "families-smoke" / "trials.parquet").to_pylist()
-    assert {t["family"] for t in trials} >= {"vdproj", "lowrank", "quant"}
+    assert {t["family"] for t in trials} == {"vdproj", "lowrank", "quant", "lowrank+quant"}
     assert all(t["status"] in ("completed", "asha_stopped", "early_stopped") for t in trials), [t["error"] for t in trials]
     free = [t for t in trials if t["variant"].endswith("/ training-free")]
     assert free and all(t["max_epochs"] == 0 and t["epochs_run"] == 0 and t["status"] == "completed" for t in free)
@@ -75,5 +77,5 @@ def test_the_smoke_study_runs_and_its_report_ranks_every_family(tmp_path):
     board = md[md.index("## Families and the leaderboard"):md.index("## Fronts per variant")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in board.splitlines() if line.startswith("|") and "≤" in line]
     best = {(r[0], r[1]): r[2] for r in rows}  # (budget, family) -> its point
-    assert all(best[("≤ 50%", fam)] != "—" for fam in ("vdproj", "lowrank", "quant")), board
+    assert all(best[("≤ 50%", fam)] != "—" for fam in ("vdproj", "lowrank", "quant", "lowrank+quant")), board
     assert best[("≤ 25%", "lowrank")] != "—" and best[("≤ 12.5%", "vdproj")] == "—"  # the smoke test's budgets: 50% and 25%
