@@ -456,6 +456,35 @@ def test_a_resumed_trial_with_allocated_ranks_reports_what_an_uninterrupted_one_
     assert [_strip(m.to_report()) for m in resumed.history] == [_strip(m) for m in full]
 
 
+def test_a_resumed_trial_keeps_the_ranks_it_started_with_whatever_calibration_gives_now(tmp_path, monkeypatch):
+    from kvsweep.adapters.lowrank import LowRank
+    from kvsweep.train import run_trial
+
+    from .conftest import pattern_samples
+    from .test_pack import _cfg, _strip
+
+    cfg = _cfg([ERROR], epochs=3)
+    full = [m.to_report() for m in run_trial(cfg, base=skewed_base(), samples=pattern_samples(), log=lambda m: None).history]
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_one(metrics, ckpt):
+        if metrics.epoch == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_trial(cfg, crash_after_one, checkpoint_dir=tmp_path / "a", base=skewed_base(), samples=pattern_samples(), log=lambda m: None)
+
+    def other_ranks(self, model, samples):  # a calibration that would allocate differently now (another machine, a near tie)
+        self._shape({i: (1, 1) for i in self.layers})
+
+    monkeypatch.setattr(LowRank, "calibrate", other_ranks)
+    resumed = run_trial(cfg, checkpoint_dir=tmp_path / "b", resume_from=tmp_path / "a", base=skewed_base(), samples=pattern_samples(),
+                        log=lambda m: None)
+    assert [_strip(m.to_report()) for m in resumed.history] == [_strip(m) for m in full]  # trained on, as uninterrupted
+
+
 def test_a_trial_with_allocated_ranks_loads_for_inference(tmp_path):
     from kvsweep.config import ModelCfg
     from kvsweep.latent.trial import load_trial

@@ -220,3 +220,17 @@ def test_still_refused_where_the_qkv_method_caches_no_code(monkeypatch, model64)
     monkeypatch.delattr(QuantLayer, "read_code")
     with pytest.raises(ConfigError, match="layer 0: quant caches K and V its own way and cannot hold the code of another"):
         LatentDecoder(model64, build(model64, "vdproj-v", bits=2, window=0))
+
+
+def test_a_sweep_refuses_quant_over_a_code_its_group_does_not_divide_before_any_trial():
+    from kvsweep.config import SweepCfg
+    from kvsweep.tune import validate_space
+
+    sweep = SweepCfg(name="s")  # tiny: 4 heads of 32
+    bad = {"lowrank.group": [1], "lowrank.k_rank": [12], "lowrank.v_rank": [12], "quant": ["quant"], "quant.group": [32]}
+    with pytest.raises(ConfigError, match=r"the combination .*group 32 must divide the width 48"):
+        validate_space(bad, sweep)
+    validate_space({**bad, "lowrank.k_rank": [16], "lowrank.v_rank": [16]}, sweep)  # 4 x 16 = 64: whole groups of 32
+    allocated = {"lowrank.budget": [0.5], "lowrank.allocation": ["error"], "quant": ["quant"]}
+    with pytest.raises(ConfigError, match="its widths come from calibration data"):
+        validate_space(allocated, sweep)

@@ -206,6 +206,17 @@ def load_checkpoint(folder: str | os.PathLike, adapters: Sequence[torch.nn.Modul
     return state["trial"]
 
 
+def checkpoint_adapter_states(folder: str | os.PathLike) -> list[StateDict]:
+    """The adapters' state dicts (CPU tensors) saved in the checkpoint ``folder``, in the trial's order, unchecked against
+    any adapter (a trial whose calibration shapes its adapters takes their shapes from them before it resumes).
+
+    Raises:
+        CheckpointError: a file is missing, truncated or not what kvsweep writes.
+    """
+    folder = Path(folder)
+    return _adapter_states(folder / ADAPTERS_FILE, _read_state(folder)["adapters"])
+
+
 def load_best_adapter_states(folder: str | os.PathLike) -> tuple[list[StateDict], str]:
     """The adapters' state dicts (CPU tensors) of the best epoch, else of the last epoch, and which
     (``"best epoch"`` or ``"last epoch"``).

@@ -280,9 +280,18 @@ class Quant(Adapter):
             self.per_layer[str(i)].layer = i
 
     def bind(self, adapters: list[Adapter]) -> None:
-        """On each of its layers where a method caches K and/or V as a code (``caches_codes``), read that code."""
+        """On each of its layers where a method caches K and/or V as a code (``caches_codes``), read that code.
+
+        Raises:
+            ConfigError: that method's code widths come from calibration data (``shaped_by_calibration``): whether the
+                group divides them could not be known before a trial starts.
+        """
         for i in self.layers:
             owner = [a for a in adapters if a.tap == "qkv" and a.caches_codes and i in a.layers]
+            if owner and owner[0].shaped_by_calibration:
+                raise ConfigError(f"quant cannot quantize the code {owner[0].name} caches on layer {i}: its widths come from "
+                                  "calibration data, so the group could not be checked against them before the trial; give "
+                                  f"{owner[0].name} its ranks, or put quant on other layers")
             self.per_layer[str(i)].code_source = partial(_codecs_of, owner[0], i) if owner else None
 
     def kv_layout(self, layout: Layout) -> Layout:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..adapters import bind_adapters, disabled, kv_layout_of, make_adapter
-from ..checkpoint import save_checkpoint
+from ..checkpoint import checkpoint_adapter_states, save_checkpoint
 from ..config import ConfigError, position_buckets
 from ..data import Samples
 from ..evaluate import PositionStats, SplitStats, evaluate_splits
@@ -116,8 +116,11 @@ class TrialRun:
                 with disabled(self.adapters), self.autocast():
                     base_stats = evaluate_splits(model, self.samples.val, self.samples.test, batch_size=tc.eval_batch_size)
             resumed = self.resume_from is not None
-            for a in self.adapters:  # each measures the base: the other adapters pass through meanwhile
-                if not resumed or a.shaped_by_calibration:
+            saved = checkpoint_adapter_states(self.resume_from) if resumed and any(a.shaped_by_calibration for a in self.adapters) else None
+            for k, a in enumerate(self.adapters):  # each measures the base: the other adapters pass through meanwhile
+                if saved is not None and a.shaped_by_calibration and k < len(saved):
+                    a.load_state_dict(saved[k])  # the shapes its calibration gave when the trial started, whatever it gave now
+                elif not resumed:
                     with disabled([o for o in self.adapters if o is not a]), self.autocast():
                         a.calibrate(model, self.samples.train)
             if any(a.shaped_by_calibration for a in self.adapters):

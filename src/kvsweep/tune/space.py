@@ -18,9 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..adapters import check_taps, make_adapter
+from ..adapters import bind_adapters, check_taps, kv_layout_of, make_adapter
 from ..adapters.options import canonical_space, families, space_keys, specs_from_point, variant_label
 from ..config import ConfigError, SweepCfg
+from ..kvcache import base_layout
 from ..data import resolve_source
 from ..losses import LossCfg
 from ..models import Dims, check_seq_len, dims, model_config, resolve_model
@@ -191,6 +192,10 @@ def _validate_grid(space: dict[str, list], sweep: SweepCfg) -> list[TrialCfg]:
                 if spec not in built:
                     make_adapter(spec, d)
                     built.add(spec)
+            if len(cfg.adapters) > 1:  # methods that read each other (quant of a low-rank code): bound, as a trial binds them
+                adapters = [make_adapter(spec, d) for spec in cfg.adapters]
+                bind_adapters(adapters)
+                kv_layout_of(adapters, base_layout(d.layers, d.hidden))
             cfgs.append(cfg)
         except ConfigError as e:
             raise ConfigError(f"search space: the combination {point}: {e}") from None
