@@ -167,11 +167,15 @@ def test_a_training_free_point_is_completed_at_its_epoch_0_with_its_own_max_epoc
     base = SplitStats(PositionStats(np.full(31, math.log(40.0)), np.ones(31, dtype=np.int64)))
     init = replace(_report(0, 12.0), test_ppl=None, test_buckets=(), trial=replace(CONSTANTS, base_test_ppl=None))
     trained = [_report(1, 30.0), _report(2, 25.0)]  # stopped by the scheduler after 2 of the sweep's 3 epochs
+    weightless = replace(init, trial=replace(init.trial, trainable_params=0))  # a method without weights: evaluated at init only
     tables = build_tables([TrialRecord("free", {"rank": 32, "epochs": 0}, [init.to_report()]),
-                           TrialRecord("t", {"rank": 32}, [r.to_report() for r in trained])], _sweep(), base)
-    free, t = tables["trials"].to_pylist()
+                           TrialRecord("t", {"rank": 32}, [r.to_report() for r in trained]),
+                           TrialRecord("q", {"quant": "quant"}, [weightless.to_report()])], _sweep(), base)
+    rows = {r["trial_id"]: r for r in tables["trials"].to_pylist()}
+    free, t, q = rows["free"], rows["t"], rows["q"]
     assert (free["status"], free["max_epochs"], free["variant"]) == ("completed", 0, "vdproj[v,random] / training-free")
     assert (t["status"], t["max_epochs"], t["variant"]) == ("asha_stopped", 3, "vdproj[v,random] / lm")
+    assert (q["status"], q["max_epochs"], q["variant"]) == ("completed", 0, "quant[kv,4b,G32,R128] / training-free")  # as with epochs 0
 
 
 def test_a_points_epochs_are_at_most_the_sweeps():

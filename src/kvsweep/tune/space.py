@@ -208,9 +208,10 @@ def variant_name(cfg: TrialCfg) -> str:
     return variant_label(cfg.adapters, schedule_label(cfg))
 
 
-def schedule_label(cfg: TrialCfg) -> str:
-    """The trial's loss schedule, or ``training-free`` when it trains no epoch."""
-    return "training-free" if cfg.train.epochs == 0 else cfg.loss.name
+def schedule_label(cfg: TrialCfg, trainable_params: int | None = None) -> str:
+    """The trial's loss schedule, or ``training-free`` when it trains no epoch: 0 epochs, or methods without trainable
+    parameters (``trainable_params`` 0, where known)."""
+    return "training-free" if cfg.train.epochs == 0 or trainable_params == 0 else cfg.loss.name
 
 
 def absolute_paths(sweep: SweepCfg) -> SweepCfg:

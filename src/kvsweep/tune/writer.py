@@ -99,12 +99,13 @@ def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: SplitS
         status, error = _status(rec, reports, cfg.train.epochs)
         best = history[-1] if history else None  # each report carries the best epoch so far
         last = history[-1].trial if history else None
+        schedule = schedule_label(cfg, last.trainable_params if last is not None else None)
         init_val_ppl = last.init_val_ppl if last is not None and last.init_val_ppl is not None else math.nan
         trials.append({
-            "trial_id": rec.trial_id, "sweep": sweep.name, **method_columns(cfg.adapters, schedule_label(cfg)),
+            "trial_id": rec.trial_id, "sweep": sweep.name, **method_columns(cfg.adapters, schedule),
             "schedule": cfg.loss.name, "seed": cfg.train.seed,
             "config": _config_json(cfg), "status": status, "error": error,
-            "epochs_run": len([h for h in history if h.epoch > 0]), "max_epochs": cfg.train.epochs,
+            "epochs_run": len([h for h in history if h.epoch > 0]), "max_epochs": 0 if schedule == "training-free" else cfg.train.epochs,
             "best_epoch": best.best_epoch if best else None,
             "best_val_ppl": best.best_val_ppl if best else math.nan,
             "base_val_ppl": base_ppl,
