@@ -29,10 +29,12 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import DynamicCache, GPTNeoXForCausalLM
 
-from kvsweep.adapters import ADAPTERS, AdapterSpec, make_adapter
+from kvsweep.adapters import ADAPTERS, AdapterSpec, attached, bind_adapters, kv_layout_of, make_adapter
+from kvsweep.kvcache import base_layout, bytes_per_token
 from kvsweep.latent import LatentDecoder, check_bytes, random_prompt
 from kvsweep.models import dims, freeze, pythia_config, resolve_device
 
@@ -84,16 +86,34 @@ def family_rows(d, budget: float) -> list[tuple[str, str, list[AdapterSpec]]]:
         for g in sorted({g for g in (1, 2, 4, d.heads) if d.heads % g == 0}):
             r = max(1, round(budget * g * d.head_size))
             rows.append(("lowrank", f"lowrank g={g} r={r}", [AdapterSpec.parse("lowrank", group=g, k_rank=r, v_rank=r, init="svd")]))
-    if "quant" in ADAPTERS:
-        bits = {0.5: 8, 0.25: 4, 0.125: 2}.get(budget)
+    if "quant" in ADAPTERS:  # the most bits within the budget, metadata counted
+        bits = fitting_bits(d, budget, [])
         if bits:
             rows.append(("quant", f"quant {bits} bits", [AdapterSpec.parse("quant", bits=bits)]))
-        if "lowrank" in ADAPTERS and budget in (0.25, 0.125):  # a joint latent of rank d/2 at 8 or 4 bits
-            bits = 8 if budget == 0.25 else 4
-            r = d.hidden // 2
-            rows.append(("lowrank+quant", f"lowrank joint r={r} + quant {bits} bits",
-                         [AdapterSpec.parse("lowrank", group=d.heads, k_rank=r, v_rank=r, init="svd"), AdapterSpec.parse("quant", bits=bits)]))
+        r = d.hidden // 2
+        joint = AdapterSpec.parse("lowrank", group=d.heads, k_rank=r, v_rank=r, init="svd")
+        bits = fitting_bits(d, budget, [joint]) if "lowrank" in ADAPTERS and budget < 0.5 else None  # a joint latent of rank d/2
+        if bits:
+            rows.append(("lowrank+quant", f"lowrank joint r={r} + quant {bits} bits", [joint, AdapterSpec.parse("quant", bits=bits)]))
     return rows
+
+
+def share(d, specs: list[AdapterSpec]) -> float:
+    """The methods' KV bytes/token over the base's (float16)."""
+    adapters = [make_adapter(s, d) for s in specs]
+    bind_adapters(adapters)
+    base = base_layout(d.layers, d.hidden)
+    return bytes_per_token(kv_layout_of(adapters, base)) / bytes_per_token(base)
+
+
+def fitting_bits(d, budget: float, under: list[AdapterSpec]) -> int | None:
+    """The most bits (8, 4, 2) at which quant, over the methods ``under``, holds at most ``budget`` of the base's bytes."""
+    return next((b for b in (8, 4, 2) if share(d, under + [AdapterSpec.parse("quant", bits=b)]) <= budget + 1e-9), None)
+
+
+def methods_label(specs: list[AdapterSpec]) -> str:
+    """The methods as a trial's variant names them (``lowrank[g8,svd]+quant[kv,4b,G32,R128]``)."""
+    return "+".join(ADAPTERS[s.name].label(s.options) for s in specs)
 
 
 def main() -> None:
@@ -123,14 +143,21 @@ def main() -> None:
     prompt = random_prompt(model.config.vocab_size, a.batch, a.context).to(device)
 
     rows: list[tuple[str, int | None, LatentDecoder | None]] = [("base", None, LatentDecoder(model, [], cache_dtype=a.cache_dtype))]
-    meta: dict[str, tuple[str, float]] = {}  # row name -> (family, budget), with --budgets
-    build = lambda specs: [make_adapter(s, d).to(device=device, dtype=DTYPES[a.dtype]).eval() for s in specs]  # noqa: E731
+    meta: dict[str, tuple[str, float, str]] = {}  # row name -> (family, budget, methods label), with --budgets
+
+    def build(specs: list[AdapterSpec]) -> list:
+        adapters = [make_adapter(s, d).to(device=device, dtype=DTYPES[a.dtype]).eval() for s in specs]
+        with attached(model, adapters):  # inits from the base's weights alone (lowrank's svd) need no samples
+            for ad in adapters:
+                ad.calibrate(model, np.zeros((0, 1), dtype=np.int64))
+        return adapters
+
     if a.budgets:
         for budget in (float(x) for x in a.budgets.split(",")):
             for family, label, specs in family_rows(d, budget):
                 name = f"{label} ({100 * budget:g}%)"
                 rows.append((name, None, LatentDecoder(model, build(specs), cache_dtype=a.cache_dtype)))
-                meta[name] = (family, budget)
+                meta[name] = (family, budget, methods_label(specs))
     else:
         for r in (int(x) for x in a.ranks.split(",")):
             vd = build([AdapterSpec.parse("vdproj", rank=r)])
@@ -179,7 +206,7 @@ def main() -> None:
     if a.json:
         setting = f"pythia-70m (random weights), context {a.context}, batch {a.batch}, {device}, compute {a.dtype}, cache {a.cache_dtype}"
         out = {"setting": setting, "base": {"kv_bytes_per_token": base_b, "tokens_per_s": base_s},
-               "rows": [{"family": meta[n][0], "method": n, "budget": meta[n][1], "kv_bytes_per_token": nbytes[n], "fixed_bytes": fixed[n],
+               "rows": [{"family": meta[n][0], "method": n, "methods": meta[n][2], "budget": meta[n][1], "kv_bytes_per_token": nbytes[n], "fixed_bytes": fixed[n],
                          "memory_at_context": fixed[n] + a.context * nbytes[n], "tokens_per_s": speeds[n]}
                         for n, _, _ in rows if n in meta]}
         Path(a.json).write_text(json.dumps(out, indent=1))

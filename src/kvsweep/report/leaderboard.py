@@ -4,8 +4,9 @@ A budget is a share of the base's KV bytes/token (``BUDGETS``: 75%, 50%, 25% and
 when its KV bytes/token are at most that share of its own base's. Within a budget, each family's entry is its
 point of the lowest mean validation PPL (validation makes every choice; ties: the smaller cache), shown at its
 test PPL over seeds with a 95% CI (the headline) beside its validation PPL, its memory at L and, given the decode
-benchmark's figures (``benchmarks/decode.py --json``), the decode speed of that family at that budget on the
-benchmark's model. Families are the report's grouping of methods (the ``family`` column of ``trials.parquet``).
+benchmark's figures (``benchmarks/decode.py --json``), the decode speed on the benchmark's model of the row timed at
+that budget with the point's own methods (as its variant names them), else of that family's first row there; the
+table names the row timed. Families are the report's grouping of methods (the ``family`` column of ``trials.parquet``).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class DecodeRow:
     """One row of ``benchmarks/decode.py --json``: a method's decode speed on the benchmark's model."""
 
     family: str
-    method: str
+    method: str  # the benchmark's name of the row
+    methods: str | None  # the methods as a trial's variant names them, e.g. "lowrank[g8,svd]+quant[kv,4b,G32,R128]"
     budget: float | None
     kv_bytes_per_token: int
     tokens_per_s: float
@@ -70,12 +72,10 @@ class DecodeFigures:
     setting: str  # e.g. "pythia-70m (random weights), context 2048, cpu"
     rows: tuple[DecodeRow, ...]
 
-    def speed(self, family: str, budget: float) -> DecodeRow | None:
-        """The family's row at ``budget`` (the first, if several)."""
-        for r in self.rows:
-            if r.family == family and r.budget is not None and math.isclose(r.budget, budget):
-                return r
-        return None
+    def speed(self, family: str, budget: float, methods: str | None = None) -> DecodeRow | None:
+        """The row at ``budget`` of the methods ``methods``, else the family's first row at ``budget``; None without."""
+        at = [r for r in self.rows if r.family == family and r.budget is not None and math.isclose(r.budget, budget)]
+        return next((r for r in at if methods is not None and r.methods == methods), at[0] if at else None)
 
 
 def load_decode(path: str | Path) -> DecodeFigures:
@@ -86,7 +86,7 @@ def load_decode(path: str | Path) -> DecodeFigures:
     """
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
-        rows = tuple(DecodeRow(str(r["family"]), str(r["method"]), None if r.get("budget") is None else float(r["budget"]),
+        rows = tuple(DecodeRow(str(r["family"]), str(r["method"]), r.get("methods"), None if r.get("budget") is None else float(r["budget"]),
                                int(r["kv_bytes_per_token"]), float(r["tokens_per_s"]), float(d["base"]["tokens_per_s"]),
                                int(d["base"]["kv_bytes_per_token"])) for r in d["rows"])
         return DecodeFigures(str(d["setting"]), rows)
@@ -105,7 +105,7 @@ def leaderboard_table(an: Analysis, entries: list[Entry], decode: DecodeFigures 
             ("% of base", True), (f"memory at L = {L:,}", True)]
     cols += ([("test PPL", True), ("95% CI", False)] if test else []) + [("val PPL", True), ("95% CI", False), ("seeds", True)]
     if decode is not None:
-        cols += [("decode tok/s", True), ("× base", True)]
+        cols += [("decode tok/s", True), ("× base", True), ("timed", False)]
     rows = []
     for e in entries:
         head = [f"≤ {100 * e.budget:g}%", e.family]
@@ -120,8 +120,8 @@ def leaderboard_table(an: Analysis, entries: list[Entry], decode: DecodeFigures 
                 cells += [ppl(an.points.test[p].mean), ci(an.points.test[p])]
             cells += [ppl(an.points.val[p].mean), ci(an.points.val[p]), str(len(an.points.members[p]))]
             if decode is not None:
-                row = decode.speed(e.family, e.budget)
-                cells += [f"{row.tokens_per_s:,.1f}", f"{row.tokens_per_s / row.base_tokens_per_s:.2f}"] if row else [DASH, DASH]
+                row = decode.speed(e.family, e.budget, str(an.points.variant[p]).split(" / ")[0])
+                cells += [f"{row.tokens_per_s:,.1f}", f"{row.tokens_per_s / row.base_tokens_per_s:.2f}", row.method] if row else [DASH] * 3
         rows.append(head + cells)
     return Table.of(cols, rows)
 
