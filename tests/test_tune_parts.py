@@ -268,3 +268,14 @@ def test_a_union_of_grids_needs_the_grid_search():
         check_space_shape([])
     with pytest.raises(ConfigError, match="unknown field 'nope'"):
         check_space_shape([{"seed": [0]}, {"nope": [1]}])
+
+
+def test_a_changed_union_names_the_parts_it_lost_and_gained():
+    sweep = _sweep()
+    stored = _stored(sweep, UNION)
+    changed = [UNION[0], {**UNION[1], "ka.layers": ["0"]}]
+    with pytest.raises(SpecificationError) as e:
+        plan(stored, _spec(sweep, changed), changed, sweep, where="W")
+    lines = [ln for ln in str(e.value).splitlines() if ln.startswith("  ")]
+    assert len(lines) == 2 and lines[0].startswith("  space: part removed: ") and '"ka.layers": ["last"]' in lines[0]
+    assert lines[1].startswith("  space: part added: ") and '"ka.layers": ["0"]' in lines[1]

@@ -145,13 +145,21 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any
 def _show(value: Any) -> str:
     if value is _MISSING:
         return "(not set)"
-    text = json.dumps(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def describe(diffs: list[tuple[str, Any, Any]]) -> str:
-    """One line per differing field: ``  train.epochs: 2 -> 3``."""
-    return "\n".join(f"  {k}: {_show(a)} -> {_show(b)}" for k, a, b in diffs)
+    """One line per differing field: ``  train.epochs: 2 -> 3``; a union of grids on both sides, one line per part it
+    lost or gained: ``  space: part removed: {...}``."""
+    lines = []
+    for k, a, b in diffs:
+        if k == "space" and isinstance(a, list) and isinstance(b, list):
+            lines += [f"  space: part removed: {_show(p)}" for p in a if p not in b]
+            lines += [f"  space: part added: {_show(p)}" for p in b if p not in a]
+        else:
+            lines.append(f"  {k}: {_show(a)} -> {_show(b)}")
+    return "\n".join(lines)
 
 
 @dataclass
