@@ -340,8 +340,19 @@ def test_encodes_are_folded_unless_told_not_to(dmodel):
     small = [make_adapter(AdapterSpec.parse("lowrank", group=1, k_rank=4, v_rank=4), d)]
     assert all(p.qkv_w.shape == (HIDDEN + 2 * HEADS * 4, HIDDEN) for p in LatentDecoder(dmodel, small).plans)  # Q rows + codes
     assert all(p.qkv_w is None for p in LatentDecoder(dmodel, small, fold_qkv=False).plans)
-    vd = [make_adapter(AdapterSpec.parse("vdproj", rank=8), d)]  # declares no linear encode
-    assert all(p.qkv_w is None for p in LatentDecoder(dmodel, vd).plans)
+    vd = [make_adapter(AdapterSpec.parse("vdproj", rank=8), d)]  # V-DProj's down is linear too: Q and K rows + V's code
+    assert all(p.qkv_w.shape == (2 * HIDDEN + 8, HIDDEN) for p in LatentDecoder(dmodel, vd).plans)
+
+
+@pytest.mark.parametrize("target", ["v", "kv"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_vdprojs_encode_folded_into_query_key_value_equals_the_unfolded_path(dmodel, target, bias):
+    torch.manual_seed(3)
+    adapters = [make_adapter(AdapterSpec.parse("vdproj", rank=12, target=target, bias=bias), dims(dmodel.config)).eval()]
+    prompt = random_prompt(VOCAB, 2, 10, seed=8)
+    a = generate(LatentDecoder(dmodel, adapters, cache_dtype="float32", fold_qkv=True), prompt, 6, keep_logits=True)
+    b = generate(LatentDecoder(dmodel, adapters, cache_dtype="float32", fold_qkv=False), prompt, 6, keep_logits=True)
+    assert (a.logits - b.logits).abs().max().item() < 1e-4 and torch.equal(a.tokens, b.tokens)
 
 
 def test_each_head_reads_only_its_groups_code(dmodel, monkeypatch):

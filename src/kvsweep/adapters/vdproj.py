@@ -56,8 +56,9 @@ class VDProjOptions(AdapterOptions):
 class Compressor(torch.nn.Module):
     """``x (B, T, d) -> up(down(x))``, keeping the relative reconstruction error of the last call.
 
-    Its codec for the latent cache: ``encode = down`` (B, n, d) -> (B, n, r), ``decode = up``, and ``linear``
-    (``up``, an affine map: the decoder attends over the code and folds ``up`` into ``dense``). ``last_code``: the code
+    Its codec for the latent cache: ``encode = down`` (B, n, d) -> (B, n, r), ``decode = up``, ``linear``
+    (``up``, an affine map: the decoder attends over the code and folds ``up`` into ``dense``) and ``encode_linear``
+    (``down``: the decoder folds it into ``query_key_value`` and computes the code from the layer input). ``last_code``: the code
     (B, T, r) of the last call (a method at the layer's attention that quantizes it reads it there).
     """
 
@@ -77,6 +78,10 @@ class Compressor(torch.nn.Module):
     @property
     def linear(self) -> torch.nn.Linear:
         return self.up
+
+    @property
+    def encode_linear(self) -> torch.nn.Linear:
+        return self.down
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(x)
