@@ -56,20 +56,50 @@ def group_blocks(lin: torch.nn.Module | None) -> tuple[torch.Tensor, torch.Tenso
     return None
 
 
-class GroupCodec(torch.nn.Module):
+class DownUpCodec(torch.nn.Module):
+    """A low-rank codec ``x (B, T, d) -> up(down(x))`` from two linear maps, keeping the relative reconstruction error and
+    the code of the last call. Its codec for the latent cache: ``encode = down``, ``decode = up``, ``linear`` = ``up``
+    (the decoder attends over the code and folds ``up`` into ``dense``) and ``encode_linear`` = ``down`` (the decoder
+    folds it into ``query_key_value``); ``last_code`` (B, T, width) is what a method at the layer's attention that
+    quantizes the code reads."""
+
+    dtype = None  # the code is cached at the cache's dtype
+
+    def __init__(self, down: torch.nn.Module, up: torch.nn.Module):
+        super().__init__()
+        self.down, self.up = down, up
+        self.last_rec: torch.Tensor | None = None
+        self.last_code: torch.Tensor | None = None
+
+    @property
+    def linear(self) -> torch.nn.Module:
+        return self.up
+
+    @property
+    def encode_linear(self) -> torch.nn.Module:
+        return self.down
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(x)
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        return self.up(code)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last_code = self.down(x)  # (B, T, width)
+        x_hat = self.up(self.last_code)
+        self.last_rec = relative_reconstruction(x, x_hat)
+        return x_hat
+
+
+class GroupCodec(DownUpCodec):
     """``x (B, T, d) -> up(down(x))`` over G groups of ``block`` = d / G channels, rank r each; keeps the relative
     reconstruction error of the last call. Its codec for the latent cache: ``encode = down`` (B, n, d) ->
     (B, n, G*r), ``decode = up``, ``groups`` G, ``linear`` = ``up`` and ``encode_linear`` = ``down`` (``GroupLinear``s);
     ``last_code``: the code (B, T, G*r) of the last call (a method at the layer's attention that quantizes it reads it)."""
 
-    dtype = None  # the code is cached at the cache's dtype
-
     def __init__(self, groups: int, block: int, rank: int):
-        super().__init__()
-        self.down = GroupLinear(groups, block, rank)  # weight (G, r, block)
-        self.up = GroupLinear(groups, rank, block)  # weight (G, block, r)
-        self.last_rec: torch.Tensor | None = None
-        self.last_code: torch.Tensor | None = None
+        super().__init__(GroupLinear(groups, block, rank), GroupLinear(groups, rank, block))  # weights (G, r, block), (G, block, r)
 
     @property
     def groups(self) -> int:
@@ -82,26 +112,6 @@ class GroupCodec(torch.nn.Module):
     @property
     def width(self) -> int:
         return self.groups * self.rank
-
-    @property
-    def linear(self) -> GroupLinear:
-        return self.up
-
-    @property
-    def encode_linear(self) -> GroupLinear:
-        return self.down
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(x)
-
-    def decode(self, code: torch.Tensor) -> torch.Tensor:
-        return self.up(code)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.last_code = self.down(x)  # (B, T, G*r)
-        x_hat = self.up(self.last_code)
-        self.last_rec = relative_reconstruction(x, x_hat)
-        return x_hat
 
     @staticmethod
     def forward_stacked(codecs: list[GroupCodec], x: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,8 @@ import torch
 from ..config import ConfigError
 from ..kvcache import Layout, with_layers
 from ..models import Dims
-from ..losses import relative_reconstruction
 from .base import Adapter, AdapterOptions, option, register_adapter
+from .codec import DownUpCodec
 
 TARGETS = ("v", "k", "kv")
 INITS = ("random", "pca", "identity")
@@ -53,7 +53,7 @@ class VDProjOptions(AdapterOptions):
         return self.calib_samples if self.init == "pca" else 0
 
 
-class Compressor(torch.nn.Module):
+class Compressor(DownUpCodec):
     """``x (B, T, d) -> up(down(x))``, keeping the relative reconstruction error of the last call.
 
     Its codec for the latent cache: ``encode = down`` (B, n, d) -> (B, n, r), ``decode = up``, ``linear``
@@ -62,38 +62,12 @@ class Compressor(torch.nn.Module):
     (B, T, r) of the last call (a method at the layer's attention that quantizes it reads it there).
     """
 
-    dtype = None  # the code is cached at the cache's dtype
-
     def __init__(self, d: int, r: int, bias: bool):
-        super().__init__()
-        self.down = torch.nn.Linear(d, r, bias=bias)
-        self.up = torch.nn.Linear(r, d, bias=bias)
-        self.last_rec: torch.Tensor | None = None
-        self.last_code: torch.Tensor | None = None
+        super().__init__(torch.nn.Linear(d, r, bias=bias), torch.nn.Linear(r, d, bias=bias))
 
     @property
     def width(self) -> int:
         return self.down.out_features
-
-    @property
-    def linear(self) -> torch.nn.Linear:
-        return self.up
-
-    @property
-    def encode_linear(self) -> torch.nn.Linear:
-        return self.down
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(x)
-
-    def decode(self, code: torch.Tensor) -> torch.Tensor:
-        return self.up(code)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.last_code = self.down(x)  # (B, T, r)
-        x_hat = self.up(self.last_code)
-        self.last_rec = relative_reconstruction(x, x_hat)
-        return x_hat
 
     @staticmethod
     def forward_stacked(comps: list[Compressor], x: torch.Tensor) -> torch.Tensor:
