@@ -444,7 +444,9 @@ def test_packed_lowrank_trials_report_what_they_report_alone():
         assert result.kv_bytes_per_layer == alone.kv_bytes_per_layer and result.status == "completed"
 
 
-def test_a_resumed_trial_with_allocated_ranks_reports_what_an_uninterrupted_one_does(tmp_path):
+def _crash_and_resume(tmp_path, before_resume=lambda: None) -> tuple[list, list]:
+    """A trial with allocated ranks run whole, then crashed after epoch 1 and resumed (``before_resume`` runs between):
+    the whole run's reports and the resumed run's, both stripped of what differs between runs."""
     from kvsweep.train import run_trial
 
     from .conftest import pattern_samples
@@ -462,38 +464,25 @@ def test_a_resumed_trial_with_allocated_ranks_reports_what_an_uninterrupted_one_
 
     with pytest.raises(Crash):
         run_trial(cfg, crash_after_one, checkpoint_dir=tmp_path / "a", base=skewed_base(), samples=pattern_samples(), log=lambda m: None)
+    before_resume()
     resumed = run_trial(cfg, checkpoint_dir=tmp_path / "b", resume_from=tmp_path / "a", base=skewed_base(), samples=pattern_samples(),
                         log=lambda m: None)
-    assert [_strip(m.to_report()) for m in resumed.history] == [_strip(m) for m in full]
+    return [_strip(m) for m in full], [_strip(m.to_report()) for m in resumed.history]
+
+
+def test_a_resumed_trial_with_allocated_ranks_reports_what_an_uninterrupted_one_does(tmp_path):
+    full, resumed = _crash_and_resume(tmp_path)
+    assert resumed == full
 
 
 def test_a_resumed_trial_keeps_the_ranks_it_started_with_whatever_calibration_gives_now(tmp_path, monkeypatch):
     from kvsweep.adapters.lowrank import LowRank
-    from kvsweep.train import run_trial
-
-    from .conftest import pattern_samples
-    from .test_pack import _cfg, _strip
-
-    cfg = _cfg([ERROR], epochs=3)
-    full = [m.to_report() for m in run_trial(cfg, base=skewed_base(), samples=pattern_samples(), log=lambda m: None).history]
-
-    class Crash(Exception):
-        pass
-
-    def crash_after_one(metrics, ckpt):
-        if metrics.epoch == 1:
-            raise Crash
-
-    with pytest.raises(Crash):
-        run_trial(cfg, crash_after_one, checkpoint_dir=tmp_path / "a", base=skewed_base(), samples=pattern_samples(), log=lambda m: None)
 
     def other_ranks(self, model, samples):  # a calibration that would allocate differently now (another machine, a near tie)
         self._shape({i: (1, 1) for i in self.layers})
 
-    monkeypatch.setattr(LowRank, "calibrate", other_ranks)
-    resumed = run_trial(cfg, checkpoint_dir=tmp_path / "b", resume_from=tmp_path / "a", base=skewed_base(), samples=pattern_samples(),
-                        log=lambda m: None)
-    assert [_strip(m.to_report()) for m in resumed.history] == [_strip(m) for m in full]  # trained on, as uninterrupted
+    full, resumed = _crash_and_resume(tmp_path, lambda: monkeypatch.setattr(LowRank, "calibrate", other_ranks))
+    assert resumed == full  # trained on, as uninterrupted
 
 
 def test_a_trial_with_allocated_ranks_loads_for_inference(tmp_path):
