@@ -5,6 +5,8 @@
     kvsweep eval --model pythia-70m --random-init --tokenizer tokenizer.json --data wiki.valid.raw   # the whole file
     kvsweep train --model tiny --data tiny --vdproj.rank 32 --out runs/r32      # --overwrite / --resume an earlier one
     kvsweep train --adapter ka_gated --ka_gated.layers 1 --vdproj.rank 32 --vdproj.init pca --out runs/both
+    kvsweep export runs/r32 -o exports/r32                # a trial's adapters to load elsewhere (kvsweep.load_exported)
+    kvsweep export ~/ray_results/vdproj --trial 1a2b3_00004 -o exports/best
     kvsweep tiny                                          # build (or show) the offline tiny preset
 """
 
@@ -76,6 +78,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_trial
+
+    export_trial(a.source, a.out, a.trial, overwrite=a.overwrite)
+    return 0
+
+
 def cmd_tiny(a: argparse.Namespace) -> int:
     from .tiny import ensure_tiny
 
@@ -117,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cache_parser(sub)
 
+    x = sub.add_parser("export", help="a trial's adapters (best epoch) as a folder to load elsewhere: weights, config, model card")
+    x.add_argument("source", help="a kvsweep train --out folder, or a sweep's results folder (with --trial)")
+    x.add_argument("--trial", default=None, help="the trial id (as in trials.parquet) or trial folder name, for a sweep's results")
+    x.add_argument("-o", "--out", required=True, help="the export folder (new or empty)")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    x.set_defaults(func=cmd_export)
+
     t = sub.add_parser("tiny", help="build (on first use) and describe the offline tiny preset")
     t.add_argument("--corpus", default=None, help="a text file to pretrain on instead of the standard library's documentation")
     t.set_defaults(func=cmd_tiny)
@@ -125,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("eval", "train", "tiny", "cache"):
+    if args.command in ("eval", "train", "tiny", "cache", "export"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight loading and saving bars; hub downloads keep theirs

@@ -238,6 +238,12 @@ class Adapter(torch.nn.Module):
     def spec(self) -> "AdapterSpec":
         return AdapterSpec(self.name, self.options)
 
+    def resolved_spec(self) -> "AdapterSpec":
+        """A spec that builds this adapter in its present shapes without calibrating: its own, except for a method
+        whose calibration shapes its modules, which writes the shapes it got as options (an exported trial loads
+        without calibration data)."""
+        return self.spec
+
     def layer_module(self, layer: int) -> torch.nn.Module:
         """What the tap of ``layer`` calls: ``(k, v) -> (k, v)`` for ``qkv``, ``a -> a`` for ``attention_output``, the
         attention for ``attention`` (``kvsweep.models.tap_attention``)."""

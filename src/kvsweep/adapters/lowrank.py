@@ -39,7 +39,7 @@ github.com/shadowpa0327/Palu).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Integral
 
 import numpy as np
@@ -48,7 +48,7 @@ import torch
 from ..config import ConfigError
 from ..kvcache import Layout, with_layers
 from ..models import Dims, qkv_rows
-from .base import Adapter, AdapterOptions, option, register_adapter
+from .base import Adapter, AdapterOptions, AdapterSpec, option, register_adapter
 from .codec import NAMES, GroupCodec, LayerLowRank
 
 INITS = ("svd", "whitened", "random")
@@ -220,6 +220,13 @@ class LowRank(Adapter):
 
             self._shape({i: (rank(i, "k"), rank(i, "v")) for i in self.layers})
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def resolved_spec(self) -> AdapterSpec:
+        """With ranks allocated in calibration: those ranks, one per adapted layer, instead of the budget."""
+        if not self.shaped_by_calibration:
+            return self.spec
+        k, v = (tuple(self.ranks[i][j] for i in self.layers) for j in (0, 1))
+        return AdapterSpec(self.name, replace(self.options, budget=None, allocation="uniform", k_rank=k, v_rank=v))
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, ranks (k, v) per layer: " + ", ".join(f"{i}: {rk}/{rv}" for i, (rk, rv) in self.ranks.items())
