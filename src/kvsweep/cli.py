@@ -5,6 +5,7 @@
     kvsweep eval --model pythia-70m --random-init --tokenizer tokenizer.json --data wiki.valid.raw   # the whole file
     kvsweep train --model tiny --data tiny --vdproj.rank 32 --out runs/r32      # --overwrite / --resume an earlier one
     kvsweep train --adapter ka_gated --ka_gated.layers 1 --vdproj.rank 32 --vdproj.init pca --out runs/both
+    kvsweep downstream RESULTS --tasks lambada_openai,piqa  # lm-eval tasks on the base and the sweep's front
     kvsweep tiny                                          # build (or show) the offline tiny preset
 """
 
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .latent.cli import add_parser as add_cache_parser
 
     add_cache_parser(sub)
+    from .downstream.cli import add_parser as add_downstream_parser
+
+    add_downstream_parser(sub)
 
     t = sub.add_parser("tiny", help="build (on first use) and describe the offline tiny preset")
     t.add_argument("--corpus", default=None, help="a text file to pretrain on instead of the standard library's documentation")
@@ -125,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("eval", "train", "tiny", "cache"):
+    if args.command in ("eval", "train", "tiny", "cache", "downstream"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight loading and saving bars; hub downloads keep theirs
