@@ -93,6 +93,17 @@ def tiny_folder():
     return ensure_tiny()
 
 
+@pytest.fixture(scope="session")
+def smoke_sweep(tiny_folder, tmp_path_factory) -> Path:
+    """The results folder of one finished ``sweeps/vdproj.py --smoke-test`` (4 V-DProj trials on tiny, 2 epochs), run once
+    per test session; tests that change anything copy it first."""
+    from .sweeps import run
+
+    storage = tmp_path_factory.mktemp("smoke-sweep")
+    run(storage=storage)
+    return storage / "vdproj-smoke"
+
+
 @pytest.fixture
 def frozen_vdproj():
     """A training-free method for the tests that ask for it: V-DProj at its init, without trainable parameters."""

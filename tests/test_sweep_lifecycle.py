@@ -26,12 +26,10 @@ pytestmark = pytest.mark.slow
 SMOKE_SPACE = {"rank": [32, 64], "init": ["random", "pca"], "schedule": ["rec_to_lm"], "seed": [0]}  # sweeps/vdproj.py's
 
 
-@pytest.fixture(scope="module")
-def finished(tiny_folder, tmp_path_factory) -> Path:
-    """The folder of a finished smoke sweep; tests copy it before they change anything."""
-    storage = tmp_path_factory.mktemp("finished")
-    run(storage=storage)
-    return storage / "vdproj-smoke"
+@pytest.fixture
+def finished(smoke_sweep) -> Path:
+    """The folder of a finished smoke sweep (the session's); tests copy it before they change anything."""
+    return smoke_sweep
 
 
 def _copy(finished: Path, storage: Path) -> Path:
