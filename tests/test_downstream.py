@@ -129,6 +129,18 @@ def test_unknown_tasks_and_folders_are_named(tmp_path):
         task_manager(DownstreamCfg(tasks=("kvsweep_clozee",), include_path=str(TASKS)))
 
 
+def test_unknown_trials_are_refused_before_any_model_loads(tmp_path):
+    from kvsweep.downstream import run_downstream
+    from kvsweep.latent.trial import UnknownTrialError
+    from kvsweep.report.synthetic import write_synthetic
+
+    src = write_synthetic(tmp_path / "r", 6, seed=3)
+    with pytest.raises(UnknownTrialError, match="nope"):
+        run_downstream(src, DownstreamCfg(tasks=("piqa",)), trials=["nope"])
+    with pytest.raises(MissingFileError, match="neither"):
+        run_downstream(tmp_path, DownstreamCfg(tasks=("piqa",)))
+
+
 def _synthetic_with_downstream(tmp_path):
     from kvsweep.report.synthetic import write_synthetic
 
@@ -203,3 +215,25 @@ def test_downstream_on_a_train_folder_offline_writes_rows_for_the_base_and_the_t
     again = pq.read_table(out / "downstream.parquet").to_pylist()
     assert len(again) == len(rows) and {(r["trial_id"], r["task"], r["metric"]) for r in again} == got
     shutil.rmtree(out)
+
+
+@pytest.mark.slow
+def test_downstream_on_a_sweeps_front_and_its_report(smoke_sweep, tmp_path, monkeypatch):
+    from kvsweep.downstream import front_trials, run_downstream
+    from kvsweep.report import build_report
+
+    monkeypatch.chdir(ROOT)
+    results = tmp_path / "vdproj-smoke"
+    shutil.copytree(smoke_sweep, results)  # the session's sweep stays as it is
+    cfg = DownstreamCfg(tasks=("kvsweep_choice",), include_path=str(TASKS), limit=4, device="cpu")
+    path, rows = run_downstream(results, cfg)
+    front = front_trials(results)
+    assert front and path == results / "downstream.parquet"
+    assert {r["trial_id"] for r in rows.to_pylist()} == {None, *front}
+    trials = {r["trial_id"]: r for r in pq.read_table(results / "trials.parquet").to_pylist()}
+    for r in rows.to_pylist():
+        want = trials[r["trial_id"]]["kv_bytes_per_token"] if r["trial_id"] else trials[front[0]]["kv_bytes_per_token_base"]
+        assert r["kv_bytes_per_token"] == want and r["sweep"] == "vdproj-smoke"
+    md = (build_report([str(results)], tmp_path / "rep") / "report.md").read_text()
+    section = md.split("## Downstream tasks", 1)[1].split("\n## ", 1)[0]
+    assert "kvsweep_choice acc" in section and "| base " in section and sum(line.startswith("| kvsweep_choice acc (limit 4) ") for line in section.splitlines()) == len(front) + 1

@@ -26,13 +26,10 @@ from lm_eval.tasks import TaskManager
 from ..adapters.options import describe
 from ..config import ConfigError, MissingFileError, ModelCfg
 from ..kvcache import bytes_per_token
-from ..latent.trial import load_trial, trial_specs
-try:
-    from ..latent.trial import load_sweep_trial
-except ImportError:
-    pass
-from ..models import Base, load_base
+from ..latent.trial import TRIAL_FILE, TrialRecord, find_trial, trial_adapters, trial_specs
+from ..models import dims, load_base
 from ..report import analyze, load_all
+from ..report.load import TRIALS
 from ..results import write_parquet
 from ..results.downstream import DOWNSTREAM_FILE, DownstreamRow, downstream_table, merge_downstream
 from .harness import KvsweepLM
@@ -109,37 +106,22 @@ def score(lm: KvsweepLM, cfg: DownstreamCfg, tm: TaskManager) -> list[dict]:
     return rows
 
 
-@dataclass(frozen=True)
-class _Source:
-    folder: Path
-    sweep: str | None  # None: a kvsweep train folder
-    trials: tuple[str, ...]
-    model: ModelCfg
-
-
-def _source(source: str | Path, trials: Sequence[str] | None, front: bool) -> _Source:
+def _records(source: str | Path, trials: Sequence[str] | None, front: bool) -> tuple[Path, list[TrialRecord], ModelCfg, str | None]:
+    """The folder, the trials to evaluate (checked before any model loads), the base's config and the sweep's name."""
     folder = Path(source).expanduser()
-    if (folder / "trial.json").is_file():
+    if (folder / TRIAL_FILE).is_file():
         if trials:
             raise ConfigError(f"{folder} is one trial (a kvsweep train folder): give no trial ids")
-        model, _specs = trial_specs(json.loads((folder / "trial.json").read_text())["config"])
-        return _Source(folder, None, (folder.name,), model)
-    if not (folder / "trials.parquet").is_file():
-        raise MissingFileError(f"{source}: neither a sweep's results folder (trials.parquet) nor a kvsweep train folder (trial.json)")
-    tbl = pq.read_table(folder / "trials.parquet", columns=["trial_id", "sweep", "config"])
-    ids = tbl.column("trial_id").to_pylist()
-    if trials:
-        unknown = [t for t in trials if t not in ids]
-        if unknown:
-            raise ConfigError(f"{folder}: no trial {', '.join(unknown)} (its trials: {', '.join(ids[:8])}{', ...' if len(ids) > 8 else ''})")
-        chosen = tuple(trials)
-    elif front:
-        chosen = front_trials(folder)
-    else:
-        chosen = ()
-    model, _specs = trial_specs(json.loads(tbl.column("config")[0].as_py()))
-    sweeps = {s for s in tbl.column("sweep").to_pylist() if s}
-    return _Source(folder, sweeps.pop() if len(sweeps) == 1 else folder.name, chosen, model)
+        record = find_trial(folder)
+        return folder, [record], trial_specs(record.config)[0], None
+    if not (folder / TRIALS).is_file():
+        raise MissingFileError(f"{source}: neither a sweep's results folder ({TRIALS}) nor a kvsweep train folder ({TRIAL_FILE})")
+    ids = list(trials) if trials else list(front_trials(folder)) if front else []
+    records = [find_trial(folder, t) for t in ids]
+    if records:
+        return folder, records, trial_specs(records[0].config)[0], records[0].sweep
+    tbl = pq.read_table(folder / TRIALS, columns=["sweep", "config"])
+    return folder, [], trial_specs(json.loads(tbl.column("config")[0].as_py()))[0], tbl.column("sweep")[0].as_py()
 
 
 def front_trials(results: str | Path) -> tuple[str, ...]:
@@ -149,7 +131,7 @@ def front_trials(results: str | Path) -> tuple[str, ...]:
     return tuple(ids[int(i)] for p in an.front for i in an.points.members[int(p)])
 
 
-def _rows(scores: list[dict], base: Base, lm: KvsweepLM, cfg: DownstreamCfg, sweep: str | None, methods: str) -> list[DownstreamRow]:
+def _rows(scores: list[dict], lm: KvsweepLM, cfg: DownstreamCfg, sweep: str | None, methods: str) -> list[DownstreamRow]:
     kv = bytes_per_token(lm.decoder.layout(), cfg.cache_dtype)
     at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return [DownstreamRow(sweep=sweep, task=s["task"], metric=s["metric"], value=s["value"], stderr=s["stderr"], samples=s["samples"],
@@ -166,38 +148,38 @@ def run_downstream(source: str | Path, cfg: DownstreamCfg, *, trials: Sequence[s
     of this run.
 
     Raises:
-        ConfigError: an unknown task or trial id, or nothing to evaluate.
-        MissingFileError: ``source`` is neither results nor a trial folder, or a trial has no checkpoint.
+        ConfigError: an unknown task, trial ids for a train folder, or nothing to evaluate.
+        UnknownTrialError: a trial id the results do not hold (checked before any model loads).
+        MissingFileError: ``source`` is neither results nor a trial folder; NoCheckpointError (one): a trial with weights
+            left no checkpoint (stopped before its first epoch).
         CheckpointError: a trial's checkpoint is damaged.
     """
-    src = _source(source, trials, front)
-    if not src.trials and not base:
+    folder, records, model, sweep = _records(source, trials, front)
+    if not records and not base:
         raise ConfigError("nothing to evaluate: no trials chosen and the base left out")
     tm = task_manager(cfg)
+    b = load_base(model if cfg.device is None else replace(model, device=cfg.device), log=log)  # one base for every trial
     pairs: list[tuple[str | None, DownstreamRow]] = []
     if base:
-        model = src.model if cfg.device is None else replace(src.model, device=cfg.device)
-        b = load_base(model, log=log)
         lm = KvsweepLM(b, [], batch_size=cfg.batch_size, cache_dtype=cfg.cache_dtype)
-        pairs += [(None, r) for r in _rows(score(lm, cfg, tm), b, lm, cfg, src.sweep, "")]
-        log(f"downstream: base {b.name}: {_brief(pairs)}")
-    for t in src.trials:
-        loaded = load_trial(src.folder, device=cfg.device, log=log) if src.sweep is None else \
-            load_sweep_trial(src.folder, t, device=cfg.device, log=log)
-        b, adapters, _config = loaded
+        rows = _rows(score(lm, cfg, tm), lm, cfg, sweep, "")
+        pairs += [(None, r) for r in rows]
+        log(f"downstream: base {b.name}: {_brief(rows)}")
+    for rec in records:
+        adapters = [a.to(b.device) for a in trial_adapters(rec, dims(b.config))]
         lm = KvsweepLM(b, adapters, batch_size=cfg.batch_size, cache_dtype=cfg.cache_dtype)
-        rows = _rows(score(lm, cfg, tm), b, lm, cfg, src.sweep, describe([a.spec for a in adapters]))
-        pairs += [(t, r) for r in rows]
-        log(f"downstream: trial {t}: {_brief([(t, r) for r in rows])}")
+        rows = _rows(score(lm, cfg, tm), lm, cfg, sweep, describe([a.spec for a in adapters]))
+        pairs += [(rec.trial_id, r) for r in rows]
+        log(f"downstream: trial {rec.trial_id} ({rows[0].methods if rows else ''}): {_brief(rows)}")
     new = downstream_table(pairs)
-    path = src.folder / DOWNSTREAM_FILE
+    path = folder / DOWNSTREAM_FILE
     old = pq.read_table(path) if path.is_file() else None
     write_parquet(merge_downstream(old, new), path)
     return path, new
 
 
-def _brief(pairs: list[tuple[str | None, DownstreamRow]]) -> str:
-    return ", ".join(f"{r.task} {r.metric} {r.value:.4g}" for _t, r in pairs[-8:])
+def _brief(rows: list[DownstreamRow]) -> str:
+    return ", ".join(f"{r.task} {r.metric} {r.value:.4g}" for r in rows)
 
 
 __all__ = ["DownstreamCfg", "front_trials", "run_downstream", "score", "task_manager"]
