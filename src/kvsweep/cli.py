@@ -7,6 +7,7 @@
     kvsweep train --adapter ka_gated --ka_gated.layers 1 --vdproj.rank 32 --vdproj.init pca --out runs/both
     kvsweep export runs/r32 -o exports/r32                # a trial's adapters to load elsewhere (kvsweep.load_exported)
     kvsweep export ~/ray_results/vdproj --trial 1a2b3_00004 -o exports/best
+    kvsweep downstream RESULTS --tasks lambada_openai,piqa  # lm-eval tasks on the base and the sweep's front
     kvsweep tiny                                          # build (or show) the offline tiny preset
 """
 
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .latent.cli import add_parser as add_cache_parser
 
     add_cache_parser(sub)
+    from .downstream.cli import add_parser as add_downstream_parser
+
+    add_downstream_parser(sub)
 
     x = sub.add_parser("export", help="a trial's adapters (best epoch) as a folder to load elsewhere: weights, config, model card")
     x.add_argument("source", help="a kvsweep train --out folder, or a sweep's results folder (with --trial)")
@@ -141,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("eval", "train", "tiny", "cache", "export"):
+    if args.command in ("eval", "train", "tiny", "cache", "export", "downstream"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight loading and saving bars; hub downloads keep theirs

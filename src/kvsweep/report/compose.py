@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from . import figures, front_tables, leaderboard, tables, trial_tables
+from . import downstream, figures, front_tables, leaderboard, tables, trial_tables
 from .analysis import Analysis, pick_evenly
 from .frontier_csv import frontier_csv
 from .notices import CANDIDATES, SEEDS, front_summary, headline_sentence, hypervolume_sentence, notices, plural, search_sentence
@@ -91,6 +91,28 @@ def _families(an: Analysis, budgets: tuple[float, ...], decode: leaderboard.Deco
     return Section("Families and the leaderboard", tuple(blocks))
 
 
+def _downstream(an: Analysis, images: dict[str, bytes]) -> Section | None:
+    items, left = downstream.settings(an)
+    if not items and not left:
+        return None
+    blocks: list = [
+        "lm-evaluation-harness tasks (`kvsweep downstream`) of the base and of the trials it evaluated, by point: the mean "
+        "over the seeds evaluated with a 95% CI, or lm-eval's standard error for one seed. Scoring tasks ran the adapted "
+        "forward, generation tasks the latent cache. Points are numbered as on the front (# n)."]
+    png = downstream.downstream_figure(an, items)
+    if png is not None:
+        images["downstream.png"] = png
+        blocks.append(Image("downstream.png", "Downstream scores against KV bytes/token",
+                            "Per task (its main metric), each evaluated point's score against its KV bytes/token, coloured by "
+                            "variant, with 95% CI bars over seeds (one seed: ± lm-eval's stderr); the star and dashed line are the base's."))
+    if left:
+        more = ", ..." if len(left) > 10 else ""
+        blocks.append(f"Left out: {plural(len(left), 'evaluated trial')} that {'is' if len(left) == 1 else 'are'} no front "
+                      f"candidate (stopped by the scheduler, failed, or not in these results): {', '.join(left[:10])}{more}.")
+    blocks.append(downstream.downstream_table(an, items))
+    return Section("Downstream tasks", tuple(blocks))
+
+
 def build(an: Analysis, *, title: str, budgets: tuple[float, ...] = leaderboard.BUDGETS,
           decode: leaderboard.DecodeFigures | None = None) -> Built:
     """The report's document, figures and frontier.csv; ``budgets`` (shares of the base's KV bytes/token) and the decode
@@ -115,6 +137,9 @@ def build(an: Analysis, *, title: str, budgets: tuple[float, ...] = leaderboard.
         ("Test and validation" if an.headline == "test" else "Validation") + " PPL of the base and of each front point (best epoch, "
         "mean over seeds, 95% CI). Difference = point - base; degradation = 100 * (point - base) / base.",
         front_tables.overall_ppl_table(an, front))))
+    down = _downstream(an, images)
+    if down is not None:
+        sections.append(down)
     sections.append(_memory(an, chosen, images))
     sections.append(Section("Hypervolume", (
         "The area the front dominates between it and the reference point (the base's cost, the base's PPL x 1.5), both minimised: "

@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from ..config import error_reason
+from ..results.downstream import DOWNSTREAM_FILE, DOWNSTREAM_SCHEMA
 from ..results import EPOCH_SCHEMA, POSITION_SCHEMA, READABLE_VERSIONS, SCHEMA_VERSION, TRIAL_SCHEMA, option_column_names, upgrade
 from .errors import NoResultsError, NotResultsError, ReportError, SchemaError
 from .sweepinfo import SWEEP_FILE, SweepInfo, read_sweep_info
@@ -45,6 +46,7 @@ class Results:
     positions: pa.Table | None  # POSITION_SCHEMA with "split", or None when the file is missing
     notes: tuple[str, ...] = ()
     sweep: SweepInfo | None = None  # from sweep.json, where the folder is a sweep's
+    downstream: pa.Table | None = None  # DOWNSTREAM_SCHEMA: downstream.parquet (lm-eval scores), where the folder has one
 
 
 def open_source(source: str) -> tuple[pafs.FileSystem, str]:
@@ -160,8 +162,11 @@ def load_results(source: str) -> Results:
     if SWEEP_FILE in entries:
         info, note = read_sweep_info(filesystem, f"{path}/{SWEEP_FILE}")
         notes += [note] if note else []
+    downstream = None
+    if DOWNSTREAM_FILE in entries:
+        downstream = read_table(filesystem, f"{path}/{DOWNSTREAM_FILE}", DOWNSTREAM_SCHEMA, f"{shown}/{DOWNSTREAM_FILE}", "downstream")
     return Results(source=source, label=label, trials=trials, epochs=tables[EPOCHS], positions=tables[POSITIONS],
-                   notes=tuple(notes), sweep=info)
+                   notes=tuple(notes), sweep=info, downstream=downstream)
 
 
 def load_all(sources: list[str]) -> list[Results]:
@@ -174,5 +179,5 @@ def load_all(sources: list[str]) -> list[Results]:
     for r in results:
         seen[r.label] += 1
         label = r.label if seen[r.label] == 1 else f"{r.label}#{seen[r.label]}"
-        out.append(Results(r.source, label, r.trials, r.epochs, r.positions, r.notes, r.sweep))
+        out.append(replace(r, label=label))
     return out
