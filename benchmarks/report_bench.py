@@ -5,8 +5,9 @@
 
 Writes synthetic results in a child process (not timed, and not in this process's peak memory), then times
 ``build_report`` end to end: reading and checking the Parquet files, the fronts, the tables, the figures (PNG), and
-writing report.md, report.html and frontier.csv. Prints the time of each phase, the total and this process's peak
-resident memory (``ru_maxrss``: the report alone, since this process only reads and reports).
+writing report.md, report.html and frontier.csv. Prints the wall and CPU time of each phase (CPU: this process's
+user + system seconds, less sensitive than wall time to other work on a shared machine), the total and this process's
+peak resident memory (``ru_maxrss``: the report alone, since this process only reads and reports).
 """
 
 from __future__ import annotations
@@ -58,31 +59,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synthetic results ({t_write:.1f} s, peak {peak_rss(resource.RUSAGE_CHILDREN) / GIB:.2f} GiB, in a child process): "
               f"{', '.join(f'{n} {rows[n]:,} rows' for n in sorted(rows))}")
 
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = build_report([str(results)], root / "report")
-        total = time.perf_counter() - t
+        total, cpu = time.perf_counter() - t, time.process_time() - c
         cold_peak = peak_rss()
-        print(f"build_report end to end, cold (first call in this process, matplotlib loaded on the way): {total:.2f} s "
-              f"(+ {t_import:.2f} s importing kvsweep.report) for {a.trials:,} trials -> {out}")
+        print(f"build_report end to end, cold (first call in this process, matplotlib loaded on the way): {total:.2f} s, "
+              f"CPU {cpu:.2f} s (+ {t_import:.2f} s importing kvsweep.report) for {a.trials:,} trials -> {out}")
         print(f"peak resident memory of this process after it: {cold_peak / GIB:.2f} GiB")
 
         from kvsweep.report import compose, load, render
 
-        t = time.perf_counter()
-        res = load.load_all([str(results)])
-        t_load = time.perf_counter() - t
-        t = time.perf_counter()
-        an = analyze(res)
-        t_front = time.perf_counter() - t
-        t = time.perf_counter()
-        built = compose.build(an, title="bench")
-        t_build = time.perf_counter() - t
-        t = time.perf_counter()
-        render.markdown(built.doc), render.html_document(built.doc, built.images)
-        t_render = time.perf_counter() - t
-        print(f"  phases, warm: load+check {t_load:.2f} s, fronts {t_front:.2f} s, tables+figures {t_build:.2f} s, "
-              f"render {t_render:.2f} s (front: {an.front.size} of {an.points.n:,} configurations of {an.n:,} trials); "
-              f"peak resident memory {peak_rss() / GIB:.2f} GiB")
+        wall, cpu_s = {}, {}
+
+        def timed(name: str, fn):
+            t, c = time.perf_counter(), time.process_time()
+            value = fn()
+            wall[name], cpu_s[name] = time.perf_counter() - t, time.process_time() - c
+            return value
+
+        res = timed("load+check", lambda: load.load_all([str(results)]))
+        an = timed("fronts", lambda: analyze(res))
+        built = timed("tables+figures", lambda: compose.build(an, title="bench"))
+        timed("render", lambda: (render.markdown(built.doc), render.html_document(built.doc, built.images)))
+        print("  phases, warm: " + ", ".join(f"{k} {wall[k]:.2f} s (CPU {cpu_s[k]:.2f} s)" for k in wall)
+              + f"; front: {an.front.size} of {an.points.n:,} configurations of {an.n:,} trials; peak resident memory {peak_rss() / GIB:.2f} GiB")
         seconds, memory = target(a.trials)
         met = total + t_import < seconds and cold_peak < memory
         print(f"target < {seconds:.0f} s and < {memory / GIB:.0f} GiB (cold, with the import): {'met' if met else 'MISSED'}")
