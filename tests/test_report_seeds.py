@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,6 +18,7 @@ from kvsweep.cli import main as cli_main
 from kvsweep.report import ReportError, analyze, build_report
 from kvsweep.report.front_tables import front_volumes, frontier_table, hypervolume_table, memory_table, overall_ppl_table
 from kvsweep.report.load import load_all
+from kvsweep.report.points import configuration_codes, group
 from kvsweep.report.synthetic import write_synthetic
 from kvsweep.report.tables import scheduler_table, search_table, status_table
 
@@ -219,3 +221,18 @@ def test_results_without_a_test_split_say_the_figures_are_validation(hand_result
     md = (build_report([hand_results], tmp_path / "out") / "report.md").read_text()
     assert "No test PPL in these results" in md and "Validation PPL per position bucket" in md
     assert read_csv(tmp_path / "out" / "frontier.csv")[0]["test_ppl_mean"] == ""
+
+
+def test_configurations_are_grouped_by_everything_but_the_seed():
+    cfg = {"rank": 8, "train": {"lr": 1e-4, "seed": 0}, "data": {"seed": 1}}
+    text = [json.dumps(cfg), json.dumps({"data": {"seed": 1}, "train": {"seed": 5, "lr": 1e-4}, "rank": 8}, indent=1),  # 0, 1: one
+            json.dumps({**cfg, "data": {"seed": 2}}),  # 2: another data seed is another configuration
+            json.dumps({**cfg, "seed": 3}), "", None, None, "not json", json.dumps(cfg)]  # 3 pools with 0 (a top-level seed); 4-6 too
+    tbl = pa.table({"variant": ["v"] * 9, "kv_bytes_per_token": [1.0] * 5 + [float("nan")] * 2 + [1.0, 1.0],
+                    "vdproj.rank": [8] * 8 + [None], "config": text, "seed": [2, 1, 0, None, 0, 1, 0, 0, 0]})
+    source = np.array([0, 0, 0, 0, 0, 0, 0, 1, 0])
+    rows = np.arange(9)
+    groups = [m.tolist() for m in group(rows, configuration_codes(tbl, source, rows), tbl.column("seed").to_pylist())]
+    # by first trial; members by seed, nulls last; "" is no config; NaN KV bytes equal NaN; another source or rank: not pooled
+    assert groups == [[1, 0, 3], [2], [4], [6, 5], [7], [8]]
+    assert group(rows[:0], configuration_codes(tbl, source, rows[:0]), []) == []

@@ -11,7 +11,7 @@ import pytest
 
 from kvsweep.report import break_even, hypervolume, memory_at, normalised_hypervolume, t_interval
 from kvsweep.report.memory import DEFAULT_CONTEXT, CostAxis, default_context
-from kvsweep.report.stats import Interval, distinguishable, t_quantile
+from kvsweep.report.stats import Interval, Intervals, distinguishable, t_quantile
 
 # Student's t, two-sided 95% (the 0.975 quantile), from printed tables: 1 dof 12.706, 2 dof 4.303, 4 dof 2.776.
 T_1, T_2, T_4 = 12.7062047, 4.3026527, 2.7764451
@@ -161,3 +161,24 @@ def test_cost_axis_checks_its_values():
         CostAxis("bytes", 100, "")
     with pytest.raises(ValueError, match="context"):
         CostAxis("memory-at-L", 0, "")
+
+
+def test_intervals_of_many_groups_are_each_groups_t_interval():
+    rng = np.random.default_rng(3)
+    groups = []
+    for k in [0, 1, 2, 3, 5, 8, 9, 13] * 4:  # numpy sums 8 and more values pairwise: those counts too
+        g = rng.gamma(2.0, 30.0, k)
+        g[rng.random(k) < 0.15] = np.nan
+        if k and rng.random() < 0.2:
+            g[0] = np.inf
+        groups.append(g)
+    iv = Intervals.of(groups)
+    for k, g in enumerate(groups):
+        one = t_interval(g)
+        assert iv.n[k] == one.n
+        for got, want in ((iv.mean[k], one.mean), (iv.low[k], one.low), (iv.high[k], one.high)):
+            assert got == want or (math.isnan(got) and math.isnan(want))  # the same numbers, not just close ones
+    flat = Intervals.of_flat([1.0, 2.0, 3.0, 7.0], [3, 0, 1])
+    assert flat[0] == t_interval([1.0, 2.0, 3.0]) and flat.n.tolist() == [3, 0, 1] and flat.mean[2] == 7.0
+    with pytest.raises(ValueError, match="add up"):
+        Intervals.of_flat([1.0, 2.0], [1])

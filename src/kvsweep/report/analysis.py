@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from .load import Results
 from .memory import CostAxis, default_context
 from .pareto import Eligibility, eligible, fronts_by_group, pareto_front
-from .points import Points, configuration_keys, group, make_points
+from .points import Points, configuration_codes, group, make_points
 from .stats import Interval, t_interval
 
 NO_VARIANT = "(no variant)"
@@ -183,7 +183,8 @@ def analyze(results: list[Results], *, x: str = "bytes-per-token", context: int 
     kv_base, cost = _floats(trials, "kv_bytes_per_token_base"), axis.cost(fixed, kv_bytes)
     elig = eligible(status, cost, val_ppl, FRONT_STATUSES)
     seed = trials.column("seed").to_pylist()
-    members = group(configuration_keys(trials, source_index), elig.candidate, seed)
+    rows = np.flatnonzero(elig.candidate)
+    members = group(rows, configuration_codes(trials, source_index, rows), seed)
     points = make_points(members, key=key, source_index=source_index, variant=variant, family=family, seed=seed, kv=kv_bytes, fixed=fixed,
                          kv_base=kv_base, base_val=base_ppl, base_test=base_test, val=val_ppl, test=test_ppl)
     point_of = np.full(trials.num_rows, -1, dtype=np.intp)

@@ -52,10 +52,10 @@ def palette(n: int) -> list:
 def variant_colours(an: Analysis) -> dict[str, tuple]:
     """Variant -> RGBA colour, over all of the analysis's trials; every figure colours a trial by its variant with it.
     With several families, a family is a hue (``family_colours``) and its variants are shades of it."""
-    names = sorted(set(an.variant.tolist()))
     family_of: dict[str, str] = {}
-    for v, f in zip(an.variant.tolist(), an.family.tolist()):
+    for v, f in dict.fromkeys(zip(an.variant.tolist(), an.family.tolist())):  # the distinct pairs, by first trial
         family_of.setdefault(v, f)
+    names = sorted(family_of)
     hues = family_colours(an)
     if len(hues) < 2:
         return dict(zip(names, palette(len(names))))

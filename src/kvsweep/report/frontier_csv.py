@@ -14,6 +14,7 @@ import io
 import math
 
 import numpy as np
+import pyarrow as pa
 from numpy.typing import NDArray
 
 from ..results import TRIAL_SCHEMA, option_column_names
@@ -45,10 +46,9 @@ def frontier_csv(an: Analysis, idx: NDArray[np.intp]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["front_rank", "source"] + columns + list(POINT_COLUMNS))
-    cols = {n: an.column(n) for n in columns}
     P, L = an.points, an.axis.context
-    for n, p in enumerate(idx, 1):
-        first = P.first(int(p))
+    firsts = an.trials.select(columns).take(pa.array([P.first(int(p)) for p in idx], pa.int64())).to_pylist()  # the front's first trials
+    for n, (p, trial) in enumerate(zip(idx, firsts), 1):
         share = share_of_base(P.kv[p], P.kv_base[p])
         distinct = flag(an, int(p))
         point = [
@@ -57,6 +57,6 @@ def frontier_csv(an: Analysis, idx: NDArray[np.intp]) -> str:
             "" if distinct is None else distinct, share, L, float(memory_at(L, P.fixed[p], P.kv[p])), L * P.kv_base[p],
             float(break_even(P.fixed[p], P.kv[p], P.kv_base[p])), an.axis.kind,
         ]
-        row = [n, an.results[P.source[p]].label] + [cols[c][first] for c in columns] + point
+        row = [n, an.results[P.source[p]].label] + [trial[c] for c in columns] + point
         w.writerow([_cell(v) for v in row])
     return buf.getvalue()

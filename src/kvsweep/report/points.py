@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from ..results import option_column_names
@@ -39,42 +40,56 @@ def _without_seed(config: str | None) -> object:
     return d
 
 
-def configuration_keys(trials: pa.Table, source_index: NDArray[np.intp]) -> list[str]:
-    """One text per trial that is equal for two trials exactly when they come from one results folder and differ at
-    most by their seed (see the module's docstring)."""
+def _codes(column: pa.ChunkedArray) -> NDArray[np.int64]:
+    """Per row, a number that is equal for two rows exactly when their values are (null: -1; NaN equals NaN, as in the
+    keys' JSON); through Arrow's dictionary encoding, or the values' JSON where a type has no such kernel."""
+    try:
+        encoded = pc.dictionary_encode(column).combine_chunks()
+        return pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    except pa.ArrowNotImplementedError:
+        seen: dict[str, int] = {}
+        return np.array([seen.setdefault(json.dumps(v, sort_keys=True, default=str), len(seen)) for v in column.to_pylist()],
+                        dtype=np.int64)
+
+
+def _config_codes(column: pa.ChunkedArray) -> NDArray[np.int64]:
+    """Per row, a number that is equal for two rows exactly when their configs less the seed are (``_without_seed``);
+    each distinct config text is parsed once."""
+    encoded = pc.dictionary_encode(column).combine_chunks()
+    seen: dict[str, int] = {}
+    text_code = np.array([seen.setdefault(json.dumps(_without_seed(t), sort_keys=True, default=str), len(seen))
+                          for t in encoded.dictionary.to_pylist()] + [seen.setdefault("null", len(seen))], dtype=np.int64)
+    return text_code[pc.fill_null(encoded.indices, len(encoded.dictionary)).to_numpy(zero_copy_only=False)]  # null: no config
+
+
+def configuration_codes(trials: pa.Table, source_index: NDArray[np.intp], rows: NDArray[np.intp]) -> NDArray[np.intp]:
+    """Per trial of ``rows`` (indices into ``trials``), a number that is equal for two of them exactly when they come from
+    one results folder and differ at most by their seed (see the module's docstring)."""
+    rows = np.asarray(rows, dtype=np.intp)
     names = [n for n in CONFIG_COLUMNS if n in trials.column_names] + sorted(option_column_names(trials.schema))
-    columns = [trials.column(n).to_pylist() for n in names]
-    configs = trials.column("config").to_pylist() if "config" in trials.column_names else [None] * trials.num_rows
-    keys = []
-    for k in range(trials.num_rows):
-        row = {n: c[k] for n, c in zip(names, columns)}
-        keys.append(json.dumps([int(source_index[k]), row, _without_seed(configs[k])], sort_keys=True, default=str))
-    return keys
+    names += ["config"] if "config" in trials.column_names else []
+    tbl = trials.select(names).take(pa.array(rows))
+    code = np.asarray(source_index, dtype=np.int64)[rows]
+    for n in names:
+        part = _config_codes(tbl.column(n)) if n == "config" else _codes(tbl.column(n))
+        _u, code = np.unique(code * (int(part.max(initial=0)) + 2) + part + 1, return_inverse=True)  # 0 .. configurations - 1
+    return code.astype(np.intp).ravel()
 
 
-def group(keys: list[str], mask: NDArray[np.bool_], seed: list) -> list[NDArray[np.intp]]:
-    """The trials where ``mask`` holds, grouped by key; groups in the order of their first trial, members by seed
-    (nulls last), then by index."""
-    groups: dict[str, list[int]] = {}
-    for i in np.flatnonzero(mask):
-        groups.setdefault(keys[i], []).append(int(i))
-    out = []
-    for members in groups.values():
-        members.sort(key=lambda i: (seed[i] is None, seed[i] if seed[i] is not None else 0, i))
-        out.append(np.array(members, dtype=np.intp))
-    out.sort(key=lambda m: int(m.min()))
-    return out
-
-
-def _mean_known(values: NDArray[np.float64], members: list[NDArray[np.intp]]) -> NDArray[np.float64]:
-    """Per group, the mean of its finite values (NaN when it has none)."""
-    out = np.full(len(members), np.nan)
-    for p, m in enumerate(members):
-        v = values[m]
-        v = v[np.isfinite(v)]
-        if v.size:
-            out[p] = float(v.mean())
-    return out
+def group(rows: NDArray[np.intp], codes: NDArray[np.intp], seed: list) -> list[NDArray[np.intp]]:
+    """The trials ``rows`` grouped by their ``codes`` (one per row); groups in the order of their first trial, members
+    by seed (nulls last), then by index."""
+    idx = np.asarray(rows, dtype=np.intp)
+    if idx.size == 0:
+        return []
+    no_seed = np.array([seed[i] is None for i in idx.tolist()], dtype=bool)
+    seed_value = np.array([0 if seed[i] is None else seed[i] for i in idx.tolist()], dtype=np.int64)
+    code = np.asarray(codes)
+    order = np.lexsort((idx, seed_value, no_seed, code))
+    starts = np.flatnonzero(np.r_[True, code[order][1:] != code[order][:-1]])
+    members = np.split(idx[order], starts[1:])
+    first = np.minimum.reduceat(idx[order], starts)
+    return [members[k] for k in np.argsort(first, kind="stable")]
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,12 @@ def make_points(members: list[NDArray[np.intp]], *, key: NDArray[np.object_], so
                 kv_base: NDArray[np.float64], base_val: NDArray[np.float64], base_test: NDArray[np.float64],
                 val: NDArray[np.float64], test: NDArray[np.float64]) -> Points:
     """The points of the groups ``members`` (trial indices), from the trials' arrays."""
+    flat = np.concatenate(members) if members else np.zeros(0, dtype=np.intp)  # every point's trials, one point after another
+    sizes = np.array([m.size for m in members], dtype=np.intp)
+
+    def of_points(values: NDArray[np.float64]) -> Intervals:
+        return Intervals.of_flat(values[flat], sizes)
+
     def label(m: NDArray[np.intp]) -> str:
         more = m.size - 1
         return str(key[m[0]]) + (f" (+{more} seed{'s' if more > 1 else ''})" if more else "")
@@ -120,7 +141,6 @@ def make_points(members: list[NDArray[np.intp]], *, key: NDArray[np.object_], so
         family=np.array([family[m[0]] for m in members], dtype=object),
         label=np.array([label(m) for m in members], dtype=object),
         seeds=tuple(tuple(seed[i] for i in m) for m in members),
-        kv=_mean_known(kv, members), fixed=_mean_known(fixed, members), kv_base=_mean_known(kv_base, members),
-        base_val=_mean_known(base_val, members), base_test=_mean_known(base_test, members),
-        val=Intervals.of([val[m] for m in members]), test=Intervals.of([test[m] for m in members]),
+        kv=of_points(kv).mean, fixed=of_points(fixed).mean, kv_base=of_points(kv_base).mean,  # the mean of the finite values, NaN without
+        base_val=of_points(base_val).mean, base_test=of_points(base_test).mean, val=of_points(val), test=of_points(test),
     )
