@@ -15,7 +15,9 @@ and shows each epoch once.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 
 from ray.tune.logger import TBXLoggerCallback
 
@@ -43,6 +45,8 @@ SCALARS = {
     "params/trainable": "trainable (adapter) parameters",
 }
 """The scalars each epoch writes, by name; also ``ppl_by_position/<lo>-<hi>``: validation PPL per position bucket."""
+
+_FILES = itertools.count()  # tensorboardX names a file by the second it opens it: two in one second would be one file
 
 
 def tensorboard_scalars(report: EpochReport) -> dict[str, float]:
@@ -85,7 +89,8 @@ class TensorBoardCallback(TBXLoggerCallback):
         if writer is None:
             trial.init_local_path()
             writer = self._trial_writer[trial] = self._summary_writer_cls(
-                trial.local_path, flush_secs=30, purge_step=first_step if resumed else None)
+                trial.local_path, flush_secs=30, purge_step=first_step if resumed else None,
+                filename_suffix=f".{os.getpid()}.{next(_FILES)}")
             self._trial_result.setdefault(trial, {})
         return writer
 
