@@ -13,8 +13,8 @@ from types import SimpleNamespace
 from kvsweep.config import DataCfg, SweepCfg, TrainCfg
 from kvsweep.results import BucketPPL, EpochMetrics, EpochReport, TrialConstants
 from kvsweep.sweepargs import sweep_cfg, sweep_parser
-from kvsweep.tune.console import (AUTH_LOGGER, NEW_OUTPUT_ENV, SNAPSHOT_WARNING_ENV, ConsoleCallback, duration, quiet_ray,
-                                  quiet_ray_start, ray_init_kwargs)
+from kvsweep.tune.console import (AUTH_LOGGER, NEW_OUTPUT_ENV, SNAPSHOT_WARNING_ENV, TRIAL_ERRORS_ENV, ConsoleCallback, duration,
+                                  quiet_ray, quiet_ray_start, ray_init_kwargs)
 from kvsweep.tune.spec import specification
 from kvsweep.tune.tensorboard import SCALARS, TensorBoardCallback, tensorboard_scalars
 
@@ -133,8 +133,9 @@ def test_a_trial_tune_failed_names_its_error_file_and_a_restart_says_so(tmp_path
     start(cb, [trial], trial)
     cb.on_trial_error(iteration=0, trials=[trial], trial=trial)
     lines = out.getvalue().splitlines()
-    assert lines[1] == "[0:00] trial abcde_00000 failed (RuntimeError: boom); restarting from its last checkpoint"
-    assert lines[2] == "[0:00] trial abcde_00000 restarted (failure 1 of at most 3): vdproj.init=pca vdproj.rank=32"
+    assert lines[1] == (f"[0:00] trial abcde_00000 failed: RuntimeError: boom; traceback: {URI}/trial_abcde_00000/error.txt; "
+                        "restarting from its last checkpoint")
+    assert lines[2] == "[0:00] trial abcde_00000 restarted (1 of at most 2 restarts): vdproj.init=pca vdproj.rank=32"
     assert lines[3] == (f"[0:00] trial abcde_00000 error: RuntimeError: boom; traceback: {URI}/trial_abcde_00000/error.txt; its "
                         "output: Ray's worker logs in /tmp/ray/session_x/logs on node-a (pid 4242), or run with --verbose")
 
@@ -217,9 +218,10 @@ def test_verbose_is_a_flag_of_every_sweep_script_and_not_part_of_the_specificati
 def test_ray_is_quiet_unless_verbose_and_the_environment_is_restored(monkeypatch):
     monkeypatch.delenv(SNAPSHOT_WARNING_ENV, raising=False)
     monkeypatch.setenv(NEW_OUTPUT_ENV, "1")  # the user's own choice stays
+    monkeypatch.delenv(TRIAL_ERRORS_ENV, raising=False)
     with quiet_ray(False):
-        assert os.environ[SNAPSHOT_WARNING_ENV] == "0" and os.environ[NEW_OUTPUT_ENV] == "1"
-    assert SNAPSHOT_WARNING_ENV not in os.environ and os.environ[NEW_OUTPUT_ENV] == "1"
+        assert os.environ[SNAPSHOT_WARNING_ENV] == os.environ[TRIAL_ERRORS_ENV] == "0" and os.environ[NEW_OUTPUT_ENV] == "1"
+    assert SNAPSHOT_WARNING_ENV not in os.environ and TRIAL_ERRORS_ENV not in os.environ and os.environ[NEW_OUTPUT_ENV] == "1"
     with quiet_ray(True):
         assert SNAPSHOT_WARNING_ENV not in os.environ
     assert ray_init_kwargs(False) == {"log_to_driver": False, "logging_level": logging.WARNING}

@@ -16,9 +16,9 @@ terminal it is one line redrawn each second; elsewhere (a log file, a job's outp
 ends and otherwise at most every ``every`` seconds.
 
 ``quiet_ray`` gives what quiets Ray itself: ``ray.init``'s documented ``log_to_driver`` (the trials' output stays in
-Ray's worker logs) and ``logging_level`` (Ray's and Tune's INFO lines), and Tune's environment variable that
-silences its warning about frequent experiment snapshots (``CheckpointConfig(num_to_keep)`` forces one per
-trial checkpoint, which a sweep wants); ``quiet_ray_start`` Ray's notice that a new local Ray has token
+Ray's worker logs) and ``logging_level`` (Ray's and Tune's INFO lines); ``quiet_ray`` Tune's environment variables
+that silence its warning about frequent experiment snapshots (``CheckpointConfig(num_to_keep)`` forces one per
+trial checkpoint, which a sweep wants), its experiment box and its trials' tracebacks; ``quiet_ray_start`` Ray's notice that a new local Ray has token
 authentication on.
 """
 
@@ -43,6 +43,8 @@ from .writer import trial_status
 
 SNAPSHOT_WARNING_ENV = "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"  # Tune: 0 silences the warning
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"  # Tune: 0 selects the output engine that verbose=0 silences whole
+TRIAL_ERRORS_ENV = "TUNE_PRINT_ALL_TRIAL_ERRORS"  # Tune: 0 leaves a failed trial's traceback to its error.txt
+QUIET_TUNE = (SNAPSHOT_WARNING_ENV, NEW_OUTPUT_ENV, TRIAL_ERRORS_ENV)
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # its one warning: token authentication is on
 TTY_EVERY = 1.0  # seconds between redraws of a terminal's progress line
 LOG_EVERY = 30.0  # at most this often a progress line in a log, besides the one at each trial's end
@@ -56,10 +58,11 @@ def ray_init_kwargs(verbose: bool) -> dict:
 
 @contextmanager
 def quiet_ray(verbose: bool) -> Iterator[None]:
-    """While a round runs without ``verbose``: Tune's snapshot warning off (``SNAPSHOT_WARNING_ENV=0``) and Tune's
-    legacy output engine (``RAY_AIR_NEW_OUTPUT=0``: its default engine prints the experiment's configuration box
-    and paths even at ``verbose=0``), each unless the user set it; the environment as it was afterwards."""
-    quiet = {} if verbose else {k: "0" for k in (SNAPSHOT_WARNING_ENV, NEW_OUTPUT_ENV) if k not in os.environ}
+    """While a round runs without ``verbose``, Tune's documented environment variables of ``QUIET_TUNE`` at 0: its
+    snapshot warning off, its legacy output engine (the default one prints the experiment's configuration box and
+    paths even at ``verbose=0``), and a failed trial's traceback left to its ``error.txt`` (the console's line names
+    it); each unless the user set it; the environment as it was afterwards."""
+    quiet = {} if verbose else {k: "0" for k in QUIET_TUNE if k not in os.environ}
     os.environ.update(quiet)
     try:
         yield
@@ -138,7 +141,7 @@ class ConsoleCallback(tune.Callback):
         epoch = self._epoch(trial)
         searched = " ".join(f"{k}={trial.config.get(k)}" for k in self.searched if k in trial.config)
         if trial.num_failures:
-            what = f"restarted (failure {trial.num_failures} of at most {self.sweep.max_failures + 1})"
+            what = f"restarted ({trial.num_failures} of at most {self.sweep.max_failures} restarts)"
         elif epoch:
             what = f"resumed after epoch {epoch}"
         else:
@@ -167,7 +170,8 @@ class ConsoleCallback(tune.Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.trials = trials
-        self._line(f"trial {trial.trial_id} failed ({self._error_of(trial)}); restarting from its last checkpoint")
+        self._line(f"trial {trial.trial_id} failed: {self._error_of(trial)}; traceback: {self._error_file(trial)}; "
+                   "restarting from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.trials = trials
@@ -228,9 +232,12 @@ class ConsoleCallback(tune.Callback):
         lines = error_text(trial).strip().splitlines()
         return lines[-1] if lines else "trial failed"
 
-    def _error_line(self, trial, message: str) -> None:
+    def _error_file(self, trial) -> str:
         folder = os.path.basename(str(getattr(trial, "path", "") or "").rstrip("/"))
-        where = f"{self.experiment_uri}/{folder}/error.txt" if self.experiment_uri and folder else "its error.txt"
+        return f"{self.experiment_uri}/{folder}/error.txt" if self.experiment_uri and folder else "its error.txt"
+
+    def _error_line(self, trial, message: str) -> None:
+        where = self._error_file(trial)
         result = trial.last_result or {}
         node = f" on {result['hostname']}" if result.get("hostname") else ""
         pid = f" (pid {result['pid']})" if result.get("pid") else ""
