@@ -121,7 +121,7 @@ def test_each_trial_event_is_one_line_and_progress_follows_each_trials_end(tmp_p
     assert len(lines) == 17 and sum("progress:" in ln for ln in lines) == 4
 
 
-def test_a_trial_tune_failed_names_its_error_file_and_a_restart_says_so(tmp_path):
+def test_a_failed_trial_names_its_error_file_and_a_restart_or_a_resumed_trial_says_so(tmp_path):
     cb, out, _ = console()
     trial = FakeTrial(0, tmp_path, **{"vdproj.rank": 32, "vdproj.init": "pca"})
     trial.init_local_path()
@@ -132,12 +132,16 @@ def test_a_trial_tune_failed_names_its_error_file_and_a_restart_says_so(tmp_path
     trial.num_failures = 1
     start(cb, [trial], trial)
     cb.on_trial_error(iteration=0, trials=[trial], trial=trial)
+    other = FakeTrial(1, tmp_path, **{"vdproj.rank": 64, "vdproj.init": "pca"})
+    other.last_result = result(1, 60.0)  # a trial of an earlier run of the sweep, continued
+    start(cb, [trial, other], other)
     lines = out.getvalue().splitlines()
     assert lines[1] == (f"[0:00] trial abcde_00000 failed: RuntimeError: boom; traceback: {URI}/trial_abcde_00000/error.txt; "
                         "restarting from its last checkpoint")
     assert lines[2] == "[0:00] trial abcde_00000 restarted (1 of at most 2 restarts): vdproj.init=pca vdproj.rank=32"
     assert lines[3] == (f"[0:00] trial abcde_00000 error: RuntimeError: boom; traceback: {URI}/trial_abcde_00000/error.txt; its "
                         "output: Ray's worker logs in /tmp/ray/session_x/logs on node-a (pid 4242), or run with --verbose")
+    assert lines[5] == "[0:00] trial abcde_00001 resumed after epoch 1: vdproj.init=pca vdproj.rank=64"
 
 
 def test_off_a_terminal_the_progress_line_comes_at_most_every_30_seconds(tmp_path):
@@ -182,6 +186,7 @@ def test_tensorboard_files_hold_the_named_metrics_with_the_epoch_as_step(tmp_pat
     assert scalars(folder, "ppl/val") == {0: 70.0, 1: 60.0, 2: 55.0}  # epoch 0: the adapters at init
     assert scalars(folder, "kv/bytes_per_token") == {1: 1280.0, 2: 1280.0}
     assert scalars(folder, "ppl_by_position/16-32") == {1: 58.0, 2: 53.0}
+    assert tensorboard_events(folder)[0][1:3] == (0, "session_start")
     tags = {tag for _, _, tag, _ in tensorboard_events(folder)}
     assert set(SCALARS) <= tags and not any(t.startswith("ray/tune") for t in tags)
     assert tensorboard_scalars(EpochReport.failed(3, "boom")) == {}

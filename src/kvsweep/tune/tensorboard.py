@@ -7,10 +7,10 @@ takes its place): it writes, with tensorboardX, one event file per trial and dri
 as a run. Epoch 0 (the adapters at init) is written from the ``init_val_ppl`` the first epoch carries. At a
 trial's end Tune's hyperparameter summary (the searched values against the last scalars) is written as before.
 
-A trial continued by another driver (a killed sweep run again), or restarted after a failure, reports its
-checkpoint's epoch again (``EpochReport.resumed``, the same figures): its new event file starts with
-tensorboardX's ``purge_step`` at that epoch, so that TensorBoard drops what earlier files hold from that step on
-and shows each epoch once.
+Each event file starts with tensorboardX's ``purge_step`` at the first step it writes: TensorBoard drops what
+earlier files of the trial hold from that step on. A trial continued by another driver (a killed sweep run
+again), or restarted after a failure, reports its checkpoint's epoch again (``EpochReport.resumed``, the same
+figures) into a new file, and TensorBoard shows each epoch once.
 """
 
 from __future__ import annotations
@@ -84,13 +84,13 @@ class TensorBoardCallback(TBXLoggerCallback):
             self._trial_writer.pop(trial).close()
         self._trial_result[trial] = {}
 
-    def _writer(self, trial, first_step: int, resumed: bool):
+    def _writer(self, trial, first_step: int):
+        """The trial's writer; a new one (a new file) purges, in TensorBoard, what earlier files hold from its first step."""
         writer = self._trial_writer.get(trial)
         if writer is None:
             trial.init_local_path()
             writer = self._trial_writer[trial] = self._summary_writer_cls(
-                trial.local_path, flush_secs=30, purge_step=first_step if resumed else None,
-                filename_suffix=f".{os.getpid()}.{next(_FILES)}")
+                trial.local_path, flush_secs=30, purge_step=first_step, filename_suffix=f".{os.getpid()}.{next(_FILES)}")
             self._trial_result.setdefault(trial, {})
         return writer
 
@@ -102,9 +102,10 @@ class TensorBoardCallback(TBXLoggerCallback):
         scalars = tensorboard_scalars(report)
         if not scalars:
             return
-        writer = self._writer(trial, report.epoch, report.resumed)
-        if report.epoch == 1 and not report.resumed and report.trial is not None and math.isfinite(report.trial.init_val_ppl):
-            writer.add_scalar("ppl/val", report.trial.init_val_ppl, global_step=0)  # epoch 0: the adapters at init
+        init = report.trial.init_val_ppl if report.epoch == 1 and not report.resumed and report.trial is not None else math.nan
+        writer = self._writer(trial, 0 if math.isfinite(init) else report.epoch)
+        if math.isfinite(init):
+            writer.add_scalar("ppl/val", init, global_step=0)  # epoch 0: the adapters at init
         for name, value in scalars.items():
             writer.add_scalar(name, value, global_step=report.epoch)
         writer.flush()
