@@ -39,7 +39,7 @@ def run(args: list[str], storage: Path, timeout: float) -> tuple[dict, str]:
         sys.exit(f"{shlex.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     out = proc.stdout
     m = re.search(r"this run: (\d+) s for (\d+) trials \((\d+) trials/h, (\d+) epochs\)", out)
-    best = re.search(r"best val PPL ([0-9.]+)", out)
+    best = re.search(r"^best val PPL ([0-9.]+)", out, re.M)  # the summary's, not a trial's line
     startup = re.search(r"trial start-up .*: median ([0-9.]+) s, max ([0-9.]+) s", out)
     packs = re.findall(r"pack \d+ on (\S+): .* ([0-9,]+) training tokens/s", out)
     if m is None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from tensorboardX.proto import event_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("trials", "epochs", "positions")
@@ -96,3 +98,25 @@ def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None
         assert proc is None or proc.poll() is None, f"the driver exited before {what}"
         time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def tensorboard_events(folder: Path) -> list[tuple[str, int, str, float | None]]:
+    """Every event of the TensorBoard event files in ``folder`` (file name, step, scalar tag or ``session_start``,
+    value), read with tensorboardX's protobuf classes from the TFRecord framing (length, its CRC, data, its CRC)."""
+    out = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            ev = event_pb2.Event()
+            ev.ParseFromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if ev.HasField("session_log") and ev.session_log.status == event_pb2.SessionLog.START:
+                out.append((path.name, ev.step, "session_start", None))
+            out += [(path.name, ev.step, v.tag, v.simple_value) for v in ev.summary.value if v.HasField("simple_value")]
+    return out
+
+
+def scalars(folder: Path, tag: str) -> dict[int, float]:
+    """Step -> value of the scalar ``tag`` in ``folder``'s event files (the last file's value where steps repeat)."""
+    return {step: value for _, step, t, value in tensorboard_events(folder) if t == tag}

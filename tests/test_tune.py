@@ -17,7 +17,7 @@ import pytest
 
 from kvsweep.config import ConfigError, DataCfg, SweepCfg, TrainCfg
 
-from .sweeps import ROOT, check_once as _check_once, env as _env, run, tables as _tables
+from .sweeps import ROOT, check_once as _check_once, env as _env, run, scalars, tables as _tables
 
 pytestmark = pytest.mark.slow
 
@@ -53,12 +53,31 @@ def test_smoke_sweep_runs_and_a_second_run_continues_it(tiny_folder, tmp_path, s
     assert len({r["base_val_ppl"] for r in t["trials"]}) == len({r["base_test_ppl"] for r in t["trials"]}) == 1  # evaluated once
     assert len(t["positions"]) == 4 * 2 * 6  # validation and test, buckets [0,16) ... [96,128) [128,256)
     assert {(p["split"], p["hi"]) for p in t["positions"] if p["lo"] == 128} == {("validation", 256), ("test", 256)}
+    _check_console_and_tensorboard(proc.stdout + proc.stderr, t, folder)
     # the same command again continues the finished sweep: nothing is trained again, the results stay as they are
     lines = {p: p.read_text() for p in folder.rglob("result.json")}
     again = _sweep(*args, storage=tmp_path)
     assert "continuing the sweep" in again.stdout and "nothing to run" in again.stdout
     assert _tables(folder) == t
     assert {p: p.read_text() for p in folder.rglob("result.json")} == lines
+
+
+def _check_console_and_tensorboard(console: str, t: dict, folder: Path) -> None:
+    """The compact console: about 40 lines for 4 trials, without Tune's tables or Ray's notices, naming each trial's
+    start, epochs and end; a TensorBoard event file in every trial folder with its validation PPL at every epoch."""
+    lines = console.splitlines()
+    assert len(lines) <= 45, console
+    assert not any(s in console for s in ("╭", "Trial status", " INFO ", "Checkpoint successfully", "Token authentication")), console
+    for r in t["trials"]:
+        mine = [ln for ln in lines if f"trial {r['trial_id']} " in ln]
+        epochs = {e["epoch"]: e["val_ppl"] for e in t["epochs"] if e["trial_id"] == r["trial_id"]}
+        heads, name = [ln.split("] ", 1)[1].split(":")[0] for ln in mine], f"trial {r['trial_id']}"
+        assert heads[:-1] == [f"{name} started"] + [f"{name} epoch {e}/2" for e in range(1, r["epochs_run"] + 1)], mine
+        assert heads[-1].startswith(f"{name} {r['status']}"), mine  # e.g. "asha_stopped by moasha at the rung of epoch 1"
+        (trial_folder,) = folder.glob(f"tune-0/*_{r['trial_id']}*")
+        assert list(trial_folder.glob("events.out.tfevents.*"))
+        assert scalars(trial_folder, "ppl/val") == pytest.approx(epochs, rel=1e-6)  # epoch 0 (the init) included
+    assert lines[-1].startswith("trial start-up") and sum("progress: " in ln for ln in lines) >= 4
 
 
 def _config_key(config: str) -> str:

@@ -367,6 +367,7 @@ class SweepCfg:
     report_dir: str | None = "reports"
     fail_once_at_epoch: int | None = None  # fault injection (tests): every trial crashes once after reporting this epoch
     metrics_port: int | None = None  # a local sweep's Ray exports its Prometheus metrics here (0: a free port); None: none
+    verbose: bool = False  # Tune's status tables, Ray's info lines and the trials' own output on the console (not in the specification)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.name):

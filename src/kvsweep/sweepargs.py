@@ -21,6 +21,9 @@ def sweep_parser(description: str, default_name: str) -> argparse.ArgumentParser
                    "--num-samples) to the sweep of this --name; only the new ones run, the results hold old and new")
     p.add_argument("--metrics-port", type=int, default=None, help="a local sweep's Ray exports Prometheus metrics on "
                    "127.0.0.1:PORT (0: a free port; default: no metrics export)")
+    p.add_argument("--verbose", action="store_true", help="Ray Tune's status tables, Ray's info lines and every trial's own "
+                   "output on the console (default: one line per trial event and a progress line; the trials' output stays in "
+                   "Ray's logs)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else Ray starts in-process)")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None, help="preset, hub id or local folder (default: tiny; pythia-70m for a full sweep on the hub)")
@@ -109,6 +112,7 @@ def sweep_cfg(a: argparse.Namespace, default_name: str) -> SweepCfg:
         num_samples=a.num_samples, grace_period=a.grace_period,
         reduction_factor=a.reduction_factor, scheduler=scheduler_name(a), max_failures=a.max_failures, report_dir=a.report_dir,
         fail_once_at_epoch=a.inject_fault_at_epoch, metrics_port=a.metrics_port,
+        verbose=a.verbose,
     )
 
 

@@ -12,8 +12,8 @@ Modules: ``space`` (search space -> typed trial configs), ``spec`` (the stored s
 ``store`` (the sweep's folder), ``lock`` (one driver per sweep), ``scheduler`` (rungs that survive a killed
 driver and judge a trial once its schedule weights the LM term; ASHA), ``moasha`` (multi-objective ASHA),
 ``guard`` (a full disk stops the sweep cleanly), ``trainable`` and ``packed`` (the trials), ``rounds`` (one
-round as one Tune experiment, its scheduler), ``writer`` (the result tables), ``summary`` (what the driver
-prints at its end), ``local`` (the in-process Ray of a local sweep), ``driver`` (``run_sweep``).
+round as one Tune experiment, its scheduler), ``writer`` (the result tables), ``console`` (one line per trial
+event and a progress line), ``tensorboard`` (each trial's event files), ``summary`` (what the driver prints at its end), ``local`` (the in-process Ray of a local sweep), ``driver`` (``run_sweep``).
 """
 
 from .driver import SweepInterrupted, SweepOutcome, evaluate_base, prepare_samples, run_sweep

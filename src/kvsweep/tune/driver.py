@@ -26,6 +26,7 @@ from ..data import Samples, load_samples
 from ..evaluate import SplitStats, evaluate_splits
 from ..models import load_base
 from ..train import autocast
+from .console import quiet_ray_start, ray_init_kwargs
 from .guard import StorageGuard
 from .lock import DriverLock
 from .local import start_local_ray
@@ -141,9 +142,11 @@ def _run(sweep: SweepCfg, space: Space, store: SweepStore, guard: StorageGuard, 
         if started_ray:
             address = sweep.address or os.environ.get("RAY_ADDRESS")
             if address is None:
-                start_local_ray(metrics=sweep.metrics_port is not None, metrics_port=sweep.metrics_port or None)
+                with quiet_ray_start(sweep.verbose):
+                    start_local_ray(metrics=sweep.metrics_port is not None, metrics_port=sweep.metrics_port or None,
+                                    **ray_init_kwargs(sweep.verbose))
             else:
-                ray.init(address=address, log_to_driver=True)
+                ray.init(address=address, **ray_init_kwargs(sweep.verbose))
         servers: list = []
         try:
             if base_stats is None:  # once per sweep, with a trial's resources, so that base and trials are measured alike

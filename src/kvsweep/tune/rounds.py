@@ -19,6 +19,7 @@ from ..adapters import external_methods
 from ..config import SweepCfg
 from ..data import Samples
 from ..evaluate import SplitStats
+from .console import ConsoleCallback, quiet_ray
 from .moasha import MOASHA
 from .packed import CLIENT_CPUS, packed_trainable, start_servers
 from .scheduler import DurableASHA
@@ -26,6 +27,7 @@ from .search import round_search
 from .space import Space, space_values, trial_cfg
 from .spec import SweepRecord, round_points
 from .store import SweepStore, join_uri
+from .tensorboard import TensorBoardCallback
 from .trainable import trainable
 from .writer import TrialRecord, has_experiment
 
@@ -76,17 +78,21 @@ def fit_round(sweep: SweepCfg, store: SweepStore, record: SweepRecord, index: in
     elif num_samples:
         log(f"round {index} ({r.tune}): {num_samples} trials x up to {sweep.train.epochs} epochs")
     scheduler = make_scheduler(sweep, store)
+    callbacks = [*callbacks, TensorBoardCallback()]  # replaces Tune's default TensorBoard logger
+    if not sweep.verbose:  # Tune's status tables (verbose=1) otherwise
+        callbacks.append(ConsoleCallback(sweep, searched_fields(r.space), experiment_uri=join_uri(store.uri, r.tune)))
     handlers = _signal_handlers()  # Tune installs its own for the run (Ctrl+C, SIGUSR1: stop and save); put ours back
     try:
-        return tune.run(
-            TRAINABLE, name=r.tune, storage_path=store.root, storage_filesystem=store.fs, resources_per_trial=resources,
-            config=config, num_samples=max(1, num_samples or 0), search_alg=search,
-            scheduler=scheduler, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            max_failures=sweep.max_failures, callbacks=callbacks, raise_on_failed_trial=False, verbose=1,
-            trial_dirname_creator=lambda trial: trial_dirname(trial, r.space),
-            resume_config=ResumeConfig(unfinished=ResumeConfig.ResumeType.RESUME, errored=ResumeConfig.ResumeType.RESUME,
-                                       finished=ResumeConfig.ResumeType.SKIP) if resume else None,
-        )
+        with quiet_ray(sweep.verbose):
+            return tune.run(
+                TRAINABLE, name=r.tune, storage_path=store.root, storage_filesystem=store.fs, resources_per_trial=resources,
+                config=config, num_samples=max(1, num_samples or 0), search_alg=search,
+                scheduler=scheduler, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                max_failures=sweep.max_failures, callbacks=callbacks, raise_on_failed_trial=False, verbose=1 if sweep.verbose else 0,
+                trial_dirname_creator=lambda trial: trial_dirname(trial, r.space),
+                resume_config=ResumeConfig(unfinished=ResumeConfig.ResumeType.RESUME, errored=ResumeConfig.ResumeType.RESUME,
+                                           finished=ResumeConfig.ResumeType.SKIP) if resume else None,
+            )
     finally:
         _restore_signal_handlers(handlers)
 
@@ -122,10 +128,15 @@ def _restore_signal_handlers(handlers: dict) -> None:
             signal.signal(sig, handler)
 
 
+def searched_fields(space: Space) -> list[str]:
+    """The search-space fields whose values differ between configurations, sorted."""
+    values = space_values(space)
+    return sorted(k for k in values if len(values[k]) > 1)
+
+
 def trial_dirname(trial, space: Space) -> str:
     """``<trainable>_<trial id>_<the searched values>``, e.g. ``trial_4d383_00002_init=random,rank=64``."""
-    values = space_values(space)
-    searched = ",".join(f"{k}={trial.config.get(k)}" for k in sorted(values) if len(values[k]) > 1)
+    searched = ",".join(f"{k}={trial.config.get(k)}" for k in searched_fields(space))
     name = f"{trial.trainable_name}_{trial.trial_id}" + (f"_{searched}" if searched else "")
     return "".join(c if c.isalnum() or c in "._=,-" else "_" for c in name)[:120]
 

@@ -46,16 +46,18 @@ class TrialRecord:
 
 
 __all__ = ["ResultsWriter", "TrialRecord", "build_tables", "has_experiment", "is_true", "load_records", "records_from",
-           "write_tables"]
+           "trial_status", "write_tables"]
 
 
-def _status(rec: TrialRecord, reports: list[EpochReport], max_epochs: int) -> tuple[str, str | None]:
+def trial_status(reports: list[EpochReport], max_epochs: int, *, error: str | None = None, finished: bool = True) -> tuple[str, str | None]:
+    """A trial's status in ``trials.parquet`` (``completed``, ``early_stopped``, ``asha_stopped``, ``error``, ``running``)
+    and its error, from its reports (in order), its ``max_epochs``, the error Tune recorded and whether Tune ended it."""
     last = reports[-1] if reports else None
     if last is not None and last.error:
         return "error", last.error
-    if rec.error:
-        return "error", rec.error
-    if not rec.finished:
+    if error:
+        return "error", error
+    if not finished:
         return "running", None
     if last is not None and last.early_stopped:
         return "early_stopped", None
@@ -96,7 +98,7 @@ def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: SplitS
             if not (r.resumed and r.epoch in by_epoch):
                 by_epoch[r.epoch] = r  # a restarted trial's repeated epoch counts once
         history = [by_epoch[e] for e in sorted(by_epoch)]
-        status, error = _status(rec, reports, cfg.train.epochs)
+        status, error = trial_status(reports, cfg.train.epochs, error=rec.error, finished=rec.finished)
         best = history[-1] if history else None  # each report carries the best epoch so far
         last = history[-1].trial if history else None
         schedule = schedule_label(cfg, last.trainable_params if last is not None else None)
