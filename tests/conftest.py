@@ -96,11 +96,12 @@ def tiny_folder():
 @pytest.fixture(scope="session")
 def smoke_sweep(tiny_folder, tmp_path_factory) -> Path:
     """The results folder of one finished ``sweeps/vdproj.py --smoke-test`` (4 V-DProj trials on tiny, 2 epochs), run once
-    per test session; tests that change anything copy it first."""
-    from .sweeps import run
+    per test session; tests that change anything copy it first. Its console output is ``CONSOLE`` beside the folder."""
+    from .sweeps import CONSOLE, run
 
     storage = tmp_path_factory.mktemp("smoke-sweep")
-    run(storage=storage)
+    proc = run(storage=storage)
+    (storage / CONSOLE).write_text(proc.stdout + proc.stderr)
     return storage / "vdproj-smoke"
 
 

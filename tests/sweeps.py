@@ -16,6 +16,7 @@ from tensorboardX.proto import event_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("trials", "epochs", "positions")
+CONSOLE = "console.txt"  # a finished sweep's console output (stdout, then stderr), beside its folder in the session fixtures
 
 
 def env() -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 
 from kvsweep.config import ConfigError, DataCfg, SweepCfg, TrainCfg
 
-from .sweeps import ROOT, check_once as _check_once, env as _env, run, scalars, tables as _tables
+from .sweeps import CONSOLE, ROOT, check_once as _check_once, env as _env, run, scalars, tables as _tables
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +27,28 @@ def _sweep(*args: str, storage: Path, timeout: int = 600) -> subprocess.Complete
     return run(*args, storage=storage, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def fifo_sweep(tiny_folder, tmp_path_factory) -> Path:
+    """A finished ``--smoke-test --scheduler fifo`` sweep's folder (its console output beside it): the fifo case of the
+    smoke test and the unpacked trials the packed test compares with."""
+    storage = tmp_path_factory.mktemp("fifo")
+    proc = _sweep("--scheduler", "fifo", storage=storage)
+    (storage / CONSOLE).write_text(proc.stdout + proc.stderr)
+    return storage / "vdproj-smoke"
+
+
 @pytest.mark.parametrize("scheduler", [None, "asha", "fifo"], ids=["moasha", "asha", "fifo"])
-def test_smoke_sweep_runs_and_a_second_run_continues_it(tiny_folder, tmp_path, scheduler):
+def test_smoke_sweep_runs_and_a_second_run_continues_it(request, tmp_path, scheduler):
     args = ["--scheduler", scheduler] if scheduler else []  # the default: moasha
-    proc = _sweep(*args, storage=tmp_path)
-    out = proc.stdout
-    assert "4 trials:" in out and "epochs run" in out and "results: " in out
+    if scheduler == "asha":
+        proc = _sweep(*args, storage=tmp_path / "asha")
+        ran, console = tmp_path / "asha" / "vdproj-smoke", proc.stdout + proc.stderr
+    else:  # the session's plain smoke sweep (moasha) and the module's fifo one: run once, shared with other tests
+        ran = request.getfixturevalue("fifo_sweep" if scheduler == "fifo" else "smoke_sweep")
+        console = (ran.parent / CONSOLE).read_text()
+    assert "4 trials:" in console and "epochs run" in console and "results: " in console
     folder = tmp_path / "vdproj-smoke"
+    shutil.copytree(ran, folder)  # continued below; the shared folders stay as they are
     t = _tables(folder)
     _check_once(t, 4)
     state = folder / "scheduler.json"
@@ -53,7 +69,7 @@ def test_smoke_sweep_runs_and_a_second_run_continues_it(tiny_folder, tmp_path, s
     assert len({r["base_val_ppl"] for r in t["trials"]}) == len({r["base_test_ppl"] for r in t["trials"]}) == 1  # evaluated once
     assert len(t["positions"]) == 4 * 2 * 6  # validation and test, buckets [0,16) ... [96,128) [128,256)
     assert {(p["split"], p["hi"]) for p in t["positions"] if p["lo"] == 128} == {("validation", 256), ("test", 256)}
-    _check_console_and_tensorboard(proc.stdout + proc.stderr, t, folder)
+    _check_console_and_tensorboard(console, t, folder)
     # the same command again continues the finished sweep: nothing is trained again, the results stay as they are
     lines = {p: p.read_text() for p in folder.rglob("result.json")}
     again = _sweep(*args, storage=tmp_path)
@@ -94,13 +110,12 @@ def _by_config(t: dict) -> dict:
     return {(config[e["trial_id"]], e["epoch"]): e["val_ppl"] for e in t["epochs"]}
 
 
-def test_packed_sweep_reports_what_unpacked_trials_report(tiny_folder, tmp_path):
-    unpacked = _sweep("--scheduler", "fifo", "--name", "alone", storage=tmp_path)
-    assert "trial start-up (start to first training step): median" in unpacked.stdout
+def test_packed_sweep_reports_what_unpacked_trials_report(fifo_sweep, tmp_path):
+    assert "trial start-up (start to first training step): median" in (fifo_sweep.parent / CONSOLE).read_text()
     packed = _sweep("--pack", "4", "--name", "packed", storage=tmp_path)  # with moasha: some trials may stop after epoch 1
     out = packed.stdout
     assert "packed: 1 pack process(es) x up to 4 trials" in out and "trial start-up" in out
-    alone_t, t = _tables(tmp_path / "alone"), _tables(tmp_path / "packed")
+    alone_t, t = _tables(fifo_sweep), _tables(tmp_path / "packed")  # the same trials, unpacked
     alone = _by_config(alone_t)
     _check_once(t, 4)
     assert len([k for k in _by_config(t) if k[1] >= 1]) == sum(r["epochs_run"] for r in t["trials"])
