@@ -50,7 +50,7 @@ class Sweep:
 
     def __init__(self, folder: Path, **kw):
         self.store = SweepStore(str(folder), "s")
-        self.writer = ResultsWriter(SWEEP, BASE, self.store, every=3600, log=pytest.fail, **kw)
+        self.writer = ResultsWriter(SWEEP, BASE, self.store, every=3600, part_every=0, log=pytest.fail, **kw)
         self.records: dict[str, TrialRecord] = {}
 
     def start(self, i: int) -> None:
@@ -109,11 +109,14 @@ def test_a_finished_trial_is_appended_once_and_forgotten_and_the_running_ones_re
     s.end(1)
     folder = tmp_path / "s"
     assert _part_rows(folder) == ["t0001"]
+    s.writer.flush()  # the running trials' flush (throttled)
     assert sorted(pq.read_table(folder / running_name("trials")).column("trial_id").to_pylist()) == ["t0000", "t0002"]
     assert set(s.writer.running) == {"t0000", "t0002"} and not s.writer.ended  # the finished trial's history is gone
     s.report(0, 2)
     s.end(0)
     assert _part_rows(folder) == ["t0001", "t0000"]  # appended, not rewritten
+    assert load_results(str(folder)).trials.num_rows == 3  # the running part still lists t0000: its newer part wins
+    s.writer.flush()
     assert pq.read_table(folder / running_name("trials")).column("trial_id").to_pylist() == ["t0002"]
     assert not (folder / "trials.parquet").exists()
     _same(load_results(str(folder)), s.expected())  # a reader during the run sees every trial once
@@ -199,3 +202,17 @@ def test_merge_sources_keeps_the_newest_sources_rows_and_the_union_of_option_col
     assert sorted((r["trial_id"], r["seq"]) for r in out["epochs"].to_pylist()) == [
         ("a", 5), ("a", 5), ("b", 7), ("b", 7), ("c", 2), ("c", 2), ("z", 9)]
     assert out["positions"] is None
+
+
+def test_trials_ending_together_share_a_part_and_the_experiments_end_writes_what_is_pending(tmp_path):
+    s = Sweep(tmp_path)
+    s.writer.part_every = 3600
+    s.run(range(2))  # the first trial's part is written at once (no part for an hour before it); the second waits
+    folder = tmp_path / "s"
+    assert _part_rows(folder) == ["t0000"]
+    s.run(range(2, 4))
+    s.writer.on_step_end(0, [])
+    assert _part_rows(folder) == ["t0000"] and set(s.writer.ended) == {"t0001", "t0002", "t0003"}
+    s.writer.on_experiment_end([])
+    assert sorted(_part_rows(folder)) == ["t0000", "t0001", "t0002", "t0003"] and len(list((folder / PARTS).glob("trials-0*"))) == 2
+    _same(load_results(str(folder)), s.expected())

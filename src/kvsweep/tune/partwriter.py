@@ -1,8 +1,9 @@
 """The results of a running sweep, kept readable at a constant cost per trial: ``ResultsWriter``, a Tune callback.
 
 A trial's rows are final once it has ended (completed, stopped, failed): at the flush after its end they are
-appended once, as a new part (``kvsweep.results.parts``), and the writer forgets the trial. The trials still
-running (at most the sweep's concurrency) are rewritten as the running part at each flush. Every ``FAN_IN``
+appended once, as a new part (``kvsweep.results.parts``; trials ending within ``part_every`` seconds share
+one), and the writer forgets the trial. The trials still running (at most the sweep's concurrency) are
+rewritten as the running part every ``every`` seconds. Every ``FAN_IN``
 parts of one level are merged into one part of the next, up to ``MERGE_LEVELS`` times per row, so the folder
 holds at most ``2 * FAN_IN`` parts plus one per ``FAN_IN ** MERGE_LEVELS`` trials. A flush therefore costs the
 same after 10 trials as after 10,000 (the merges add a bounded number of rewrites per row); the driver
@@ -45,8 +46,8 @@ class Part:
 
 
 class ResultsWriter(tune.Callback):
-    """Appends each finished trial's rows once and rewrites the running trials' (at most every ``every``
-    seconds, and at every trial's end). ``records``: the trials of the sweep's earlier runs; the writer keeps
+    """Appends each finished trial's rows once (at most every ``part_every`` seconds: the trials that ended
+    meanwhile share a part) and rewrites the running trials' (at most every ``every`` seconds). ``records``: the trials of the sweep's earlier runs; the writer keeps
     those that may resume (unfinished or failed, with results), so that a resumed trial's rows hold its whole
     history. A write that fails for want of space stops the sweep through ``guard``.
 
@@ -54,9 +55,10 @@ class ResultsWriter(tune.Callback):
     """
 
     def __init__(self, sweep: SweepCfg, base_stats: SplitStats, store: SweepStore, *, guard: StorageGuard | None = None,
-                 records: list[TrialRecord] | None = None, every: float = 10.0, fan_in: int = FAN_IN, log=print):
-        self.sweep, self.base_stats, self.store, self.guard, self.every, self.fan_in, self.log = (
-            sweep, base_stats, store, guard, every, fan_in, log)
+                 records: list[TrialRecord] | None = None, every: float = 10.0, part_every: float = 1.0, fan_in: int = FAN_IN,
+                 log=print):
+        self.sweep, self.base_stats, self.store, self.guard, self.every, self.part_every, self.fan_in, self.log = (
+            sweep, base_stats, store, guard, every, part_every, fan_in, log)
         self.earlier = {r.trial_id: r for r in records or [] if r.results and (not r.finished or r.error)}
         self.running: dict[str, TrialRecord] = {}
         self.ended: dict[str, TrialRecord] = {}  # finished since the last flush that wrote a part
@@ -67,7 +69,7 @@ class ResultsWriter(tune.Callback):
         self.seq = next_seq(store)
         self._base_bytes = guard.tables_bytes if guard is not None else 0
         self._running_bytes = 0
-        self._last = 0.0
+        self._last = self._last_part = 0.0
 
     def _record(self, trial) -> TrialRecord:
         tid = trial.trial_id
@@ -93,33 +95,47 @@ class ResultsWriter(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial).error = "trial failed; see its error file"
-        self._flush(force=True)
+        self._flush_ended()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial)
-        self._flush(force=True)
+        self._flush_ended()
+
+    def on_step_end(self, iteration, trials, **info):
+        self._flush_ended()
+
+    def on_experiment_end(self, trials, **info):
+        self.flush()
 
     def flush(self) -> None:
         """Write what is pending now (the ended trials' part and the running part)."""
         self._flush(force=True)
 
-    def _flush(self, force: bool = False) -> None:
+    def _flush_ended(self) -> None:
+        """Append the ended trials' part, at most every ``part_every`` seconds (trials that end together share one).
+        The running part is left as it is: a finished part's higher seq supersedes its rows of these trials."""
+        if self.ended and time.monotonic() - self._last_part >= self.part_every:
+            self._flush(force=True, running=False)
+
+    def _flush(self, force: bool = False, running: bool = True) -> None:
         now = time.monotonic()
         if not force and now - self._last < self.every:
             return
-        self._last = now
         t0 = time.perf_counter()
         try:
             self.seq += 1
             if self.ended:
+                self._last_part = now
                 tables = build_tables(list(self.ended.values()), self.sweep, self.base_stats, revision=self.revision)
                 nbytes = self._write(tables, lambda t: part_name(t, self.seq, self.seq), self.seq)
                 self.parts.append(Part(self.seq, self.seq, 0, nbytes))
                 self.written += len(self.ended)
                 self.ended.clear()  # their rows are on the storage: forgotten here
                 self._merge()
-            tables = build_tables(list(self.running.values()), self.sweep, self.base_stats, revision=self.revision)
-            self._running_bytes = self._write(tables, running_name, self.seq)
+            if running:
+                self._last = now
+                tables = build_tables(list(self.running.values()), self.sweep, self.base_stats, revision=self.revision)
+                self._running_bytes = self._write(tables, running_name, self.seq)
             if self.guard is not None:
                 self.guard.tables_bytes = self._base_bytes + self._running_bytes + sum(p.nbytes for p in self.parts)
         except Exception as e:  # never let bookkeeping stop the sweep, except a full disk; the final gather writes again
