@@ -13,7 +13,8 @@ the compacted files, one part, or the running part) with the highest seq that ho
 sees every trial once at any moment, whatever it lists between two writes. ``merge_sources`` does this for
 readers; with pyarrow alone (no deduplication, which only matters while a trial appears in two sources)::
 
-    pyarrow.dataset.dataset([f"{folder}/trials.parquet", *glob(f"{folder}/parts/trials-*.parquet")]).to_table()
+    files = [f"{folder}/trials.parquet", *glob(f"{folder}/parts/trials-*.parquet")]
+    pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")  # option columns differ by part
 
 or in DuckDB ``SELECT * FROM read_parquet(['<folder>/trials.parquet', '<folder>/parts/trials-*.parquet'],
 union_by_name=true)``. Pure pyarrow: the report (no Ray, no torch) and the writer share it.
