@@ -5,7 +5,7 @@
     python benchmarks/scale.py --writer-only --trials 250,1000,4000,10000   # the results writer alone, no Ray
 
 ``--writer-only``: the results writer driven as Tune drives it (start, one result per epoch, end; ``--concurrency``
-trials running at once), with the stub's reports and no Ray: its flush time at the start and at the end of
+trials running at once; by default a part per trial, ``--part-every 0``), with the stub's reports and no Ray: its flush time at the start and at the end of
 the sweep, and what rebuilding and rewriting all tables at the end costs (what each flush cost before parts).
 
 Per size, two runs on one in-process Ray (``--concurrency`` logical CPUs, one per trial):
@@ -137,7 +137,7 @@ def writer_only(n: int, storage: Path, a: argparse.Namespace) -> dict:
     sweep = SweepCfg(**{**sweep.__dict__, "benchmark_stub_epoch_seconds": 0.0})
     stats = PositionStats(np.full(sweep.data.eval_len - 1, np.log(40.0)), np.ones(sweep.data.eval_len - 1, dtype=np.int64))
     base = SplitStats(stats, stats)
-    writer = ResultsWriter(sweep, base, SweepStore(str(storage), sweep.name), every=10.0, log=print)
+    writer = ResultsWriter(sweep, base, SweepStore(str(storage), sweep.name), every=10.0, part_every=a.part_every, log=print)
     records: list[TrialRecord] = []
     configs = [{"rank": r, "seed": s} for s in range((n + 1) // 2) for r in (16, 32)][:n]
     running: deque[tuple[SimpleNamespace, list[dict]]] = deque()
@@ -175,6 +175,8 @@ def main() -> None:
     p.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=True,
                    help="both runs reuse Tune's trial actors (default); --no-reuse-actors: one process per trial")
     p.add_argument("--writer-only", action="store_true", help="the results writer alone, no Ray (see above)")
+    p.add_argument("--part-every", type=float, default=0.0,
+                   help="--writer-only: the writer's part_every (default 0: a part per trial, the most flushes; the driver's: 1 s)")
     a = p.parse_args()
     if a.writer_only:
         with tempfile.TemporaryDirectory(prefix="kvsweep-writer-") as tmp:
