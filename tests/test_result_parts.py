@@ -23,6 +23,7 @@ from kvsweep.results import BucketPPL, EpochMetrics, EpochReport, TrialConstants
 from kvsweep.results.parts import PARTS, merge_sources, parse_part, running_name, with_seq
 from kvsweep.tune.partwriter import ResultsWriter
 from kvsweep.tune.store import SweepStore
+from kvsweep.tune.trainable import stub_reports
 from kvsweep.tune.writer import TrialRecord, build_tables, write_tables
 
 SWEEP = SweepCfg(name="s", data=DataCfg(train_samples=64, val_samples=16, seq_len=32), train=TrainCfg(epochs=3))
@@ -216,3 +217,14 @@ def test_trials_ending_together_share_a_part_and_the_experiments_end_writes_what
     s.writer.on_experiment_end([])
     assert sorted(_part_rows(folder)) == ["t0000", "t0001", "t0002", "t0003"] and len(list((folder / PARTS).glob("trials-0*"))) == 2
     _same(load_results(str(folder)), s.expected())
+
+
+def test_the_benchmark_stub_trial_reports_what_a_trial_reports():
+    sweep = replace(SWEEP, benchmark_stub_epoch_seconds=0.0)
+    results = [r.to_report() for r in stub_reports({"rank": 32, "seed": 1}, sweep, BASE)]
+    tables = build_tables([TrialRecord("x", {"rank": 32, "seed": 1}, results)], sweep, BASE)
+    row = tables["trials"].to_pylist()[0]
+    assert (row["status"], row["epochs_run"]) == ("completed", 3) and row["test_ppl"] > 0 and row["kv_bytes_per_token"] > 0
+    assert [e["epoch"] for e in tables["epochs"].to_pylist()] == [0, 1, 2, 3]
+    assert {p["split"] for p in tables["positions"].to_pylist()} == {"validation", "test"}
+    assert results == [r.to_report() for r in stub_reports({"rank": 32, "seed": 1}, sweep, BASE)]  # the same for the same config
