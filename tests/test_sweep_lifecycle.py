@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from kvsweep.report import ReportError, load_results
 from kvsweep.tune.spec import SpecificationError
 
 from .sweeps import check_once, kill, outcome, result_lines, run, script, start, sweep_cmd, tables, wait_for
@@ -124,9 +125,9 @@ def uninterrupted(tiny_folder, tmp_path_factory) -> dict:
 
 
 def _first_trial_finished(folder: Path) -> bool:
-    try:
-        return any(r["status"] == "completed" for r in pq.read_table(folder / "trials.parquet").to_pylist())
-    except OSError:
+    try:  # while the sweep runs, its finished trials are in parts/: read as a report reads them
+        return any(r["status"] == "completed" for r in load_results(str(folder)).trials.to_pylist())
+    except ReportError:
         return False
 
 

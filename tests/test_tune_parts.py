@@ -15,7 +15,7 @@ from kvsweep.sweepargs import sweep_cfg, sweep_parser
 from kvsweep.tune.driver import summarize
 from kvsweep.tune.spec import SpecificationError, SweepRecord, data_digest, plan, round_points, specification
 from kvsweep.tune.store import SweepStore
-from kvsweep.tune.writer import ResultsWriter
+from kvsweep.tune.partwriter import ResultsWriter
 
 SPACE = {"rank": [32, 64], "init": ["random", "pca"], "seed": [0]}
 
@@ -155,7 +155,7 @@ def test_the_data_digest_sees_any_change_of_the_samples():
 
 def test_the_results_writer_keeps_no_state_in_tunes_pickled_files(tmp_path):
     writer = ResultsWriter(_sweep(), SplitStats(PositionStats(np.ones(127), np.ones(127, dtype=np.int64))), SweepStore(str(tmp_path), "s"))
-    writer.records["x"] = object()
+    writer.running["x"] = object()
     assert writer.get_state() is None  # Ray Tune pickles what get_state returns with the experiment
 
 

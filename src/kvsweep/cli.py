@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .report.cli import add_parser as add_report_parser
 
     add_report_parser(sub)
+    from .report.compact import add_parser as add_compact_parser
+
+    add_compact_parser(sub)
     from .latent.cli import add_parser as add_cache_parser
 
     add_cache_parser(sub)

@@ -368,6 +368,7 @@ class SweepCfg:
     fail_once_at_epoch: int | None = None  # fault injection (tests): every trial crashes once after reporting this epoch
     metrics_port: int | None = None  # a local sweep's Ray exports its Prometheus metrics here (0: a free port); None: none
     verbose: bool = False  # Tune's status tables, Ray's info lines and the trials' own output on the console (not in the specification)
+    benchmark_stub_epoch_seconds: float | None = None  # benchmarks/scale.py: no model; trials report synthetic epochs this far apart
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.name):
@@ -389,6 +390,8 @@ class SweepCfg:
         _check_number("grace_period", self.grace_period, low=1, low_inclusive=True, integer=True)
         _check_number("reduction_factor", self.reduction_factor, low=1, low_inclusive=False)
         _check_number("max_failures", self.max_failures, low=0, low_inclusive=True, integer=True)
+        if self.benchmark_stub_epoch_seconds is not None:
+            _check_number("benchmark_stub_epoch_seconds", self.benchmark_stub_epoch_seconds, low=0, low_inclusive=True)
         if self.metrics_port is not None:
             _check_number("metrics_port", self.metrics_port, low=0, low_inclusive=True, high=65535, integer=True)
         if self.pack > 1 and self.train.compile != "off":

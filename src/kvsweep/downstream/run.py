@@ -26,9 +26,9 @@ from lm_eval.tasks import TaskManager
 from ..adapters.options import describe
 from ..config import ConfigError, MissingFileError, ModelCfg
 from ..kvcache import bytes_per_token
-from ..latent.trial import TRIAL_FILE, TrialRecord, find_trial, trial_adapters, trial_specs
+from ..latent.trial import TRIAL_FILE, TrialRecord, find_trial, is_sweep_results, trial_adapters, trial_specs
 from ..models import dims, load_base
-from ..report import analyze, load_all
+from ..report import analyze, load_all, load_results
 from ..report.load import TRIALS
 from ..results import write_parquet
 from ..results.downstream import DOWNSTREAM_FILE, DownstreamRow, downstream_table, merge_downstream
@@ -114,13 +114,13 @@ def _records(source: str | Path, trials: Sequence[str] | None, front: bool) -> t
             raise ConfigError(f"{folder} is one trial (a kvsweep train folder): give no trial ids")
         record = find_trial(folder)
         return folder, [record], trial_specs(record.config)[0], None
-    if not (folder / TRIALS).is_file():
+    if not is_sweep_results(folder):
         raise MissingFileError(f"{source}: neither a sweep's results folder ({TRIALS}) nor a kvsweep train folder ({TRIAL_FILE})")
     ids = list(trials) if trials else list(front_trials(folder)) if front else []
     records = [find_trial(folder, t) for t in ids]
     if records:
         return folder, records, trial_specs(records[0].config)[0], records[0].sweep
-    tbl = pq.read_table(folder / TRIALS, columns=["sweep", "config"])
+    tbl = load_results(str(folder)).trials  # a running sweep's parts too
     return folder, [], trial_specs(json.loads(tbl.column("config")[0].as_py()))[0], tbl.column("sweep")[0].as_py()
 
 

@@ -19,6 +19,7 @@ from ..config import ConfigError, KvsweepError, MissingFileError, ModelCfg
 from ..models import Base, Dims, dims, load_base, model_config, resolve_model
 from ..report.errors import NotResultsError
 from ..report.load import TRIALS, load_results
+from ..results.parts import PARTS
 
 TRIAL_FILE = "trial.json"
 _CHECKPOINT = re.compile(r"checkpoint_([0-9]+)")
@@ -101,6 +102,12 @@ def train_record(folder: str | Path) -> TrialRecord:
     return TrialRecord(folder, folder.name, None, config, ckpt if has_checkpoint(ckpt) else None, TrialFigures.of(record))
 
 
+def is_sweep_results(folder: Path) -> bool:
+    """Whether ``folder`` holds a sweep's results: its compacted ``trials.parquet``, or the parts a running (or killed)
+    sweep has appended since (``kvsweep.results.parts``)."""
+    return (folder / TRIALS).is_file() or (folder / PARTS).is_dir()
+
+
 def sweep_record(results: str | Path, trial_id: str) -> TrialRecord:
     """Trial ``trial_id`` (as in ``trials.parquet``, or its trial folder's name ``trial_<id>_...``) of the sweep results
     folder ``results``, with its newest checkpoint (over every ``tune-<k>`` folder of the sweep).
@@ -111,7 +118,7 @@ def sweep_record(results: str | Path, trial_id: str) -> TrialRecord:
         ReportError: ``trials.parquet`` is damaged or of a schema this kvsweep does not read.
     """
     results = Path(results).expanduser()
-    if not (results / TRIALS).is_file():
+    if not is_sweep_results(results):
         raise NotResultsError(f"{results} is not a sweep's results folder: it has no {TRIALS} (a kvsweep train folder "
                               "holds trial.json instead; give that folder without a trial id)")
     table = load_results(str(results)).trials
@@ -159,7 +166,7 @@ def find_trial(source: str | Path, trial_id: str | None = None) -> TrialRecord:
         if trial_id is not None:
             raise ConfigError(f"{source} is a kvsweep train folder of one trial: give it without a trial id (got {trial_id!r})")
         return train_record(source)
-    if (source / TRIALS).is_file():
+    if is_sweep_results(source):
         if trial_id is None:
             ids = sorted(r for r in load_results(str(source)).trials.column("trial_id").to_pylist())
             more = f", ... ({len(ids)} in all)" if len(ids) > 5 else ""

@@ -3,7 +3,9 @@
 A results folder holds ``trials.parquet`` (required), ``epochs.parquet`` and ``positions.parquet``
 (either may be missing while a sweep runs), each written by ``kvsweep.results.write_parquet`` with
 ``kvsweep_schema`` in its metadata, and, where it is a sweep's folder, the sweep's ``sweep.json`` (its
-scheduler and searcher). URIs (``s3://``, ``gs://``, ``file://``, ...) are read through
+scheduler and searcher). While a sweep runs (or after it was stopped before its end), the trials that finished
+since the tables were last compacted are in ``parts/`` (``kvsweep.results.parts``): they are read too, each trial
+once (the newest source that holds it). URIs (``s3://``, ``gs://``, ``file://``, ...) are read through
 ``pyarrow.fs.FileSystem.from_uri``.
 
 Results before the test split (schema version 3 and older) have no test PPL and no evaluation length: their
@@ -24,6 +26,7 @@ from pyarrow import fs as pafs
 from ..config import error_reason
 from ..results.downstream import DOWNSTREAM_FILE, DOWNSTREAM_SCHEMA
 from ..results import EPOCH_SCHEMA, POSITION_SCHEMA, READABLE_VERSIONS, SCHEMA_VERSION, TRIAL_SCHEMA, option_column_names, upgrade
+from ..results.parts import PARTS, SEQ_KEY, is_running_part, merge_sources, parse_part, seq_of
 from .errors import NoResultsError, NotResultsError, ReportError, SchemaError
 from .sweepinfo import SWEEP_FILE, SweepInfo, read_sweep_info
 
@@ -32,6 +35,7 @@ TEST_COLUMNS = (("test_ppl", pa.float64()), ("base_test_ppl", pa.float64()), ("e
 """Columns of trials.parquet since the test split (schema version 4): the best epoch's test PPL, the base's, and
 the length of the evaluation samples; read as nulls from older results. The schema's own type wins where it has them."""
 SPLIT = pa.field("split", pa.string())  # positions.parquet since schema version 4: "validation" or "test"
+PART_RETRIES = 5
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -94,8 +98,10 @@ def read_table(filesystem: pafs.FileSystem, path: str, schema: pa.Schema, shown:
     missing = [n for n in schema.names if n not in tbl.column_names]
     if missing:
         raise SchemaError(f"{shown} lacks column(s) {', '.join(missing)} of results schema version {SCHEMA_VERSION}")
+    seq = (tbl.schema.metadata or {}).get(SEQ_KEY)
     try:
-        return tbl.select(schema.names).cast(schema)
+        out = tbl.select(schema.names).cast(schema)
+        return out.replace_schema_metadata({SEQ_KEY: seq}) if seq is not None else out  # which flush wrote it (parts)
     except (pa.ArrowException, ValueError) as e:
         raise SchemaError(f"{shown}: column types differ from results schema version {SCHEMA_VERSION} ({error_reason(e)})") from None
 
@@ -138,19 +144,35 @@ def load_results(source: str) -> Results:
     entries = {e.base_name: e for e in listing}
     if not entries:
         raise NoResultsError(f"{source} is empty: no results yet")
-    if TRIALS not in entries:
-        if EPOCHS in entries:
+    parts = _part_files(filesystem, f"{path}/{PARTS}") if PARTS in entries else {}
+    if TRIALS not in entries and not any(TRIALS in files for files in parts.values()):
+        if EPOCHS in entries or parts:
             raise NoResultsError(f"{source} holds {EPOCHS} but no {TRIALS} yet: no trial has finished, so there is no front to report")
         listed = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
         raise NotResultsError(f"{source} is not a kvsweep results folder: it has no {TRIALS} (it holds {listed})")
     shown = source.rstrip("/")
-    tables: dict[str, pa.Table | None] = {}
     notes: list[str] = []
-    for name, schema in ((TRIALS, TRIAL_SCHEMA), (EPOCHS, EPOCH_SCHEMA), (POSITIONS, POSITION_SCHEMA)):
-        if name in entries:
-            tables[name] = read_table(filesystem, f"{path}/{name}", schema, f"{shown}/{name}", name.removesuffix(".parquet"))
-        else:
-            tables[name] = None
+    sources = [_read_source(filesystem, path, {n: n for n in (TRIALS, EPOCHS, POSITIONS) if n in entries}, shown)]
+    for attempt in range(PART_RETRIES):  # a part merged away while it is read: list again
+        try:
+            parts_read = [_read_source(filesystem, f"{path}/{PARTS}", files, f"{shown}/{PARTS}") for files in parts.values()]
+            break
+        except ReportError:
+            gone = [n for files in parts.values() for n in files.values()
+                    if filesystem.get_file_info(f"{path}/{PARTS}/{n}").type == pafs.FileType.NotFound]
+            if not gone or attempt == PART_RETRIES - 1:
+                raise
+            parts = _part_files(filesystem, f"{path}/{PARTS}")
+            sources[0] = _read_source(filesystem, path, {n: n for n in (TRIALS, EPOCHS, POSITIONS) if n in entries}, shown)
+    sources += parts_read
+    if parts:
+        notes.append(f"{sum(map(len, parts.values()))} file(s) in {PARTS}/ read with the tables (a running sweep, or one stopped "
+                     f"before its end; `kvsweep compact {shown}` merges them)")
+    merged = merge_sources(sources)
+    tables: dict[str, pa.Table | None] = {}
+    for name in (TRIALS, EPOCHS, POSITIONS):
+        tables[name] = merged[name.removesuffix(".parquet")]
+        if tables[name] is None:
             notes.append(f"{name} is missing")
     trials, dup_notes = _last_row_per_id(tables[TRIALS])
     notes += dup_notes
@@ -167,6 +189,33 @@ def load_results(source: str) -> Results:
         downstream = read_table(filesystem, f"{path}/{DOWNSTREAM_FILE}", DOWNSTREAM_SCHEMA, f"{shown}/{DOWNSTREAM_FILE}", "downstream")
     return Results(source=source, label=label, trials=trials, epochs=tables[EPOCHS], positions=tables[POSITIONS],
                    notes=tuple(notes), sweep=info, downstream=downstream)
+
+
+def _part_files(filesystem: pafs.FileSystem, folder: str) -> dict[str, dict[str, str]]:
+    """The parts in ``folder``, by source (a finished part's flushes, or the running part): their files by table file name."""
+    try:
+        listing = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    except OSError:
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    for e in listing:
+        part = parse_part(e.base_name)
+        if part is not None:
+            out.setdefault(f"{part[1]}-{part[2]}", {})[f"{part[0]}.parquet"] = e.base_name
+        elif is_running_part(e.base_name):
+            out.setdefault("running", {})[e.base_name.split("-")[0] + ".parquet"] = e.base_name
+    return out
+
+
+def _read_source(filesystem: pafs.FileSystem, folder: str, files: dict[str, str], shown: str) -> tuple[int, dict[str, pa.Table]]:
+    """One source's tables (by table name) and its seq: its trials file's (or, without one, its newest file's)."""
+    tables = {}
+    for name, schema in ((TRIALS, TRIAL_SCHEMA), (EPOCHS, EPOCH_SCHEMA), (POSITIONS, POSITION_SCHEMA)):
+        if name in files:
+            tables[name.removesuffix(".parquet")] = read_table(filesystem, f"{folder}/{files[name]}", schema, f"{shown}/{files[name]}",
+                                                               name.removesuffix(".parquet"))
+    seqs = {n: seq_of(t.schema.metadata) for n, t in tables.items()}
+    return seqs.get("trials", max(seqs.values(), default=-1)), tables
 
 
 def load_all(sources: list[str]) -> list[Results]:

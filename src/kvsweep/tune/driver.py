@@ -35,7 +35,8 @@ from .space import Space, absolute_paths, canonical, validate_space, with_eval_l
 from .spec import SWEEP_FILE, Plan, SpecificationError, SweepRecord, canonical_specification, data_digest, plan, specification
 from .store import StorageFullError, SweepBusyError, SweepStore, is_storage_full, join_uri
 from .summary import summarize, throughput
-from .writer import ResultsWriter, TrialRecord, build_tables, load_records, records_from, write_tables
+from .partwriter import ResultsWriter
+from .writer import TrialRecord, build_tables, load_records, records_from, write_tables
 
 TUNE_FILES = ("experiment_state-", "tuner.pkl", "trials.parquet")  # what an older kvsweep left in a sweep folder
 

@@ -80,7 +80,7 @@ class StorageGuard(tune.Callback):
         if not store.local:
             return
         root = Path(store.root)
-        self.tables_bytes = sum(p.stat().st_size for p in root.glob("*.parquet"))
+        self.tables_bytes = sum(p.stat().st_size for p in (*root.glob("*.parquet"), *root.glob("parts/*.parquet")))
         trials = sorted(root.glob("tune-*/*/"), key=lambda p: p.stat().st_mtime)[-most:]
         for folder in (c for t in trials for c in t.glob("checkpoint_*")):
             self.largest_checkpoint = max(self.largest_checkpoint, sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))

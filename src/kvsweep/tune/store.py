@@ -120,8 +120,9 @@ class SweepStore:
                     if attempt == RETRIES - 1:
                         raise StorageError(f"cannot write {join_uri(self.uri, name)}: {error_reason(e)}") from None
                     time.sleep(2 ** attempt)
-        self.fs.create_dir(self.root, recursive=True)
-        tmp = self.path(f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        folder, _, base = name.rpartition("/")  # a name may be inside a subfolder: the temporary goes beside it
+        self.fs.create_dir(self.path(folder) if folder else self.root, recursive=True)
+        tmp = self.path(f"{folder}/" * bool(folder) + f".{base}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             with self.fs.open_output_stream(tmp) as f:
                 f.write(data)

@@ -3,10 +3,12 @@ checkpoint; a restarted trial resumes from its last checkpoint."""
 
 from __future__ import annotations
 
+import random
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from ray import tune
@@ -14,11 +16,11 @@ from transformers.utils import logging as hf_logging
 
 from ..adapters import ensure_registered
 from ..checkpoint import saved_progress
-from ..config import SweepCfg
+from ..config import SweepCfg, position_buckets
 from ..data import Samples
 from ..evaluate import SplitStats
 from ..models import Base, load_base
-from ..results import EpochReport
+from ..results import BucketPPL, EpochMetrics, EpochReport, TrialConstants
 from ..train import TrialError, run_trial
 from .space import trial_cfg
 
@@ -42,6 +44,10 @@ def trainable(config: dict, *, sweep: SweepCfg, samples: Samples, base_stats: Sp
     """Train the configuration ``config`` (a point of the search space) as one Tune trial; ``methods``: the
     sweep's methods defined outside kvsweep, registered here first."""
     t_start = time.time()
+    if sweep.benchmark_stub_epoch_seconds is not None:
+        for rep in stub_reports(config, sweep, base_stats):
+            tune.report(rep.to_report())
+        return
     ensure_registered(methods or {})
     hf_logging.disable_progress_bar()
     torch.set_num_threads(max(1, int(sweep.cpus_per_trial)))
@@ -74,3 +80,28 @@ def trainable(config: dict, *, sweep: SweepCfg, samples: Samples, base_stats: Sp
                       samples=samples, base_stats=base_stats, log=print)
         except TrialError as e:  # deterministic: end the trial as an error instead of retrying it
             tune.report(EpochReport.failed(last_epoch["n"] + 1, str(e)).to_report())
+
+
+def stub_reports(config: dict, sweep: SweepCfg, base_stats: SplitStats) -> Iterator[EpochReport]:
+    """``benchmarks/scale.py``'s trial: no model, no data; one synthetic ``EpochReport`` per epoch (every key a real
+    trial reports, with its position buckets and constants), ``sweep.benchmark_stub_epoch_seconds`` apart, its
+    figures drawn from the configuration (the same ones for the same configuration)."""
+    rng = random.Random(repr(sorted(config.items())))
+    base = base_stats.val.ppl
+    ranges = position_buckets(sweep.data.eval_len, None)
+    constants = TrialConstants(base_val_ppl=base, init_val_ppl=base * (1.5 + rng.random()), kv_bytes_per_token=rng.randrange(64, 1024, 64),
+                               kv_bytes_per_token_measured=0, kv_ratio=0.5, trainable_params=rng.randrange(1, 10**6),
+                               total_params=10**7, fixed_bytes=0, base_test_ppl=base_stats.test.ppl if base_stats.test else None)
+    constants = replace(constants, kv_bytes_per_token_measured=constants.kv_bytes_per_token)
+    best = (0, constants.init_val_ppl)
+    for epoch in range(1, sweep.train.epochs + 1):
+        time.sleep(sweep.benchmark_stub_epoch_seconds)
+        ppl = base * (1 + rng.random() / epoch)
+        best = min(best, (epoch, ppl), key=lambda b: b[1])
+        buckets = tuple(BucketPPL(lo, hi, ppl * (1 + 0.01 * k)) for k, (lo, hi) in enumerate(ranges))
+        best_buckets = tuple(BucketPPL(lo, hi, best[1] * (1 + 0.01 * k)) for k, (lo, hi) in enumerate(ranges))
+        metrics = EpochMetrics(epoch=epoch, train_ppl=ppl * 0.9, val_ppl=ppl, loss=3.0, loss_lm=3.0, loss_rec=0.0, loss_kl=0.0,
+                               w_lm=1.0, w_rec=0.0, w_kl=0.0, lr=sweep.train.lr, steps=epoch, seconds=sweep.benchmark_stub_epoch_seconds)
+        yield EpochReport(metrics, buckets, constants, best_val_ppl=best[1], early_stopped=False, best_epoch=best[0],
+                          best_buckets=best_buckets, test_ppl=best[1] * 1.05 if constants.base_test_ppl else None,
+                          test_buckets=best_buckets if constants.base_test_ppl else ())

@@ -6,7 +6,8 @@ results are read back as typed ``EpochReport``s; its epoch 0 (the adapters at in
 on its own, so that the scheduler counts epochs as before, unless the trial trains nothing) is written from
 the ``init_val_ppl`` its reports carry. Its best epoch (chosen on validation by the trial, the init included)
 with the best epoch's validation and test PPL comes from its last report, which carries the best so far.
-``ResultsWriter`` (a Tune callback) rewrites them atomically as results arrive; ``records_from`` reads
+``write_tables`` writes them compacted, replacing the parts ``kvsweep.tune.partwriter.ResultsWriter`` appends
+while the sweep runs (``kvsweep.results.parts``); ``records_from`` reads
 the records of a Tune experiment back from its folder (the trials' own result files), which is how a
 continued or grown sweep gets the trials of its earlier runs.
 """
@@ -16,12 +17,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray import tune
 from ray.tune import ExperimentAnalysis
 
 from ..config import SweepCfg, position_buckets
@@ -30,9 +29,10 @@ from ..adapters.options import method_columns, option_columns
 from ..results import (EpochReport, epoch_table, is_true, position_metrics, position_table, reports_of, table, trial_schema,
                        with_schema_version)
 from ..train import git_revision, init_metrics
-from .guard import StorageGuard, error_text
+from ..results.parts import PARTS, parse_part, running_name, seq_of, with_seq
+from .guard import error_text
 from .space import schedule_label, trial_cfg
-from .store import SweepStore, is_storage_full
+from .store import SweepStore
 
 @dataclass
 class TrialRecord:
@@ -45,8 +45,9 @@ class TrialRecord:
     finished: bool = True  # False while Tune still runs (or may resume) the trial
 
 
-__all__ = ["ResultsWriter", "TrialRecord", "build_tables", "has_experiment", "is_true", "load_records", "records_from",
-           "trial_status", "write_tables"]
+__all__ = ["TrialRecord", "build_tables", "has_experiment", "is_true", "load_records", "next_seq", "parquet_bytes",
+           "records_from", "trial_status", "write_tables"]
+_ASK = object()  # build_tables: look the git revision up
 
 
 def trial_status(reports: list[EpochReport], max_epochs: int, *, error: str | None = None, finished: bool = True) -> tuple[str, str | None]:
@@ -76,14 +77,15 @@ def _finished_at(rec: TrialRecord) -> str | None:
     return dt.datetime.fromtimestamp(max(stamps), dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: SplitStats) -> dict[str, pa.Table]:
-    """trials, epochs and positions tables of DESIGN.md's schema; each trial exactly once."""
+def build_tables(records: list[TrialRecord], sweep: SweepCfg, base_stats: SplitStats, *, revision=_ASK) -> dict[str, pa.Table]:
+    """trials, epochs and positions tables of DESIGN.md's schema; each trial exactly once. ``revision``: the
+    ``git_revision`` column (looked up, two ``git`` processes, unless given)."""
     ranges = position_buckets(sweep.data.eval_len, None)
     base_buckets = base_stats.val.buckets(ranges)
     base_test_buckets = base_stats.test.buckets(ranges) if base_stats.test is not None else None
     base_ppl = base_stats.val.ppl
     trials, epochs, positions = [], [], []
-    revision = git_revision()
+    revision = git_revision() if revision is _ASK else revision
     seen: set[str] = set()
     for rec in sorted(records, key=lambda r: r.trial_id):  # a stable order, whatever order Tune gives
         if rec.trial_id in seen:
@@ -142,71 +144,45 @@ def _config_json(cfg) -> str:
     return json.dumps(cfg.to_dict(), sort_keys=True)
 
 
-def parquet_bytes(tbl: pa.Table) -> bytes:
-    """``tbl`` as a Parquet file, with the schema version in its metadata."""
+def parquet_bytes(tbl: pa.Table, seq: int | None = None) -> bytes:
+    """``tbl`` as a Parquet file, with the schema version (and the flush ``seq`` that writes it) in its metadata."""
     sink = pa.BufferOutputStream()
-    pq.write_table(with_schema_version(tbl), sink)
+    pq.write_table(with_schema_version(tbl if seq is None else with_seq(tbl, seq)), sink)
     return sink.getvalue().to_pybytes()
 
 
-def write_tables(tables: dict[str, pa.Table], store: SweepStore) -> int:
-    """Write each table as ``<name>.parquet`` in the sweep's folder, each atomically; the bytes written."""
+def write_tables(tables: dict[str, pa.Table], store: SweepStore, seq: int | None = None) -> int:
+    """Write each table as ``<name>.parquet`` in the sweep's folder, each atomically and marked as flush ``seq``
+    (default: after every file there, so that it supersedes them), then remove the parts it replaces (those
+    listed before it was written); the bytes written.
+
+    Raises:
+        OSError: a local write failed (a full disk: ``is_storage_full``); the parts are then kept.
+        StorageError: an object store refused a write.
+    """
+    parts = [n for n in store.names(PARTS) if n.endswith(".parquet")]
+    seq = next_seq(store, parts) if seq is None else seq
     total = 0
-    for name, tbl in tables.items():
-        data = parquet_bytes(tbl)
+    for name in sorted(tables, key=lambda n: n == "trials"):  # trials last: a reader never sees a trial's row before its epochs
+        data = parquet_bytes(tables[name], seq)
         store.write_bytes(f"{name}.parquet", data)
         total += len(data)
+    for name in sorted(parts, key=lambda n: not n.startswith("trials-")):  # trials first: no trial's row without its epochs
+        store.delete(f"{PARTS}/{name}")
     return total
 
 
-class ResultsWriter(tune.Callback):
-    """Keeps the Parquet results current while the sweep runs (at most every ``every`` seconds, and at
-    every trial's end). ``records`` are the trials of the sweep's earlier runs (and of this run's
-    experiment before it continued). A write that fails for want of space stops the sweep through ``guard``."""
-
-    def __init__(self, sweep: SweepCfg, base_stats: SplitStats, store: SweepStore, *, guard: StorageGuard | None = None,
-                 records: list[TrialRecord] | None = None, every: float = 10.0, log=print):
-        self.sweep, self.base_stats, self.store, self.guard, self.every, self.log = sweep, base_stats, store, guard, every, log
-        self.records: dict[str, TrialRecord] = {r.trial_id: r for r in records or []}
-        self._last = 0.0
-
-    def _record(self, trial) -> TrialRecord:
-        rec = self.records.get(trial.trial_id)
-        if rec is None:
-            rec = self.records[trial.trial_id] = TrialRecord(trial.trial_id, dict(trial.config), finished=False)
-        return rec
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        rec = self._record(trial)
-        rec.error, rec.finished = None, False  # a restarted or resumed trial runs again
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._record(trial).results.append(dict(result))
-        self._flush()
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        rec = self._record(trial)
-        rec.error, rec.finished = "trial failed; see its error file", True
-        self._flush(force=True)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._record(trial).finished = True
-        self._flush(force=True)
-
-    def _flush(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last < self.every:
-            return
-        self._last = now
+def next_seq(store: SweepStore, parts: list[str] | None = None) -> int:
+    """The flush after every file in the sweep's folder: above the compacted tables' seq and every part's."""
+    parts = [n for n in store.names(PARTS)] if parts is None else parts
+    seqs = [p[2] for p in map(parse_part, parts) if p is not None]
+    for name in ("trials.parquet", running_name("trials")):
         try:
-            written = write_tables(build_tables(list(self.records.values()), self.sweep, self.base_stats), self.store)
-            if self.guard is not None:
-                self.guard.tables_bytes = written
-        except Exception as e:  # never let bookkeeping stop the sweep, except a full disk; the final gather writes again
-            if is_storage_full(e) and self.guard is not None:
-                self.guard.stop(f"writing the results to {self.store.uri} failed: {e}")
-            else:
-                self.log(f"kvsweep: could not update partial results: {e}")
+            with store.fs.open_input_file(store.path(name)) as f:
+                seqs.append(seq_of(pq.read_metadata(f).metadata))
+        except (OSError, pa.ArrowException):  # not there (or not Parquet): nothing to be above
+            pass
+    return max(seqs, default=-1) + 1
 
 
 def records_from(analysis: ExperimentAnalysis) -> list[TrialRecord]:

@@ -1,0 +1,225 @@
+"""The driver's own cost per trial as a sweep grows: kvsweep's driver against plain Ray Tune, the same stub trials.
+
+    python benchmarks/scale.py                          # 250, 1,000 and 4,000 trials
+    python benchmarks/scale.py --trials 250,1000 --epochs 3 --epoch-seconds 0.05 --concurrency 8
+    python benchmarks/scale.py --writer-only --trials 250,1000,4000,10000   # the results writer alone, no Ray
+
+``--writer-only``: the results writer driven as Tune drives it (start, one result per epoch, end; ``--concurrency``
+trials running at once; by default a part per trial, ``--part-every 0``), with the stub's reports and no Ray: its flush time at the start and at the end of
+the sweep, and what rebuilding and rewriting all tables at the end costs (what each flush cost before parts).
+
+Per size, two runs on one in-process Ray (``--concurrency`` logical CPUs, one per trial):
+- kvsweep: ``kvsweep.tune.run_sweep`` (the real driver: its scheduler, results writer, storage guard, lock,
+  final gather) with ``SweepCfg.benchmark_stub_epoch_seconds`` set: each trial runs the same trainable path
+  (``kvsweep.tune.trainable``) but reports synthetic ``EpochReport``s (``stub_reports``) ``--epoch-seconds``
+  apart, with no model. The base is still evaluated once (the ``tiny`` preset), before Tune starts.
+- plain Tune: ``tune.run`` of a function reporting the same ``stub_reports``, the same trials, epochs and
+  resources, Ray Tune's ``ASHAScheduler`` with the same rungs (``FIFOScheduler`` against ``--scheduler fifo``),
+  no kvsweep callbacks.
+
+Both reuse Tune's trial actors (``tune.run(reuse_actors=True)``, given to kvsweep's driver by wrapping
+``ray.tune.run`` here): a new process per trial imports torch (about 6 CPU seconds each on a small machine), which
+would dwarf all the driver does; ``--no-reuse-actors`` runs both as kvsweep runs trials today.
+
+Measured over Tune's run (from Tune's experiment setup; kvsweep's up to ``run_sweep``'s return, so its final
+gather of the tables is in; also Tune's loop alone, up to its experiment end): wall seconds, and the driver process's CPU seconds (``getrusage(RUSAGE_SELF)``,
+all its threads) per trial. Also the results writer's flush times for the first and the last 10% of the
+trials it wrote. Goal: kvsweep / plain Tune <= 1.10, and kvsweep's driver CPU per trial flat within 20%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import kvsweep.tune.driver as driver  # noqa: E402
+from kvsweep.config import DataCfg, SweepCfg, TrainCfg  # noqa: E402
+from kvsweep.evaluate import PositionStats, SplitStats  # noqa: E402
+from kvsweep.tune import run_sweep  # noqa: E402
+from kvsweep.tune.local import start_local_ray  # noqa: E402
+from kvsweep.tune.partwriter import ResultsWriter  # noqa: E402
+from kvsweep.tune.store import SweepStore  # noqa: E402
+from kvsweep.tune.trainable import stub_reports  # noqa: E402
+from kvsweep.tune.writer import TrialRecord, build_tables, write_tables  # noqa: E402
+
+WRITERS: list[ResultsWriter] = []
+
+
+class _RecordedWriter(ResultsWriter):
+    """The driver's results writer, kept for its flush times."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        WRITERS.append(self)
+
+
+class _Clock(tune.Callback):
+    """The driver's wall clock and CPU time when Tune's experiment starts."""
+
+    def setup(self, **info):
+        if not hasattr(self, "start"):
+            self.start = (time.perf_counter(), _cpu())
+
+    def on_experiment_end(self, trials, **info):
+        self.end = (time.perf_counter(), _cpu())
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _space(n: int) -> dict:
+    return {"rank": [16, 32], "seed": list(range((n + 1) // 2))}
+
+
+def _sweep(name: str, storage: Path, a: argparse.Namespace) -> SweepCfg:
+    return SweepCfg(name=name, storage=str(storage), report_dir=None, scheduler=a.scheduler, max_concurrent=a.concurrency,
+                    grace_period=1, reduction_factor=2, data=DataCfg(train_samples=64, val_samples=16),
+                    train=TrainCfg(epochs=a.epochs), benchmark_stub_epoch_seconds=a.epoch_seconds)
+
+
+def run_kvsweep(n: int, storage: Path, a: argparse.Namespace) -> dict:
+    clock = _Clock()
+    WRITERS.clear()
+    out = run_sweep(_sweep(f"scale-{n}", storage, a), _space(n), log=lambda s: None, callbacks=[clock])
+    wall, cpu = time.perf_counter() - clock.start[0], _cpu() - clock.start[1]
+    assert out.tables["trials"].num_rows == 2 * ((n + 1) // 2)
+    timings = [t for w in WRITERS for t in w.timings]
+    loop = (clock.end[0] - clock.start[0], clock.end[1] - clock.start[1])  # Tune's loop alone, without the final gather
+    return {"wall": wall, "cpu": cpu, "loop": loop, "trials": out.tables["trials"].num_rows, "flush": _flush_stats(timings)}
+
+
+def run_plain(n: int, storage: Path, a: argparse.Namespace, base_stats) -> dict:
+    sweep = _sweep(f"plain-{n}", storage, a)
+
+    def stub(config):
+        for rep in stub_reports(config, sweep, base_stats):
+            tune.report(rep.to_report())
+
+    scheduler = FIFOScheduler() if a.scheduler == "fifo" else ASHAScheduler(time_attr="epoch", max_t=a.epochs, grace_period=1,
+                                                                          reduction_factor=2)
+    clock = _Clock()
+    analysis = tune.run(stub, name=f"plain-{n}", storage_path=str(storage), config={k: tune.grid_search(v) for k, v in _space(n).items()},
+                        resources_per_trial={"cpu": 1}, max_concurrent_trials=a.concurrency, scheduler=scheduler, metric="val_ppl",
+                        mode="min", callbacks=[clock], verbose=1, raise_on_failed_trial=False)  # verbose as kvsweep's
+    return {"wall": time.perf_counter() - clock.start[0], "cpu": _cpu() - clock.start[1], "trials": len(analysis.trials),
+            "loop": (clock.end[0] - clock.start[0], clock.end[1] - clock.start[1])}
+
+
+def _flush_stats(timings: list[tuple[int, float]]) -> str:
+    """Median flush seconds over the first and the last 10% of the trials written."""
+    if not timings:
+        return "-"
+    total = max(w for w, _s in timings) or 1
+    first = [s for w, s in timings if w <= 0.1 * total]
+    last = [s for w, s in timings if w >= 0.9 * total]
+    fmt = lambda xs: f"{1000 * statistics.median(xs):.1f}" if xs else "-"  # noqa: E731
+    return f"{fmt(first)} / {fmt(last)} ms ({len(timings)} flushes)"
+
+
+def writer_only(n: int, storage: Path, a: argparse.Namespace) -> dict:
+    """The results writer alone over ``n`` stub trials, ``a.concurrency`` at once; flush and final-gather seconds."""
+    sweep = _sweep(f"writer-{n}", storage, a)
+    sweep = SweepCfg(**{**sweep.__dict__, "benchmark_stub_epoch_seconds": 0.0})
+    stats = PositionStats(np.full(sweep.data.eval_len - 1, np.log(40.0)), np.ones(sweep.data.eval_len - 1, dtype=np.int64))
+    base = SplitStats(stats, stats)
+    writer = ResultsWriter(sweep, base, SweepStore(str(storage), sweep.name), every=10.0, part_every=a.part_every, log=print)
+    records: list[TrialRecord] = []
+    configs = [{"rank": r, "seed": s} for s in range((n + 1) // 2) for r in (16, 32)][:n]
+    running: deque[tuple[SimpleNamespace, list[dict]]] = deque()
+    pending = deque(enumerate(configs))
+    t0, cpu0 = time.perf_counter(), _cpu()
+    while pending or running:  # the running trials' reports in turn, as Tune delivers them
+        while pending and len(running) < a.concurrency:
+            i, config = pending.popleft()
+            trial = SimpleNamespace(trial_id=f"t{i:06d}", config=config)
+            reports = [{**r.to_report(), "timestamp": time.time()} for r in stub_reports(config, sweep, base)]
+            records.append(TrialRecord(trial.trial_id, config, list(reports)))
+            writer.on_trial_start(0, [], trial)
+            running.append((trial, reports))
+        trial, reports = running.popleft()
+        writer.on_trial_result(0, [], trial, reports.pop(0))
+        if reports:
+            running.append((trial, reports))
+        else:
+            writer.on_trial_complete(0, [], trial)
+    loop = time.perf_counter() - t0, _cpu() - cpu0
+    t1 = time.perf_counter()
+    write_tables(build_tables(records, sweep, base, revision=writer.revision), writer.store)
+    gather = time.perf_counter() - t1
+    return {"loop": loop, "gather": gather, "flush": _flush_stats(writer.timings), "files": len(writer.parts)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", default="250,1000,4000", help="sweep sizes, comma-separated (default: 250,1000,4000)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per trial (default: 3)")
+    p.add_argument("--epoch-seconds", type=float, default=0.05, help="seconds between a stub trial's reports (default: 0.05)")
+    p.add_argument("--concurrency", type=int, default=8, help="trials at once: Ray's logical CPUs, one per trial (default: 8)")
+    p.add_argument("--scheduler", choices=("moasha", "asha", "fifo"), default="moasha",
+                   help="kvsweep's scheduler (default: moasha); plain Tune gets ASHA with the same rungs, or FIFO for fifo")
+    p.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=True,
+                   help="both runs reuse Tune's trial actors (default); --no-reuse-actors: one process per trial")
+    p.add_argument("--writer-only", action="store_true", help="the results writer alone, no Ray (see above)")
+    p.add_argument("--part-every", type=float, default=0.0,
+                   help="--writer-only: the writer's part_every (default 0: a part per trial, the most flushes; the driver's: 1 s)")
+    a = p.parse_args()
+    if a.writer_only:
+        with tempfile.TemporaryDirectory(prefix="kvsweep-writer-") as tmp:
+            print("| trials | flushes' wall s (CPU s) | per trial ms | flush ms, first / last 10% | parts left | final gather s |")
+            print("|---:|---:|---:|---|---:|---:|")
+            for n in [int(s) for s in a.trials.split(",") if s.strip()]:
+                r = writer_only(n, Path(tmp) / str(n), a)
+                print(f"| {n:,} | {r['loop'][0]:.1f} ({r['loop'][1]:.1f}) | {1000 * r['loop'][0] / n:.1f} | {r['flush']} | {r['files']} | "
+                      f"{r['gather']:.2f} |", flush=True)
+        return
+    if a.reuse_actors:
+        tune.run = functools.partial(tune.run, reuse_actors=True)  # kvsweep's rounds call ray.tune.run too
+    sizes = [int(s) for s in a.trials.split(",") if s.strip()]
+    driver.ResultsWriter = _RecordedWriter  # the driver's writer, to read its flush times
+    start_local_ray(num_cpus=a.concurrency, log_to_driver=False)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kvsweep-scale-") as tmp:
+        for n in sizes:
+            k = run_kvsweep(n, Path(tmp) / "kvsweep", a)
+            base_stats = driver.SweepRecord.from_json((Path(tmp) / "kvsweep" / f"scale-{n}" / "sweep.json").read_text(), "sweep.json").base_stats()
+            t = run_plain(n, Path(tmp) / "plain", a, base_stats)
+            rows.append((n, k, t))
+            print(f"{n} trials: kvsweep {k['wall']:.1f} s, {1000 * k['cpu'] / n:.1f} ms driver CPU/trial; plain Tune {t['wall']:.1f} s, "
+                  f"{1000 * t['cpu'] / n:.1f} ms/trial; writer flush first/last 10%: {k['flush']}", flush=True)
+    ray.shutdown()
+    print(f"\n{a.epochs} epochs per trial, {a.epoch_seconds:g} s apart; {a.concurrency} trials at once{', actors reused' if a.reuse_actors else ', a process per trial'}; kvsweep --scheduler "
+          f"{a.scheduler} vs plain Tune {'FIFO' if a.scheduler == 'fifo' else 'ASHA'}; {os.cpu_count()} CPUs on this machine")
+    print("| trials | kvsweep wall s | plain wall s | wall ratio | kvsweep driver CPU ms/trial | plain ms/trial | CPU ratio | "
+          "Tune loop only: wall ratio, CPU ratio | writer flush ms, first / last 10% |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    for n, k, t in rows:
+        print(f"| {n:,} | {k['wall']:.1f} | {t['wall']:.1f} | {k['wall'] / t['wall']:.2f} | {1000 * k['cpu'] / n:.1f} | "
+              f"{1000 * t['cpu'] / n:.1f} | {k['cpu'] / t['cpu']:.2f} | {k['loop'][0] / t['loop'][0]:.2f}, {k['loop'][1] / t['loop'][1]:.2f} | "
+              f"{k['flush']} |")
+    if len(rows) > 1:
+        per = [k["cpu"] / n for n, k, _t in rows]
+        print(f"kvsweep driver CPU per trial, largest / smallest size: {per[-1] / per[0]:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
