@@ -7,7 +7,6 @@ import math
 import shutil
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -175,7 +174,7 @@ def test_the_report_draws_scores_against_kv_bytes_with_the_base(tmp_path):
     out = build_report([str(src)], tmp_path / "rep")
     md = (out / "report.md").read_text()
     assert "## Downstream tasks" in md and "piqa acc" in md and "lambada_openai perplexity" in md
-    assert len(left) == 1 and f"Left out: 1 evaluated trial that is no front candidate" in md and left[0] in md
+    assert len(left) == 1 and "Left out: 1 evaluated trial that is no front candidate" in md and left[0] in md
     assert (out / "downstream.png").stat().st_size > 1000
 
 
@@ -208,13 +207,7 @@ def test_downstream_on_a_train_folder_offline_writes_rows_for_the_base_and_the_t
     kv = {r["trial_id"]: r["kv_bytes_per_token"] for r in rows}
     trial = json.loads((out / "trial.json").read_text())
     assert kv["q"] == trial["kv_bytes_per_token"] < kv[None]
-    assert "kvsweep_choice" in printed and f"wrote {out / 'downstream.parquet'}" in printed
-    # a second run of one task replaces its rows and keeps the others
-    assert main(["downstream", str(out), "--tasks", "kvsweep_choice", "--include-path", str(TASKS), "--device", "cpu",
-                 "--limit", "4", "--no-base"]) == 0
-    again = pq.read_table(out / "downstream.parquet").to_pylist()
-    assert len(again) == len(rows) and {(r["trial_id"], r["task"], r["metric"]) for r in again} == got
-    shutil.rmtree(out)
+    assert "kvsweep_choice" in printed and f"wrote {out / 'downstream.parquet'}" in printed  # a rerun: merge_downstream's test
 
 
 @pytest.mark.slow
