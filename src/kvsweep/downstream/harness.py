@@ -20,9 +20,10 @@ import logging
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from ..adapters import Adapter, attached
+from ..adapters import Adapter, attached, kv_layout_of
+from ..kvcache import base_layout, bytes_per_token
 from ..latent import LatentDecoder, next_token
-from ..models import Base
+from ..models import Base, dims
 
 
 class KvsweepLM(HFLM):
@@ -54,6 +55,12 @@ class KvsweepLM(HFLM):
         with attached(self.model, self.adapters):
             return super()._model_call(inps, attn_mask, labels)
 
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes per token of the model evaluated, at ``cache_dtype`` (the accounting ``LatentDecoder.layout`` gives,
+        without building the decoder)."""
+        d = dims(self.model.config)
+        return bytes_per_token(kv_layout_of(self.adapters, base_layout(d.layers, d.hidden)), self.cache_dtype)
+
     @property
     def decoder(self) -> LatentDecoder:
         """The latent decoder, built on first use (after the adapters' weights are final)."""
@@ -66,7 +73,7 @@ class KvsweepLM(HFLM):
         (pad after an early stop). Greedy unless ``do_sample``; then ``temperature`` and ``top_k`` sample."""
         mask = generation_kwargs.pop("attention_mask", None)
         sample = bool(generation_kwargs.pop("do_sample", False))
-        temperature = float(generation_kwargs.pop("temperature", 1.0 if sample else 0.0) or 0.0) if sample else 0.0
+        temperature = float(generation_kwargs.pop("temperature", 1.0) or 0.0) if sample else 0.0
         top_k = generation_kwargs.pop("top_k", None)
         B, T = context.shape
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id

@@ -25,10 +25,9 @@ from lm_eval.tasks import TaskManager
 
 from ..adapters.options import describe
 from ..config import ConfigError, MissingFileError, ModelCfg
-from ..kvcache import bytes_per_token
-from ..latent.trial import TRIAL_FILE, TrialRecord, find_trial, is_sweep_results, trial_adapters, trial_specs
+from ..latent.trial import TRIAL_FILE, TrialRecord, find_trial, is_sweep_results, sweep_record, trial_adapters, trial_specs
 from ..models import dims, load_base
-from ..report import analyze, load_all, load_results
+from ..report import Analysis, analyze, load_all
 from ..report.load import TRIALS
 from ..results import write_parquet
 from ..results.downstream import DOWNSTREAM_FILE, DownstreamRow, downstream_table, merge_downstream
@@ -116,23 +115,27 @@ def _records(source: str | Path, trials: Sequence[str] | None, front: bool) -> t
         return folder, [record], trial_specs(record.config)[0], None
     if not is_sweep_results(folder):
         raise MissingFileError(f"{source}: neither a sweep's results folder ({TRIALS}) nor a kvsweep train folder ({TRIAL_FILE})")
-    ids = list(trials) if trials else list(front_trials(folder)) if front else []
-    records = [find_trial(folder, t) for t in ids]
+    results = load_all([str(folder)])  # read once (a running sweep's parts too): the front, the trials, the base
+    table = results[0].trials
+    ids = list(trials) if trials else list(_front_ids(analyze(results))) if front else []
+    records = [sweep_record(folder, t, trials=table) for t in ids]
     if records:
         return folder, records, trial_specs(records[0].config)[0], records[0].sweep
-    tbl = load_results(str(folder)).trials  # a running sweep's parts too
-    return folder, [], trial_specs(json.loads(tbl.column("config")[0].as_py()))[0], tbl.column("sweep")[0].as_py()
+    return folder, [], trial_specs(json.loads(table.column("config")[0].as_py()))[0], table.column("sweep")[0].as_py()
 
 
 def front_trials(results: str | Path) -> tuple[str, ...]:
     """The trial ids of every seed of each point on the results' Pareto front (val PPL against KV bytes/token), by cost."""
-    an = analyze(load_all([str(results)]))
+    return _front_ids(analyze(load_all([str(results)])))
+
+
+def _front_ids(an: Analysis) -> tuple[str, ...]:
     ids = an.column("trial_id")
     return tuple(ids[int(i)] for p in an.front for i in an.points.members[int(p)])
 
 
 def _rows(scores: list[dict], lm: KvsweepLM, cfg: DownstreamCfg, sweep: str | None, methods: str) -> list[DownstreamRow]:
-    kv = bytes_per_token(lm.decoder.layout(), cfg.cache_dtype)
+    kv = lm.kv_bytes_per_token()
     at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return [DownstreamRow(sweep=sweep, task=s["task"], metric=s["metric"], value=s["value"], stderr=s["stderr"], samples=s["samples"],
                           num_fewshot=cfg.num_fewshot, limit=cfg.limit, kv_bytes_per_token=kv, methods=methods,

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import pyarrow as pa
+
 from ..adapters import Adapter, AdapterSpec, check_combination, make_adapter
 from ..checkpoint import CheckpointError, has_checkpoint, load_best_adapter_states
 from ..config import ConfigError, KvsweepError, MissingFileError, ModelCfg
@@ -108,7 +110,7 @@ def is_sweep_results(folder: Path) -> bool:
     return (folder / TRIALS).is_file() or (folder / PARTS).is_dir()
 
 
-def sweep_record(results: str | Path, trial_id: str) -> TrialRecord:
+def sweep_record(results: str | Path, trial_id: str, *, trials: pa.Table | None = None) -> TrialRecord:
     """Trial ``trial_id`` (as in ``trials.parquet``, or its trial folder's name ``trial_<id>_...``) of the sweep results
     folder ``results``, with its newest checkpoint (over every ``tune-<k>`` folder of the sweep).
 
@@ -116,12 +118,14 @@ def sweep_record(results: str | Path, trial_id: str) -> TrialRecord:
         NotResultsError: ``results`` holds no ``trials.parquet`` (or is not a folder).
         UnknownTrialError: no trial of that id (a few known ids are named).
         ReportError: ``trials.parquet`` is damaged or of a schema this kvsweep does not read.
+
+    ``trials``: the folder's trials as ``load_results`` read them, for a caller that looks up several (read once).
     """
     results = Path(results).expanduser()
     if not is_sweep_results(results):
         raise NotResultsError(f"{results} is not a sweep's results folder: it has no {TRIALS} (a kvsweep train folder "
                               "holds trial.json instead; give that folder without a trial id)")
-    table = load_results(str(results)).trials
+    table = trials if trials is not None else load_results(str(results)).trials
     rows = {r["trial_id"]: r for r in table.to_pylist()}
     wanted = trial_id.strip().rstrip("/").rsplit("/", 1)[-1]
     found = rows.get(wanted) or next((r for i, r in rows.items() if wanted.startswith(f"trial_{i}_") or wanted == f"trial_{i}"), None)
