@@ -15,7 +15,8 @@ Per size, two runs on one in-process Ray (``--concurrency`` logical CPUs, one pe
   apart, with no model. The base is still evaluated once (the ``tiny`` preset), before Tune starts.
 - plain Tune: ``tune.run`` of a function reporting the same ``stub_reports``, the same trials, epochs and
   resources, Ray Tune's ``ASHAScheduler`` with the same rungs (``FIFOScheduler`` against ``--scheduler fifo``),
-  no kvsweep callbacks.
+  no kvsweep callbacks (Tune's default loggers), as silent as kvsweep's Tune (``verbose=0`` and ``quiet_ray``; kvsweep
+  prints its console lines, which count in its time).
 
 Both reuse Tune's trial actors (``tune.run(reuse_actors=True)``, given to kvsweep's driver by wrapping
 ``ray.tune.run`` here): a new process per trial imports torch (about 6 CPU seconds each on a small machine), which
@@ -23,7 +24,7 @@ would dwarf all the driver does; ``--no-reuse-actors`` runs both as kvsweep runs
 
 Measured over Tune's run (from Tune's experiment setup; kvsweep's up to ``run_sweep``'s return, so its final
 gather of the tables is in; also Tune's loop alone, up to its experiment end): wall seconds, and the driver process's CPU seconds (``getrusage(RUSAGE_SELF)``,
-all its threads) per trial. Also the results writer's flush times for the first and the last 10% of the
+all its threads) per trial, and every process's on the machine (Tune's loop; Linux) per trial. Also the results writer's flush times for the first and the last 10% of the
 trials it wrote. Goal: kvsweep / plain Tune <= 1.10, and kvsweep's driver CPU per trial flat within 20%.
 """
 
@@ -54,6 +55,7 @@ import kvsweep.tune.driver as driver  # noqa: E402
 from kvsweep.config import DataCfg, SweepCfg, TrainCfg  # noqa: E402
 from kvsweep.evaluate import PositionStats, SplitStats  # noqa: E402
 from kvsweep.tune import run_sweep  # noqa: E402
+from kvsweep.tune.console import quiet_ray  # noqa: E402
 from kvsweep.tune.local import start_local_ray  # noqa: E402
 from kvsweep.tune.partwriter import ResultsWriter  # noqa: E402
 from kvsweep.tune.store import SweepStore  # noqa: E402
@@ -76,15 +78,26 @@ class _Clock(tune.Callback):
 
     def setup(self, **info):
         if not hasattr(self, "start"):
-            self.start = (time.perf_counter(), _cpu())
+            self.start = (time.perf_counter(), _cpu(), _machine_cpu())
 
     def on_experiment_end(self, trials, **info):
-        self.end = (time.perf_counter(), _cpu())
+        self.end = (time.perf_counter(), _cpu(), _machine_cpu())
 
 
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def _machine_cpu() -> float:
+    """CPU seconds every process on this machine has used (Linux's ``/proc/stat``; NaN elsewhere): the driver, Ray's
+    own processes and the trials' workers together."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return float("nan")
+    busy = sum(int(x) for i, x in enumerate(fields[:8]) if i not in (3, 4))  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def _space(n: int) -> dict:
@@ -105,7 +118,8 @@ def run_kvsweep(n: int, storage: Path, a: argparse.Namespace) -> dict:
     assert out.tables["trials"].num_rows == 2 * ((n + 1) // 2)
     timings = [t for w in WRITERS for t in w.timings]
     loop = (clock.end[0] - clock.start[0], clock.end[1] - clock.start[1])  # Tune's loop alone, without the final gather
-    return {"wall": wall, "cpu": cpu, "loop": loop, "trials": out.tables["trials"].num_rows, "flush": _flush_stats(timings)}
+    return {"wall": wall, "cpu": cpu, "loop": loop, "trials": out.tables["trials"].num_rows, "flush": _flush_stats(timings),
+            "machine": clock.end[2] - clock.start[2]}
 
 
 def run_plain(n: int, storage: Path, a: argparse.Namespace, base_stats) -> dict:
@@ -118,11 +132,12 @@ def run_plain(n: int, storage: Path, a: argparse.Namespace, base_stats) -> dict:
     scheduler = FIFOScheduler() if a.scheduler == "fifo" else ASHAScheduler(time_attr="epoch", max_t=a.epochs, grace_period=1,
                                                                           reduction_factor=2)
     clock = _Clock()
-    analysis = tune.run(stub, name=f"plain-{n}", storage_path=str(storage), config={k: tune.grid_search(v) for k, v in _space(n).items()},
-                        resources_per_trial={"cpu": 1}, max_concurrent_trials=a.concurrency, scheduler=scheduler, metric="val_ppl",
-                        mode="min", callbacks=[clock], verbose=1, raise_on_failed_trial=False)  # verbose as kvsweep's
+    with quiet_ray(verbose=False):  # silent, as kvsweep's Tune (kvsweep prints its own console lines)
+        analysis = tune.run(stub, name=f"plain-{n}", storage_path=str(storage), config={k: tune.grid_search(v) for k, v in _space(n).items()},
+                            resources_per_trial={"cpu": 1}, max_concurrent_trials=a.concurrency, scheduler=scheduler, metric="val_ppl",
+                            mode="min", callbacks=[clock], verbose=0, raise_on_failed_trial=False)
     return {"wall": time.perf_counter() - clock.start[0], "cpu": _cpu() - clock.start[1], "trials": len(analysis.trials),
-            "loop": (clock.end[0] - clock.start[0], clock.end[1] - clock.start[1])}
+            "loop": (clock.end[0] - clock.start[0], clock.end[1] - clock.start[1]), "machine": clock.end[2] - clock.start[2]}
 
 
 def _flush_stats(timings: list[tuple[int, float]]) -> str:
@@ -210,12 +225,12 @@ def main() -> None:
     print(f"\n{a.epochs} epochs per trial, {a.epoch_seconds:g} s apart; {a.concurrency} trials at once{', actors reused' if a.reuse_actors else ', a process per trial'}; kvsweep --scheduler "
           f"{a.scheduler} vs plain Tune {'FIFO' if a.scheduler == 'fifo' else 'ASHA'}; {os.cpu_count()} CPUs on this machine")
     print("| trials | kvsweep wall s | plain wall s | wall ratio | kvsweep driver CPU ms/trial | plain ms/trial | CPU ratio | "
-          "Tune loop only: wall ratio, CPU ratio | writer flush ms, first / last 10% |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---|---|")
+          "Tune loop only: wall ratio, CPU ratio | all processes' CPU ms/trial, kvsweep / plain | writer flush ms, first / last 10% |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
     for n, k, t in rows:
         print(f"| {n:,} | {k['wall']:.1f} | {t['wall']:.1f} | {k['wall'] / t['wall']:.2f} | {1000 * k['cpu'] / n:.1f} | "
               f"{1000 * t['cpu'] / n:.1f} | {k['cpu'] / t['cpu']:.2f} | {k['loop'][0] / t['loop'][0]:.2f}, {k['loop'][1] / t['loop'][1]:.2f} | "
-              f"{k['flush']} |")
+              f"{1000 * k['machine'] / n:.0f} / {1000 * t['machine'] / n:.0f} | {k['flush']} |")
     if len(rows) > 1:
         per = [k["cpu"] / n for n, k, _t in rows]
         print(f"kvsweep driver CPU per trial, largest / smallest size: {per[-1] / per[0]:.2f}")

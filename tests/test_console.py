@@ -171,6 +171,37 @@ def test_on_a_terminal_the_progress_line_is_redrawn_in_place_and_kept_at_the_end
     assert text.endswith("progress: 0/4 trials done, 0/8 epochs, 2s elapsed, ETA ?\n")
 
 
+class CountedTrial(FakeTrial):
+    """A trial that counts how often its last result is read."""
+
+    reads = 0
+
+    @property
+    def last_result(self) -> dict:
+        self.reads += 1
+        return self._last
+
+    @last_result.setter
+    def last_result(self, value: dict) -> None:
+        self._last = value
+
+
+def test_the_progress_line_reads_each_trial_at_its_own_events_not_at_every_line(tmp_path):
+    """A progress line follows each trial's end; summing every trial's last result for it made the console's work
+    grow with the square of the sweep (a 1,000-trial sweep: a million reads). Each trial is read at its own events."""
+    cb, out, _ = console()
+    trials = [CountedTrial(i, tmp_path, **{"vdproj.rank": 32, "vdproj.init": "pca"}) for i in range(300)]
+    cb.setup(total_num_samples=len(trials))
+    for t in trials:
+        start(cb, trials, t)
+    for t in trials:
+        report(cb, trials, t, result(1, 60.0))
+        report(cb, trials, t, result(2, 59.0))
+        complete(cb, trials, t)
+    assert max(t.reads for t in trials) <= 8
+    assert out.getvalue().splitlines()[-1].endswith("progress: 300/300 trials done, 600/600 epochs, 0s elapsed, done")
+
+
 def test_durations_read_as_seconds_minutes_and_hours():
     assert [duration(s) for s in (0, 42.4, 185, 3725)] == ["0s", "42s", "3:05", "1:02:05"]
 

@@ -18,7 +18,7 @@ from kvsweep.losses import LossCfg
 from kvsweep.sweepargs import sweep_cfg, sweep_parser
 from kvsweep.tune.moasha import MOASHA, crowding_distances, nondominated_fronts, pareto_places
 from kvsweep.tune.rounds import lm_peak, make_scheduler
-from kvsweep.tune.scheduler import SCHEDULER_FILE, DurableASHA, asha_keeps, milestones
+from kvsweep.tune.scheduler import SCHEDULER_FILE, DurableASHA, asha_keeps, milestones, read_state
 from kvsweep.tune.spec import SpecificationError, SweepRecord, plan, specification
 from kvsweep.tune.store import SweepStore
 
@@ -67,6 +67,52 @@ def test_places_depend_only_on_the_set_of_points():
     for _ in range(5):
         perm = rng.permutation(len(pts))
         assert pareto_places(pts[perm]).tolist() == places[perm].tolist()
+
+
+def _brute_places(pts: np.ndarray) -> list[int]:
+    """Places from the definitions, O(N^2) per front: fronts by repeated removal of the non-dominated points, the
+    crowding distance over each front's distinct points, non-finite points last."""
+    n = len(pts)
+    finite = np.isfinite(pts).all(axis=1)
+    front = np.full(n, -1)
+    left, k = set(np.flatnonzero(finite).tolist()), 0
+    while left:
+        dominated = {j for j in left for i in left if (pts[i] <= pts[j]).all() and (pts[i] < pts[j]).any()}
+        for j in left - dominated:
+            front[j] = k
+        left, k = dominated, k + 1
+    crowd = np.zeros(n)
+    for f in range(k):
+        members = np.flatnonzero(front == f)
+        distinct = sorted({tuple(p) for p in pts[members].tolist()})
+        dist = dict.fromkeys(distinct, 0.0)
+        if len(distinct) <= 2:
+            dist = dict.fromkeys(distinct, INF)
+        else:
+            for m in range(pts.shape[1]):
+                order = sorted(distinct, key=lambda p: p[m])  # stable over the lexicographic order
+                span = order[-1][m] - order[0][m]
+                if span <= 0:
+                    continue
+                dist[order[0]] = dist[order[-1]] = INF
+                for a, b, c in zip(order, order[1:], order[2:]):
+                    dist[b] += (c[m] - a[m]) / span
+        for i in members:
+            crowd[i] = dist[tuple(pts[i].tolist())]
+    front[~finite] = k
+    key = [(front[i], -crowd[i]) for i in range(n)]
+    return [sum(key[j] < key[i] for j in range(n)) for i in range(n)]
+
+
+def test_places_match_their_definition_on_random_points_with_ties_and_non_finite_values():
+    """The sort takes O(N log N) for two objectives; its places are those of the definitions, computed directly."""
+    rng = np.random.default_rng(3)
+    for case in range(150):
+        n, m = int(rng.integers(1, 40)), (2, 2, 3)[case % 3]
+        pts = rng.integers(0, 5, size=(n, m)).astype(float) if case % 2 else rng.normal(size=(n, m)).round(1)
+        if case % 5 == 0:
+            pts[rng.integers(0, n, 2)] = (math.nan, INF, 1.0)[:m] if m == 3 else (math.nan, 1.0)
+        assert pareto_places(pts).tolist() == _brute_places(pts), pts.tolist()
 
 
 # --- decisions at a rung ---------------------------------------------------------------------------------
@@ -148,7 +194,7 @@ def test_a_rung_judges_a_trial_only_once_its_lm_weight_is_half_its_peak(tmp_path
     assert _report(s, "late", 2, 300.0, w_lm=2 / 8, schedule="rec_to_lm") == "CONTINUE"
     assert _report(s, "late", 3, 200.0, w_lm=3 / 8, schedule="rec_to_lm") == "CONTINUE"
     assert _report(s, "late", 4, 100.0, w_lm=4 / 8, schedule="rec_to_lm") == "STOP"
-    state = json.loads((tmp_path / "s" / SCHEDULER_FILE).read_text())
+    state = read_state(SweepStore(str(tmp_path), "s"))
     assert [(r["milestone"], sorted(r["recorded"]), r["passed"]) for r in state["rungs"]] == [
         (1, ["lm"], ["late"]), (2, ["lm"], ["late"]), (4, ["late", "lm"], []), (8, [], [])]
     # passed rungs stay behind the trial: a later result is never judged at them
@@ -195,7 +241,7 @@ def test_asha_decides_after_a_new_driver_as_it_would_have_without_one(tmp_path):
     assert _report(plain, "c", 1, 60.0) == "CONTINUE"  # what was lost
     assert _report(_make(DurableASHA, store, max_t=4), "c", 1, 60.0) == "STOP"  # the continued driver
     assert _report(_make(DurableASHA, store, max_t=4), "c", 1, 1.0) == "STOP"  # a stopped trial that resumes is stopped
-    assert json.loads((tmp_path / "s" / SCHEDULER_FILE).read_text())["stopped"] == {"c": 1}
+    assert read_state(SweepStore(str(tmp_path), "s"))["stopped"] == {"c": 1}
 
 
 def test_moasha_decides_after_a_new_driver_as_without_one(tmp_path):
@@ -213,8 +259,8 @@ def test_moasha_decides_after_a_new_driver_as_without_one(tmp_path):
     assert third._rungs[-1].passed == {"late"} and third._rungs[-2].passed == {"late"}
     assert third._rungs[-1].recorded == {"a": (40.0, 1000.0), "b": (45.0, 1000.0), "c": (60.0, 300.0), "d": (41.0, 1000.0)}
     assert _report(third, "late", 3, 90.0, 1000, w_lm=0.9, schedule="rec_to_lm") == "CONTINUE"  # rungs 1, 2 stay passed
-    state = json.loads((tmp_path / "s" / SCHEDULER_FILE).read_text())
-    assert state["format"] == 2 and state["scheduler"] == "moasha" and state["stopped"] == {"b": 1, "d": 1}
+    state = read_state(SweepStore(str(tmp_path), "s"))
+    assert state["scheduler"] == "moasha" and state["stopped"] == {"b": 1, "d": 1}
 
 
 @pytest.mark.parametrize("cls", [MOASHA, DurableASHA])
@@ -227,6 +273,61 @@ def test_a_trial_stopped_after_its_last_checkpoint_trains_up_to_its_stop_again(t
         "CONTINUE", "CONTINUE", "CONTINUE", "STOP"]
     second = _make(cls, store)
     assert _report(second, "y", 1, 40.0) == "CONTINUE" and _report(second, "y", 2, 39.0) == "STOP"
+
+
+class _CountingStore(SweepStore):
+    """A sweep folder that counts the bytes written to it."""
+
+    written = 0
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.written += len(data)
+        super().write_bytes(name, data)
+
+
+@pytest.mark.parametrize("cls", [MOASHA, DurableASHA])
+def test_the_state_written_per_decision_does_not_grow_with_the_sweep_and_reads_back_whole(tmp_path, cls):
+    """2,000 trials through three rungs. Rewriting the whole state at each change writes O(N^2) bytes (here some
+    400 MB); the journal writes each change once and a snapshot each time the journal grew by a quarter of the state.
+    Read back at any point, the state is the live scheduler's."""
+    store = _CountingStore(str(tmp_path), "s")
+    live = _make(cls, store)
+    rng = random.Random(0)
+    for i in range(2000):
+        tid, ppl, size = f"t{i:05d}", rng.uniform(30, 90), rng.choice([300, 500, 1000])
+        for epoch in (1, 2, 4):
+            if _report(live, tid, epoch, ppl - epoch, size) == "STOP":
+                break
+        if i in (700, 1999):  # a new driver reads the same rungs
+            again = _make(cls, SweepStore(str(tmp_path), "s"))
+            assert [(r.recorded, r.passed) for r in again._rungs] == [(r.recorded, r.passed) for r in live._rungs]
+            assert again._stopped == live._stopped  # so its decisions are the live one's
+    snapshot = len((tmp_path / "s" / SCHEDULER_FILE).read_bytes())
+    assert store.written < 12 * snapshot, (store.written, snapshot)
+    assert len(list((tmp_path / "s" / "scheduler").iterdir())) <= 2000 * 3 // 4  # the journal is compacted
+
+
+def test_journal_entries_a_snapshot_holds_are_skipped_and_a_bad_state_is_refused(tmp_path):
+    store = SweepStore(str(tmp_path), "s")
+    s = _make(DurableASHA, store, max_t=4)
+    for tid, ppl in (("a", 40.0), ("b", 50.0), ("c", 45.0)):
+        _report(s, tid, 1, ppl)
+    state = read_state(store)
+    assert state["rungs"][0]["recorded"] == {"a": [40.0], "b": [50.0], "c": [45.0]} and state["stopped"] == {"b": 1}
+    raw = json.loads((tmp_path / "s" / SCHEDULER_FILE).read_text())
+    assert raw["format"] == 3 and raw["journal"] == 1 and len(list((tmp_path / "s" / "scheduler").iterdir())) == 2
+    # a driver killed after a snapshot, before it deleted the entries the snapshot holds: they are not folded in twice
+    store.write_json(SCHEDULER_FILE, {**raw, "journal": 3, "stopped": {"b": 1, "c": 7}})
+    assert read_state(store)["stopped"] == {"b": 1, "c": 7}
+    store.write_json("scheduler/0000000004.json", {"events": [["record", 16.0, "z", [1.0]]]})
+    with pytest.raises(KvsweepError, match="names no rung"):
+        read_state(store)
+    store.write_json(SCHEDULER_FILE, {**raw, "format": 9})
+    with pytest.raises(KvsweepError, match="format 9; this kvsweep reads formats 1 to 3"):
+        _make(DurableASHA, store, max_t=4)
+    store.delete(SCHEDULER_FILE)
+    with pytest.raises(KvsweepError, match="holds scheduler journal entries but .*scheduler.json is missing"):
+        read_state(store)
 
 
 def test_asha_state_written_by_older_kvsweep_continues_and_other_state_is_refused(tmp_path):

@@ -17,8 +17,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from kvsweep.config import KvsweepError
 from kvsweep.report import ReportError, load_results
+from kvsweep.tune.journal import read_state
 from kvsweep.tune.spec import SpecificationError
+from kvsweep.tune.store import SweepStore
 
 from .sweeps import check_once, kill, outcome, result_lines, run, script, start, sweep_cmd, tables, wait_for
 
@@ -132,8 +135,11 @@ def _first_trial_finished(folder: Path) -> bool:
 
 
 def _second_trial_stopped(folder: Path) -> bool:
-    state = folder / "scheduler.json"
-    return state.is_file() and '"stopped": {}' not in state.read_text() and '"stopped"' in state.read_text()
+    try:  # the decision is written (to scheduler.json's journal) before Tune acts on it
+        state = read_state(SweepStore(str(folder.parent), folder.name))
+    except (KvsweepError, ValueError):  # read between the listing of a journal entry and its deletion
+        return False
+    return state is not None and bool(state["stopped"])
 
 
 @pytest.mark.parametrize("kill_when", [_first_trial_finished, _second_trial_stopped], ids=["rungs", "decision"])

@@ -4,6 +4,7 @@ dicts: ``EpochReport.to_report`` and ``from_report`` are the one place where the
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import re
@@ -181,9 +182,16 @@ def _number(value: Any, kind: type) -> Any:
     return float(value)
 
 
-def _parse(cls: type, flat: Mapping[str, Any]) -> dict:
+@functools.cache
+def _kinds(cls: type) -> tuple[tuple[str, type], ...]:
+    """Each field of the dataclass ``cls`` with the number type it holds (resolving the hints once per class: a
+    driver parses every result of every trial)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: _number(flat.get(f.name), optional_inner(hints[f.name])) for f in fields(cls)}
+    return tuple((f.name, optional_inner(hints[f.name])) for f in fields(cls))
+
+
+def _parse(cls: type, flat: Mapping[str, Any]) -> dict:
+    return {name: _number(flat.get(name), kind) for name, kind in _kinds(cls)}
 
 
 def _flat(obj: Any) -> dict:

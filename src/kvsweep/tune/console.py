@@ -102,6 +102,14 @@ def duration(seconds: float) -> str:
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
+def last_result(trial) -> dict:
+    """Tune's last result of ``trial``, without waiting on its actor: ``Trial.last_result`` of a trial that has not
+    reported yet fetches the trial's default metrics from its actor, a blocking call on the driver for each new trial;
+    here such a trial has an empty result (its run metadata's, where Tune's trial has one)."""
+    result = getattr(getattr(trial, "run_metadata", None), "last_result", None)
+    return result if isinstance(result, dict) else (trial.last_result or {})
+
+
 def _report(result: dict | None) -> EpochReport | None:
     try:
         return EpochReport.from_report(result or {})
@@ -127,6 +135,12 @@ class ConsoleCallback(tune.Callback):
         self.trials: list = []
         self._epochs_at_start: int | None = None
         self._ended_ids: set[str] = set()  # Tune calls the hooks of a trial's end before it sets the trial's status
+        # what the progress line sums, kept per trial and updated at the trial's own events: a line then costs the
+        # same at 10,000 trials as at 10 (Tune's trial list only grows; the trials it gained are read when it has)
+        self._counted: dict[str, tuple[int, int, bool]] = {}  # trial id -> (epochs run, epochs possible, ended)
+        self._sums = [0, 0, 0]  # epochs run, epochs possible, trials ended; over self._counted
+        self._max_epochs_of: dict[str, int] = {}
+        self._listed = 0  # how much of Tune's trial list self._counted has read
         self._last_progress = -math.inf
         self._drawn = False  # a terminal's progress line is on screen
 
@@ -138,6 +152,7 @@ class ConsoleCallback(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.trials = trials
+        self._count(trial)
         epoch = self._epoch(trial)
         searched = " ".join(f"{k}={trial.config.get(k)}" for k in self.searched if k in trial.config)
         if trial.num_failures:
@@ -150,6 +165,7 @@ class ConsoleCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.trials = trials
+        self._count(trial)
         rep = _report(result)
         if rep is None or rep.error or rep.resumed:  # an error ends the trial (its line then); a resumed epoch was shown
             return
@@ -160,6 +176,7 @@ class ConsoleCallback(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.trials = trials
         self._ended_ids.add(trial.trial_id)
+        self._count(trial)
         rep = _report(trial.last_result)
         status, error = trial_status([rep] if rep is not None else [], self._max_epochs(trial))
         if status == "error":
@@ -170,12 +187,14 @@ class ConsoleCallback(tune.Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.trials = trials
+        self._count(trial)
         self._line(f"trial {trial.trial_id} failed: {self._error_of(trial)}; traceback: {self._error_file(trial)}; "
                    "restarting from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.trials = trials
         self._ended_ids.add(trial.trial_id)
+        self._count(trial)
         self._error_line(trial, self._error_of(trial))
         self._progress_after_end()
 
@@ -198,21 +217,18 @@ class ConsoleCallback(tune.Callback):
     def progress_line(self) -> str:
         """``progress: D/N trials done, E/P epochs, T elapsed, ETA R``: P the epochs still possible (max epochs of
         the trials not ended, the epochs run of those that ended); the ETA at this run's epochs per second."""
-        trials = list(self.trials)
-        ended = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR") or t.trial_id in self._ended_ids}
-        planned = max(self.planned, len(trials))
-        done = self._epochs_done()
-        possible = sum(self._epoch(t) if t.trial_id in ended else self._max_epochs(t) for t in trials)
-        possible += (planned - len(trials)) * self.sweep.train.epochs
+        done, possible, ended = self._totals()
+        planned = max(self.planned, len(self._counted))
+        possible += (planned - len(self._counted)) * self.sweep.train.epochs
         elapsed = self.clock() - self.start
         ran = done - (self._epochs_at_start or 0)
-        if len(ended) == planned:
+        if ended == planned:
             eta = "done"
         elif ran > 0 and elapsed > 0:
             eta = f"ETA {duration((possible - done) * elapsed / ran)}"
         else:
             eta = "ETA ?"
-        return f"progress: {len(ended)}/{planned} trials done, {done}/{possible} epochs, {duration(elapsed)} elapsed, {eta}"
+        return f"progress: {ended}/{planned} trials done, {done}/{possible} epochs, {duration(elapsed)} elapsed, {eta}"
 
     def _ended(self, status: str, rep: EpochReport | None) -> str:
         best = ""
@@ -276,15 +292,41 @@ class ConsoleCallback(tune.Callback):
     # what Tune knows of a trial
 
     def _max_epochs(self, trial) -> int:
-        try:
-            return trial_cfg(dict(trial.config), self.sweep).train.epochs
-        except Exception:  # a config this sweep cannot read: the sweep's epochs
-            return self.sweep.train.epochs
+        if trial.trial_id not in self._max_epochs_of:  # a trial's config does not change
+            try:
+                epochs = trial_cfg(dict(trial.config), self.sweep).train.epochs
+            except Exception:  # a config this sweep cannot read: the sweep's epochs
+                epochs = self.sweep.train.epochs
+            self._max_epochs_of[trial.trial_id] = epochs
+        return self._max_epochs_of[trial.trial_id]
 
     @staticmethod
     def _epoch(trial) -> int:
-        rep = _report(trial.last_result)
+        rep = _report(last_result(trial))
         return rep.epoch if rep is not None and not rep.error else (rep.epoch - 1 if rep is not None else 0)
 
     def _epochs_done(self) -> int:
-        return sum(self._epoch(t) for t in self.trials)
+        return self._totals()[0]
+
+    def _count(self, trial) -> None:
+        """Recount one trial's share of the progress line (at each of its events, and when first listed)."""
+        ended = trial.status in ("TERMINATED", "ERROR") or trial.trial_id in self._ended_ids
+        epoch = self._epoch(trial)
+        new = (epoch, epoch if ended else self._max_epochs(trial), ended)
+        old = self._counted.get(trial.trial_id, (0, 0, False))
+        self._counted[trial.trial_id] = new
+        for i in range(3):
+            self._sums[i] += int(new[i]) - int(old[i])
+
+    def _totals(self) -> tuple[int, int, int]:
+        """Epochs run, epochs possible and trials ended over the trials Tune lists (those it gained since the last
+        call are counted now)."""
+        trials = self.trials
+        if len(trials) < self._listed:  # another list than the one read so far: read it whole
+            self._listed = 0
+        for t in trials[self._listed:] if isinstance(trials, list) else list(trials)[self._listed:]:
+            if t.trial_id not in self._counted or t.status in ("TERMINATED", "ERROR"):
+                self._count(t)
+        self._listed = len(trials)
+        done, possible, ended = self._sums
+        return done, possible, ended

@@ -27,6 +27,7 @@ rule and the durable state are ``DurableRungs``'s.
 
 from __future__ import annotations
 
+import bisect
 from typing import Sequence
 
 import numpy as np
@@ -40,9 +41,12 @@ def nondominated_fronts(points: np.ndarray) -> np.ndarray:
     """The front of each point, 0 for the non-dominated ones: (N, M) objectives, all minimised -> (N,) int.
 
     A point dominates another when it is no worse in every objective and better in one; front k holds the
-    points dominated only by points of fronts before k. Equal points are in the same front.
+    points dominated only by points of fronts before k. Equal points are in the same front. Two objectives take
+    O(N log N) (``_fronts_2d``); more take O(N^2) time and memory.
     """
     pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim == 2 and pts.shape[1] == 2:
+        return _fronts_2d(pts)
     n = len(pts)
     no_worse = (pts[:, None, :] <= pts[None, :, :]).all(axis=2)  # (N, N): i no worse than j everywhere
     better = (pts[:, None, :] < pts[None, :, :]).any(axis=2)
@@ -59,6 +63,35 @@ def nondominated_fronts(points: np.ndarray) -> np.ndarray:
     return front
 
 
+def _distinct(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of (N, M) ``pts`` in lexicographic order (as ``np.unique(axis=0)``) and each row's index among
+    them: -> (U, M), (N,)."""
+    order = np.lexsort(pts.T[::-1])  # by the first column, then the second, ...
+    ordered = pts[order]
+    new = np.r_[True, (ordered[1:] != ordered[:-1]).any(axis=1)] if len(pts) else np.zeros(0, dtype=bool)
+    index = np.empty(len(pts), dtype=np.int64)
+    index[order] = np.cumsum(new) - 1
+    return ordered[new], index
+
+
+def _fronts_2d(pts: np.ndarray) -> np.ndarray:
+    """``nondominated_fronts`` of (N, 2) points in O(N log N): the distinct points in lexicographic order, each
+    dominated by exactly the earlier ones whose second objective is no larger, so its front is the number of fronts
+    whose lowest second objective so far is at or below its own (Kung et al.'s sweep; the fronts' lowest values
+    ascend, a bisection finds it)."""
+    distinct, index = _distinct(pts)
+    lowest: list[float] = []  # per front: the lowest second objective among its points so far, ascending
+    front = np.empty(len(distinct), dtype=np.int64)
+    for i, y in enumerate(distinct[:, 1].tolist()):
+        k = bisect.bisect_right(lowest, y)
+        if k == len(lowest):
+            lowest.append(y)
+        else:
+            lowest[k] = y
+        front[i] = k
+    return front[index]
+
+
 def crowding_distances(points: np.ndarray) -> np.ndarray:
     """NSGA-II's crowding distance of each point of one front: (N, M) -> (N,), larger is more isolated.
 
@@ -67,19 +100,36 @@ def crowding_distances(points: np.ndarray) -> np.ndarray:
     Equal points get the distance of one of them (computed once, over the distinct points).
     """
     pts = np.asarray(points, dtype=np.float64)
-    unique, inverse = np.unique(pts, axis=0, return_inverse=True)
-    dist = np.zeros(len(unique))
-    if len(unique) <= 2:
-        return np.full(len(pts), np.inf)
-    for m in range(unique.shape[1]):
-        order = np.argsort(unique[:, m], kind="stable")
-        values = unique[order, m]
-        span = values[-1] - values[0]
-        if span <= 0:
-            continue
-        dist[order[0]] = dist[order[-1]] = np.inf
-        dist[order[1:-1]] += (values[2:] - values[:-2]) / span
-    return dist[inverse.reshape(-1)]
+    return _crowding_by_front(pts, np.zeros(len(pts), dtype=np.int64))
+
+
+def _crowding_by_front(pts: np.ndarray, front: np.ndarray) -> np.ndarray:
+    """``crowding_distances`` within each front at once: (N, M) points, (N,) their fronts -> (N,)."""
+    distinct, index = _distinct(np.c_[front, pts])  # equal points share a front: distinct (front, point) rows
+    f, values = distinct[:, 0], distinct[:, 1:]
+    u = len(distinct)
+    dist = np.zeros(u)
+    if u == 0:
+        return dist
+    for m in range(values.shape[1]):
+        order = np.lexsort((values[:, m], f))  # by front, then by objective m (stable: lexicographic among ties)
+        v, fo = values[order, m], f[order]
+        first = np.r_[True, fo[1:] != fo[:-1]]
+        last = np.r_[fo[1:] != fo[:-1], True]
+        at = np.arange(u)
+        lo = np.maximum.accumulate(np.where(first, at, 0))  # each position's front's first and last positions
+        hi = np.minimum.accumulate(np.where(last, at, u)[::-1])[::-1]
+        span = v[hi] - v[lo]
+        moving = span > 0
+        inner = moving & ~first & ~last
+        gap = np.zeros(u)
+        gap[inner] = (v[np.flatnonzero(inner) + 1] - v[np.flatnonzero(inner) - 1]) / span[inner]
+        gap[moving & (first | last)] = np.inf
+        dist[order] += gap
+    _fronts, which = np.unique(f, return_inverse=True)
+    which = which.reshape(-1)
+    dist[np.bincount(which)[which] <= 2] = np.inf  # a front of at most two distinct points: all at its ends
+    return dist[index]
 
 
 def pareto_places(points: Sequence[Sequence[float]]) -> np.ndarray:
@@ -96,9 +146,7 @@ def pareto_places(points: Sequence[Sequence[float]]) -> np.ndarray:
     crowd = np.zeros(len(pts))
     if finite.any():
         front[finite] = nondominated_fronts(pts[finite])
-        for k in np.unique(front[finite]):
-            members = np.flatnonzero(finite & (front == k))
-            crowd[members] = crowding_distances(pts[members])
+        crowd[finite] = _crowding_by_front(pts[finite], front[finite])
     front[~finite] = front[finite].max() + 1 if finite.any() else 0
     order = np.lexsort((-crowd, front))  # by front, then by crowding distance, largest first
     f, c = front[order], -crowd[order]

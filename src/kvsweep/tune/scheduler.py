@@ -24,7 +24,8 @@ of its schedule that no single report shows.
 **Durability.** Ray Tune keeps a scheduler's rung records in the driver's memory only: a continued sweep
 would start with empty rungs, and a trial stopped just before a kill (before Tune's next experiment snapshot)
 would resume and train on. These schedulers write their rungs (records and passed trials) and every stop
-decision to ``scheduler.json`` in the sweep's folder before the decision takes effect, and read them back
+decision to the sweep's folder before the decision takes effect (``scheduler.json`` and its journal: each change
+one small file, ``kvsweep.tune.journal``), and read them back
 when the sweep continues or grows (new trials are judged against the rungs of the earlier ones). A resumed
 trial first reports its checkpoint's epoch again (``trainable.resumed_report``): a trial that had been
 stopped is stopped there, before it trains on; one whose checkpoint is older than the epoch it was stopped
@@ -44,10 +45,10 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from ..config import KvsweepError
+from .journal import SCHEDULER_FILE, Journal, read_state
 from .store import SweepStore
 
-SCHEDULER_FILE = "scheduler.json"
-FORMAT = 2  # 1: kvsweep's ASHA before moasha (one bracket of {trial id: -val_ppl} per rung, no passed trials)
+__all__ = ["SCHEDULER_FILE", "DurableRungs", "DurableASHA", "Rung", "asha_keeps", "milestones", "read_state", "real"]
 LM_SHARE = 0.5  # a rung judges a trial once its reported LM weight is at least this share of its schedule's peak
 _REL_TOL = 1e-9  # reported weights are floats: cos(pi/2) is not exactly 0
 
@@ -93,7 +94,7 @@ class DurableRungs(FIFOScheduler):
     what a trial's objectives are (``objectives``) and whether a trial goes on at a rung (``keeps``).
 
     Args:
-        store: the sweep's folder; its ``scheduler.json`` is read now and written after every change.
+        store: the sweep's folder; its ``scheduler.json`` and journal are read now and written at every change.
         max_t, grace_period, reduction_factor: as Ray Tune's ``ASHAScheduler``'s (epochs).
         lm_peak: a trial's config -> the peak of its LM weight schedule; ``None``: every result is judged
             (no LM rule).
@@ -119,9 +120,11 @@ class DurableRungs(FIFOScheduler):
         self._peaks: dict[str, float] = {}  # trial id -> the peak of its LM weight
         self._time_attr, self._mode, self._sign = "epoch", None, 1.0
         self._num_stopped = 0
-        state = store.read_json(SCHEDULER_FILE)
+        self._changes: list[list] = []  # not yet written
+        state = read_state(store)
         if state is not None:
             self._load(state)
+        self._journal = Journal(store, state)
 
     # --- what a subclass decides -----------------------------------------------------------------------
 
@@ -164,9 +167,10 @@ class DurableRungs(FIFOScheduler):
             return TrialScheduler.CONTINUE
         rung, record = arrival
         keep = self.keeps(record, list(rung.recorded.values()))
-        rung.recorded[trial.trial_id] = record
+        self._record(rung, trial.trial_id, record)
         if not keep:
             self._stopped[trial.trial_id] = int(result[self._time_attr])
+            self._changes.append(["stop", trial.trial_id, self._stopped[trial.trial_id]])
             self._num_stopped += 1
         self._save()  # before Tune acts on the decision
         return TrialScheduler.CONTINUE if keep else TrialScheduler.STOP
@@ -177,7 +181,7 @@ class DurableRungs(FIFOScheduler):
         arrival = self._arrive(trial, result)
         if arrival is not None:
             rung, record = arrival
-            rung.recorded[trial.trial_id] = record
+            self._record(rung, trial.trial_id, record)
             self._save()
 
     def debug_string(self) -> str:
@@ -198,6 +202,7 @@ class DurableRungs(FIFOScheduler):
             return None
         if not weighted:
             rung.passed.add(tid)
+            self._changes.append(["pass", rung.milestone, tid])
             self._save()
             return None
         record = self.objectives(result)
@@ -216,38 +221,44 @@ class DurableRungs(FIFOScheduler):
         peak = self._peaks[trial.trial_id]
         return peak > 0 and w >= LM_SHARE * peak * (1 - _REL_TOL)
 
-    # --- scheduler.json --------------------------------------------------------------------------------
+    # --- scheduler.json and its journal ---------------------------------------------------------------
+
+    def _record(self, rung: Rung, tid: str, record: tuple[float, ...]) -> None:
+        rung.recorded[tid] = record
+        self._changes.append(["record", rung.milestone, tid, list(record)])
 
     def _load(self, state: dict) -> None:
+        """The state ``read_state`` read (the journal folded in) into the rungs.
+
+        Raises:
+            KvsweepError: the state of another scheduler, or of other rungs.
+        """
         where = f"{self._store.uri}/{SCHEDULER_FILE}"
-        if state.get("format") == 1:  # kvsweep's ASHA before moasha: Ray's rewards, the negated records
-            name = "asha"
-            rungs = [{"milestone": r["milestone"], "recorded": {k: [-float(v)] for k, v in r["recorded"].items()}, "passed": []}
-                     for bracket in state.get("brackets", [])[:1] for r in bracket]
-        elif state.get("format") == FORMAT:
-            name, rungs = state.get("scheduler"), state.get("rungs", [])
-        else:
-            raise KvsweepError(f"{where} has format {state.get('format')!r}; this kvsweep reads formats 1 and {FORMAT}")
-        if name != self.NAME:
-            raise KvsweepError(f"{where} holds the state of the {name} scheduler; continue the sweep with --scheduler {name}")
-        saved = sorted(rungs, key=lambda r: -r["milestone"])
+        if state["scheduler"] != self.NAME:
+            raise KvsweepError(f"{where} holds the state of the {state['scheduler']} scheduler; continue the sweep with "
+                               f"--scheduler {state['scheduler']}")
+        saved = sorted(state["rungs"], key=lambda r: -r["milestone"])
         if [round(r["milestone"], 9) for r in saved] != [round(r.milestone, 9) for r in self._rungs]:
             epochs = ", ".join(f"{r['milestone']:g}" for r in reversed(saved))
             raise KvsweepError(f"{where} holds the state of other {self.NAME} rungs (epochs {epochs}); "
                                "continue the sweep with its own --epochs, --grace-period and --reduction-factor")
         for rung, r in zip(self._rungs, saved):
             rung.recorded.update({k: tuple(float(x) for x in v) for k, v in r["recorded"].items()})
-            rung.passed.update(r.get("passed", []))
-        self._stopped = {k: int(v) for k, v in state.get("stopped", {}).items()}
+            rung.passed.update(r["passed"])
+        self._stopped = {k: int(v) for k, v in state["stopped"].items()}
 
     def _save(self) -> None:
-        self._store.write_json(SCHEDULER_FILE, {
-            "format": FORMAT,
+        """Write the changes made since the last call (``kvsweep.tune.journal``), before they take effect."""
+        changes, self._changes = self._changes, []
+        self._journal.write(changes, self._snapshot)
+
+    def _snapshot(self) -> dict:
+        return {
             "scheduler": self.NAME,
             "rungs": [{"milestone": r.milestone, "recorded": {k: list(v) for k, v in r.recorded.items()}, "passed": sorted(r.passed)}
                       for r in reversed(self._rungs)],
             "stopped": self._stopped,
-        })
+        }
 
 
 class DurableASHA(DurableRungs):
