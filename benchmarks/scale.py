@@ -18,9 +18,9 @@ Per size, two runs on one in-process Ray (``--concurrency`` logical CPUs, one pe
   no kvsweep callbacks (Tune's default loggers), as silent as kvsweep's Tune (``verbose=0`` and ``quiet_ray``; kvsweep
   prints its console lines, which count in its time).
 
-Both reuse Tune's trial actors (``tune.run(reuse_actors=True)``, given to kvsweep's driver by wrapping
-``ray.tune.run`` here): a new process per trial imports torch (about 6 CPU seconds each on a small machine), which
-would dwarf all the driver does; ``--no-reuse-actors`` runs both as kvsweep runs trials today.
+Both reuse Tune's trial actors (``tune.run(reuse_actors=True)``, as kvsweep's rounds do); ``--no-reuse-actors`` gives
+both a new process per trial (through a wrapper of ``ray.tune.run`` here), which imports torch (about 6 CPU seconds
+each on a small machine) and dwarfs all the driver does.
 
 Measured over Tune's run (from Tune's experiment setup; kvsweep's up to ``run_sweep``'s return, so its final
 gather of the tables is in; also Tune's loop alone, up to its experiment end): wall seconds, and the driver process's CPU seconds (``getrusage(RUSAGE_SELF)``,
@@ -31,7 +31,6 @@ trials it wrote. Goal: kvsweep / plain Tune <= 1.10, and kvsweep's driver CPU pe
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import resource
 import statistics
@@ -207,8 +206,8 @@ def main() -> None:
                 print(f"| {n:,} | {r['loop'][0]:.1f} ({r['loop'][1]:.1f}) | {1000 * r['loop'][0] / n:.1f} | {r['flush']} | {r['files']} | "
                       f"{r['gather']:.2f} |", flush=True)
         return
-    if a.reuse_actors:
-        tune.run = functools.partial(tune.run, reuse_actors=True)  # kvsweep's rounds call ray.tune.run too
+    run = tune.run
+    tune.run = lambda *args, **kw: run(*args, **{**kw, "reuse_actors": a.reuse_actors})  # kvsweep's rounds call ray.tune.run too
     sizes = [int(s) for s in a.trials.split(",") if s.strip()]
     driver.ResultsWriter = _RecordedWriter  # the driver's writer, to read its flush times
     start_local_ray(num_cpus=a.concurrency, log_to_driver=False)

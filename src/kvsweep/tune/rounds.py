@@ -89,6 +89,8 @@ def fit_round(sweep: SweepCfg, store: SweepStore, record: SweepRecord, index: in
                 config=config, num_samples=max(1, num_samples or 0), search_alg=search,
                 scheduler=scheduler, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 max_failures=sweep.max_failures, callbacks=callbacks, raise_on_failed_trial=False, verbose=1 if sweep.verbose else 0,
+                reuse_actors=True,  # a trial's process serves the next trial with its resources: no second import of torch, and
+                # the base stays loaded (kvsweep.tune.trainable); Tune replaces a failed trial's process
                 trial_dirname_creator=lambda trial: trial_dirname(trial, r.space),
                 resume_config=ResumeConfig(unfinished=ResumeConfig.ResumeType.RESUME, errored=ResumeConfig.ResumeType.RESUME,
                                            finished=ResumeConfig.ResumeType.SKIP) if resume else None,
