@@ -3,10 +3,15 @@
     python benchmarks/scale.py                          # 250, 1,000 and 4,000 trials
     python benchmarks/scale.py --trials 250,1000 --epochs 3 --epoch-seconds 0.05 --concurrency 8
     python benchmarks/scale.py --writer-only --trials 250,1000,4000,10000   # the results writer alone, no Ray
+    python benchmarks/scale.py --scheduler-only --trials 250,1000,4000,10000   # the rung scheduler alone, no Ray
 
 ``--writer-only``: the results writer driven as Tune drives it (start, one result per epoch, end; ``--concurrency``
 trials running at once; by default a part per trial, ``--part-every 0``), with the stub's reports and no Ray: its flush time at the start and at the end of
 the sweep, and what rebuilding and rewriting all tables at the end costs (what each flush cost before parts).
+
+``--scheduler-only``: kvsweep's rung scheduler (``--scheduler``, moasha by default) driven as Tune drives it, with the stub's
+results (each trial's epochs in turn, ``--concurrency`` at once) and its state in a temporary folder: milliseconds per
+decision over the first and the last 10% of the trials, and the bytes it wrote per trial.
 
 Per size, two runs on one in-process Ray (``--concurrency`` logical CPUs, one per trial):
 - kvsweep: ``kvsweep.tune.run_sweep`` (the real driver: its scheduler, results writer, storage guard, lock,
@@ -57,6 +62,7 @@ from kvsweep.tune import run_sweep  # noqa: E402
 from kvsweep.tune.console import quiet_ray  # noqa: E402
 from kvsweep.tune.local import start_local_ray  # noqa: E402
 from kvsweep.tune.partwriter import ResultsWriter  # noqa: E402
+from kvsweep.tune.rounds import make_scheduler  # noqa: E402
 from kvsweep.tune.store import SweepStore  # noqa: E402
 from kvsweep.tune.trainable import stub_reports  # noqa: E402
 from kvsweep.tune.writer import TrialRecord, build_tables, write_tables  # noqa: E402
@@ -183,6 +189,50 @@ def writer_only(n: int, storage: Path, a: argparse.Namespace) -> dict:
     return {"loop": loop, "gather": gather, "flush": _flush_stats(writer.timings), "files": len(writer.parts)}
 
 
+def scheduler_only(n: int, storage: Path, a: argparse.Namespace) -> dict:
+    """The sweep's rung scheduler alone over ``n`` stub trials, ``a.concurrency`` at once: ms per result over the first
+    and the last 10% of the trials, bytes written per trial."""
+    sweep = _sweep(f"scheduler-{n}", storage, a)
+    stats = PositionStats(np.full(sweep.data.eval_len - 1, np.log(40.0)), np.ones(sweep.data.eval_len - 1, dtype=np.int64))
+    base, instant = SplitStats(stats, stats), SweepCfg(**{**sweep.__dict__, "benchmark_stub_epoch_seconds": 0.0})
+    store = _CountingStore(str(storage), sweep.name)
+    scheduler = make_scheduler(sweep, store)
+    configs = [{"rank": r, "seed": s} for s in range((n + 1) // 2) for r in (16, 32)][:n]
+    running: deque = deque()
+    pending = deque(enumerate(configs))
+    times: list[tuple[int, float]] = []
+    stopped = 0
+    t0 = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < a.concurrency:
+            i, config = pending.popleft()
+            trial = SimpleNamespace(trial_id=f"t{i:06d}", config=config)
+            running.append((i, trial, [r.to_report() for r in stub_reports(config, instant, base)]))
+        i, trial, reports = running.popleft()
+        t = time.perf_counter()
+        decision = scheduler.on_trial_result(None, trial, reports.pop(0))
+        times.append((i, time.perf_counter() - t))
+        if decision == "STOP" or not reports:
+            scheduler.on_trial_complete(None, trial, {})
+            stopped += decision == "STOP" and bool(reports)
+        else:
+            running.append((i, trial, reports))
+    first = [s for i, s in times if i < 0.1 * n]
+    last = [s for i, s in times if i >= 0.9 * n]
+    return {"seconds": time.perf_counter() - t0, "first": 1000 * statistics.mean(first), "last": 1000 * statistics.mean(last),
+            "bytes": store.written / n, "stopped": stopped}
+
+
+class _CountingStore(SweepStore):
+    """A sweep folder that counts the bytes written to it."""
+
+    written = 0
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.written += len(data)
+        super().write_bytes(name, data)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", default="250,1000,4000", help="sweep sizes, comma-separated (default: 250,1000,4000)")
@@ -196,7 +246,17 @@ def main() -> None:
     p.add_argument("--writer-only", action="store_true", help="the results writer alone, no Ray (see above)")
     p.add_argument("--part-every", type=float, default=0.0,
                    help="--writer-only: the writer's part_every (default 0: a part per trial, the most flushes; the driver's: 1 s)")
+    p.add_argument("--scheduler-only", action="store_true", help="the rung scheduler alone, no Ray (see above)")
     a = p.parse_args()
+    if a.scheduler_only:
+        with tempfile.TemporaryDirectory(prefix="kvsweep-scheduler-") as tmp:
+            print(f"kvsweep --scheduler {a.scheduler}, {a.epochs} epochs per trial, {a.concurrency} trials at once")
+            print("| trials | seconds | ms per result, first / last 10% of trials | bytes written per trial | stopped by a rung |")
+            print("|---:|---:|---|---:|---:|")
+            for n in [int(s) for s in a.trials.split(",") if s.strip()]:
+                r = scheduler_only(n, Path(tmp) / str(n), a)
+                print(f"| {n:,} | {r['seconds']:.1f} | {r['first']:.2f} / {r['last']:.2f} | {r['bytes']:,.0f} | {r['stopped']:,} |", flush=True)
+        return
     if a.writer_only:
         with tempfile.TemporaryDirectory(prefix="kvsweep-writer-") as tmp:
             print("| trials | flushes' wall s (CPU s) | per trial ms | flush ms, first / last 10% | parts left | final gather s |")

@@ -41,12 +41,16 @@ def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tiny_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_scale_benchmark_runs_the_writer_alone_and_both_drivers(tiny_folder):
-    """``benchmarks/scale.py``: the results writer alone, then kvsweep's driver and plain Tune on a few stub trials."""
+def test_scale_benchmark_runs_the_writer_and_the_scheduler_alone_and_both_drivers(tiny_folder):
+    """``benchmarks/scale.py``: the results writer alone, the rung scheduler alone, then kvsweep's driver and plain Tune on
+    a few stub trials."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     alone = subprocess.run(["python", str(ROOT / "benchmarks" / "scale.py"), "--writer-only", "--trials", "40"], capture_output=True,
                            text=True, env=env, timeout=600, cwd=ROOT)
     assert alone.returncode == 0 and "| 40 | " in alone.stdout, alone.stdout[-3000:] + alone.stderr[-3000:]
+    rungs = subprocess.run(["python", str(ROOT / "benchmarks" / "scale.py"), "--scheduler-only", "--trials", "40"], capture_output=True,
+                           text=True, env=env, timeout=600, cwd=ROOT)
+    assert rungs.returncode == 0 and "| 40 | " in rungs.stdout, rungs.stdout[-3000:] + rungs.stderr[-3000:]
     both = subprocess.run(["python", str(ROOT / "benchmarks" / "scale.py"), "--trials", "6", "--epochs", "2", "--concurrency", "2"],
                           capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert both.returncode == 0 and "| 6 | " in both.stdout, both.stdout[-3000:] + both.stderr[-3000:]
