@@ -24,6 +24,7 @@ authentication on.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -321,12 +322,11 @@ class ConsoleCallback(tune.Callback):
     def _totals(self) -> tuple[int, int, int]:
         """Epochs run, epochs possible and trials ended over the trials Tune lists (those it gained since the last
         call are counted now)."""
-        trials = self.trials
-        if len(trials) < self._listed:  # another list than the one read so far: read it whole
+        if len(self.trials) < self._listed:  # another list than the one read so far: read it whole
             self._listed = 0
-        for t in trials[self._listed:] if isinstance(trials, list) else list(trials)[self._listed:]:
+        for t in itertools.islice(self.trials, self._listed, None):
             if t.trial_id not in self._counted or t.status in ("TERMINATED", "ERROR"):
                 self._count(t)
-        self._listed = len(trials)
+        self._listed = len(self.trials)
         done, possible, ended = self._sums
         return done, possible, ended
