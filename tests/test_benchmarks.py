@@ -54,3 +54,7 @@ def test_scale_benchmark_runs_the_writer_and_the_scheduler_alone_and_both_driver
     both = subprocess.run(["python", str(ROOT / "benchmarks" / "scale.py"), "--trials", "6", "--epochs", "2", "--concurrency", "2"],
                           capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert both.returncode == 0 and "| 6 | " in both.stdout, both.stdout[-3000:] + both.stderr[-3000:]
+    header = next(line for line in both.stdout.splitlines() if line.startswith("| trials |"))
+    row = next(line for line in both.stdout.splitlines() if line.startswith("| 6 | "))
+    hooks = [c.strip() for c in header.split("|")].index("kvsweep's hooks' CPU ms/trial")
+    assert float(row.split("|")[hooks]) > 0  # kvsweep's scheduler and callbacks were timed

@@ -16,9 +16,10 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from kvsweep.config import ConfigError, DataCfg, KvsweepError, SweepCfg, TrainCfg
 from kvsweep.losses import LossCfg
 from kvsweep.sweepargs import sweep_cfg, sweep_parser
+from kvsweep.tune import moasha
 from kvsweep.tune.moasha import MOASHA, crowding_distances, nondominated_fronts, pareto_places
 from kvsweep.tune.rounds import lm_peak, make_scheduler
-from kvsweep.tune.scheduler import SCHEDULER_FILE, DurableASHA, asha_keeps, milestones, read_state
+from kvsweep.tune.scheduler import SCHEDULER_FILE, DurableASHA, Rung, asha_keeps, milestones, read_state
 from kvsweep.tune.spec import SpecificationError, SweepRecord, plan, specification
 from kvsweep.tune.store import SweepStore
 
@@ -113,6 +114,40 @@ def test_places_match_their_definition_on_random_points_with_ties_and_non_finite
         if case % 5 == 0:
             pts[rng.integers(0, n, 2)] = (math.nan, INF, 1.0)[:m] if m == 3 else (math.nan, 1.0)
         assert pareto_places(pts).tolist() == _brute_places(pts), pts.tolist()
+
+
+def test_both_two_objective_sorts_give_the_fronts_of_the_general_sort_on_large_sets_with_few_byte_values():
+    """Two objectives are sorted by groups of equal bytes (few distinct values) or by Kung's sweep; both give the
+    fronts of the O(N^2) sort (taken here through a constant third objective, which changes no dominance), and so
+    do the places, rebuilt from those fronts and each front's crowding distances."""
+    rng = np.random.default_rng(5)
+    for case in range(40):
+        n = int(rng.integers(200, 1500))
+        ppl = rng.normal(50, 5, n).round(int(rng.integers(0, 3)))  # ties at 0 decimals
+        size = rng.choice([256.0, 512.0, 1024.0, 2048.0][: 1 + case % 4], n)
+        pts = np.c_[ppl, size] if case % 2 else np.c_[size, ppl]  # the grouped objective either first or second
+        distinct, index = moasha._distinct(pts)
+        general = nondominated_fronts(np.c_[pts, np.zeros(n)])
+        assert moasha._fronts_grouped(distinct, 1 - case % 2)[index].tolist() == general.tolist()
+        assert moasha._fronts_sweep(distinct)[index].tolist() == general.tolist()
+        assert nondominated_fronts(pts).tolist() == general.tolist()
+        key = np.zeros(n)
+        for f in np.unique(general):
+            key[general == f] = -crowding_distances(pts[general == f])
+        expected = [int(((general < general[i]) | ((general == general[i]) & (key < key[i]))).sum()) for i in range(n)]
+        assert pareto_places(pts).tolist() == expected
+
+
+def test_a_rungs_values_follow_its_records_however_they_were_added():
+    rung = Rung(1.0)
+    assert rung.values().shape[0] == 0
+    rung.recorded.update({f"a{i}": (float(i), 2.0 * i) for i in range(3)})  # as a stored state is loaded
+    assert rung.values().tolist() == [[0.0, 0.0], [1.0, 2.0], [2.0, 4.0]]
+    for i in range(3, 200):  # as decisions record, past the buffer's first size
+        rung.recorded[f"a{i}"] = (float(i), 2.0 * i)
+        if i % 37 == 0:
+            assert rung.values().tolist() == [list(v) for v in rung.recorded.values()]
+    assert rung.values().tolist() == [list(v) for v in rung.recorded.values()]
 
 
 # --- decisions at a rung ---------------------------------------------------------------------------------

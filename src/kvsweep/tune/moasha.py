@@ -42,11 +42,13 @@ def nondominated_fronts(points: np.ndarray) -> np.ndarray:
 
     A point dominates another when it is no worse in every objective and better in one; front k holds the
     points dominated only by points of fronts before k. Equal points are in the same front. Two objectives take
-    O(N log N) (``_fronts_2d``); more take O(N^2) time and memory.
+    O(N log N) steps, or O(G N) vectorised when one takes G <= N / ``GROUP_SHARE`` values (``_fronts_2d``); more take
+    O(N^2) time and memory.
     """
     pts = np.asarray(points, dtype=np.float64)
     if pts.ndim == 2 and pts.shape[1] == 2:
-        return _fronts_2d(pts)
+        distinct, index = _distinct(pts)
+        return _fronts_2d(distinct)[index]
     n = len(pts)
     no_worse = (pts[:, None, :] <= pts[None, :, :]).all(axis=2)  # (N, N): i no worse than j everywhere
     better = (pts[:, None, :] < pts[None, :, :]).any(axis=2)
@@ -74,12 +76,28 @@ def _distinct(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ordered[new], index
 
 
-def _fronts_2d(pts: np.ndarray) -> np.ndarray:
-    """``nondominated_fronts`` of (N, 2) points in O(N log N): the distinct points in lexicographic order, each
-    dominated by exactly the earlier ones whose second objective is no larger, so its front is the number of fronts
-    whose lowest second objective so far is at or below its own (Kung et al.'s sweep; the fronts' lowest values
-    ascend, a bisection finds it)."""
-    distinct, index = _distinct(pts)
+def _fronts_2d(distinct: np.ndarray) -> np.ndarray:
+    """``nondominated_fronts`` of (U, 2) distinct points in lexicographic order (``_distinct``): grouped by the
+    objective with fewer distinct values (``_fronts_grouped``) when it has at most one per ``GROUP_SHARE`` points,
+    else Kung's sweep (``_fronts_sweep``, a Python step per point). Both give the same fronts; only the time differs
+    (10,000 points with 10 byte values: 0.9 ms grouped, 2.3 ms swept, on one 2-core CI machine)."""
+    if len(distinct) == 0:
+        return np.zeros(0, dtype=np.int64)
+    counts = [len(np.unique(distinct[:, m])) for m in range(2)]
+    by = int(np.argmin(counts))
+    if counts[by] * GROUP_SHARE <= len(distinct):
+        return _fronts_grouped(distinct, by)
+    return _fronts_sweep(distinct)
+
+
+GROUP_SHARE = 64  # _fronts_2d groups by an objective with at most one distinct value per this many distinct points
+
+
+def _fronts_sweep(distinct: np.ndarray) -> np.ndarray:
+    """The front of each of (U, 2) distinct points in lexicographic order, one step per point: each is dominated by
+    exactly the earlier ones whose second objective is no larger, so its front is the number of fronts whose lowest
+    second objective so far is at or below its own (Kung et al.'s sweep; the fronts' lowest values ascend, a
+    bisection finds it)."""
     lowest: list[float] = []  # per front: the lowest second objective among its points so far, ascending
     front = np.empty(len(distinct), dtype=np.int64)
     for i, y in enumerate(distinct[:, 1].tolist()):
@@ -89,7 +107,32 @@ def _fronts_2d(pts: np.ndarray) -> np.ndarray:
         else:
             lowest[k] = y
         front[i] = k
-    return front[index]
+    return front
+
+
+def _fronts_grouped(distinct: np.ndarray, by: int) -> np.ndarray:
+    """The front of each of (U, 2) distinct points, one vectorised step per distinct value of objective ``by``
+    (G of them: O(G * U)), ascending; KV bytes per token take a few values in a sweep, the PPL one per trial.
+
+    A point's front is one more than the largest front of the points dominating it. Those in earlier groups are the
+    ones with the other objective ``y`` no larger: their largest front is a running maximum over ``y``'s ranks. In
+    its own group a point is dominated by the points of smaller ``y`` (its group's points have distinct ``y``), so
+    within a group sorted by ``y``, ``f[j] = max(f[j-1], below[j]) + 1``, that is ``j + cummax(below[j] + 1 - j)``.
+    """
+    g, y = distinct[:, by], distinct[:, 1 - by]
+    ys, rank = np.unique(y, return_inverse=True)  # (R,), (U,): y's dense rank
+    rank = rank.reshape(-1)
+    best = np.full(len(ys), -1, dtype=np.int64)  # per y rank: the largest front of the groups done so far
+    front = np.empty(len(distinct), dtype=np.int64)
+    order = np.lexsort((y, g))  # by group, then by y
+    starts = np.flatnonzero(np.r_[True, g[order][1:] != g[order][:-1], True])
+    for a, b in zip(starts[:-1], starts[1:]):
+        members = order[a:b]  # one group, y ascending
+        below = np.maximum.accumulate(best)[rank[members]]  # (n,): the largest front dominating each from earlier groups
+        j = np.arange(b - a)
+        front[members] = j + np.maximum.accumulate(below + 1 - j)
+        best[rank[members]] = np.maximum(best[rank[members]], front[members])
+    return front
 
 
 def crowding_distances(points: np.ndarray) -> np.ndarray:
@@ -99,15 +142,13 @@ def crowding_distances(points: np.ndarray) -> np.ndarray:
     in the front, summed; the points at either end of any objective whose range is not zero get ``inf``.
     Equal points get the distance of one of them (computed once, over the distinct points).
     """
-    pts = np.asarray(points, dtype=np.float64)
-    return _crowding_by_front(pts, np.zeros(len(pts), dtype=np.int64))
+    distinct, index = _distinct(np.asarray(points, dtype=np.float64))
+    return _crowding_by_front(distinct, np.zeros(len(distinct), dtype=np.int64))[index]
 
 
-def _crowding_by_front(pts: np.ndarray, front: np.ndarray) -> np.ndarray:
-    """``crowding_distances`` within each front at once: (N, M) points, (N,) their fronts -> (N,)."""
-    distinct, index = _distinct(np.c_[front, pts])  # equal points share a front: distinct (front, point) rows
-    f, values = distinct[:, 0], distinct[:, 1:]
-    u = len(distinct)
+def _crowding_by_front(values: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """``crowding_distances`` within each front at once: (U, M) distinct points, (U,) their fronts -> (U,)."""
+    u = len(values)
     dist = np.zeros(u)
     if u == 0:
         return dist
@@ -126,33 +167,34 @@ def _crowding_by_front(pts: np.ndarray, front: np.ndarray) -> np.ndarray:
         gap[inner] = (v[np.flatnonzero(inner) + 1] - v[np.flatnonzero(inner) - 1]) / span[inner]
         gap[moving & (first | last)] = np.inf
         dist[order] += gap
-    _fronts, which = np.unique(f, return_inverse=True)
-    which = which.reshape(-1)
-    dist[np.bincount(which)[which] <= 2] = np.inf  # a front of at most two distinct points: all at its ends
-    return dist[index]
+    size = np.bincount(f)  # distinct points per front
+    dist[size[f] <= 2] = np.inf  # a front of at most two distinct points: all at its ends
+    return dist
 
 
 def pareto_places(points: Sequence[Sequence[float]]) -> np.ndarray:
     """Each point's place in the non-dominated order: the number of points ahead of it: (N, M) -> (N,) int.
 
     Ahead of a point are the points of earlier fronts and, in its front, those with a larger crowding distance;
-    points with any objective NaN or infinite are behind every finite one and share the last place.
+    points with any objective NaN or infinite are behind every finite one and share the last place. The work is
+    done over the distinct finite points, each counted as often as it occurs.
     """
     pts = np.asarray(points, dtype=np.float64)
     if len(pts) == 0:
         return np.zeros(0, dtype=np.int64)
     finite = np.isfinite(pts).all(axis=1)
-    front = np.zeros(len(pts), dtype=np.int64)
-    crowd = np.zeros(len(pts))
-    if finite.any():
-        front[finite] = nondominated_fronts(pts[finite])
-        crowd[finite] = _crowding_by_front(pts[finite], front[finite])
-    front[~finite] = front[finite].max() + 1 if finite.any() else 0
+    distinct, index = _distinct(pts[finite])
+    front = _fronts_2d(distinct) if distinct.shape[1] == 2 else nondominated_fronts(distinct)
+    crowd = _crowding_by_front(distinct, front)
     order = np.lexsort((-crowd, front))  # by front, then by crowding distance, largest first
-    f, c = front[order], -crowd[order]
-    starts = np.r_[True, (f[1:] != f[:-1]) | (c[1:] != c[:-1])]  # the first of each run of equal keys
-    places = np.empty(len(pts), dtype=np.int64)
-    places[order] = np.maximum.accumulate(np.where(starts, np.arange(len(pts)), 0))
+    f, c = front[order], crowd[order]
+    starts = np.r_[True, (f[1:] != f[:-1]) | (c[1:] != c[:-1])] if len(order) else np.zeros(0, dtype=bool)
+    count = np.bincount(index, minlength=len(distinct))[order]  # how often each distinct point occurs, in order
+    before = np.cumsum(count) - count  # the points ahead of each distinct point in the order
+    place = np.empty(len(distinct), dtype=np.int64)  # per distinct point: the points ahead of the first of its run
+    place[order] = np.maximum.accumulate(np.where(starts, before, 0))
+    places = np.full(len(pts), int(finite.sum()), dtype=np.int64)  # non-finite: behind every finite point
+    places[finite] = place[index]
     return places
 
 
@@ -167,8 +209,8 @@ class MOASHA(DurableRungs):
         value, size = self._metric_value(result), real(result.get(BYTES))
         return None if value is None or size is None else (value, size)
 
-    def keeps(self, record: tuple[float, ...], others: list[tuple[float, ...]]) -> bool:
-        if not others:
+    def keeps(self, record: tuple[float, ...], others: np.ndarray) -> bool:
+        if not len(others):
             return True
-        places = pareto_places([*others, record])
+        places = pareto_places(np.vstack([others, record]))
         return asha_keeps(float(places[-1]), places[:-1].astype(np.float64), self._rf)

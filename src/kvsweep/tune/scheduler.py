@@ -35,6 +35,7 @@ and is stopped there, as it was without the kill.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -61,6 +62,23 @@ class Rung:
     milestone: float
     recorded: dict[str, tuple[float, ...]] = field(default_factory=dict)
     passed: set[str] = field(default_factory=set)
+    _values: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)), repr=False, compare=False)
+    _rows: int = field(default=0, repr=False, compare=False)
+
+    def values(self) -> np.ndarray:
+        """The recorded objectives in the order recorded: (N, M) float64, a view of a buffer that grows by doubling
+        (the trials added to ``recorded`` since the last call are appended; records are only ever added)."""
+        n = len(self.recorded)
+        if n > self._rows:
+            new = np.asarray(list(itertools.islice(self.recorded.values(), self._rows, None)), dtype=np.float64)
+            if n > len(self._values):
+                grown = np.empty((max(2 * n, 64), new.shape[1]))
+                if self._rows:
+                    grown[:self._rows] = self._values[:self._rows]
+                self._values = grown
+            self._values[self._rows:n] = new
+            self._rows = n
+        return self._values[:n]
 
 
 def milestones(max_t: int, grace_period: int, reduction_factor: float) -> list[float]:
@@ -132,8 +150,9 @@ class DurableRungs(FIFOScheduler):
         """The trial's objectives in ``result``, each minimised; ``None`` when the result lacks one."""
         raise NotImplementedError
 
-    def keeps(self, record: tuple[float, ...], others: list[tuple[float, ...]]) -> bool:
-        """Whether a trial with ``record`` goes on at a rung where ``others`` were recorded before it."""
+    def keeps(self, record: tuple[float, ...], others: np.ndarray) -> bool:
+        """Whether a trial with ``record`` goes on at a rung where ``others`` ((N, M), ``Rung.values``) were recorded
+        before it."""
         raise NotImplementedError
 
     def _metric_value(self, result: dict) -> float | None:
@@ -166,7 +185,7 @@ class DurableRungs(FIFOScheduler):
         if arrival is None:
             return TrialScheduler.CONTINUE
         rung, record = arrival
-        keep = self.keeps(record, list(rung.recorded.values()))
+        keep = self.keeps(record, rung.values())
         self._record(rung, trial.trial_id, record)
         if not keep:
             self._stopped[trial.trial_id] = int(result[self._time_attr])
@@ -273,5 +292,5 @@ class DurableASHA(DurableRungs):
         value = self._metric_value(result)
         return None if value is None else (value,)
 
-    def keeps(self, record: tuple[float, ...], others: list[tuple[float, ...]]) -> bool:
-        return asha_keeps(record[0], [o[0] for o in others], self._rf)
+    def keeps(self, record: tuple[float, ...], others: np.ndarray) -> bool:
+        return asha_keeps(record[0], others[:, 0] if len(others) else (), self._rf)
