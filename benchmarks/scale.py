@@ -4,6 +4,7 @@
     python benchmarks/scale.py --trials 250,1000 --epochs 3 --epoch-seconds 0.05 --concurrency 8
     python benchmarks/scale.py --writer-only --trials 250,1000,4000,10000   # the results writer alone, no Ray
     python benchmarks/scale.py --scheduler-only --trials 250,1000,4000,10000   # the rung scheduler alone, no Ray
+    python benchmarks/scale.py --trials 250,10000 --plain-up-to 250   # 10,000 trials through kvsweep only
 
 ``--writer-only``: the results writer driven as Tune drives it (start, one result per epoch, end; ``--concurrency``
 trials running at once; by default a part per trial, ``--part-every 0``), with the stub's reports and no Ray: its flush time at the start and at the end of
@@ -39,6 +40,7 @@ CPU per trial flat within 20%.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import statistics
@@ -46,7 +48,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -99,7 +101,7 @@ class _HookClock:
     recording subclasses here), counted once where hooks call each other (``time.thread_time``)."""
 
     def __init__(self):
-        self.seconds, self.local = 0.0, threading.local()
+        self.seconds, self.local, self.by = 0.0, threading.local(), Counter()  # by: seconds per "Class.method"
 
     def install(self) -> None:
         modules = [m for name, m in sorted(sys.modules.items()) if name.startswith("kvsweep.tune") and m is not None]
@@ -108,9 +110,9 @@ class _HookClock:
         for cls in classes:
             for name, fn in list(vars(cls).items()):
                 if callable(fn) and (name.startswith("on_") or name == "setup"):
-                    setattr(cls, name, self._wrap(fn))
+                    setattr(cls, name, self._wrap(fn, f"{cls.__name__}.{name}"))
 
-    def _wrap(self, fn):
+    def _wrap(self, fn, key: str):
         def timed(*args, **kw):
             depth = getattr(self.local, "depth", 0)
             self.local.depth = depth + 1
@@ -121,6 +123,7 @@ class _HookClock:
                 self.local.depth = depth
                 if depth == 0:
                     self.seconds += time.thread_time() - t
+                    self.by[key] += time.thread_time() - t
         return timed
 
 
@@ -156,14 +159,15 @@ def _sweep(name: str, storage: Path, a: argparse.Namespace) -> SweepCfg:
 def run_kvsweep(n: int, storage: Path, a: argparse.Namespace) -> dict:
     clock = _Clock()
     WRITERS.clear()
-    hooks0 = HOOKS.seconds
+    hooks0, by0 = HOOKS.seconds, Counter(HOOKS.by)
     out = run_sweep(_sweep(f"scale-{n}", storage, a), _space(n), log=lambda s: None, callbacks=[clock])
     wall, cpu = time.perf_counter() - clock.start[0], _cpu() - clock.start[1]
     assert out.tables["trials"].num_rows == 2 * ((n + 1) // 2)
     timings = [t for w in WRITERS for t in w.timings]
     loop = (clock.end[0] - clock.start[0], clock.end[1] - clock.start[1])  # Tune's loop alone, without the final gather
     return {"wall": wall, "cpu": cpu, "loop": loop, "trials": out.tables["trials"].num_rows, "flush": _flush_stats(timings),
-            "machine": clock.end[2] - clock.start[2], "hooks": HOOKS.seconds - hooks0}
+            "machine": clock.end[2] - clock.start[2], "hooks": HOOKS.seconds - hooks0,
+            "by": HOOKS.by - by0}
 
 
 def run_plain(n: int, storage: Path, a: argparse.Namespace, base_stats) -> dict:
@@ -282,6 +286,8 @@ def main() -> None:
                    help="kvsweep's scheduler (default: moasha); plain Tune gets ASHA with the same rungs, or FIFO for fifo")
     p.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=True,
                    help="both runs reuse Tune's trial actors (default); --no-reuse-actors: one process per trial")
+    p.add_argument("--plain-up-to", type=int, default=None,
+                   help="run plain Tune only at sizes up to this many trials (default: every size); larger: kvsweep alone")
     p.add_argument("--writer-only", action="store_true", help="the results writer alone, no Ray (see above)")
     p.add_argument("--part-every", type=float, default=0.0,
                    help="--writer-only: the writer's part_every (default 0: a part per trial, the most flushes; the driver's: 1 s)")
@@ -316,10 +322,11 @@ def main() -> None:
         for n in sizes:
             k = run_kvsweep(n, Path(tmp) / "kvsweep", a)
             base_stats = driver.SweepRecord.from_json((Path(tmp) / "kvsweep" / f"scale-{n}" / "sweep.json").read_text(), "sweep.json").base_stats()
-            t = run_plain(n, Path(tmp) / "plain", a, base_stats)
+            t = run_plain(n, Path(tmp) / "plain", a, base_stats) if a.plain_up_to is None or n <= a.plain_up_to else None
             rows.append((n, k, t))
-            print(f"{n} trials: kvsweep {k['wall']:.1f} s, {1000 * k['cpu'] / n:.1f} ms driver CPU/trial; plain Tune {t['wall']:.1f} s, "
-                  f"{1000 * t['cpu'] / n:.1f} ms/trial; writer flush first/last 10%: {k['flush']}", flush=True)
+            plain = f"plain Tune {t['wall']:.1f} s, {1000 * t['cpu'] / n:.1f} ms/trial" if t else "plain Tune not run"
+            print(f"{n} trials: kvsweep {k['wall']:.1f} s, {1000 * k['cpu'] / n:.1f} ms driver CPU/trial; {plain}; "
+                  f"writer flush first/last 10%: {k['flush']}", flush=True)
     ray.shutdown()
     print(f"\n{a.epochs} epochs per trial, {a.epoch_seconds:g} s apart; {a.concurrency} trials at once{', actors reused' if a.reuse_actors else ', a process per trial'}; kvsweep --scheduler "
           f"{a.scheduler} vs plain Tune {'FIFO' if a.scheduler == 'fifo' else 'ASHA'}; {os.cpu_count()} CPUs on this machine")
@@ -328,14 +335,19 @@ def main() -> None:
           "writer flush ms, first / last 10% |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
     for n, k, t in rows:
+        t = t or {"wall": math.nan, "cpu": math.nan, "loop": (math.nan, math.nan), "machine": math.nan}  # plain Tune not run: "nan"
         print(f"| {n:,} | {k['wall']:.1f} | {t['wall']:.1f} | {k['wall'] / t['wall']:.2f} | {1000 * k['cpu'] / n:.1f} | "
               f"{1000 * t['cpu'] / n:.1f} | {k['cpu'] / t['cpu']:.2f} | {1000 * k['hooks'] / n:.2f} | "
               f"{k['loop'][0] / t['loop'][0]:.2f}, {k['loop'][1] / t['loop'][1]:.2f} | "
               f"{1000 * k['machine'] / n:.0f} / {1000 * t['machine'] / n:.0f} | {k['flush']} |")
     if len(rows) > 1:
-        for what, per in (("kvsweep driver CPU", [k["cpu"] / n for n, k, _t in rows]), ("plain Tune driver CPU", [t["cpu"] / n for n, _k, t in rows]),
+        plain = [(n, t) for n, _k, t in rows if t]
+        for what, per in (("kvsweep driver CPU", [k["cpu"] / n for n, k, _t in rows]), ("plain Tune driver CPU", [t["cpu"] / n for n, t in plain]),
                           ("kvsweep's hooks' CPU", [k["hooks"] / n for n, k, _t in rows])):
-            print(f"{what} per trial, largest / smallest size: {per[-1] / per[0]:.2f}")
+            if len(per) > 1:
+                print(f"{what} per trial, largest / smallest size: {per[-1] / per[0]:.2f}")
+    print("kvsweep's hooks, CPU ms per trial: " + "; ".join(
+        f"{n:,} trials: " + ", ".join(f"{key} {1000 * sec / n:.2f}" for key, sec in k["by"].most_common(5)) for n, k, _t in rows))
 
 
 if __name__ == "__main__":

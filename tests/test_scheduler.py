@@ -352,9 +352,13 @@ def test_journal_entries_a_snapshot_holds_are_skipped_and_a_bad_state_is_refused
     raw = json.loads((tmp_path / "s" / SCHEDULER_FILE).read_text())
     assert raw["format"] == 3 and raw["journal"] == 1 and len(list((tmp_path / "s" / "scheduler").iterdir())) == 2
     # a driver killed after a snapshot, before it deleted the entries the snapshot holds: they are not folded in twice
+    assert state["entries"] == 2
     store.write_json(SCHEDULER_FILE, {**raw, "journal": 3, "stopped": {"b": 1, "c": 7}})
-    assert read_state(store)["stopped"] == {"b": 1, "c": 7}
-    store.write_json("scheduler/0000000004.json", {"events": [["record", 16.0, "z", [1.0]]]})
+    assert read_state(store)["stopped"] == {"b": 1, "c": 7} and read_state(store)["entries"] == 0
+    store.write_json("scheduler/0000000004.json", {"events": [["pass", 1.0, "p"], ["pass", 1.0, "p"]]})
+    rung1 = next(r for r in read_state(store)["rungs"] if r["milestone"] == 1.0)
+    assert rung1["passed"] == ["p"] and read_state(store)["entries"] == 1  # a trial passed twice is kept once
+    store.write_json("scheduler/0000000005.json", {"events": [["record", 16.0, "z", [1.0]]]})
     with pytest.raises(KvsweepError, match="names no rung"):
         read_state(store)
     store.write_json(SCHEDULER_FILE, {**raw, "format": 9})

@@ -19,6 +19,7 @@ import pytest
 
 from kvsweep.config import KvsweepError
 from kvsweep.report import ReportError, load_results
+from kvsweep.tune.guard import StorageGuard
 from kvsweep.tune.journal import read_state
 from kvsweep.tune.spec import SpecificationError
 from kvsweep.tune.store import SweepStore
@@ -234,3 +235,27 @@ def test_a_full_disk_stops_the_sweep_cleanly_and_the_same_command_continues(tiny
         assert "resuming" in again.stdout and all(r["status"] != "running" for r in t["trials"])
     finally:
         subprocess.run(["umount", "-l", str(storage)])
+
+
+class _Status:
+    """A trial whose status is counted when read."""
+
+    reads = 0
+
+    @property
+    def status(self):
+        _Status.reads += 1
+        return "RUNNING"
+
+
+def test_the_storage_guard_counts_the_running_trials_only_when_it_looks_at_the_free_space(tmp_path):
+    """Tune calls ``on_step_begin`` at every event with all the sweep's trials: counting them there costs O(trials) per
+    event, O(trials^2) per sweep. The guard counts them once per look at the free space (``every`` seconds)."""
+    guard = StorageGuard(SweepStore(str(tmp_path), "s"), every=3600.0)
+    trials = [_Status() for _ in range(100)]
+    for step in range(50):
+        guard.on_step_begin(step, trials)
+    assert _Status.reads == 100 and guard.running == 100  # the first step looked; the next 49 were within the hour
+    guard._last -= 3600.0
+    guard.on_step_begin(50, trials)
+    assert _Status.reads == 200

@@ -85,18 +85,21 @@ class StorageGuard(tune.Callback):
         for folder in (c for t in trials for c in t.glob("checkpoint_*")):
             self.largest_checkpoint = max(self.largest_checkpoint, sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
 
+    def due(self) -> bool:
+        return self.full is None and time.monotonic() - self._last >= self.every
+
     def check(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.full is not None or (not force and now - self._last < self.every):
+        if self.full is not None or not (force or self.due()):
             return
-        self._last = now
+        self._last = time.monotonic()
         reason = self.shortage()
         if reason:
             self.stop(reason)
 
     def on_step_begin(self, iteration, trials, **info):
-        self.running = sum(t.status == "RUNNING" for t in trials)
-        self.check()
+        if self.due():  # the running trials are counted only then: a count per step costs O(trials) per event
+            self.running = sum(t.status == "RUNNING" for t in trials)
+            self.check()
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         try:

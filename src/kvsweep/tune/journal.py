@@ -52,8 +52,9 @@ def _normalised(state: dict, where: str) -> dict:
     raise KvsweepError(f"{where} has format {state.get('format')!r}; this kvsweep reads formats 1 to {FORMAT}")
 
 
-def apply(state: dict, event: list, where: str = "") -> None:
-    """Fold one journal event into a state of ``read_state``'s form.
+def _apply(state: dict, passed: list[dict], event: list, where: str) -> None:
+    """Fold one journal event into a state of ``read_state``'s form, each rung's passed trials (in ``passed``, by
+    rung, as dicts: a trial passed twice is kept once) apart.
 
     Raises:
         KvsweepError: the event names a rung the state lacks, or is no event.
@@ -62,19 +63,21 @@ def apply(state: dict, event: list, where: str = "") -> None:
     if kind == "stop":
         state["stopped"][event[1]] = int(event[2])
         return
-    rung = next((r for r in state["rungs"] if kind in ("record", "pass") and round(r["milestone"], 9) == round(event[1], 9)), None)
-    if rung is None:
+    at = next((i for i, r in enumerate(state["rungs"]) if kind in ("record", "pass") and round(r["milestone"], 9) == round(event[1], 9)),
+              None)
+    if at is None:
         raise KvsweepError(f"{where}: the journal event {event!r:.120} names no rung of the scheduler's state")
     if kind == "record":
-        rung["recorded"][event[2]] = list(event[3])
-    elif event[2] not in rung["passed"]:
-        rung["passed"].append(event[2])
+        state["rungs"][at]["recorded"][event[2]] = list(event[3])
+    else:
+        passed[at][event[2]] = None
 
 
 def read_state(store: SweepStore) -> dict | None:
     """The scheduler state in a sweep's folder, its journal folded in: ``{"scheduler": name, "rungs": [{"milestone",
     "recorded": {trial id: [objectives, each minimised]}, "passed": [trial ids]}], "stopped": {trial id: epoch},
-    "journal": the last entry folded in}``; ``None`` when the sweep has none (a new sweep, or ``fifo``).
+    "journal": the last entry folded in, "entries": how many entries were folded in}``; ``None`` when the sweep has
+    none (a new sweep, or ``fifo``).
 
     Raises:
         KvsweepError: a format this kvsweep does not read, journal entries without their snapshot, or a bad entry.
@@ -96,10 +99,14 @@ def read_state(store: SweepStore) -> dict | None:
                 break
             events.append((seq, entry.get("events", [])))
         else:
+            passed = [dict.fromkeys(r["passed"]) for r in state["rungs"]]
             for seq, evs in events:
                 for ev in evs:
-                    apply(state, ev, f"{store.uri}/{entry_name(seq)}")
+                    _apply(state, passed, ev, f"{store.uri}/{entry_name(seq)}")
                 state["journal"] = seq
+            for r, p in zip(state["rungs"], passed):
+                r["passed"] = list(p)
+            state["entries"] = len(events)
             return state
     raise KvsweepError(f"{where}: its journal kept changing while it was read; is another driver running this sweep?")
 
@@ -117,9 +124,8 @@ class Journal:
         self.seq = state["journal"] if state else 0
         self.snapshot_seq = self.seq if state else None  # the last entry the snapshot holds; None: no snapshot yet
         self.changes = _changes(state) if state else 0  # in the state as a whole
-        self.journaled = 0  # changes in entries after the snapshot (read back as if just written: a compaction soon)
-        if state is not None:
-            self.journaled = min(self.changes, len([s for s in _entries(store) if s > self.snapshot_seq]))
+        # changes in entries after the snapshot (read back as if an entry held one: a compaction soon)
+        self.journaled = min(self.changes, state.get("entries", 0)) if state else 0
 
     def write(self, events: list[list], snapshot: Callable[[], dict]) -> None:
         """Write ``events`` (one change or a few, before they take effect): as a journal entry, or as a new snapshot
