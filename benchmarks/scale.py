@@ -101,7 +101,11 @@ class _HookClock:
     recording subclasses here), counted once where hooks call each other (``time.thread_time``)."""
 
     def __init__(self):
-        self.seconds, self.local, self.by = 0.0, threading.local(), Counter()  # by: seconds per "Class.method"
+        self.local, self.by = threading.local(), Counter()  # by: seconds per "Class.method"
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.by.values())
 
     def install(self) -> None:
         modules = [m for name, m in sorted(sys.modules.items()) if name.startswith("kvsweep.tune") and m is not None]
@@ -122,7 +126,6 @@ class _HookClock:
             finally:
                 self.local.depth = depth
                 if depth == 0:
-                    self.seconds += time.thread_time() - t
                     self.by[key] += time.thread_time() - t
         return timed
 
@@ -159,14 +162,14 @@ def _sweep(name: str, storage: Path, a: argparse.Namespace) -> SweepCfg:
 def run_kvsweep(n: int, storage: Path, a: argparse.Namespace) -> dict:
     clock = _Clock()
     WRITERS.clear()
-    hooks0, by0 = HOOKS.seconds, Counter(HOOKS.by)
+    by0 = Counter(HOOKS.by)
     out = run_sweep(_sweep(f"scale-{n}", storage, a), _space(n), log=lambda s: None, callbacks=[clock])
     wall, cpu = time.perf_counter() - clock.start[0], _cpu() - clock.start[1]
     assert out.tables["trials"].num_rows == 2 * ((n + 1) // 2)
     timings = [t for w in WRITERS for t in w.timings]
     loop = (clock.end[0] - clock.start[0], clock.end[1] - clock.start[1])  # Tune's loop alone, without the final gather
     return {"wall": wall, "cpu": cpu, "loop": loop, "trials": out.tables["trials"].num_rows, "flush": _flush_stats(timings),
-            "machine": clock.end[2] - clock.start[2], "hooks": HOOKS.seconds - hooks0,
+            "machine": clock.end[2] - clock.start[2], "hooks": HOOKS.seconds - sum(by0.values()),
             "by": HOOKS.by - by0}
 
 

@@ -99,7 +99,7 @@ class StorageGuard(tune.Callback):
     def on_step_begin(self, iteration, trials, **info):
         if self.due():  # the running trials are counted only then: a count per step costs O(trials) per event
             self.running = sum(t.status == "RUNNING" for t in trials)
-            self.check()
+            self.check(force=True)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         try:
