@@ -96,9 +96,10 @@ class _Clock(tune.Callback):
 
 
 class _HookClock:
-    """CPU seconds of the driver's thread inside kvsweep's own code on Tune's loop: every ``on_*`` and ``setup`` hook
-    of kvsweep's callbacks and schedulers (``kvsweep.tune``'s ``tune.Callback`` and ``TrialScheduler`` classes, and the
-    recording subclasses here), counted once where hooks call each other (``time.thread_time``)."""
+    """CPU seconds of the driver's thread inside kvsweep's callbacks and schedulers on Tune's loop: every hook Tune
+    calls on them (``on_*``, ``setup``, a logger's ``log_trial_*``, a scheduler's ``choose_trial_to_run``; their own or
+    inherited from Ray's base classes) of ``kvsweep.tune``'s ``tune.Callback`` and ``TrialScheduler`` classes and the
+    recording subclasses here, counted once where hooks call each other (``time.thread_time``)."""
 
     def __init__(self):
         self.local, self.by = threading.local(), Counter()  # by: seconds per "Class.method"
@@ -112,8 +113,12 @@ class _HookClock:
         classes = {c for m in modules for c in vars(m).values() if isinstance(c, type) and c.__module__.startswith("kvsweep.tune")
                    and issubclass(c, (tune.Callback, TrialScheduler))} | {_RecordedWriter}
         for cls in classes:
-            for name, fn in list(vars(cls).items()):
-                if callable(fn) and (name.startswith("on_") or name == "setup"):
+            for name in dir(cls):
+                if not (name.startswith(("on_", "log_trial_")) or name in ("setup", "choose_trial_to_run")):
+                    continue
+                owner = next(c for c in cls.__mro__ if name in vars(c))
+                fn = vars(owner)[name]
+                if callable(fn) and (owner is cls or not owner.__module__.startswith("kvsweep") and owner.__module__ != __name__):
                     setattr(cls, name, self._wrap(fn, f"{cls.__name__}.{name}"))
 
     def _wrap(self, fn, key: str):

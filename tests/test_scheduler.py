@@ -11,12 +11,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from kvsweep.config import ConfigError, DataCfg, KvsweepError, SweepCfg, TrainCfg
 from kvsweep.losses import LossCfg
 from kvsweep.sweepargs import sweep_cfg, sweep_parser
 from kvsweep.tune import moasha
+from kvsweep.tune.fifo import FIFO
 from kvsweep.tune.moasha import MOASHA, crowding_distances, nondominated_fronts, pareto_places
 from kvsweep.tune.rounds import lm_peak, make_scheduler
 from kvsweep.tune.scheduler import SCHEDULER_FILE, DurableASHA, Rung, asha_keeps, milestones, read_state
@@ -128,7 +130,7 @@ def test_both_two_objective_sorts_give_the_fronts_of_the_general_sort_on_large_s
         pts = np.c_[ppl, size] if case % 2 else np.c_[size, ppl]  # the grouped objective either first or second
         distinct, index = moasha._distinct(pts)
         general = nondominated_fronts(np.c_[pts, np.zeros(n)])
-        assert moasha._fronts_grouped(distinct, 1 - case % 2)[index].tolist() == general.tolist()
+        assert moasha._fronts_grouped(distinct, 1 - case % 2, moasha._dense_ranks(distinct))[index].tolist() == general.tolist()
         assert moasha._fronts_sweep(distinct)[index].tolist() == general.tolist()
         assert nondominated_fronts(pts).tolist() == general.tolist()
         key = np.zeros(n)
@@ -136,6 +138,46 @@ def test_both_two_objective_sorts_give_the_fronts_of_the_general_sort_on_large_s
             key[general == f] = -crowding_distances(pts[general == f])
         expected = [int(((general < general[i]) | ((general == general[i]) & (key < key[i]))).sum()) for i in range(n)]
         assert pareto_places(pts).tolist() == expected
+
+
+def test_two_objectives_are_sorted_by_groups_of_the_one_with_few_values_whichever_column_it_is(monkeypatch):
+    calls = []
+    for name in ("_fronts_grouped", "_fronts_sweep"):
+        fn = getattr(moasha, name)
+        monkeypatch.setattr(moasha, name, lambda *a, fn=fn, name=name: calls.append((name, a[1] if len(a) > 1 else None)) or fn(*a))
+    rng = np.random.default_rng(2)
+    ppl, size, spread = rng.normal(50, 5, 2000), rng.choice([2048.0, 256.0], 2000), rng.normal(500, 50, 2000)
+    spread[np.argmax(ppl)] = spread.min() - 1  # the last point in lexicographic order has the lowest second objective
+    for pts, expected in ((np.c_[ppl, size], ("_fronts_grouped", 1)), (np.c_[size, ppl], ("_fronts_grouped", 0)),
+                          (np.c_[ppl, spread], ("_fronts_sweep", None))):
+        calls.clear()
+        nondominated_fronts(pts)
+        assert calls == [expected]
+
+
+def test_moashas_decisions_from_the_points_it_keeps_per_rung_are_those_of_the_places_computed_afresh(tmp_path):
+    """MOASHA keeps each rung's records sorted between decisions (``RungPoints``: one insertion per record, a full sort
+    only when many arrive at once, as from a stored state); each decision is the one the places of all the rung's
+    records and the newcomer, computed from scratch, give."""
+    rng = np.random.default_rng(11)
+    for case in range(12):
+        s = _make(MOASHA, SweepStore(str(tmp_path), f"s{case}"), rf=(2, 3, 4)[case % 3], lm_rule=False)
+        rung = Rung(1.0)
+        if case % 4 == 0:  # a stored rung read back: many records before the first decision
+            rung.recorded.update({f"old{i}": (round(float(rng.normal(50, 5)), 1), 512.0) for i in range(200)})
+        for i in range(400):
+            record = (round(float(rng.normal(50, 5)), case % 3), float(rng.choice([256, 512, 1024, 2048][: 1 + case % 4])))
+            if rng.random() < 0.03:
+                record = (math.nan, record[1]) if rng.random() < 0.5 else (INF, record[1])
+            if rng.random() < 0.1 and rung.recorded:  # a repeat of an earlier point
+                record = tuple(rung.values()[int(rng.integers(len(rung.recorded)))].tolist())
+            others = rung.values()
+            places = pareto_places(np.vstack([others, record])) if len(others) else np.zeros(1)
+            expected = not len(others) or asha_keeps(float(places[-1]), places[:-1].astype(float), s._rf)
+            assert s.keeps(record, rung) == expected, (case, i)
+            rung.recorded[f"t{i}"] = record
+            if i % 97 == 0:  # records that arrive without a decision (trials that completed at this rung)
+                rung.recorded.update({f"c{i}.{j}": (float(rng.normal(50, 5)), 512.0) for j in range(int(rng.integers(1, 40)))})
 
 
 def test_a_rungs_values_follow_its_records_however_they_were_added():
@@ -404,7 +446,58 @@ def test_the_scheduler_flag_and_its_deprecated_alias(tmp_path):
         SweepCfg(scheduler="moasha", grace_period=5, train=TrainCfg(epochs=2))
     store = SweepStore(str(tmp_path), "s")
     kinds = {name: type(make_scheduler(SweepCfg(scheduler=name, train=TrainCfg(epochs=4)), store)) for name in ("moasha", "asha", "fifo")}
-    assert kinds == {"moasha": MOASHA, "asha": DurableASHA, "fifo": FIFOScheduler}
+    assert kinds == {"moasha": MOASHA, "asha": DurableASHA, "fifo": FIFO}
+
+
+class _Controller:
+    """Tune's controller as a scheduler sees it: the experiment's trials in order (counting the walks over them) and the
+    live ones (not terminated)."""
+
+    def __init__(self):
+        self.trials, self.walks = [], 0
+
+    def get_trials(self):
+        self.walks += 1
+        return self.trials
+
+    def get_live_trials(self):
+        return {t for t in self.trials if t.status not in (Trial.TERMINATED, Trial.ERROR)}
+
+
+class _LiveTrial:
+    def __init__(self, trial_id: str):
+        self.trial_id, self.status, self.config = trial_id, Trial.PENDING, {"schedule": "lm"}
+
+
+@pytest.mark.parametrize("name", ["moasha", "asha", "fifo"])
+def test_the_next_trial_is_fifos_choice_read_from_the_live_trials_alone(tmp_path, name):
+    """Tune asks for the next trial at every step of its loop; Ray's FIFO choice walks every trial of the experiment,
+    finished ones first (O(N) per step). kvsweep's schedulers make the same choice from the live trials."""
+    rng = random.Random(0)
+    scheduler = make_scheduler(SweepCfg(scheduler=name, train=TrainCfg(epochs=4)), SweepStore(str(tmp_path), "s"))
+    ray_fifo, ctl = FIFOScheduler(), _Controller()
+    statuses = [Trial.PENDING, Trial.RUNNING, Trial.PAUSED, Trial.TERMINATED, Trial.ERROR]
+    for i in range(300):
+        trial = _LiveTrial(f"t{i:03d}")
+        ctl.trials.append(trial)
+        scheduler.on_trial_add(ctl, trial)
+        for t in rng.sample(ctl.trials, min(3, len(ctl.trials))):
+            t.status = rng.choice(statuses)
+        if rng.random() < 0.1:  # a failed trial re-queued at the end of Tune's list, added again
+            t = rng.choice(ctl.trials)
+            ctl.trials.remove(t)
+            ctl.trials.append(t)
+            t.status = Trial.PENDING
+            scheduler.on_trial_add(ctl, t)
+        walks = ctl.walks
+        expected = ray_fifo.choose_trial_to_run(ctl)
+        assert ctl.walks > walks
+        walks = ctl.walks
+        assert scheduler.choose_trial_to_run(ctl) is expected
+        assert ctl.walks == walks  # the live trials only
+    for t in ctl.trials:
+        t.status = Trial.TERMINATED
+    assert scheduler.choose_trial_to_run(ctl) is None is ray_fifo.choose_trial_to_run(ctl)
 
 
 def test_a_sweep_stored_with_asha_continues_under_asha_and_is_refused_under_moasha():

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .scheduler import DurableRungs, asha_keeps, real
+from .scheduler import DurableRungs, Rung, asha_keeps, real
 
 BYTES = "kv_bytes_per_token"  # the second objective, from each result (the accounted bytes)
 
@@ -83,11 +83,21 @@ def _fronts_2d(distinct: np.ndarray) -> np.ndarray:
     (10,000 points with 10 byte values: 0.9 ms grouped, 2.3 ms swept, on one 2-core CI machine)."""
     if len(distinct) == 0:
         return np.zeros(0, dtype=np.int64)
-    counts = [len(np.unique(distinct[:, m])) for m in range(2)]
-    by = int(np.argmin(counts))
-    if counts[by] * GROUP_SHARE <= len(distinct):
-        return _fronts_grouped(distinct, by)
+    ranks = _dense_ranks(distinct)
+    sizes = [int(ranks[0][-1]) + 1, int(ranks[1].max()) + 1]  # distinct values per column (column 0's ranks ascend)
+    by = int(sizes[1] < sizes[0])
+    if sizes[by] * GROUP_SHARE <= len(distinct):
+        return _fronts_grouped(distinct, by, ranks)
     return _fronts_sweep(distinct)
+
+
+def _dense_ranks(distinct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's dense rank (0 for its lowest value) over (U, 2) distinct points in lexicographic order: -> (U,),
+    (U,). Column 0 ascends already (no sort); column 1 is sorted."""
+    x = distinct[:, 0]
+    x_rank = np.cumsum(np.r_[True, x[1:] != x[:-1]]) - 1
+    y_rank = np.unique(distinct[:, 1], return_inverse=True)[1].reshape(-1)
+    return x_rank, y_rank
 
 
 GROUP_SHARE = 64  # _fronts_2d groups by an objective with at most one distinct value per this many distinct points
@@ -110,21 +120,22 @@ def _fronts_sweep(distinct: np.ndarray) -> np.ndarray:
     return front
 
 
-def _fronts_grouped(distinct: np.ndarray, by: int) -> np.ndarray:
-    """The front of each of (U, 2) distinct points, one vectorised step per distinct value of objective ``by``
-    (G of them: O(G * U)), ascending; KV bytes per token take a few values in a sweep, the PPL one per trial.
+def _fronts_grouped(distinct: np.ndarray, by: int, ranks: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The front of each of (U, 2) distinct points in lexicographic order, one vectorised step per distinct value of
+    objective ``by`` (G of them: O(G * U)), ascending; ``ranks``: both columns' dense ranks (``_dense_ranks``). KV bytes
+    per token take a few values in a sweep, the PPL one per trial.
 
     A point's front is one more than the largest front of the points dominating it. Those in earlier groups are the
     ones with the other objective ``y`` no larger: their largest front is a running maximum over ``y``'s ranks. In
     its own group a point is dominated by the points of smaller ``y`` (its group's points have distinct ``y``), so
     within a group sorted by ``y``, ``f[j] = max(f[j-1], below[j]) + 1``, that is ``j + cummax(below[j] + 1 - j)``.
     """
-    g, y = distinct[:, by], distinct[:, 1 - by]
-    ys, rank = np.unique(y, return_inverse=True)  # (R,), (U,): y's dense rank
-    rank = rank.reshape(-1)
-    best = np.full(len(ys), -1, dtype=np.int64)  # per y rank: the largest front of the groups done so far
+    g, rank = ranks[by], ranks[1 - by]
+    # by group, then by y: the lexicographic order is that already when grouping by column 0; a stable sort of column 1
+    # keeps column 0 ascending within each of its groups
+    order = np.arange(len(distinct)) if by == 0 else np.argsort(g, kind="stable")
+    best = np.full(int(rank.max()) + 1, -1, dtype=np.int64)  # per y rank: the largest front of the groups done so far
     front = np.empty(len(distinct), dtype=np.int64)
-    order = np.lexsort((y, g))  # by group, then by y
     starts = np.flatnonzero(np.r_[True, g[order][1:] != g[order][:-1], True])
     for a, b in zip(starts[:-1], starts[1:]):
         members = order[a:b]  # one group, y ascending
@@ -147,21 +158,24 @@ def crowding_distances(points: np.ndarray) -> np.ndarray:
 
 
 def _crowding_by_front(values: np.ndarray, f: np.ndarray) -> np.ndarray:
-    """``crowding_distances`` within each front at once: (U, M) distinct points, (U,) their fronts -> (U,)."""
+    """``crowding_distances`` within each front at once: (U, M) distinct points in lexicographic order, (U,) their
+    fronts -> (U,)."""
     u = len(values)
     dist = np.zeros(u)
     if u == 0:
         return dist
+    two = values.shape[1] == 2  # a front's distinct points in lexicographic order ascend in the first objective and
+    by_front = np.argsort(f, kind="stable") if two else None  # descend in the second: one order serves both
     for m in range(values.shape[1]):
-        order = np.lexsort((values[:, m], f))  # by front, then by objective m (stable: lexicographic among ties)
+        order = by_front if two else np.lexsort((values[:, m], f))  # by front, then by objective m (lexicographic among ties)
         v, fo = values[order, m], f[order]
         first = np.r_[True, fo[1:] != fo[:-1]]
         last = np.r_[fo[1:] != fo[:-1], True]
         at = np.arange(u)
         lo = np.maximum.accumulate(np.where(first, at, 0))  # each position's front's first and last positions
         hi = np.minimum.accumulate(np.where(last, at, u)[::-1])[::-1]
-        span = v[hi] - v[lo]
-        moving = span > 0
+        span = v[hi] - v[lo]  # negative for the second of two objectives (descending), with the gaps: the same ratios
+        moving = np.abs(span) > 0
         inner = moving & ~first & ~last
         gap = np.zeros(u)
         gap[inner] = (v[np.flatnonzero(inner) + 1] - v[np.flatnonzero(inner) - 1]) / span[inner]
@@ -184,33 +198,92 @@ def pareto_places(points: Sequence[Sequence[float]]) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     finite = np.isfinite(pts).all(axis=1)
     distinct, index = _distinct(pts[finite])
+    places = np.full(len(pts), int(finite.sum()), dtype=np.int64)  # non-finite: behind every finite point
+    places[finite] = _distinct_places(distinct, np.bincount(index, minlength=len(distinct)))[index]
+    return places
+
+
+def _distinct_places(distinct: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """``pareto_places`` of (U, M) distinct finite points in lexicographic order, each occurring ``count`` (U,) times:
+    -> (U,), the points ahead of each."""
     front = _fronts_2d(distinct) if distinct.shape[1] == 2 else nondominated_fronts(distinct)
     crowd = _crowding_by_front(distinct, front)
     order = np.lexsort((-crowd, front))  # by front, then by crowding distance, largest first
     f, c = front[order], crowd[order]
     starts = np.r_[True, (f[1:] != f[:-1]) | (c[1:] != c[:-1])] if len(order) else np.zeros(0, dtype=bool)
-    count = np.bincount(index, minlength=len(distinct))[order]  # how often each distinct point occurs, in order
-    before = np.cumsum(count) - count  # the points ahead of each distinct point in the order
+    in_order = count[order]
+    before = np.cumsum(in_order) - in_order  # the points ahead of each distinct point in the order
     place = np.empty(len(distinct), dtype=np.int64)  # per distinct point: the points ahead of the first of its run
     place[order] = np.maximum.accumulate(np.where(starts, before, 0))
-    places = np.full(len(pts), int(finite.sum()), dtype=np.int64)  # non-finite: behind every finite point
-    places[finite] = place[index]
-    return places
+    return place
+
+
+class RungPoints:
+    """One rung's recorded objectives for MOASHA's decisions, kept between them: the distinct finite points (U, 2) in
+    lexicographic order with how often each occurs (U,), and the number of non-finite ones. Each record is added in
+    O(U) (an insertion by bisection), so a decision does not sort all the rung's points again."""
+
+    def __init__(self):
+        self.distinct, self.count, self.nonfinite, self.rows = np.zeros((0, 2)), np.zeros(0, dtype=np.int64), 0, 0
+
+    def update(self, values: np.ndarray) -> None:
+        """Take in the rows of ``values`` ((N, 2), ``Rung.values``: records are only ever appended) added since the
+        last call."""
+        new = values[self.rows:]
+        self.rows = len(values)
+        if len(new) > REBUILD_ROWS:  # a stored rung read back: one sort
+            finite = np.isfinite(values).all(axis=1)
+            self.distinct, index = _distinct(values[finite])
+            self.count, self.nonfinite = np.bincount(index, minlength=len(self.distinct)), int((~finite).sum())
+            return
+        for point in new:
+            self.distinct, self.count, _at = self.plus(point)
+            self.nonfinite += _at < 0
+
+    def plus(self, point: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """The distinct points and their counts with ``point`` (2,) added (new arrays), and its index among them (-1:
+        not finite, not among them)."""
+        if not np.isfinite(point).all():
+            return self.distinct, self.count, -1
+        x, y = self.distinct[:, 0], self.distinct[:, 1]
+        lo, hi = np.searchsorted(x, point[0], "left"), np.searchsorted(x, point[0], "right")
+        at = int(lo + np.searchsorted(y[lo:hi], point[1], "left"))
+        if at < hi and y[at] == point[1]:
+            count = self.count.copy()
+            count[at] += 1
+            return self.distinct, count, at
+        return np.insert(self.distinct, at, point, axis=0), np.insert(self.count, at, 1), at
+
+
+REBUILD_ROWS = 32  # RungPoints.update sorts all the rung's records again when more than this many came at once
 
 
 class MOASHA(DurableRungs):
     """Multi-objective ASHA on (the Tune metric, ``val_ppl``; ``kv_bytes_per_token``), both minimised, with the
     rungs, the LM rule and the durable state of ``DurableRungs`` (``kvsweep.tune.scheduler``); the decision is
-    the module docstring's. Arguments and errors: ``DurableRungs``'s."""
+    the module docstring's, over each rung's records kept in order between decisions (``RungPoints``: each record is
+    inserted in lexicographic order as it comes, instead of a sort of all the points at each decision). Arguments and errors: ``DurableRungs``'s."""
 
     NAME = "moasha"
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._points: dict[float, RungPoints] = {}  # per rung (its milestone): its records, sorted for the decisions
 
     def objectives(self, result: dict) -> tuple[float, ...] | None:
         value, size = self._metric_value(result), real(result.get(BYTES))
         return None if value is None or size is None else (value, size)
 
-    def keeps(self, record: tuple[float, ...], others: np.ndarray) -> bool:
-        if not len(others):
+    def keeps(self, record: tuple[float, ...], rung: Rung) -> bool:
+        points = self._points.setdefault(rung.milestone, RungPoints())
+        points.update(rung.values())
+        if not points.rows:
             return True
-        places = pareto_places(np.vstack([others, record]))
-        return asha_keeps(float(places[-1]), places[:-1].astype(np.float64), self._rf)
+        distinct, count, at = points.plus(np.asarray(record, dtype=np.float64))
+        place = _distinct_places(distinct, count)  # the places among the rung's trials and the newcomer
+        behind = int(count.sum())  # the place of a non-finite point: behind every finite one
+        if at >= 0:
+            count = count.copy()
+            count[at] -= 1  # the others: the rung's trials
+        others = np.r_[np.repeat(place, count), np.full(points.nonfinite, behind)]
+        return asha_keeps(float(place[at] if at >= 0 else behind), others.astype(np.float64), self._rf)

@@ -13,13 +13,14 @@ from typing import Callable
 import ray
 from ray import cloudpickle, tune
 from ray.tune import ResumeConfig
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import TrialScheduler
 
 from ..adapters import external_methods
 from ..config import SweepCfg
 from ..data import Samples
 from ..evaluate import SplitStats
 from .console import ConsoleCallback, quiet_ray
+from .fifo import FIFO
 from .moasha import MOASHA
 from .packed import CLIENT_CPUS, packed_trainable, start_servers
 from .scheduler import DurableASHA
@@ -106,10 +107,10 @@ def lm_peak(config: dict, *, sweep: SweepCfg) -> float:
 
 def make_scheduler(sweep: SweepCfg, store: SweepStore) -> TrialScheduler:
     """The sweep's ``--scheduler``: ``MOASHA``, ``DurableASHA`` (both on ``epoch``, with the LM rule and their state
-    in ``store``) or Ray Tune's ``FIFOScheduler``, on ``val_ppl`` minimised (``tune.run`` gets no metric: a
+    in ``store``) or ``FIFO`` (Ray Tune's first-in first-out), on ``val_ppl`` minimised (``tune.run`` gets no metric: a
     multi-objective searcher has its own)."""
     if sweep.scheduler == "fifo":
-        scheduler: TrialScheduler = FIFOScheduler()
+        scheduler: TrialScheduler = FIFO()
     else:
         cls = MOASHA if sweep.scheduler == "moasha" else DurableASHA
         scheduler = cls(store, max_t=sweep.train.epochs, grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor,

@@ -43,9 +43,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import TrialScheduler
 
 from ..config import KvsweepError
+from .fifo import FIFO
 from .journal import SCHEDULER_FILE, Journal, read_state
 from .store import SweepStore
 
@@ -107,7 +108,7 @@ def asha_keeps(value: float, others: Sequence[float], reduction_factor: float) -
     return not value > np.nanpercentile(arr, 100.0 / reduction_factor)
 
 
-class DurableRungs(FIFOScheduler):
+class DurableRungs(FIFO):
     """The rungs, the LM rule and the durable state shared by ``DurableASHA`` and ``MOASHA``; a subclass says
     what a trial's objectives are (``objectives``) and whether a trial goes on at a rung (``keeps``).
 
@@ -150,9 +151,9 @@ class DurableRungs(FIFOScheduler):
         """The trial's objectives in ``result``, each minimised; ``None`` when the result lacks one."""
         raise NotImplementedError
 
-    def keeps(self, record: tuple[float, ...], others: np.ndarray) -> bool:
-        """Whether a trial with ``record`` goes on at a rung where ``others`` ((N, M), ``Rung.values``) were recorded
-        before it."""
+    def keeps(self, record: tuple[float, ...], rung: Rung) -> bool:
+        """Whether a trial with ``record`` goes on at ``rung``, against the trials recorded there before it (``rung.values()``:
+        (N, M))."""
         raise NotImplementedError
 
     def _metric_value(self, result: dict) -> float | None:
@@ -170,6 +171,7 @@ class DurableRungs(FIFOScheduler):
         return True
 
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)
         if not self._metric or self._mode not in ("min", "max"):
             raise ValueError(f"{type(self).__name__} needs a metric and a mode (min or max); got {self._metric!r}, {self._mode!r}")
 
@@ -185,7 +187,7 @@ class DurableRungs(FIFOScheduler):
         if arrival is None:
             return TrialScheduler.CONTINUE
         rung, record = arrival
-        keep = self.keeps(record, rung.values())
+        keep = self.keeps(record, rung)
         self._record(rung, trial.trial_id, record)
         if not keep:
             self._stopped[trial.trial_id] = int(result[self._time_attr])
@@ -292,5 +294,6 @@ class DurableASHA(DurableRungs):
         value = self._metric_value(result)
         return None if value is None else (value,)
 
-    def keeps(self, record: tuple[float, ...], others: np.ndarray) -> bool:
+    def keeps(self, record: tuple[float, ...], rung: Rung) -> bool:
+        others = rung.values()
         return asha_keeps(record[0], others[:, 0] if len(others) else (), self._rf)
