@@ -118,7 +118,7 @@ class _HookClock:
                     continue
                 owner = next(c for c in cls.__mro__ if name in vars(c))
                 fn = vars(owner)[name]
-                if callable(fn) and (owner is cls or not owner.__module__.startswith("kvsweep") and owner.__module__ != __name__):
+                if callable(fn) and (owner is cls or (not owner.__module__.startswith("kvsweep") and owner.__module__ != __name__)):
                     setattr(cls, name, self._wrap(fn, f"{cls.__name__}.{name}"))
 
     def _wrap(self, fn, key: str):

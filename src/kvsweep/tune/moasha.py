@@ -196,11 +196,18 @@ def pareto_places(points: Sequence[Sequence[float]]) -> np.ndarray:
     pts = np.asarray(points, dtype=np.float64)
     if len(pts) == 0:
         return np.zeros(0, dtype=np.int64)
+    finite, distinct, count, index = _finite_distinct(pts)
+    places = np.full(len(pts), int(finite.sum()), dtype=np.int64)  # non-finite: behind every finite point
+    places[finite] = _distinct_places(distinct, count)[index]
+    return places
+
+
+def _finite_distinct(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(N, M) points -> which are finite (N,), their distinct finite points in lexicographic order (U, M), how often each
+    occurs (U,), and each finite point's index among them."""
     finite = np.isfinite(pts).all(axis=1)
     distinct, index = _distinct(pts[finite])
-    places = np.full(len(pts), int(finite.sum()), dtype=np.int64)  # non-finite: behind every finite point
-    places[finite] = _distinct_places(distinct, np.bincount(index, minlength=len(distinct)))[index]
-    return places
+    return finite, distinct, np.bincount(index, minlength=len(distinct)), index
 
 
 def _distinct_places(distinct: np.ndarray, count: np.ndarray) -> np.ndarray:
@@ -232,17 +239,16 @@ class RungPoints:
         new = values[self.rows:]
         self.rows = len(values)
         if len(new) > REBUILD_ROWS:  # a stored rung read back: one sort
-            finite = np.isfinite(values).all(axis=1)
-            self.distinct, index = _distinct(values[finite])
-            self.count, self.nonfinite = np.bincount(index, minlength=len(self.distinct)), int((~finite).sum())
+            finite, self.distinct, self.count, _index = _finite_distinct(values)
+            self.nonfinite = int((~finite).sum())
             return
         for point in new:
-            self.distinct, self.count, _at = self.plus(point)
-            self.nonfinite += _at < 0
+            self.distinct, self.count, at = self.plus(point)
+            self.nonfinite += at < 0
 
     def plus(self, point: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """The distinct points and their counts with ``point`` (2,) added (new arrays), and its index among them (-1:
-        not finite, not among them)."""
+        """The distinct points and their counts with ``point`` (2,) added, and its index among them (-1: not finite, not
+        among them, and both arrays are this rung's own); otherwise the counts are a new array."""
         if not np.isfinite(point).all():
             return self.distinct, self.count, -1
         x, y = self.distinct[:, 0], self.distinct[:, 1]
@@ -283,7 +289,6 @@ class MOASHA(DurableRungs):
         place = _distinct_places(distinct, count)  # the places among the rung's trials and the newcomer
         behind = int(count.sum())  # the place of a non-finite point: behind every finite one
         if at >= 0:
-            count = count.copy()
-            count[at] -= 1  # the others: the rung's trials
+            count[at] -= 1  # the others: the rung's trials (plus gave new counts)
         others = np.r_[np.repeat(place, count), np.full(points.nonfinite, behind)]
         return asha_keeps(float(place[at] if at >= 0 else behind), others.astype(np.float64), self._rf)
