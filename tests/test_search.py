@@ -7,13 +7,15 @@ from pathlib import Path
 
 import optuna
 import pytest
-from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from kvsweep.config import ConfigError, SweepCfg
 from kvsweep.sweepargs import sweep_cfg, sweep_parser
-from kvsweep.tune.search import OBJECTIVES, objectives, round_search
+from kvsweep.tune.rounds import started_by_variant_generator
+from kvsweep.tune.search import OBJECTIVES, GridSearcher, objectives, round_search
 from kvsweep.tune.spec import canonical_specification
+from kvsweep.tune.store import SweepStore
 from kvsweep.tune.writer import TrialRecord
 
 from .sweeps import run, tables
@@ -57,12 +59,50 @@ def test_objectives_of_a_finished_trial_only():
     assert objectives(TrialRecord("t", {}, [])) is None
 
 
-def test_grid_and_random_rounds_keep_tunes_variant_generator():
-    grid, config = round_search(SweepCfg(), SPACE, [{"vdproj.rank": 16, "schedule": "lm", "seed": 0}], None)
+_POINTS = [{"vdproj.rank": r, "schedule": s, "seed": 0} for r in (16, 32, 64) for s in ("lm", "rec_to_lm")]
+
+
+def test_a_grid_round_hands_out_each_point_once_in_order_and_tunes_config_holds_the_fixed_values_only():
+    """Tune deep-copies its config for every trial: with the searched fields' values in it, a grid of N seeds costs
+    O(N) per trial."""
+    grid, config = round_search(SweepCfg(), SPACE, _POINTS, None)
+    assert isinstance(grid, GridSearcher) and config == {"seed": 0}
+    got = [grid.suggest(f"t{i}") for i in range(7)]
+    assert got == [{"vdproj.rank": p["vdproj.rank"], "schedule": p["schedule"]} for p in _POINTS] + [Searcher.FINISHED]
+    layers, config = round_search(SweepCfg(), {"vdproj.layers": [[0, 1], [2]]}, [{"vdproj.layers": [0, 1]}, {"vdproj.layers": [2]}], None)
+    assert config == {} and layers.suggest("a") == {"vdproj.layers": "0,1"}  # lists as Tune's config holds them
+    limited, _ = round_search(SweepCfg(), SPACE, _POINTS, 2)
+    assert isinstance(limited, ConcurrencyLimiter) and isinstance(limited.searcher, GridSearcher)
+    assert [limited.suggest(t) for t in "abc"] == [got[0], got[1], None]  # two at once
+    limited.on_trial_complete("a")
+    assert limited.suggest("c") == got[2]
+    rand, config = round_search(SweepCfg(search="random", num_samples=4), SPACE, None, 2)
+    assert isinstance(rand, BasicVariantGenerator) and sorted(config["vdproj.rank"].categories) == [16, 32, 64]
+
+
+def test_a_grid_searcher_continues_from_its_saved_state_and_refuses_another_grids(tmp_path):
+    searcher = GridSearcher(_POINTS)
+    first = [searcher.suggest(t) for t in "ab"]
+    searcher.save_to_dir(str(tmp_path), "2026-11-30")  # as Tune saves it with the experiment
+    again = GridSearcher(_POINTS)
+    again.restore_from_dir(str(tmp_path))
+    assert [again.suggest(t) for t in "cdef"] == [searcher.suggest(t) for t in "cdef"] and again.suggest("g") == Searcher.FINISHED
+    assert first[0] != first[1]
+    with pytest.raises(RuntimeError, match="6 points, this round 3"):
+        GridSearcher(_POINTS[:3]).restore_from_dir(str(tmp_path))
+
+
+def test_a_grid_round_started_by_rays_variant_generator_continues_with_it(tmp_path):
+    store = SweepStore(str(tmp_path), "s")
+    (tmp_path / "s" / "tune-0").mkdir(parents=True)
+    assert not started_by_variant_generator(store, "tune-0")
+    (tmp_path / "s" / "tune-0" / "search_gen_state-2026-11-30_10-00-00.json").write_text("{}")
+    assert not started_by_variant_generator(store, "tune-0")
+    (tmp_path / "s" / "tune-0" / "basic-variant-state-2026-11-29_10-00-00.json").write_text("{}")
+    assert started_by_variant_generator(store, "tune-0")
+    grid, config = round_search(SweepCfg(), SPACE, _POINTS, None, variant_generator=True)
     assert isinstance(grid, BasicVariantGenerator) and config["seed"] == 0
     assert sorted(config["vdproj.rank"].categories) == [16, 32, 64]
-    rand, _ = round_search(SweepCfg(search="random", num_samples=4), SPACE, None, 2)
-    assert isinstance(rand, BasicVariantGenerator)
 
 
 def test_an_optuna_round_searches_the_varied_fields_on_both_objectives():

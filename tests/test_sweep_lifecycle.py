@@ -163,6 +163,31 @@ def test_a_killed_driver_continues_with_the_scheduler_decisions_of_an_uninterrup
     assert [e["epoch"] for e in t["epochs"] if e["trial_id"] != next(r["trial_id"] for r in t["trials"] if r["status"] == "completed")] == [0, 1, 2]
 
 
+_VARIANT_GENERATOR = """
+import kvsweep.tune.rounds as rounds
+_round_search = rounds.round_search
+rounds.round_search = lambda *a, **k: _round_search(*a, **{**k, "variant_generator": True})  # as kvsweep before GridSearcher
+"""
+
+
+def test_a_grid_round_that_rays_variant_generator_started_continues_with_it(uninterrupted, tmp_path):
+    """A round started when grids went through Ray's variant generator, killed after its first trial: the continued
+    round hands out only the points that generator had not (a new grid searcher would run them all again)."""
+    driver = start([sys.executable, "-c", _VARIANT_GENERATOR + _rungs_script(tmp_path, "killed")], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, cwd=tmp_path)
+    folder = tmp_path / "killed"
+    try:
+        wait_for(lambda: _first_trial_finished(folder), 400, "the first trial finished", proc=driver, every=0.05)
+    finally:
+        kill(driver)
+    assert list((folder / "tune-0").glob("basic-variant-state-*.json"))
+    script(_rungs_script(tmp_path, "killed"), cwd=tmp_path)
+    t = tables(folder)
+    check_once(t, 2)
+    assert outcome(t) == outcome(uninterrupted)
+    assert not list((folder / "tune-0").glob("search_gen_state-*.json"))
+
+
 def test_one_driver_per_sweep_and_a_killed_one_leaves_no_lock(tiny_folder, tmp_path):
     first = start(sweep_cmd("--name", "X", "--max-concurrent", "1", storage=tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lock = tmp_path / "X" / ".driver.lock"

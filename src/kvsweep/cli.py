@@ -6,7 +6,7 @@
     kvsweep train --model tiny --data tiny --vdproj.rank 32 --out runs/r32      # --overwrite / --resume an earlier one
     kvsweep train --adapter ka_gated --ka_gated.layers 1 --vdproj.rank 32 --vdproj.init pca --out runs/both
     kvsweep export runs/r32 -o exports/r32                # a trial's adapters to load elsewhere (kvsweep.load_exported)
-    kvsweep export ~/ray_results/vdproj --trial 1a2b3_00004 -o exports/best
+    kvsweep export ~/ray_results/vdproj --trial 1a2b3c4d -o exports/best
     kvsweep downstream RESULTS --tasks lambada_openai,piqa  # lm-eval tasks on the base and the sweep's front
     kvsweep tiny                                          # build (or show) the offline tiny preset
 """

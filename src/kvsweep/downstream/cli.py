@@ -1,7 +1,7 @@
 """The ``kvsweep downstream`` subcommand (lm-evaluation-harness on the base and on a sweep's trials).
 
     kvsweep downstream ~/kvsweep_results/vdproj --tasks lambada_openai,piqa,hellaswag,arc_easy    # the base and the front
-    kvsweep downstream ~/kvsweep_results/vdproj --tasks piqa --trials 7f574_00003,7f574_00001 --no-base
+    kvsweep downstream ~/kvsweep_results/vdproj --tasks piqa --trials 9c1d2e07,7f5741c0 --no-base
     kvsweep downstream runs/r64 --tasks kvsweep_cloze,kvsweep_choice --include-path tests/data/lm_eval --device cpu
 """
 

@@ -3,10 +3,10 @@
 ``ConsoleCallback`` is a Ray Tune callback on the driver, so it reads the same for trials alone, in packs and
 under ``ray job submit``. Each trial's events, prefixed with the time since the round started:
 
-    [0:03] trial 7f574_00001 started: vdproj.init=pca vdproj.rank=32
-    [0:06] trial 7f574_00001 epoch 1/2: val PPL 54.377, train PPL 48.946
-    [0:09] trial 7f574_00000 asha_stopped by moasha at the rung of epoch 1: best val PPL 78.979 (epoch 1), 1,280 KV bytes/token
-    [0:11] trial 7f574_00001 completed: best val PPL 54.372 (epoch 2), 1,280 KV bytes/token
+    [0:03] trial 7f5741c0 started: vdproj.init=pca vdproj.rank=32
+    [0:06] trial 7f5741c0 epoch 1/2: val PPL 54.377, train PPL 48.946
+    [0:09] trial 2b0e93aa asha_stopped by moasha at the rung of epoch 1: best val PPL 78.979 (epoch 1), 1,280 KV bytes/token
+    [0:11] trial 7f5741c0 completed: best val PPL 54.372 (epoch 2), 1,280 KV bytes/token
     [0:11] progress: 2/4 trials done, 3/6 epochs, 11s elapsed, ETA 0:21
 
 and ``early_stopped``, ``error`` (the one-line message, the trial's error file and where its output is) and

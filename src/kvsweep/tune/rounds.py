@@ -3,6 +3,7 @@ scheduler, and ``tune.run`` started or resumed in ``<sweep>/tune-<index>``."""
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import math
 import signal
@@ -14,6 +15,7 @@ import ray
 from ray import cloudpickle, tune
 from ray.tune import ResumeConfig
 from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import BasicVariantGenerator
 
 from ..adapters import external_methods
 from ..config import SweepCfg
@@ -71,9 +73,10 @@ def fit_round(sweep: SweepCfg, store: SweepStore, record: SweepRecord, index: in
     ``history``: the trials of the earlier rounds (a multi-objective search starts from them)."""
     r = record.rounds[index]
     points = round_points(record, index, sweep)
-    search, config = round_search(sweep, r.space, points, max_concurrent, history)
-    num_samples = len(points) if points is not None else r.num_samples
     resume = has_experiment(store, r.tune)
+    search, config = round_search(sweep, r.space, points, max_concurrent, history,
+                                  variant_generator=resume and started_by_variant_generator(store, r.tune))
+    num_samples = len(points) if points is not None else r.num_samples
     if resume:
         log(f"resuming {join_uri(store.uri, r.tune)} (finished trials are not run again)")
     elif num_samples:
@@ -98,6 +101,12 @@ def fit_round(sweep: SweepCfg, store: SweepStore, record: SweepRecord, index: in
             )
     finally:
         _restore_signal_handlers(handlers)
+
+
+def started_by_variant_generator(store: SweepStore, folder: str) -> bool:
+    """Whether the Tune experiment in ``<sweep>/<folder>`` holds the state of Ray's variant generator (a grid round
+    that an earlier kvsweep started: it continues with it, for the points it has not handed out yet)."""
+    return any(fnmatch.fnmatch(n, BasicVariantGenerator.CKPT_FILE_TMPL.format("*")) for n in store.names(folder))
 
 
 def lm_peak(config: dict, *, sweep: SweepCfg) -> float:
@@ -138,7 +147,7 @@ def searched_fields(space: Space) -> list[str]:
 
 
 def trial_dirname(trial, space: Space) -> str:
-    """``<trainable>_<trial id>_<the searched values>``, e.g. ``trial_4d383_00002_init=random,rank=64``."""
+    """``<trainable>_<trial id>_<the searched values>``, e.g. ``trial_4d3831f2_init=random,rank=64``."""
     searched = ",".join(f"{k}={trial.config.get(k)}" for k in searched_fields(space))
     name = f"{trial.trainable_name}_{trial.trial_id}" + (f"_{searched}" if searched else "")
     return "".join(c if c.isalnum() or c in "._=,-" else "_" for c in name)[:120]

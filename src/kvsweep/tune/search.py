@@ -1,6 +1,12 @@
 """How a sweep's round picks its configurations: the whole grid, random points, or Optuna's multi-objective
 sampler through Ray Tune's ``OptunaSearch``.
 
+``grid`` hands its points out one by one through a Tune ``Searcher`` (``GridSearcher``), so that Tune's config
+holds the fixed values only: Tune deep-copies that config for every trial it creates, and Ray's variant
+generator with ``points_to_evaluate`` needs every searched field's values in it (a grid with thousands of
+seeds then costs O(N) per trial, O(N^2) per round). A round that a version before this one started continues
+with Ray's variant generator, whose saved state it left.
+
 ``optuna`` searches the same space as ``random`` (every searched field a categorical of its values) on two
 objectives at once, both minimised: the trial's best validation PPL (``best_val_ppl`` of its last result:
 the PPL it would enter the report with, also when the scheduler stopped it) and its KV bytes/token. The
@@ -13,12 +19,13 @@ larger ``--num-samples``) is a new round whose study starts from the finished tr
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 import optuna
 from ray import tune
-from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from ..config import SweepCfg
@@ -44,8 +51,44 @@ def objectives(rec: TrialRecord) -> list[float] | None:
     return [float(v) for v in values]
 
 
+class GridSearcher(Searcher):
+    """The grid's points, each once and in their order: O(1) per trial. Its saved state (with the experiment,
+    for a continued round) is the index of the next point.
+
+    Args:
+        points: the configurations, field -> Tune config value (``tune_value``).
+    """
+
+    def __init__(self, points: list[dict[str, Any]]):
+        super().__init__()
+        self.points = points
+        self.next = 0
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str:
+        if self.next >= len(self.points):
+            return Searcher.FINISHED
+        self.next += 1
+        return dict(self.points[self.next - 1])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass  # a grid learns nothing from its trials
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "w") as f:
+            json.dump({"next": self.next, "points": len(self.points)}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Raises:
+            RuntimeError: the saved state is of a grid of another size (another round's)."""
+        with open(checkpoint_path) as f:
+            state = json.load(f)
+        if state["points"] != len(self.points):
+            raise RuntimeError(f"the saved grid searcher has {state['points']} points, this round {len(self.points)}")
+        self.next = state["next"]
+
+
 def round_search(sweep: SweepCfg, space: Space, points: list[dict] | None, max_concurrent: int | None,
-                 history: list[TrialRecord] = ()) -> tuple[SearchAlgorithm, dict[str, Any]]:
+                 history: list[TrialRecord] = (), variant_generator: bool = False) -> tuple[SearchAlgorithm, dict[str, Any]]:
     """The search algorithm of one round and the config ``tune.run`` gets with it.
 
     Args:
@@ -54,12 +97,16 @@ def round_search(sweep: SweepCfg, space: Space, points: list[dict] | None, max_c
         points: the grid's configurations (``grid`` only).
         max_concurrent: the most trials at once (``None``: no limit).
         history: trials of earlier rounds; ``optuna`` tells its study their objectives first.
+        variant_generator: a ``grid`` round through Ray's variant generator (a round it started continues with it).
     """
     values = {k: [tune_value(v) for v in vs] for k, vs in space_values(space).items()}
     fixed = {k: v[0] for k, v in values.items() if len(v) == 1}
     searched = {k: v for k, v in values.items() if len(v) > 1}
+    grid = [{k: tune_value(v) for k, v in p.items()} for p in points or []] if sweep.search == "grid" else None
+    if sweep.search == "grid" and not variant_generator:
+        searcher = GridSearcher([{k: v for k, v in p.items() if k not in fixed} for p in grid])
+        return (ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher), fixed
     if sweep.search in ("grid", "random"):  # Tune's variant generator: the grid's points each once, or random picks
-        grid = [{k: tune_value(v) for k, v in p.items()} for p in points or []] if sweep.search == "grid" else None
         return (BasicVariantGenerator(points_to_evaluate=grid, max_concurrent=max_concurrent or 0),
                 {**fixed, **{k: tune.choice(v) for k, v in searched.items()}})
     startup = min(10, max(2, (sweep.num_samples or 0) // 3))  # random suggestions before TPE models the results
