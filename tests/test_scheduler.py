@@ -180,6 +180,25 @@ def test_moashas_decisions_from_the_points_it_keeps_per_rung_are_those_of_the_pl
                 rung.recorded.update({f"c{i}.{j}": (float(rng.normal(50, 5)), 512.0) for j in range(int(rng.integers(1, 40)))})
 
 
+@pytest.mark.parametrize("m", [2, 3])
+def test_moashas_decision_from_the_fronts_that_decide_is_the_one_from_every_place(m):
+    """The decision computes crowding distances only in the newcomer's front and the fronts holding the order
+    statistics of the cutoff; it must be ``asha_keeps`` over every place, for any reduction factor, rung size and ties
+    (integer places whose cutoff falls exactly on one, e.g. three places apart at a third)."""
+    rng = np.random.default_rng(5 + m)
+    for case in range(3000):
+        n = int(rng.integers(0, 40 if case % 2 else 400))
+        levels = int(rng.integers(1, 6))
+        pts = np.c_[rng.integers(0, 3 + case % 25, (n + 1, 1)).astype(float), rng.integers(0, levels, (n + 1, m - 1)) * 256.0]
+        pts[rng.random(n + 1) < (0.05, 0.5, 1.0)[case % 3], 0] = rng.choice([np.nan, np.inf, -np.inf])  # diverged trials
+        rf = float(rng.choice([1.5, 2, 2.5, 3, 4, 7]))
+        places = pareto_places(pts)
+        expected = asha_keeps(float(places[-1]), places[:-1].astype(float), rf)
+        finite, distinct, count, index = moasha._finite_distinct(pts)
+        at = int(index[-1]) if finite[-1] else -1
+        assert moasha._newcomer_keeps(distinct, count, at, int((~finite[:-1]).sum()), rf) == expected, case
+
+
 def test_a_rungs_values_follow_its_records_however_they_were_added():
     rung = Rung(1.0)
     assert rung.values().shape[0] == 0

@@ -286,9 +286,60 @@ class MOASHA(DurableRungs):
         if not points.rows:
             return True
         distinct, count, at = points.plus(np.asarray(record, dtype=np.float64))
-        place = _distinct_places(distinct, count)  # the places among the rung's trials and the newcomer
-        behind = int(count.sum())  # the place of a non-finite point: behind every finite one
-        if at >= 0:
-            count[at] -= 1  # the others: the rung's trials (plus gave new counts)
-        others = np.r_[np.repeat(place, count), np.full(points.nonfinite, behind)]
-        return asha_keeps(float(place[at] if at >= 0 else behind), others.astype(np.float64), self._rf)
+        return _newcomer_keeps(distinct, count, at, points.nonfinite, self._rf)
+
+
+def _newcomer_keeps(distinct: np.ndarray, count: np.ndarray, at: int, nonfinite: int, reduction_factor: float) -> bool:
+    """MOASHA's decision (``asha_keeps`` of the newcomer's place against the places of the rung's other records), with the
+    crowding distances of the fronts that decide only: the newcomer's and those holding the cutoff's order statistics.
+
+    Args:
+        distinct, count: the rung's distinct finite points with the newcomer's (U, M), in lexicographic order, and how
+            often each occurs (U,) (``RungPoints.plus``).
+        at: the newcomer's index in ``distinct`` (-1: not finite).
+        nonfinite: the rung's non-finite records (the newcomer's not among them).
+    """
+    others = count.copy()
+    if at >= 0:
+        others[at] -= 1
+    n = int(others.sum()) + nonfinite  # the rung's records before the newcomer
+    if n == 0:
+        return True
+    behind = int(count.sum())  # the place of a non-finite point: behind every finite one
+    front = _fronts_2d(distinct) if distinct.shape[1] == 2 else nondominated_fronts(distinct)
+    per_front = np.bincount(front, weights=count).astype(np.int64)
+    ahead = np.cumsum(per_front) - per_front  # per front: the points (the newcomer's included) in the earlier fronts
+    others_upto = np.cumsum(np.bincount(front, weights=others, minlength=len(per_front)).astype(np.int64))  # per front
+    finite_others = int(others_upto[-1]) if len(others_upto) else 0
+    fronts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def members(k: int) -> tuple[np.ndarray, np.ndarray]:  # front k's distinct points (indices) and their crowding
+        if k not in fronts:
+            idx = np.flatnonzero(front == k)
+            fronts[k] = idx, _crowding_by_front(distinct[idx], np.zeros(len(idx), dtype=np.int64))
+        return fronts[k]
+
+    def place(k: int, crowd: float) -> int:  # the place of a point of front k with crowding distance crowd
+        idx, c = members(k)
+        return int(ahead[k] + count[idx][c > crowd].sum())
+
+    def nth(i: int) -> int:  # the i-th smallest (from 0) of the others' places
+        if i >= finite_others:
+            return behind
+        k = int(np.searchsorted(others_upto, i, "right"))
+        idx, c = members(k)
+        order = np.argsort(-c, kind="stable")
+        j = np.searchsorted(np.cumsum(others[idx][order]), i - (others_upto[k - 1] if k else 0), "right")
+        return place(k, float(c[order][j]))
+
+    mine = behind
+    if at >= 0:
+        idx, c = members(int(front[at]))
+        mine = place(int(front[at]), float(c[np.searchsorted(idx, at)]))
+    # the others' sorted places agree with this array at the order statistics around the cutoff's, so nanpercentile
+    # reads the same two values (whatever its rounding of the index) and gives the cutoff it gives over all the places
+    lo = int((n - 1) / reduction_factor)
+    window = list(range(max(lo - 1, 0), min(lo + 2, n - 1) + 1))
+    repeats = [window[0] + 1] + [1] * (len(window) - 1)
+    repeats[-1] += n - 1 - window[-1]
+    return asha_keeps(float(mine), np.repeat(np.array([nth(i) for i in window], dtype=np.float64), repeats), reduction_factor)
