@@ -30,7 +30,9 @@ each on a small machine) and dwarfs all the driver does.
 
 Measured over Tune's run (from Tune's experiment setup; kvsweep's up to ``run_sweep``'s return, so its final
 gather of the tables is in; also Tune's loop alone, up to its experiment end): wall seconds, and the driver process's CPU seconds (``getrusage(RUSAGE_SELF)``,
-all its threads) per trial, and every process's on the machine (Tune's loop; Linux) per trial. Also the results writer's flush times for the first and the last 10% of the
+all its threads) per trial, the CPU seconds of Tune's loop thread alone (``time.thread_time``: without Ray's driver threads,
+whose CPU follows the wall time and so the machine's noise, not the trials), and every process's on the machine (Tune's loop;
+Linux) per trial. Also the results writer's flush times for the first and the last 10% of the
 trials it wrote. And the CPU seconds per trial of Tune's loop thread inside kvsweep's own hooks (``_HookClock``: its
 schedulers' and callbacks' ``on_*`` methods), which separates what kvsweep adds to the loop from the loop's own work
 (plain Tune's driver CPU per trial grows with the sweep too). Goal: kvsweep / plain Tune <= 1.10, and kvsweep's driver
@@ -85,14 +87,21 @@ class _RecordedWriter(ResultsWriter):
 
 
 class _Clock(tune.Callback):
-    """The driver's wall clock and CPU time when Tune's experiment starts."""
+    """The driver's wall clock and CPU time when Tune's experiment starts and ends, and the CPU time of Tune's loop
+    thread alone (``time.thread_time``; without Ray's driver threads, whose CPU follows the wall time, not the trials)."""
 
     def setup(self, **info):
         if not hasattr(self, "start"):
-            self.start = (time.perf_counter(), _cpu(), _machine_cpu())
+            self.start = (time.perf_counter(), _cpu(), _machine_cpu(), time.thread_time())
+            self.thread = threading.get_ident()
 
     def on_experiment_end(self, trials, **info):
-        self.end = (time.perf_counter(), _cpu(), _machine_cpu())
+        assert threading.get_ident() == self.thread, "Tune's loop moved to another thread"
+        self.end = (time.perf_counter(), _cpu(), _machine_cpu(), time.thread_time())
+
+    def loop(self) -> tuple[float, float, float]:
+        """Tune's loop: wall seconds, the driver's CPU seconds, the loop thread's CPU seconds."""
+        return tuple(self.end[i] - self.start[i] for i in (0, 1, 3))
 
 
 class _HookClock:
@@ -172,8 +181,7 @@ def run_kvsweep(n: int, storage: Path, a: argparse.Namespace) -> dict:
     wall, cpu = time.perf_counter() - clock.start[0], _cpu() - clock.start[1]
     assert out.tables["trials"].num_rows == 2 * ((n + 1) // 2)
     timings = [t for w in WRITERS for t in w.timings]
-    loop = (clock.end[0] - clock.start[0], clock.end[1] - clock.start[1])  # Tune's loop alone, without the final gather
-    return {"wall": wall, "cpu": cpu, "loop": loop, "trials": out.tables["trials"].num_rows, "flush": _flush_stats(timings),
+    return {"wall": wall, "cpu": cpu, "loop": clock.loop(), "trials": out.tables["trials"].num_rows, "flush": _flush_stats(timings),
             "machine": clock.end[2] - clock.start[2], "hooks": HOOKS.seconds - sum(by0.values()),
             "by": HOOKS.by - by0}
 
@@ -193,7 +201,7 @@ def run_plain(n: int, storage: Path, a: argparse.Namespace, base_stats) -> dict:
                             resources_per_trial={"cpu": 1}, max_concurrent_trials=a.concurrency, scheduler=scheduler, metric="val_ppl",
                             mode="min", callbacks=[clock], verbose=0, raise_on_failed_trial=False)
     return {"wall": time.perf_counter() - clock.start[0], "cpu": _cpu() - clock.start[1], "trials": len(analysis.trials),
-            "loop": (clock.end[0] - clock.start[0], clock.end[1] - clock.start[1]), "machine": clock.end[2] - clock.start[2]}
+            "loop": clock.loop(), "machine": clock.end[2] - clock.start[2]}
 
 
 def _flush_stats(timings: list[tuple[int, float]]) -> str:
@@ -339,18 +347,21 @@ def main() -> None:
     print(f"\n{a.epochs} epochs per trial, {a.epoch_seconds:g} s apart; {a.concurrency} trials at once{', actors reused' if a.reuse_actors else ', a process per trial'}; kvsweep --scheduler "
           f"{a.scheduler} vs plain Tune {'FIFO' if a.scheduler == 'fifo' else 'ASHA'}; {os.cpu_count()} CPUs on this machine")
     print("| trials | kvsweep wall s | plain wall s | wall ratio | kvsweep driver CPU ms/trial | plain ms/trial | CPU ratio | "
-          "kvsweep's hooks' CPU ms/trial | Tune loop only: wall ratio, CPU ratio | all processes' CPU ms/trial, kvsweep / plain | "
-          "writer flush ms, first / last 10% |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
+          "kvsweep's hooks' CPU ms/trial | loop thread CPU ms/trial, kvsweep / plain (ratio) | Tune loop only: wall ratio, CPU ratio | "
+          "all processes' CPU ms/trial, kvsweep / plain | writer flush ms, first / last 10% |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|")
     for n, k, t in rows:
-        t = t or {"wall": math.nan, "cpu": math.nan, "loop": (math.nan, math.nan), "machine": math.nan}  # plain Tune not run: "nan"
+        t = t or {"wall": math.nan, "cpu": math.nan, "loop": (math.nan,) * 3, "machine": math.nan}  # plain Tune not run: "nan"
         print(f"| {n:,} | {k['wall']:.1f} | {t['wall']:.1f} | {k['wall'] / t['wall']:.2f} | {1000 * k['cpu'] / n:.1f} | "
               f"{1000 * t['cpu'] / n:.1f} | {k['cpu'] / t['cpu']:.2f} | {1000 * k['hooks'] / n:.2f} | "
+              f"{1000 * k['loop'][2] / n:.1f} / {1000 * t['loop'][2] / n:.1f} ({k['loop'][2] / t['loop'][2]:.2f}) | "
               f"{k['loop'][0] / t['loop'][0]:.2f}, {k['loop'][1] / t['loop'][1]:.2f} | "
               f"{1000 * k['machine'] / n:.0f} / {1000 * t['machine'] / n:.0f} | {k['flush']} |")
     if len(rows) > 1:
         plain = [(n, t) for n, _k, t in rows if t]
         for what, per in (("kvsweep driver CPU", [k["cpu"] / n for n, k, _t in rows]), ("plain Tune driver CPU", [t["cpu"] / n for n, t in plain]),
+                          ("kvsweep's loop thread CPU", [k["loop"][2] / n for n, k, _t in rows]),
+                          ("plain Tune's loop thread CPU", [t["loop"][2] / n for n, t in plain]),
                           ("kvsweep's hooks' CPU", [k["hooks"] / n for n, k, _t in rows])):
             if len(per) > 1:
                 print(f"{what} per trial, largest / smallest size: {per[-1] / per[0]:.2f}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -58,3 +59,6 @@ def test_scale_benchmark_runs_the_writer_and_the_scheduler_alone_and_both_driver
     row = next(line for line in both.stdout.splitlines() if line.startswith("| 6 | "))
     hooks = [c.strip() for c in header.split("|")].index("kvsweep's hooks' CPU ms/trial")
     assert float(row.split("|")[hooks]) > 0  # kvsweep's scheduler and callbacks were timed
+    loop = [c.strip() for c in header.split("|")].index("loop thread CPU ms/trial, kvsweep / plain (ratio)")
+    mine, plain = re.fullmatch(r" ([\d.]+) / ([\d.]+) \([\d.]+\) ", row.split("|")[loop]).groups()
+    assert float(mine) > 0 and float(plain) > 0  # Tune's loop thread, on both sides
