@@ -68,7 +68,7 @@ class GridSearcher(Searcher):
         if self.next >= len(self.points):
             return Searcher.FINISHED
         self.next += 1
-        return dict(self.points[self.next - 1])
+        return self.points[self.next - 1]  # Tune's SearchGenerator deep-copies it into the trial's config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass  # a grid learns nothing from its trials
@@ -102,11 +102,11 @@ def round_search(sweep: SweepCfg, space: Space, points: list[dict] | None, max_c
     values = {k: [tune_value(v) for v in vs] for k, vs in space_values(space).items()}
     fixed = {k: v[0] for k, v in values.items() if len(v) == 1}
     searched = {k: v for k, v in values.items() if len(v) > 1}
-    grid = [{k: tune_value(v) for k, v in p.items()} for p in points or []] if sweep.search == "grid" else None
-    if sweep.search == "grid" and not variant_generator:
-        searcher = GridSearcher([{k: v for k, v in p.items() if k not in fixed} for p in grid])
-        return (ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher), fixed
+    if sweep.search == "grid" and not variant_generator:  # Tune's config: the fixed values; the searcher: the rest
+        return _limited(GridSearcher([{k: tune_value(v) for k, v in p.items() if k not in fixed} for p in points or []]),
+                        max_concurrent), fixed
     if sweep.search in ("grid", "random"):  # Tune's variant generator: the grid's points each once, or random picks
+        grid = [{k: tune_value(v) for k, v in p.items()} for p in points or []] if sweep.search == "grid" else None
         return (BasicVariantGenerator(points_to_evaluate=grid, max_concurrent=max_concurrent or 0),
                 {**fixed, **{k: tune.choice(v) for k, v in searched.items()}})
     startup = min(10, max(2, (sweep.num_samples or 0) // 3))  # random suggestions before TPE models the results
@@ -116,7 +116,12 @@ def round_search(sweep: SweepCfg, space: Space, points: list[dict] | None, max_c
                           sampler=optuna.samplers.TPESampler(seed=SAMPLER_SEED, multivariate=True, n_startup_trials=startup))
     if searched:
         _tell(search, searched, distributions, history)
-    return (ConcurrencyLimiter(search, max_concurrent=max_concurrent) if max_concurrent else search), fixed
+    return _limited(search, max_concurrent), fixed
+
+
+def _limited(searcher: Searcher, max_concurrent: int | None) -> Searcher:
+    """``searcher`` under Ray's ``ConcurrencyLimiter`` when there is a limit."""
+    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher
 
 
 def _tell(search: OptunaSearch, searched: dict[str, list], distributions: dict, history: list[TrialRecord]) -> None:
