@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,9 +17,9 @@ from kvsweep.sweepargs import sweep_cfg, sweep_parser
 from kvsweep.tune.console import (AUTH_LOGGER, NEW_OUTPUT_ENV, SNAPSHOT_WARNING_ENV, TRIAL_ERRORS_ENV, ConsoleCallback, duration,
                                   quiet_ray, quiet_ray_start, ray_init_kwargs)
 from kvsweep.tune.spec import specification
-from kvsweep.tune.tensorboard import SCALARS, TensorBoardCallback, tensorboard_scalars
+from kvsweep.tune.tensorboard import FLUSH_SECONDS, SCALARS, TensorBoardCallback, tensorboard_scalars
 
-from .sweeps import scalars, tensorboard_events
+from .sweeps import scalars, tensorboard_events, wait_for
 
 SWEEP = SweepCfg(name="s", data=DataCfg(train_samples=64, val_samples=16), train=TrainCfg(epochs=2, patience=3))
 URI = "/results/s/tune-0"
@@ -221,6 +222,14 @@ def test_tensorboard_files_hold_the_named_metrics_with_the_epoch_as_step(tmp_pat
     tags = {tag for _, _, tag, _ in tensorboard_events(folder)}
     assert set(SCALARS) <= tags and not any(t.startswith("ray/tune") for t in tags)
     assert tensorboard_scalars(EpochReport.failed(3, "boom")) == {}
+    # TensorBoard's own reader (what `tensorboard --logdir` shows): every scalar, one point per epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    assert set(SCALARS) <= set(acc.Tags()["scalars"])
+    assert [(s.step, s.value) for s in acc.Scalars("ppl/val")] == [(0, 70.0), (1, 60.0), (2, 55.0)]
+    assert [(s.step, s.value) for s in acc.Scalars("ppl_by_position/16-32")] == [(1, 58.0), (2, 53.0)]
 
 
 def test_a_continued_trial_starts_a_new_event_file_purging_from_its_repeated_epoch(tmp_path):
@@ -229,7 +238,11 @@ def test_a_continued_trial_starts_a_new_event_file_purging_from_its_repeated_epo
     first.on_trial_start(iteration=0, trials=[trial], trial=trial)
     for epoch in (1, 2):
         first.on_trial_result(iteration=epoch, trials=[trial], trial=trial, result=result(epoch, 60.0 - epoch))
-    # the driver is killed; another continues the trial, which reports its checkpoint's epoch again
+    # on the disk within FLUSH_SECONDS of the report, without the trial's end; then the driver is killed, and another
+    # continues the trial, which reports its checkpoint's epoch again
+    t0 = time.monotonic()
+    wait_for(lambda: {2} <= set(scalars(Path(trial.local_path), "ppl/val")), 30, "epoch 2 on the disk", every=0.05)
+    assert time.monotonic() - t0 < FLUSH_SECONDS + 5
     (old,) = {name for name, *_ in tensorboard_events(Path(trial.local_path))}
     second = TensorBoardCallback()
     second.on_trial_start(iteration=0, trials=[trial], trial=trial)
