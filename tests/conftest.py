@@ -11,8 +11,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-# Every test session gets its own cache (set KVSWEEP_TEST_CACHE to reuse one between runs).
-os.environ["KVSWEEP_CACHE"] = os.environ.get("KVSWEEP_TEST_CACHE") or tempfile.mkdtemp(prefix="kvsweep-test-cache-")
+# Every test session gets its own cache, one for all its pytest-xdist workers (they build `tiny` once, under its
+# lock); set KVSWEEP_TEST_CACHE to reuse one between runs.
+if os.environ.get("KVSWEEP_TEST_CACHE"):
+    os.environ["KVSWEEP_CACHE"] = os.environ["KVSWEEP_TEST_CACHE"]
+elif os.environ.get("PYTEST_XDIST_TESTRUNUID"):  # the same in every worker of one run
+    os.environ["KVSWEEP_CACHE"] = os.path.join(tempfile.gettempdir(), f"kvsweep-test-cache-{os.environ['PYTEST_XDIST_TESTRUNUID']}")
+    os.makedirs(os.environ["KVSWEEP_CACHE"], exist_ok=True)
+else:
+    os.environ["KVSWEEP_CACHE"] = tempfile.mkdtemp(prefix="kvsweep-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
