@@ -7,6 +7,7 @@ processes it started.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -161,6 +162,47 @@ def test_a_killed_driver_continues_with_the_scheduler_decisions_of_an_uninterrup
     check_once(t, 2)
     assert outcome(t) == outcome(uninterrupted)  # the same statuses, epochs and best PPL as without the kill
     assert [e["epoch"] for e in t["epochs"] if e["trial_id"] != next(r["trial_id"] for r in t["trials"] if r["status"] == "completed")] == [0, 1, 2]
+
+
+_KILLED_IN_SNAPSHOT = """
+import os, signal
+import ray.train._internal.storage as storage
+_copy, _snapshots = storage._pyarrow_fs_copy_files, []
+def _copy_killed_in_the_second_snapshot(source, destination, **kw):  # Tune's upload of its staging folder to the storage
+    names = [n for n in os.listdir(source) if n.startswith("experiment_state-")] if os.path.isdir(source) else []
+    if names and kw.get("destination_filesystem") is not None:
+        _snapshots.append(names[0])
+        if len(_snapshots) == 2:  # the copy writes half the snapshot into its file on the storage, and the driver dies
+            data = open(os.path.join(source, names[0]), "rb").read()
+            with kw["destination_filesystem"].open_output_stream(f"{destination.rstrip('/')}/{names[0]}") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+    return _copy(source, destination, **kw)
+storage._pyarrow_fs_copy_files = _copy_killed_in_the_second_snapshot
+"""
+
+
+def test_a_driver_killed_while_tune_uploads_its_snapshot_continues(uninterrupted, tmp_path):
+    """Ray Tune copies its experiment snapshot onto the storage in place; a driver killed during that copy left a
+    truncated ``experiment_state-*.json`` that the continued sweep could not parse. Tune now writes through
+    ``kvsweep.tune.tunefs``: the storage keeps the snapshot before, and the same command continues."""
+    log = tmp_path / "killed.log"
+    with log.open("w") as out:
+        driver = start([sys.executable, "-c", _KILLED_IN_SNAPSHOT + _rungs_script(tmp_path, "killed")], stdout=out, stderr=out,
+                       cwd=tmp_path)
+        try:
+            driver.wait(timeout=600)
+        finally:
+            kill(driver)  # the Ray it started
+    assert driver.returncode == -9, log.read_text()[-5000:]  # killed in its second snapshot's upload
+    folder = tmp_path / "killed"
+    for state in (folder / "tune-0").glob("experiment_state-*.json"):
+        json.loads(state.read_text())  # whole: the one before the kill
+    script(_rungs_script(tmp_path, "killed"), cwd=tmp_path)
+    t = tables(folder)
+    check_once(t, 2)
+    assert outcome(t) == outcome(uninterrupted)
 
 
 _VARIANT_GENERATOR = """

@@ -32,6 +32,7 @@ from .spec import SweepRecord, round_points
 from .store import SweepStore, join_uri
 from .tensorboard import TensorBoardCallback
 from .trainable import trainable
+from .tunefs import tune_filesystem
 from .writer import TrialRecord, has_experiment
 
 TRAINABLE = "trial"  # one name for unpacked and packed trials: a sweep continued with another --pack resumes its trials
@@ -89,7 +90,7 @@ def fit_round(sweep: SweepCfg, store: SweepStore, record: SweepRecord, index: in
     try:
         with quiet_ray(sweep.verbose):
             return tune.run(
-                TRAINABLE, name=r.tune, storage_path=store.root, storage_filesystem=store.fs, resources_per_trial=resources,
+                TRAINABLE, name=r.tune, storage_path=store.root, storage_filesystem=tune_filesystem(store.fs), resources_per_trial=resources,
                 config=config, num_samples=max(1, num_samples or 0), search_alg=search,
                 scheduler=scheduler, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 max_failures=sweep.max_failures, callbacks=callbacks, raise_on_failed_trial=False, verbose=1 if sweep.verbose else 0,
