@@ -5,6 +5,7 @@
     python benchmarks/scale.py --writer-only --trials 250,1000,4000,10000   # the results writer alone, no Ray
     python benchmarks/scale.py --scheduler-only --trials 250,1000,4000,10000   # the rung scheduler alone, no Ray
     python benchmarks/scale.py --trials 250,10000 --plain-up-to 250   # 10,000 trials through kvsweep only
+    python benchmarks/scale.py --trials 250,1000 --repeats 3   # three runs of each driver per size, in turn; medians
 
 ``--writer-only``: the results writer driven as Tune drives it (start, one result per epoch, end; ``--concurrency``
 trials running at once; by default a part per trial, ``--part-every 0``), with the stub's reports and no Ray: its flush time at the start and at the end of
@@ -304,6 +305,8 @@ def main() -> None:
                    help="both runs reuse Tune's trial actors (default); --no-reuse-actors: one process per trial")
     p.add_argument("--plain-up-to", type=int, default=None,
                    help="run plain Tune only at sizes up to this many trials (default: every size); larger: kvsweep alone")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each driver per size, kvsweep and plain Tune in turn; the table gives the medians (default: 1)")
     p.add_argument("--writer-only", action="store_true", help="the results writer alone, no Ray (see above)")
     p.add_argument("--part-every", type=float, default=0.0,
                    help="--writer-only: the writer's part_every (default 0: a part per trial, the most flushes; the driver's: 1 s)")
@@ -336,37 +339,62 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvsweep-scale-") as tmp:
         for n in sizes:
-            k = run_kvsweep(n, Path(tmp) / "kvsweep", a)
-            base_stats = driver.SweepRecord.from_json((Path(tmp) / "kvsweep" / f"scale-{n}" / "sweep.json").read_text(), "sweep.json").base_stats()
-            t = run_plain(n, Path(tmp) / "plain", a, base_stats) if a.plain_up_to is None or n <= a.plain_up_to else None
-            rows.append((n, k, t))
-            plain = f"plain Tune {t['wall']:.1f} s, {1000 * t['cpu'] / n:.1f} ms/trial" if t else "plain Tune not run"
-            print(f"{n} trials: kvsweep {k['wall']:.1f} s, {1000 * k['cpu'] / n:.1f} ms driver CPU/trial; {plain}; "
-                  f"writer flush first/last 10%: {k['flush']}", flush=True)
+            ks, ts = [], []
+            for r in range(a.repeats):  # in turn: a drift of the machine's speed reaches both drivers alike
+                ks.append(run_kvsweep(n, Path(tmp) / f"kvsweep-{r}", a))
+                sweep_json = Path(tmp) / f"kvsweep-{r}" / f"scale-{n}" / "sweep.json"
+                base_stats = driver.SweepRecord.from_json(sweep_json.read_text(), "sweep.json").base_stats()
+                if a.plain_up_to is None or n <= a.plain_up_to:
+                    ts.append(run_plain(n, Path(tmp) / f"plain-{r}", a, base_stats))
+                k, t = ks[-1], ts[-1] if ts else None
+                plain = f"plain Tune {t['wall']:.1f} s, {1000 * t['cpu'] / n:.1f} ms/trial, loop thread {1000 * t['loop'][2] / n:.1f}" if t else "plain Tune not run"
+                print(f"{n} trials, run {r + 1}/{a.repeats}: kvsweep {k['wall']:.1f} s, {1000 * k['cpu'] / n:.1f} ms driver CPU/trial, "
+                      f"loop thread {1000 * k['loop'][2] / n:.1f}; {plain}; writer flush first/last 10%: {k['flush']}", flush=True)
+            rows.append((n, _median_run(ks), _median_run(ts) if ts else None, ks, ts))
     ray.shutdown()
     print(f"\n{a.epochs} epochs per trial, {a.epoch_seconds:g} s apart; {a.concurrency} trials at once{', actors reused' if a.reuse_actors else ', a process per trial'}; kvsweep --scheduler "
-          f"{a.scheduler} vs plain Tune {'FIFO' if a.scheduler == 'fifo' else 'ASHA'}; {os.cpu_count()} CPUs on this machine")
+          f"{a.scheduler} vs plain Tune {'FIFO' if a.scheduler == 'fifo' else 'ASHA'}; {os.cpu_count()} CPUs on this machine"
+          + (f"; medians of {a.repeats} runs per size" if a.repeats > 1 else ""))
     print("| trials | kvsweep wall s | plain wall s | wall ratio | kvsweep driver CPU ms/trial | plain ms/trial | CPU ratio | "
           "kvsweep's hooks' CPU ms/trial | loop thread CPU ms/trial, kvsweep / plain (ratio) | Tune loop only: wall ratio, CPU ratio | "
           "all processes' CPU ms/trial, kvsweep / plain | writer flush ms, first / last 10% |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|")
-    for n, k, t in rows:
+    for n, k, t, _ks, _ts in rows:
         t = t or {"wall": math.nan, "cpu": math.nan, "loop": (math.nan,) * 3, "machine": math.nan}  # plain Tune not run: "nan"
         print(f"| {n:,} | {k['wall']:.1f} | {t['wall']:.1f} | {k['wall'] / t['wall']:.2f} | {1000 * k['cpu'] / n:.1f} | "
               f"{1000 * t['cpu'] / n:.1f} | {k['cpu'] / t['cpu']:.2f} | {1000 * k['hooks'] / n:.2f} | "
               f"{1000 * k['loop'][2] / n:.1f} / {1000 * t['loop'][2] / n:.1f} ({k['loop'][2] / t['loop'][2]:.2f}) | "
               f"{k['loop'][0] / t['loop'][0]:.2f}, {k['loop'][1] / t['loop'][1]:.2f} | "
               f"{1000 * k['machine'] / n:.0f} / {1000 * t['machine'] / n:.0f} | {k['flush']} |")
+    if a.repeats > 1:
+        for n, _k, _t, ks, ts in rows:
+            if ts:
+                print(f"{n:,} trials, loop thread CPU kvsweep / plain Tune in each run: "
+                      + ", ".join(f"{x['loop'][2] / y['loop'][2]:.2f}" for x, y in zip(ks, ts)))
     if len(rows) > 1:
-        plain = [(n, t) for n, _k, t in rows if t]
-        for what, per in (("kvsweep driver CPU", [k["cpu"] / n for n, k, _t in rows]), ("plain Tune driver CPU", [t["cpu"] / n for n, t in plain]),
-                          ("kvsweep's loop thread CPU", [k["loop"][2] / n for n, k, _t in rows]),
+        plain = [(n, t) for n, _k, t, _ks, _ts in rows if t]
+        kvsweep = [(n, k) for n, k, _t, _ks, _ts in rows]
+        for what, per in (("kvsweep driver CPU", [k["cpu"] / n for n, k in kvsweep]), ("plain Tune driver CPU", [t["cpu"] / n for n, t in plain]),
+                          ("kvsweep's loop thread CPU", [k["loop"][2] / n for n, k in kvsweep]),
                           ("plain Tune's loop thread CPU", [t["loop"][2] / n for n, t in plain]),
-                          ("kvsweep's hooks' CPU", [k["hooks"] / n for n, k, _t in rows])):
+                          ("kvsweep's hooks' CPU", [k["hooks"] / n for n, k in kvsweep])):
             if len(per) > 1:
                 print(f"{what} per trial, largest / smallest size: {per[-1] / per[0]:.2f}")
     print("kvsweep's hooks, CPU ms per trial: " + "; ".join(
-        f"{n:,} trials: " + ", ".join(f"{key} {1000 * sec / n:.2f}" for key, sec in k["by"].most_common(5)) for n, k, _t in rows))
+        f"{n:,} trials: " + ", ".join(f"{key} {1000 * sec / n:.2f}" for key, sec in k["by"].most_common(5)) for n, k, *_ in rows))
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """One driver's runs at one size as one: the median of each figure (of each element of a tuple); the hooks' seconds by
+    hook and the writer's flush times of the run with the median wall time."""
+    mid = sorted(runs, key=lambda r: r["wall"])[(len(runs) - 1) // 2]
+    out = dict(mid)
+    for key, value in mid.items():
+        if isinstance(value, (int, float)):
+            out[key] = statistics.median(r[key] for r in runs)
+        elif isinstance(value, tuple):
+            out[key] = tuple(statistics.median(r[key][i] for r in runs) for i in range(len(value)))
+    return out
 
 
 if __name__ == "__main__":

@@ -52,11 +52,15 @@ def test_scale_benchmark_runs_the_writer_and_the_scheduler_alone_and_both_driver
     rungs = subprocess.run(["python", str(ROOT / "benchmarks" / "scale.py"), "--scheduler-only", "--trials", "40"], capture_output=True,
                            text=True, env=env, timeout=600, cwd=ROOT)
     assert rungs.returncode == 0 and "| 40 | " in rungs.stdout, rungs.stdout[-3000:] + rungs.stderr[-3000:]
-    both = subprocess.run(["python", str(ROOT / "benchmarks" / "scale.py"), "--trials", "6", "--epochs", "2", "--concurrency", "2"],
+    both = subprocess.run(["python", str(ROOT / "benchmarks" / "scale.py"), "--trials", "4", "--epochs", "2", "--concurrency", "2",
+                           "--repeats", "2"],
                           capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
-    assert both.returncode == 0 and "| 6 | " in both.stdout, both.stdout[-3000:] + both.stderr[-3000:]
+    assert both.returncode == 0 and "| 4 | " in both.stdout, both.stdout[-3000:] + both.stderr[-3000:]
+    assert "4 trials, run 2/2: kvsweep" in both.stdout and "medians of 2 runs per size" in both.stdout
+    per_run = re.search(r"4 trials, loop thread CPU kvsweep / plain Tune in each run: ([\d.]+), ([\d.]+)$", both.stdout, re.M)
+    assert per_run and all(float(x) > 0 for x in per_run.groups()), both.stdout[-3000:]
     header = next(line for line in both.stdout.splitlines() if line.startswith("| trials |"))
-    row = next(line for line in both.stdout.splitlines() if line.startswith("| 6 | "))
+    row = next(line for line in both.stdout.splitlines() if line.startswith("| 4 | "))
     hooks = [c.strip() for c in header.split("|")].index("kvsweep's hooks' CPU ms/trial")
     assert float(row.split("|")[hooks]) > 0  # kvsweep's scheduler and callbacks were timed
     loop = [c.strip() for c in header.split("|")].index("loop thread CPU ms/trial, kvsweep / plain (ratio)")
