@@ -27,7 +27,7 @@ with fs.open_output_stream(sys.argv[2]) as f:
 @pytest.mark.parametrize("fs", ["local", "atomic"])
 def test_a_writer_killed_in_the_middle_of_a_file(tmp_path, fs):
     """pyarrow's local filesystem writes in place (what Ray Tune's uploads left after a kill); the atomic one leaves the
-    file as it was, and a hidden temporary file beside it."""
+    file as it was, and a hidden temporary folder beside it."""
     path = tmp_path / "experiment_state-2026.json"
     path.write_text('{"trial_data": []}')
     proc = subprocess.run([sys.executable, "-c", _WRITE_PART_AND_DIE, fs, str(path)], capture_output=True, text=True, timeout=120)

@@ -7,27 +7,26 @@ copy leaves the file truncated; a truncated newest snapshot makes the next ``tun
 ``ExperimentAnalysis``, fail to parse it (``JSONDecodeError``): the sweep could not be continued.
 
 On a local (or mounted) storage Tune therefore gets ``atomic_local_fs()``: pyarrow's ``LocalFileSystem`` except that
-an output stream writes to a hidden temporary file beside its destination (``.<name>.<pid>.<random>.tmp``) and
-renames it into place when it closes without a failed write. A kill leaves at most such a temporary file, which no
-reader of Tune's files matches. Object stores need nothing: an object appears only once its upload completes.
+an output stream writes into a hidden temporary folder beside its destination (``kvsweep.atomic.atomic_path``:
+``.<name>.<random>.tmp/``) and renames the file into place when it closes without a failed write. A kill leaves at
+most such a temporary folder, which no reader of Tune's files matches. Object stores need nothing: an object appears only once its upload completes.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from ..atomic import atomic_path
+
 
 class _AtomicFile:
-    """A binary file written to a temporary path and renamed onto ``path`` by ``close`` (removed instead after a failed
-    write)."""
+    """A binary file written inside ``kvsweep.atomic.atomic_path(path)``, which ``close`` leaves: the file replaces
+    ``path`` in one rename, or, after a failed write, the temporary is removed and ``path`` is left as it was."""
 
     def __init__(self, path: str):
-        folder, name = os.path.split(path)
-        self.path, self.tmp = path, os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        self._atomic = atomic_path(path)
+        self.tmp = self._atomic.__enter__()
         self._f = open(self.tmp, "wb")  # noqa: SIM115 (closed by close(), which pyarrow calls)
         self._failed = False
 
@@ -66,10 +65,8 @@ class _AtomicFile:
             self._failed = True
             raise
         finally:
-            if self._failed:
-                os.unlink(self.tmp)
-            else:
-                os.replace(self.tmp, self.path)
+            failed = OSError(f"a write to {self.tmp} failed") if self._failed else None
+            self._atomic.__exit__(type(failed) if failed else None, failed, None)
 
 
 class AtomicLocalHandler(pafs.FileSystemHandler):
