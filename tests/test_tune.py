@@ -200,8 +200,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _agent_log(temp_dir: str) -> str:
+    """The end of the head's dashboard agent log: why its job agent did not register, if it did not."""
+    logs = sorted(Path(temp_dir).glob("session_*/logs/dashboard_agent.log"))
+    return "\n--- dashboard_agent.log ---\n" + logs[-1].read_text(errors="replace")[-2000:] if logs else ""
+
+
 def test_ray_job_submit_against_a_local_head(tiny_folder, tmp_path):
     """`ray job submit --working-dir . -- python sweeps/vdproj.py --smoke-test` against `ray start --head`."""
+    import socket
     import tempfile
 
     bin_dir = Path(sys.executable).parent
@@ -212,10 +219,18 @@ def test_ray_job_submit_against_a_local_head(tiny_folder, tmp_path):
         subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
     gcs, dash = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayh")  # short: Ray's socket paths have a length limit
+    default_agent_port = socket.socket()  # stands for another Ray on this machine, as a parallel test's often is
+    try:
+        default_agent_port.bind(("127.0.0.1", 52365))
+        default_agent_port.listen()
+    except OSError:
+        pass  # something holds it already
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
          f"--ray-client-server-port={_free_port()}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-         f"--temp-dir={temp_dir}"],
+         # the job agent's HTTP port: Ray's default, 52365, is held by any other Ray on the machine (another test's
+         # local Ray), and an agent that cannot bind it never registers ("No available agent to submit job")
+         f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={temp_dir}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -237,10 +252,11 @@ def test_ray_job_submit_against_a_local_head(tiny_folder, tmp_path):
             if job.returncode == 0 or "No available agent to submit job" not in job.stderr or time.monotonic() > deadline:
                 break
             time.sleep(2)
-        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:] + _agent_log(temp_dir)
         assert "succeeded" in job.stdout.lower()
         _check_once(_tables(storage / "vdproj-smoke"), 4)
     finally:
+        default_agent_port.close()
         os.killpg(head.pid, signal.SIGTERM)  # the head and everything it started: its own process group
         try:
             head.wait(timeout=60)
