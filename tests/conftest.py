@@ -22,6 +22,8 @@ else:
     os.environ["KVSWEEP_CACHE"] = tempfile.mkdtemp(prefix="kvsweep-test-cache-")
 
 import pytest  # noqa: E402
+
+pytest.register_assert_rewrite(f"{__package__}.sweeps")  # its helpers' assertions show their values too
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,13 +105,11 @@ def tiny_folder():
 @pytest.fixture(scope="session")
 def smoke_sweep(tiny_folder, tmp_path_factory) -> Path:
     """The results folder of one finished ``sweeps/vdproj.py --smoke-test`` (4 V-DProj trials on tiny, 2 epochs), run once
-    per test session; tests that change anything copy it first. Its console output is ``CONSOLE`` beside the folder."""
-    from .sweeps import CONSOLE, run
+    per test session, for all its pytest-xdist workers; tests that change anything copy it first. Its console output is
+    ``CONSOLE`` beside the folder."""
+    from .sweeps import shared_sweep
 
-    storage = tmp_path_factory.mktemp("smoke-sweep")
-    proc = run(storage=storage)
-    (storage / CONSOLE).write_text(proc.stdout + proc.stderr)
-    return storage / "vdproj-smoke"
+    return shared_sweep("smoke", storage_factory=tmp_path_factory)
 
 
 @pytest.fixture

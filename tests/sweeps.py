@@ -37,6 +37,32 @@ def run(*args: str, storage: Path, timeout: int = 600, expect: int = 0) -> subpr
     return proc
 
 
+def shared_sweep(key: str, *args: str, storage_factory) -> Path:
+    """The results folder of ``python sweeps/vdproj.py --smoke-test ARGS``, run once per test session (``key`` names it),
+    for all the session's pytest-xdist workers: the first to ask runs it, the others wait for it. Its console output is
+    ``CONSOLE`` beside the folder. Tests that change anything copy the folder first."""
+    import shutil
+    import tempfile
+
+    from filelock import FileLock
+
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of one run
+    if run_id is None:
+        storage = storage_factory.mktemp(f"{key}-sweep")
+    else:
+        storage = Path(tempfile.gettempdir()) / f"kvsweep-test-{key}-sweep-{run_id}"
+        storage.mkdir(exist_ok=True)
+    with FileLock(f"{storage}.lock"):
+        if not (storage / CONSOLE).is_file():
+            try:
+                proc = run(*args, storage=storage)
+            except BaseException:
+                shutil.rmtree(storage / "vdproj-smoke", ignore_errors=True)  # the next worker to ask starts afresh
+                raise
+            (storage / CONSOLE).write_text(proc.stdout + proc.stderr)  # last: its presence says the sweep is whole
+    return storage / "vdproj-smoke"
+
+
 def script(code: str, *, cwd: Path, timeout: int = 600, expect: int = 0) -> subprocess.CompletedProcess:
     """``python -c CODE`` in a subprocess (for sweeps with a search space of the test's own)."""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), timeout=timeout, cwd=cwd)
@@ -52,13 +78,14 @@ def check_once(t: dict, n_trials: int) -> None:
     """Every trial exactly once, every (trial, epoch) once, epochs 0 (the adapters at init) and 1..epochs_run for each
     trial that trained an epoch."""
     ids = [r["trial_id"] for r in t["trials"]]
-    assert len(ids) == len(set(ids)) == n_trials
+    assert len(ids) == len(set(ids)) == n_trials, f"{n_trials} trials expected, each once; the trials table holds {sorted(ids)}"
     pairs = [(r["trial_id"], r["epoch"]) for r in t["epochs"]]
-    assert len(pairs) == len(set(pairs))
+    assert len(pairs) == len(set(pairs)), f"(trial, epoch) twice in the epochs table: {sorted(p for p in set(pairs) if pairs.count(p) > 1)}"
     for r in t["trials"]:
-        assert r["status"] in ("completed", "early_stopped", "asha_stopped", "error")
+        assert r["status"] in ("completed", "early_stopped", "asha_stopped", "error"), (r["trial_id"], r["status"])
         epochs = sorted(e["epoch"] for e in t["epochs"] if e["trial_id"] == r["trial_id"])
-        assert epochs == ([0] if r["epochs_run"] else []) + list(range(1, r["epochs_run"] + 1))
+        assert epochs == ([0] if r["epochs_run"] else []) + list(range(1, r["epochs_run"] + 1)), \
+            f"trial {r['trial_id']} ({r['status']}, {r['epochs_run']} epochs run) has the epochs {epochs}"
 
 
 def outcome(t: dict) -> dict:

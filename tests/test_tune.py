@@ -18,7 +18,7 @@ import pytest
 
 from kvsweep.config import ConfigError, DataCfg, SweepCfg, TrainCfg
 
-from .sweeps import CONSOLE, ROOT, check_once as _check_once, env as _env, run, scalars, tables as _tables
+from .sweeps import CONSOLE, ROOT, check_once as _check_once, env as _env, run, scalars, shared_sweep, tables as _tables
 
 pytestmark = pytest.mark.slow
 
@@ -27,14 +27,11 @@ def _sweep(*args: str, storage: Path, timeout: int = 600) -> subprocess.Complete
     return run(*args, storage=storage, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fifo_sweep(tiny_folder, tmp_path_factory) -> Path:
-    """A finished ``--smoke-test --scheduler fifo`` sweep's folder (its console output beside it): the fifo case of the
-    smoke test and the unpacked trials the packed test compares with."""
-    storage = tmp_path_factory.mktemp("fifo")
-    proc = _sweep("--scheduler", "fifo", storage=storage)
-    (storage / CONSOLE).write_text(proc.stdout + proc.stderr)
-    return storage / "vdproj-smoke"
+    """A finished ``--smoke-test --scheduler fifo`` sweep's folder (its console output beside it), run once per test
+    session: the fifo case of the smoke test and the unpacked trials the packed test compares with."""
+    return shared_sweep("fifo", "--scheduler", "fifo", storage_factory=tmp_path_factory)
 
 
 @pytest.mark.parametrize("scheduler", [None, "asha", "fifo"], ids=["moasha", "asha", "fifo"])
@@ -149,12 +146,12 @@ def test_packed_sweep_reports_what_unpacked_trials_report(fifo_sweep, tmp_path):
 @pytest.mark.parametrize("packed", [False, True], ids=["alone", "packed"])
 def test_a_crashed_trial_restarts_from_its_checkpoint(tiny_folder, tmp_path, packed):
     name = "faultypack" if packed else "faulty"
-    _sweep(*(["--pack", "4"] if packed else []), "--scheduler", "fifo", "--epochs", "3", "--inject-fault-at-epoch", "1", "--name", name,
+    _sweep(*(["--pack", "4"] if packed else []), "--scheduler", "fifo", "--epochs", "2", "--inject-fault-at-epoch", "1", "--name", name,
            storage=tmp_path)
     t = _tables(tmp_path / name)
     _check_once(t, 4)
     assert all(r["status"] in ("completed", "early_stopped") for r in t["trials"])
-    assert all(r["epochs_run"] == 3 or r["status"] == "early_stopped" for r in t["trials"])
+    assert all(r["epochs_run"] == 2 or r["status"] == "early_stopped" for r in t["trials"])
     assert list((tmp_path / name).glob("tune-0/*/error.txt")), "the injected fault should have been recorded by Tune"
 
 
