@@ -25,14 +25,25 @@ def env() -> dict:
     return e
 
 
-def sweep_cmd(*args: str, storage: Path) -> list[str]:
+# A smoke trial ends before a second trial's process has finished starting (importing torch): Tune then hands the next
+# trial to the first process and stops the second one half-started, so a sweep of smoke trials at two at once runs them
+# one at a time anyway, and pays a wasted process start per trial (about a fifth of a sweep's CPU). The sweeps of the
+# tests run them one at a time unless they set the concurrency themselves; the session's smoke sweep runs as users run it.
+ONE_AT_A_TIME = ("--max-concurrent", "1")
+
+
+def sweep_cmd(*args: str, storage: Path, as_users_run: bool = False) -> list[str]:
+    """``python sweeps/vdproj.py --smoke-test --storage STORAGE --report-dir STORAGE/reports ARGS``, one trial at a time
+    unless ``ARGS`` set ``--max-concurrent`` or ``--pack`` (``ONE_AT_A_TIME``) or ``as_users_run``."""
+    own = as_users_run or any(a.split("=")[0] in ("--max-concurrent", "--pack") for a in args)
     return [sys.executable, str(ROOT / "sweeps" / "vdproj.py"), "--smoke-test", "--storage", str(storage),
-            "--report-dir", str(storage / "reports"), *args]
+            "--report-dir", str(storage / "reports"), *(() if own else ONE_AT_A_TIME), *args]
 
 
-def run(*args: str, storage: Path, timeout: int = 600, expect: int = 0) -> subprocess.CompletedProcess:
-    """``python sweeps/vdproj.py --smoke-test ARGS`` in a subprocess; asserts its exit code."""
-    proc = subprocess.run(sweep_cmd(*args, storage=storage), capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT)
+def run(*args: str, storage: Path, timeout: int = 600, expect: int = 0, as_users_run: bool = False) -> subprocess.CompletedProcess:
+    """``sweep_cmd(*ARGS)`` in a subprocess; asserts its exit code."""
+    proc = subprocess.run(sweep_cmd(*args, storage=storage, as_users_run=as_users_run), capture_output=True, text=True, env=env(),
+                          timeout=timeout, cwd=ROOT)
     assert proc.returncode == expect, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
@@ -55,7 +66,7 @@ def shared_sweep(key: str, *args: str, storage_factory) -> Path:
     with FileLock(f"{storage}.lock"):
         if not (storage / CONSOLE).is_file():
             try:
-                proc = run(*args, storage=storage)
+                proc = run(*args, storage=storage, as_users_run=key == "smoke")
             except BaseException:
                 shutil.rmtree(storage / "vdproj-smoke", ignore_errors=True)  # the next worker to ask starts afresh
                 raise

@@ -17,7 +17,7 @@ from kvsweep.models import dims, pythia_config
 from kvsweep.tune import model_dims, trial_cfg, validate_space
 from kvsweep.tune.space import grid_points
 
-from .sweeps import ROOT, env
+from .sweeps import ONE_AT_A_TIME, ROOT, env
 
 
 def families():
@@ -66,7 +66,8 @@ def test_the_full_space_holds_each_budget_on_pythia_70m():
 def test_the_smoke_study_runs_and_its_report_ranks_every_family(tmp_path):
     storage = tmp_path / "runs"
     proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / "families.py"), "--smoke-test", "--storage", str(storage),
-                           "--report-dir", str(tmp_path / "reports")], capture_output=True, text=True, env=env(), timeout=900, cwd=ROOT)
+                           "--report-dir", str(tmp_path / "reports"), *ONE_AT_A_TIME], capture_output=True, text=True, env=env(), timeout=900,
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     trials = pq.read_table(storage / "families-smoke" / "trials.parquet").to_pylist()
     assert {t["family"] for t in trials} == {"vdproj", "lowrank", "quant", "lowrank+quant"}
