@@ -18,6 +18,7 @@ from kvsweep.models import (
     ModelSource,
     check_seq_len,
     load_base,
+    load_base_tokenizer,
     load_tokenizer,
     pythia_config,
     resolve_device,
@@ -442,3 +443,24 @@ def test_hub_probe_counts_any_http_reply_and_gives_up_on_silence(silent_endpoint
     assert not hub_reachable(silent_endpoint, timeout=1.0)
     assert not hub_reachable(closed_endpoint, timeout=1.0)
     assert time.monotonic() - start < 3.5
+
+
+def test_the_tokenizer_of_a_base_comes_without_its_weights(small_tokenizer, pythia_tokenizer_path: Path, tmp_path: Path) -> None:
+    """What a sweep's driver loads (``load_base_tokenizer``): the tokenizer ``load_base`` gives, checked against the
+    config, with the weights never read: a folder whose weights are unreadable still gives it."""
+    folder = tmp_path / "model"
+    neox_model().save_pretrained(folder)
+    small_tokenizer.save_pretrained(folder)
+    text = "The quick brown fox"
+    assert load_base_tokenizer(ModelCfg(name=str(folder)), log=_quiet).encode(text) == load_base(
+        ModelCfg(name=str(folder)), log=_quiet).tokenizer.encode(text)
+    for weights in folder.glob("*.safetensors"):
+        weights.write_bytes(b"not weights")
+    with pytest.raises(Exception):
+        load_base(ModelCfg(name=str(folder)), log=_quiet)
+    assert load_base_tokenizer(ModelCfg(name=str(folder)), log=_quiet).encode(text) == small_tokenizer.encode(text)
+    assert load_base_tokenizer(ModelCfg(name="pythia-70m", random_init=True), log=_quiet) is None  # no tokenizer given
+    given = load_base_tokenizer(ModelCfg(name="pythia-70m", random_init=True, tokenizer=str(pythia_tokenizer_path)), log=_quiet)
+    assert given.encode("Hello world") == [12092, 1533]
+    with pytest.raises(ConfigError, match="do not belong together"):  # 50k entries against the folder's 320
+        load_base_tokenizer(ModelCfg(name=str(folder), tokenizer=str(pythia_tokenizer_path)), log=_quiet)

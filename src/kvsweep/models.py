@@ -205,11 +205,9 @@ def load_base(cfg: ModelCfg, *, log: Callable[[str], None] = print) -> Base:
     device = resolve_device(cfg.device)
     dtype = _DTYPES[cfg.dtype]
     model_path: str | None
-    tokenizer: PreTrainedTokenizerFast | None = None
+    folder = ensure_tiny(source.ref or None, log=log) if source.kind == "tiny" else None
     if source.kind == "tiny":
-        folder = ensure_tiny(source.ref or None, log=log)
         model = GPTNeoXForCausalLM.from_pretrained(str(folder), dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
         model_path = str(folder)
     elif source.kind == "pythia-random":
         torch.manual_seed(cfg.seed)
@@ -219,8 +217,6 @@ def load_base(cfg: ModelCfg, *, log: Callable[[str], None] = print) -> Base:
         model_config(source)  # rejects non-GPT-NeoX folders with a clear error
         model = GPTNeoXForCausalLM.from_pretrained(source.ref, dtype=dtype, trust_remote_code=False)
         model_path = source.ref
-        if cfg.tokenizer is None and _has_tokenizer(Path(source.ref)):
-            tokenizer = AutoTokenizer.from_pretrained(source.ref, trust_remote_code=False)
     else:
         model_config(source)
         model = _from_hub(
@@ -230,22 +226,46 @@ def load_base(cfg: ModelCfg, *, log: Callable[[str], None] = print) -> Base:
             "weights",
         )
         model_path = _hub_snapshot_folder(source) or source.ref
-        if cfg.tokenizer is None:
-            tokenizer = _from_hub(
-                lambda local: AutoTokenizer.from_pretrained(source.ref, revision=source.revision, trust_remote_code=False,
-                                                            local_files_only=local),
-                source,
-                "tokenizer",
-            )
-    if cfg.tokenizer is not None:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-    if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
-        raise ConfigError(
-            f"tokenizer has {len(tokenizer)} entries but model {cfg.name} has {model.config.vocab_size}; "
-            "they do not belong together"
-        )
+    tokenizer = _tokenizer(cfg, source, folder)
+    _check_vocab(tokenizer, model.config, cfg.name)
     freeze(model).to(device)
     return Base(model=model, tokenizer=tokenizer, name=cfg.name, source=source, model_path=model_path)
+
+
+def load_base_tokenizer(cfg: ModelCfg, *, log: Callable[[str], None] = print) -> PreTrainedTokenizerFast | None:
+    """The tokenizer ``load_base(cfg)`` gives (``None`` for random weights without ``cfg.tokenizer``), checked against
+    the base's config, without loading the weights: what a sweep's driver needs to tokenize the data (a hub model's
+    config and tokenizer are small requests; its weights stay where the trials load them). The ``tiny`` preset is
+    built if it is not yet.
+
+    Raises:
+        ConfigError, MissingFileError, HubUnavailableError: as ``load_base``.
+    """
+    source = resolve_model(cfg)
+    folder = ensure_tiny(source.ref or None, log=log) if source.kind == "tiny" else None
+    tokenizer = _tokenizer(cfg, source, folder)
+    _check_vocab(tokenizer, model_config(source), cfg.name)
+    return tokenizer
+
+
+def _tokenizer(cfg: ModelCfg, source: ModelSource, tiny_folder: Path | None) -> PreTrainedTokenizerFast | None:
+    """The base's tokenizer: ``cfg.tokenizer`` when given, else the one saved with the model (tiny, a local folder that
+    holds one, the hub's), else ``None``."""
+    if cfg.tokenizer is not None:
+        return load_tokenizer(cfg.tokenizer)
+    if source.kind == "tiny":
+        return AutoTokenizer.from_pretrained(str(tiny_folder))
+    if source.kind == "local":
+        return AutoTokenizer.from_pretrained(source.ref, trust_remote_code=False) if _has_tokenizer(Path(source.ref)) else None
+    if source.kind == "hub":
+        return _from_hub(lambda local: AutoTokenizer.from_pretrained(source.ref, revision=source.revision, trust_remote_code=False,
+                                                                    local_files_only=local), source, "tokenizer")
+    return None
+
+
+def _check_vocab(tokenizer: PreTrainedTokenizerFast | None, config: GPTNeoXConfig, name: str) -> None:
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        raise ConfigError(f"tokenizer has {len(tokenizer)} entries but model {name} has {config.vocab_size}; they do not belong together")
 
 
 def _has_tokenizer(folder: Path) -> bool:

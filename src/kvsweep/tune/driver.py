@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 from ..config import ConfigError, KvsweepError, SweepCfg
 from ..data import Samples, load_samples
 from ..evaluate import SplitStats, evaluate_splits
-from ..models import load_base
+from ..models import load_base, load_base_tokenizer
 from ..train import autocast
 from .console import quiet_ray_start, ray_init_kwargs
 from .guard import StorageGuard
@@ -55,11 +55,12 @@ class SweepOutcome:
 
 
 def prepare_samples(sweep: SweepCfg, log: Callable[[str], None] = print) -> Samples:
-    """Tokenize the data once, on the driver, for all trials (``sweep.data.eval_seq_len`` already set from the model)."""
-    base = load_base(replace(sweep.model, device="cpu"), log=log)
-    if base.tokenizer is None:
+    """Tokenize the data once, on the driver, for all trials (``sweep.data.eval_seq_len`` already set from the model).
+    The driver loads the base's tokenizer and config only, never its weights."""
+    tokenizer = load_base_tokenizer(sweep.model, log=log)
+    if tokenizer is None:
         raise ConfigError(f"model {sweep.model.name} has no tokenizer; give one with --tokenizer")
-    samples = load_samples(sweep.data, base.tokenizer, log=log)
+    samples = load_samples(sweep.data, tokenizer, log=log)
     if sweep.train.batch_size > len(samples.train):
         raise ConfigError(f"batch_size {sweep.train.batch_size} is larger than the {len(samples.train)} train samples")
     return samples
